@@ -1,0 +1,187 @@
+"""``unicodebook`` command line: each subcommand is a typed function.
+
+User errors (bad files, configs, checkpoints) print one ``error: …`` line and exit 2; a batch
+command that skipped bad items reports each on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import UnicodebookError
+
+EXIT_USER_ERROR = 2
+EXIT_PARTIAL = 1
+
+
+# ------------------------------------------------------------------------------ subcommands
+def cmd_data_shapes(out: Path, n_train: int, n_val: int, n_test: int, size: int, seed: int) -> int:
+    from .data.shapes import write_dataset
+
+    if not 32 <= size <= 64:
+        raise UnicodebookError(f"--size must be within 32..64, got {size}")
+    meta = write_dataset(Path(out), n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed, progress=True)
+    print(json.dumps({"out": str(out), "counts": meta["counts"], "size": meta["size"], "seed": meta["seed"]}))
+    return 0
+
+
+def cmd_train_tokenizer(config: str | None, data: Path, out: Path, resume: bool, overrides: list[str]) -> int:
+    from .train.stage1 import train_tokenizer_from_files
+
+    res = train_tokenizer_from_files(config, overrides, data, out, resume=resume)
+    summary = {"run": str(res.run), "steps": res.steps, "seconds": round(res.seconds, 1),
+               "train": {k: res.final.get(k) for k in ("loss", "psnr", "usage")}}
+    if res.val:
+        summary["val"] = {k: res.val[k] for k in ("psnr", "ssim", "usage", "usage_all", "perplexity")}
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_tokenize(tokenizer: Path, images: list[Path]) -> int:
+    import torch
+
+    from .data.images import load_image
+    from .errors import BadImageError
+    from .tokenizers.unicode import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    bad = 0
+    for path in images:
+        try:
+            x = load_image(path, tok.image_size, tok.config.data.odd_size)
+        except BadImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            bad += 1
+            continue
+        with torch.no_grad():
+            codes = tok.encode(x[None])[0]
+        print(json.dumps({"image": str(path), "shape": list(codes.shape), "codes": codes.tolist(),
+                          "token_ids": tok.token_ids(codes).flatten().tolist()}))
+    return EXIT_PARTIAL if bad else 0
+
+
+def cmd_reconstruct(tokenizer: Path, image: Path, out: Path) -> int:
+    from .data.images import load_image, tensor_to_pil
+    from .eval.metrics import psnr
+    from .tokenizers.unicode import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    x = load_image(image, tok.image_size, tok.config.data.odd_size)
+    recon = tok.decode(tok.encode(x[None]))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensor_to_pil(recon[0]).save(out)
+    print(json.dumps({"image": str(image), "out": str(out), "psnr": round(float(psnr(recon, x[None])[0]), 3),
+                      "codes_per_image": tok.codes_per_image}))
+    return 0
+
+
+def cmd_eval_tokenizer(tokenizer: Path, data: Path, split: str) -> int:
+    from .eval.tokenizer import evaluate_tokenizer
+    from .tokenizers.unicode import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    res = evaluate_tokenizer(tok, data, split=split)
+    for _ in range(res["n_bad"]):
+        pass
+    print(json.dumps(res))
+    return EXIT_PARTIAL if res["n_bad"] else 0
+
+
+def cmd_demo(out: Path, overrides: list[str]) -> int:
+    from .demo import run_demo
+
+    report = run_demo(Path(out), overrides)
+    print(f"report: {report}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unicodebook", description="Unified-codebook multimodal LLMs (UniCode).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="make datasets").add_subparsers(dest="dataset", required=True)
+    s = d.add_parser("shapes", help="write the procedural shapes world")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--n-train", type=int, default=2000)
+    s.add_argument("--n-val", type=int, default=200)
+    s.add_argument("--n-test", type=int, default=500)
+    s.add_argument("--size", type=int, default=32)
+    s.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train-tokenizer", help="stage I: train the visual tokenizer")
+    t.add_argument("--config", default=None, help="YAML path or preset name (default: tiny, or the run's own on --resume)")
+    t.add_argument("--data", type=Path, required=True, help="shapes-world root or an image folder")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.codebook.mode=frozen")
+
+    k = sub.add_parser("tokenize", help="print the codes of images as JSON lines")
+    k.add_argument("--tokenizer", type=Path, required=True)
+    k.add_argument("images", type=Path, nargs="+")
+
+    r = sub.add_parser("reconstruct", help="encode and decode one image")
+    r.add_argument("--tokenizer", type=Path, required=True)
+    r.add_argument("image", type=Path)
+    r.add_argument("--out", type=Path, required=True)
+
+    e = sub.add_parser("eval", help="evaluate").add_subparsers(dest="what", required=True)
+    et = e.add_parser("tokenizer", help="PSNR, SSIM, codebook usage and perplexity per layer")
+    et.add_argument("--tokenizer", type=Path, required=True)
+    et.add_argument("--data", type=Path, required=True)
+    et.add_argument("--split", default="test")
+
+    m = sub.add_parser("demo", help="the whole pipeline on the shapes world, with a report")
+    m.add_argument("--out", type=Path, default=Path("demo_out"))
+    m.add_argument("overrides", nargs="*", help="dotted config overrides for the runs")
+    return p
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    c = args.command
+    if c == "data":
+        return cmd_data_shapes(args.out, args.n_train, args.n_val, args.n_test, args.size, args.seed)
+    if c == "train-tokenizer":
+        return cmd_train_tokenizer(args.config, args.data, args.out, args.resume, args.overrides)
+    if c == "tokenize":
+        return cmd_tokenize(args.tokenizer, args.images)
+    if c == "reconstruct":
+        return cmd_reconstruct(args.tokenizer, args.image, args.out)
+    if c == "eval":
+        return cmd_eval_tokenizer(args.tokenizer, args.data, args.split)
+    if c == "demo":
+        return cmd_demo(args.out, args.overrides)
+    raise AssertionError(c)  # pragma: no cover
+
+
+def _quiet_warnings() -> None:
+    """Bad images are reported as warnings by the data layer; show them as plain lines."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_warnings()
+    try:
+        return dispatch(args)
+    except UnicodebookError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted; checkpoints already written are intact (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Typed run configuration: one YAML file per run, mapped onto dataclasses.
+
+A run is described by :class:`Config`. ``load_config(path, overrides)`` reads a YAML file (or
+a preset name such as ``tiny``), applies dotted overrides like ``model.codebook.mode=frozen`` and
+checks every key and type; an unknown key or a wrong type raises :class:`ConfigError` with a
+one-line message naming the dotted key. Modules never read configs: builders
+(``build_*`` functions) turn these objects into modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+# --------------------------------------------------------------------------------------------
+# schema
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LLMConfig:
+    """The language model whose input-embedding table is the codebook."""
+
+    name: str = "builtin"  # "builtin": a random Llama-style model sized below; else a local HF folder
+    # sizes of the builtin model (ignored for a local folder):
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 1024
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class CodebookConfig:
+    """Which LLM rows form the codebook and how the visual codebook learns (SPEC §2)."""
+
+    mode: Literal["frozen", "dual", "iterative"] = "iterative"
+    rows: Optional[list[int]] = None  # explicit token ids; overrides row_offset/num_rows
+    row_offset: int = 0  # first token id of a contiguous block of rows
+    num_rows: Optional[int] = None  # size of that block (None: every row from row_offset on)
+    ema_decay: float = 0.99
+    rescale_to_token_norm: bool = True  # iterative: each code keeps its token's norm
+    align_every: int = 1  # iterative: steps between pulls towards the language codebook
+    align_start: float = 0.0  # fraction of training where the ramp of C_L's weight starts (0)
+    align_end: float = 0.8  # ... and where it reaches 1 (codebook == LLM rows from then on)
+    dual_sync_every: int = 100  # dual: steps between copies of the codebook into the LLM
+    dead_threshold: float = 0.5  # a code whose EMA count falls below this is restarted
+    restart_every: int = 50  # steps between dead-code restarts (0 = never)
+    kmeans_init: bool = True  # dual/iterative: start the visual codebook from batch features
+    chunk_size: int = 8192  # rows of the codebook scored per matmul in nearest-code search
+
+
+@dataclass
+class QuantizerConfig:
+    kind: Literal["rq", "hq"] = "rq"
+    depth: int = 4  # RQ: code layers per position; HQ: residual depth at each of the 2 levels
+    beta: float = 0.25  # commitment weight
+
+
+@dataclass
+class AutoencoderConfig:
+    """VQGAN-style conv encoder/decoder; down-sampling factor 2**(len(ch_mult)-1)."""
+
+    ch: int = 64
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    attn_resolutions: list[int] = field(default_factory=list)  # latent sizes with attention
+    z_channels: int = 64
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 32
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+
+
+@dataclass
+class DataConfig:
+    odd_size: Literal["resize", "refuse"] = "resize"  # images not at model.image_size
+    preload: bool = True  # decode the whole folder into memory once (small datasets)
+    num_workers: int = 0
+
+
+@dataclass
+class LossConfig:
+    l1: float = 1.0
+    l2: float = 1.0
+    perceptual: float = 0.0  # LPIPS weight; needs local VGG16 + LPIPS weights below
+    perceptual_vgg: str = ""
+    perceptual_lin: str = ""
+    gan: float = 0.0  # PatchGAN weight (adaptive, taming-style)
+    gan_start: int = 0  # step at which the discriminator starts
+
+
+@dataclass
+class TokenizerTrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    log_every: int = 25
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 500
+    keep_last: int = 2
+    grid_every: int = 500
+
+
+@dataclass
+class Config:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train_tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` (converting YAML scalars where lossless)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: expected {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """``["a.b=1", "c=[1,2]"]`` → nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.exists():
+        return preset
+    presets = ", ".join(sorted(q.stem for q in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{name_or_path}' not found (a YAML path or a preset: {presets})")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    return _build(Config, _merge(data, parse_overrides(overrides)))
+
+
+def load_config(name_or_path: str | Path | None = "tiny", overrides: list[str] | None = None) -> Config:
+    """Read a YAML file or preset, apply dotted overrides, and type-check everything."""
+    data = read_yaml(resolve_config_path(name_or_path)) if name_or_path else {}
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

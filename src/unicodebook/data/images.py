@@ -1,0 +1,147 @@
+"""Image I/O with clear errors, and an image-folder dataset that skips bad files.
+
+Images are returned as float tensors (3, H, W) in [0, 1]. Odd modes are converted
+(grayscale, RGBA over white, palette, 16-bit); an odd size is resized or refused, as the
+config says.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import BadImageError, UnicodebookError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, size: int | None = None, odd_size: str = "resize") -> torch.Tensor:
+    """Read one image as (3, size, size) float in [0, 1]; raise :class:`BadImageError` on bad input."""
+    path = Path(path)
+    if not path.exists():
+        raise BadImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise BadImageError(f"{path}: is a folder, not an image")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = _to_rgb(img)
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: not an image file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"{path}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return pil_to_tensor(img, size=size, odd_size=odd_size, name=str(path))
+
+
+def pil_to_tensor(img: Image.Image, size: int | None = None, odd_size: str = "resize", name: str = "image") -> torch.Tensor:
+    img = _to_rgb(img)
+    if size is not None and img.size != (size, size):
+        if odd_size == "refuse":
+            raise BadImageError(f"{name}: size {img.size[0]}×{img.size[1]}, expected {size}×{size} (data.odd_size=refuse)")
+        img = img.resize((size, size), Image.BICUBIC if min(img.size) < size else Image.LANCZOS)
+    arr = np.asarray(img, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] → RGB PIL image."""
+    arr = (x.detach().float().clamp(0, 1) * 255.0 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted); a missing or empty folder is an error."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UnicodebookError(f"image folder '{folder}' does not exist")
+    if not folder.is_dir():
+        raise UnicodebookError(f"'{folder}' is not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise UnicodebookError(f"image folder '{folder}' holds no images ({', '.join(IMAGE_EXTS)})")
+    return files
+
+
+def resolve_image_folder(data: str | Path, split: str | None = None) -> Path:
+    """A shapes-world root (``DIR/<split>/images``), a split folder, or a plain image folder."""
+    data = Path(data)
+    if split is not None:
+        for cand in (data / split / "images", data / split):
+            if cand.is_dir():
+                return cand
+        raise UnicodebookError(f"'{data}' has no split '{split}' (looked for {data / split / 'images'})")
+    if (data / "images").is_dir():
+        return data / "images"
+    return data
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images of a folder as (3, S, S) tensors; unreadable files are reported, counted and skipped.
+
+    ``preload`` decodes everything once (bad files are dropped then); otherwise each item is
+    read on access and a bad one yields ``None``, which :func:`collate_images` drops.
+    """
+
+    def __init__(self, folder: str | Path, size: int, odd_size: str = "resize", preload: bool = True, progress: bool = False):
+        self.files = list_images(folder)
+        self.size, self.odd_size = size, odd_size
+        self.bad: list[str] = []
+        self.cache: torch.Tensor | None = None
+        if preload:
+            from tqdm.auto import tqdm
+
+            good, tensors = [], []
+            for f in tqdm(self.files, desc="loading images", disable=not progress, leave=False):
+                try:
+                    tensors.append((load_image(f, size, odd_size) * 255).round().to(torch.uint8))
+                    good.append(f)
+                except BadImageError as e:
+                    self._report(str(e))
+            if not good:
+                raise UnicodebookError(f"no readable images in '{folder}' ({len(self.bad)} bad)")
+            self.files, self.cache = good, torch.stack(tensors)
+
+    def _report(self, msg: str) -> None:
+        self.bad.append(msg)
+        warnings.warn(f"skipping bad image: {msg}", stacklevel=3)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        if self.cache is not None:
+            return self.cache[i].float().div_(255.0)
+        try:
+            return load_image(self.files[i], self.size, self.odd_size)
+        except BadImageError as e:
+            self._report(str(e))
+            return None
+
+
+def collate_images(items: list[torch.Tensor | None]) -> tuple[torch.Tensor, int]:
+    """Stack the good items; return (B, 3, S, S) and the number of bad ones dropped."""
+    good = [x for x in items if x is not None]
+    bad = len(items) - len(good)
+    if not good:
+        return torch.empty(0), bad
+    return torch.stack(good), bad

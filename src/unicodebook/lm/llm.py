@@ -1,0 +1,75 @@
+"""The LLM whose input-embedding table is the unified codebook.
+
+Either the builtin random Llama-style model (the tiny preset sizes it for the embedded default; built with
+``transformers``' own ``LlamaForCausalLM``) or any ``AutoModelForCausalLM`` in a local folder.
+Nothing here downloads: a name other than ``builtin`` must be an existing folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import LLMConfig
+from ..errors import UnicodebookError
+
+BUILTIN = "builtin"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_builtin_llm(cfg: LLMConfig, seed: int = 0):
+    """A random Llama (``LlamaForCausalLM``) sized by ``cfg``; deterministic by seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(_DTYPES[cfg.dtype])
+
+
+def load_llm(cfg: LLMConfig, seed: int = 0, device: str | torch.device = "cpu"):
+    """Build the builtin random model or load a causal LM from a local folder (no hub access)."""
+    if cfg.name == BUILTIN:
+        return build_builtin_llm(cfg, seed).to(device)
+    path = Path(cfg.name)
+    if not (path / "config.json").exists():
+        raise UnicodebookError(f"LLM '{cfg.name}' is neither 'builtin' nor a local model folder with config.json")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnicodebookError(f"cannot load LLM from {path}: {first}") from None
+    return model.to(device)
+
+
+def input_embedding(model) -> nn.Embedding:
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, nn.Embedding):
+        raise UnicodebookError(f"{type(model).__name__} has no nn.Embedding input table")
+    return emb
+
+
+def embedding_fingerprint(weight: torch.Tensor, rows: torch.Tensor) -> str:
+    """Short hash of the given rows, to tell a codebook's LLM from another model."""
+    with torch.no_grad():
+        data = weight.detach()[rows.to(weight.device)].float().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]

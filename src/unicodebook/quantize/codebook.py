@@ -1,0 +1,275 @@
+"""The unified codebook: a visual codebook bound to rows of an LLM's input-embedding table.
+
+Dimensions: V codebook rows (the exposed LLM rows), d LLM hidden size, N feature vectors.
+
+Code index ``k`` stands for LLM token id ``token_ids[k]``. Three learning paradigms (SPEC §2):
+
+* ``frozen``    — the codebook *is* the LLM rows and never changes; encoder/decoder adapt.
+* ``dual``      — the visual codebook learns freely (EMA of assigned features, dead-code
+                  restarts) and is copied into the LLM's rows on a schedule and at the end.
+* ``iterative`` — UniCode's language-driven rule: EMA update from assigned features, each code
+                  rescaled to its token's norm, then pulled towards the language codebook,
+                  ``C ← (1−w)·C + w·C_L``, with ``w`` ramping linearly from 0 to 1 over
+                  ``[align_start, align_end]`` of training; from ``align_end`` on ``C == C_L``
+                  exactly. The LLM's embeddings are only read, never written.
+
+EMA statistics and restarts are all-reduced / broadcast when ``torch.distributed`` is
+initialised, so every rank holds the same codebook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .search import nearest_code
+
+MODES = ("frozen", "dual", "iterative")
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_(*tensors: Tensor) -> None:
+    if _dist_on():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def _broadcast_(t: Tensor) -> None:
+    if _dist_on():
+        dist.broadcast(t, src=0)
+
+
+@dataclass
+class CodebookRule:
+    """Hyper-parameters of the update rule (built from ``CodebookConfig``)."""
+
+    mode: str = "iterative"
+    ema_decay: float = 0.99
+    rescale_to_token_norm: bool = True
+    align_every: int = 1
+    align_start: float = 0.0
+    align_end: float = 0.8
+    dual_sync_every: int = 100
+    dead_threshold: float = 0.5
+    restart_every: int = 50
+    kmeans_init: bool = True
+    chunk_size: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"codebook mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 <= self.align_start <= self.align_end <= 1.0:
+            raise ValueError("codebook ramp needs 0 <= align_start <= align_end <= 1")
+
+    def language_weight(self, progress: float) -> float:
+        """Weight w of C_L in the iterative pull at training progress in [0, 1]."""
+        if progress >= self.align_end:
+            return 1.0
+        if progress <= self.align_start:
+            return 0.0
+        return (progress - self.align_start) / max(self.align_end - self.align_start, 1e-12)
+
+
+class UnifiedCodebook(nn.Module):
+    """V×d visual codebook whose row k is tied to LLM token ``token_ids[k]``.
+
+    The LLM embedding is held by reference (not a submodule), so the tokenizer's state dict
+    holds only the visual codebook and its statistics.
+    """
+
+    def __init__(self, token_ids: Tensor, dim: int, rule: CodebookRule | None = None):
+        super().__init__()
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if token_ids.numel() == 0:
+            raise ValueError("the codebook needs at least one LLM row")
+        if torch.unique(token_ids).numel() != token_ids.numel():
+            raise ValueError("codebook rows must be distinct token ids")
+        self.rule = rule or CodebookRule()
+        self.dim = dim
+        v = token_ids.numel()
+        self.register_buffer("token_ids", token_ids)
+        self.register_buffer("embed", torch.zeros(v, dim))  # visual codebook C (V, d), fp32
+        self.register_buffer("ema_count", torch.ones(v))  # (V,)
+        self.register_buffer("ema_sum", torch.zeros(v, dim))  # (V, d)
+        self.register_buffer("initialised", torch.tensor(False))
+        self._llm: list[nn.Embedding] = []  # reference, not a registered submodule
+        first = int(token_ids[0])
+        contiguous = bool((token_ids == torch.arange(first, first + v)).all())
+        self._slice = (first, first + v) if contiguous else None
+
+    # ---------------------------------------------------------------- binding to the LLM
+    @property
+    def num_codes(self) -> int:
+        return self.token_ids.numel()
+
+    @property
+    def mode(self) -> str:
+        return self.rule.mode
+
+    @property
+    def llm_embedding(self) -> nn.Embedding:
+        if not self._llm:
+            raise RuntimeError("the codebook is not bound to an LLM embedding (call bind())")
+        return self._llm[0]
+
+    @property
+    def is_bound(self) -> bool:
+        return bool(self._llm)
+
+    def bind(self, embedding: nn.Embedding, copy: bool = True) -> "UnifiedCodebook":
+        """Tie this codebook to an LLM's input embedding (V_llm × d).
+
+        With ``copy`` the visual codebook starts equal to the LLM rows (a fresh tokenizer);
+        a loaded tokenizer binds with ``copy=False`` and keeps its trained codebook.
+        """
+        vocab, dim = embedding.weight.shape
+        if dim != self.dim:
+            raise ValueError(f"LLM hidden size {dim} != codebook dim {self.dim}")
+        if int(self.token_ids.max()) >= vocab:
+            raise ValueError(f"codebook row {int(self.token_ids.max())} is outside the LLM vocabulary ({vocab})")
+        self._llm = [embedding]
+        if copy:
+            with torch.no_grad():
+                rows = self.language_codebook()
+                self.embed.copy_(rows)
+                self.ema_sum.copy_(rows * self.ema_count[:, None])
+        return self
+
+    def language_codebook(self) -> Tensor:
+        """C_L: the bound LLM rows (V, d) as fp32, detached (a view when rows are contiguous)."""
+        w = self.llm_embedding.weight.detach()
+        rows = w[self._slice[0] : self._slice[1]] if self._slice else w[self.token_ids.to(w.device)]
+        return rows.float()
+
+    @torch.no_grad()
+    def write_to_llm(self) -> None:
+        """dual: copy the visual codebook into the LLM's rows (in the LLM's dtype)."""
+        w = self.llm_embedding.weight
+        w[self.token_ids.to(w.device)] = self.embed.to(w.device, w.dtype)
+
+    @torch.no_grad()
+    def read_from_llm(self) -> None:
+        """Copy the LLM rows into the visual codebook (dual's other direction; frozen)."""
+        rows = self.language_codebook().to(self.embed.device)
+        self.embed.copy_(rows)
+        self.ema_sum.copy_(rows * self.ema_count[:, None])
+
+    # ---------------------------------------------------------------- lookup
+    def codes_to_token_ids(self, codes: Tensor) -> Tensor:
+        return self.token_ids[codes]
+
+    def token_ids_to_codes(self, ids: Tensor) -> Tensor:
+        """Inverse map; raises if an id is not a codebook row."""
+        lut = torch.full((int(self.token_ids.max()) + 1,), -1, dtype=torch.long, device=ids.device)
+        lut[self.token_ids.to(ids.device)] = torch.arange(self.num_codes, device=ids.device)
+        if (ids < 0).any() or (ids >= lut.numel()).any() or (lut[ids.clamp(0, lut.numel() - 1)] < 0).any():
+            raise ValueError("token id outside the codebook rows")
+        return lut[ids]
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        """codes (...,) long → embeddings (..., d)."""
+        return self.embed[codes]
+
+    def search(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z (N, d) → nearest code (N,) and squared distance (N,)."""
+        return nearest_code(z, self.embed, self.rule.chunk_size)
+
+    # ---------------------------------------------------------------- learning
+    @torch.no_grad()
+    def update(self, features: Tensor, codes: Tensor, progress: float, step: int, generator: torch.Generator | None = None) -> None:
+        """One training-step update of the visual codebook.
+
+        Args:
+            features: (N, d) the vectors each code layer quantized (all layers stacked).
+            codes: (N,) the code each of them was assigned.
+            progress: step / total_steps in [0, 1] (drives the iterative ramp).
+            step: global step (drives the sync and restart schedules).
+            generator: RNG for restarts (seeded from the run seed and step for exact resume).
+        """
+        rule = self.rule
+        if rule.mode == "frozen":
+            return
+        features = features.detach().float()
+        w_lang = rule.language_weight(progress) if rule.mode == "iterative" else 0.0
+        if rule.mode == "iterative" and w_lang >= 1.0:
+            self.read_from_llm()  # end of the ramp: C == C_L exactly, no more EMA
+            return
+        # EMA of counts and sums of assigned features (all ranks see the global batch stats)
+        counts = torch.bincount(codes, minlength=self.num_codes).float()
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, features)
+        _all_reduce_(counts, sums)
+        decay = rule.ema_decay
+        self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
+        self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
+        n = self.ema_count.sum()
+        smoothed = (self.ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n
+        self.embed.copy_(self.ema_sum / smoothed[:, None])
+        if rule.restart_every and step % rule.restart_every == 0 and step > 0:
+            self._restart_dead(features, generator)
+        if rule.mode == "iterative":
+            self._align(w_lang, step)
+        elif rule.mode == "dual" and (step + 1) % rule.dual_sync_every == 0:
+            self.write_to_llm()
+
+    def _align(self, w_lang: float, step: int) -> None:
+        """iterative: rescale each code to its token's norm, then pull towards C_L."""
+        lang = self.language_codebook().to(self.embed.device)
+        if self.rule.rescale_to_token_norm:
+            scale = lang.norm(dim=1) / self.embed.norm(dim=1).clamp_min(1e-12)
+            self.embed.mul_(scale[:, None])
+        if w_lang > 0 and step % self.rule.align_every == 0:
+            self.embed.mul_(1 - w_lang).add_(lang, alpha=w_lang)
+        self.ema_sum.copy_(self.embed * self.ema_count[:, None])  # keep EMA consistent
+
+    def _restart_dead(self, features: Tensor, generator: torch.Generator | None) -> int:
+        """Replace codes whose EMA count fell below the threshold by random batch features."""
+        dead = self.ema_count < self.rule.dead_threshold
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        pick = torch.randint(0, features.shape[0], (n_dead,), generator=generator, device="cpu")
+        new = features[pick.to(features.device)].clone()
+        new += 0.01 * new.std() * torch.randn(new.shape, generator=generator, device="cpu").to(new.device)
+        _broadcast_(new)  # rank 0's choice for all ranks
+        self.embed[dead] = new
+        self.ema_count[dead] = 1.0
+        self.ema_sum[dead] = new
+        return n_dead
+
+    @torch.no_grad()
+    def kmeans_init(self, features: Tensor, iters: int = 10, generator: torch.Generator | None = None) -> None:
+        """Start the visual codebook at k-means centroids of a batch of features (N, d)."""
+        if self.rule.mode == "frozen" or bool(self.initialised):
+            self.initialised.fill_(True)
+            return
+        x = features.detach().float()
+        pick = torch.randint(0, x.shape[0], (self.num_codes,), generator=generator, device="cpu").to(x.device)
+        cent = x[pick].clone()
+        for _ in range(iters):
+            idx, _ = nearest_code(x, cent, self.rule.chunk_size)
+            counts = torch.bincount(idx, minlength=self.num_codes).float()
+            sums = torch.zeros_like(cent).index_add_(0, idx, x)
+            filled = counts > 0
+            cent[filled] = sums[filled] / counts[filled, None]
+        _broadcast_(cent)
+        if self.rule.mode == "iterative" and self.rule.rescale_to_token_norm and self.is_bound:
+            lang = self.language_codebook().to(cent.device)
+            cent *= (lang.norm(dim=1) / cent.norm(dim=1).clamp_min(1e-12))[:, None]
+        self.embed.copy_(cent)
+        self.ema_count.fill_(1.0)
+        self.ema_sum.copy_(cent)
+        self.initialised.fill_(True)
+
+    # ---------------------------------------------------------------- health
+    @torch.no_grad()
+    def alignment(self) -> dict:
+        """Mean cosine between each visual code and its LLM row, and mean norm ratio."""
+        lang = self.language_codebook().to(self.embed.device)
+        cos = torch.nn.functional.cosine_similarity(self.embed, lang, dim=1)
+        return {"cosine": float(cos.mean()), "max_abs_diff": float((self.embed - lang).abs().max())}

@@ -1,0 +1,157 @@
+"""Stacked quantization over the unified codebook: residual (RQ) and hierarchical (HQ).
+
+Dimensions: B batch, h×w latent map (the decoder's input resolution), D code layers,
+d hidden size (= the LLM's), V codebook rows.
+
+Both quantizers take ``z (B, h, w, d)`` and return a :class:`QuantOutput` whose ``quantized``
+is the aggregated ``Ẑ = F(e(M_1..M_D))`` with a straight-through gradient to ``z``, and whose
+``codes`` is the *code grid* ``(B, gh, gw, G)``:
+
+* RQ: ``gh, gw = h, w`` and ``G = D`` (layer-major per position); F = sum.
+* HQ: a top map at half resolution (pixel-unshuffle) and a bottom map that quantizes the
+  residual; ``gh, gw = h/2, w/2`` and each top position groups its ``D`` top codes followed by
+  the ``4·D`` codes of the 2×2 bottom positions under it (row-major), i.e. ``G = 5·D``;
+  F = concatenation of the up-projected top and the bottom, fused by a 1×1 projection.
+
+``codes_to_embeddings(codes)`` gives back ``quantized`` exactly (in eval), which is what the
+LLM consumes (SPEC §1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .codebook import UnifiedCodebook
+
+
+@dataclass
+class QuantOutput:
+    quantized: Tensor  # (B, h, w, d) aggregated, straight-through
+    codes: Tensor  # (B, gh, gw, G) long code indices (rows of the codebook)
+    loss: Tensor  # scalar commitment loss (already weighted by beta)
+    layer_codes: list[Tensor] = field(default_factory=list)  # per level, (B, h', w', D)
+
+
+class ResidualQuantizer(nn.Module):
+    """D passes of one codebook over the residual; aggregation F = sum."""
+
+    def __init__(self, codebook: UnifiedCodebook, depth: int, beta: float = 0.25):
+        super().__init__()
+        if depth < 1:
+            raise ValueError("quantizer depth must be >= 1")
+        self.codebook = codebook
+        self.depth = depth
+        self.beta = beta
+        self._pending: list[tuple[Tensor, Tensor]] = []  # (features, codes) for the EMA update
+
+    def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z (..., d) → summed codes (..., d), codes (..., D), per-layer inputs (D, ..., d)."""
+        flat = z.detach().reshape(-1, z.shape[-1]).float()
+        if self.training and not bool(self.codebook.initialised):
+            self.codebook.kmeans_init(flat)
+        residual = flat
+        codes, inputs = [], []
+        for _ in range(self.depth):
+            idx, _ = self.codebook.search(residual)
+            inputs.append(residual)
+            codes.append(idx)
+            residual = residual - self.codebook.lookup(idx)
+        codes_t = torch.stack(codes, -1).reshape(*z.shape[:-1], self.depth)
+        # the aggregate is rebuilt from the codes, so codes_to_embeddings(codes) is bit-identical
+        return self.codes_to_embeddings(codes_t).to(z.dtype), codes_t, torch.stack(inputs, 0)
+
+    def forward(self, z: Tensor) -> QuantOutput:
+        q, codes, inputs = self.quantize(z)
+        # commitment: pull the encoder output towards the (stop-gradient) aggregated codes
+        loss = self.beta * F.mse_loss(z.float(), q.detach().float())
+        if self.training:
+            self._pending.append((inputs.reshape(-1, z.shape[-1]), rearrange(codes, "... D -> D (...)").reshape(-1)))
+        quantized = z + (q - z).detach() if z.requires_grad else q  # straight-through
+        return QuantOutput(quantized, codes, loss, [codes])
+
+    def codes_to_embeddings(self, codes: Tensor) -> Tensor:
+        """codes (..., D) → Σ_l e(codes_l) (..., d), summed layer by layer in order."""
+        emb = self.codebook.lookup(codes)  # (..., D, d)
+        total = emb[..., 0, :]
+        for layer in range(1, codes.shape[-1]):
+            total = total + emb[..., layer, :]
+        return total
+
+    def pop_updates(self) -> tuple[Tensor, Tensor] | None:
+        if not self._pending:
+            return None
+        feats = torch.cat([f for f, _ in self._pending])
+        codes = torch.cat([c for _, c in self._pending])
+        self._pending.clear()
+        return feats, codes
+
+
+class HierarchicalQuantizer(nn.Module):
+    """Top map at half resolution + bottom map on the residual; F = concat → 1×1 projection."""
+
+    def __init__(self, codebook: UnifiedCodebook, depth: int, beta: float = 0.25):
+        super().__init__()
+        d = codebook.dim
+        self.codebook = codebook
+        self.depth = depth
+        self.top = ResidualQuantizer(codebook, depth, beta)
+        self.bottom = ResidualQuantizer(codebook, depth, beta)
+        self.down = nn.Linear(4 * d, d)  # pixel-unshuffled 2×2 block → top feature
+        self.up = nn.Linear(d, 4 * d)  # top code → 2×2 block (pixel-shuffle)
+        self.fuse = nn.Linear(2 * d, d)  # concat(top-up, bottom) → Ẑ
+
+    def _split(self, z: Tensor) -> Tensor:
+        return rearrange(z, "b (h p) (w q) d -> b h w (p q d)", p=2, q=2)
+
+    def _unsplit(self, t: Tensor) -> Tensor:
+        return rearrange(t, "b h w (p q d) -> b (h p) (w q) d", p=2, q=2)
+
+    def forward(self, z: Tensor) -> QuantOutput:
+        if z.shape[1] % 2 or z.shape[2] % 2:
+            raise ValueError(f"HQ needs an even latent size, got {tuple(z.shape[1:3])}")
+        top_in = self.down(self._split(z))  # (B, h/2, w/2, d)
+        top = self.top(top_in)
+        top_up = self._unsplit(self.up(top.quantized))  # (B, h, w, d)
+        bottom = self.bottom(z - top_up)
+        out = self.fuse(torch.cat([top_up, bottom.quantized], -1))
+        codes = self.group_codes(top.codes, bottom.codes)
+        return QuantOutput(out, codes, top.loss + bottom.loss, [top.codes, bottom.codes])
+
+    def group_codes(self, top: Tensor, bottom: Tensor) -> Tensor:
+        """top (B,h/2,w/2,D), bottom (B,h,w,D) → grid (B,h/2,w/2,5D): D top then 2×2×D bottom."""
+        return torch.cat([top, rearrange(bottom, "b (h p) (w q) D -> b h w (p q D)", p=2, q=2)], -1)
+
+    def ungroup_codes(self, codes: Tensor) -> tuple[Tensor, Tensor]:
+        top, bot = codes[..., : self.depth], codes[..., self.depth :]
+        return top, rearrange(bot, "b h w (p q D) -> b (h p) (w q) D", p=2, q=2)
+
+    def codes_to_embeddings(self, codes: Tensor) -> Tensor:
+        top, bottom = self.ungroup_codes(codes)
+        top_up = self._unsplit(self.up(self.top.codes_to_embeddings(top)))
+        return self.fuse(torch.cat([top_up, self.bottom.codes_to_embeddings(bottom)], -1))
+
+    def pop_updates(self) -> tuple[Tensor, Tensor] | None:
+        parts = [p for p in (self.top.pop_updates(), self.bottom.pop_updates()) if p is not None]
+        if not parts:
+            return None
+        return torch.cat([f for f, _ in parts]), torch.cat([c for _, c in parts])
+
+
+def build_quantizer(kind: str, codebook: UnifiedCodebook, depth: int, beta: float) -> nn.Module:
+    if kind == "rq":
+        return ResidualQuantizer(codebook, depth, beta)
+    if kind == "hq":
+        return HierarchicalQuantizer(codebook, depth, beta)
+    raise ValueError(f"unknown quantizer kind {kind!r} (rq or hq)")
+
+
+def code_grid_shape(kind: str, latent_hw: int, depth: int) -> tuple[int, int, int]:
+    """(gh, gw, G) of the code grid for a square latent of side ``latent_hw``."""
+    if kind == "rq":
+        return latent_hw, latent_hw, depth
+    return latent_hw // 2, latent_hw // 2, 5 * depth

@@ -1,0 +1,119 @@
+"""VQGAN-style convolutional encoder and decoder (ResNet blocks, optional attention).
+
+Dimensions: B batch, C image channels (3), H×W image, h×w latent (H / 2**(L-1) for
+L = len(ch_mult)), z latent channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=min(32, ch // 4) or 1, num_channels=ch, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h·w positions."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = _norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # (B, hw, c)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) in [-1, 1] → (B, z, h, w)."""
+
+    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
+                 resolution: int, attn_resolutions: list[int] = (), dropout: float = 0.0, in_channels: int = 3):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        blocks: list[nn.Module] = []
+        cin, res = ch, resolution
+        for i, mult in enumerate(ch_mult):
+            cout = ch * mult
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(cin, cout, dropout))
+                cin = cout
+                if res in attn_resolutions:
+                    blocks.append(AttnBlock(cin))
+            if i < len(ch_mult) - 1:
+                blocks.append(nn.Conv2d(cin, cin, 3, stride=2, padding=1))
+                res //= 2
+        self.down = nn.Sequential(*blocks)
+        self.mid = nn.Sequential(ResBlock(cin, cin, dropout), AttnBlock(cin) if res in attn_resolutions else nn.Identity(),
+                                 ResBlock(cin, cin, dropout))
+        self.norm_out = _norm(cin)
+        self.conv_out = nn.Conv2d(cin, z_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.mid(self.down(self.conv_in(x)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Decoder(nn.Module):
+    """(B, z, h, w) → (B, 3, H, W) in roughly [-1, 1]."""
+
+    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
+                 resolution: int, attn_resolutions: list[int] = (), dropout: float = 0.0, out_channels: int = 3):
+        super().__init__()
+        cin = ch * ch_mult[-1]
+        res = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, cin, 3, padding=1)
+        self.mid = nn.Sequential(ResBlock(cin, cin, dropout), AttnBlock(cin) if res in attn_resolutions else nn.Identity(),
+                                 ResBlock(cin, cin, dropout))
+        blocks: list[nn.Module] = []
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            cout = ch * mult
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResBlock(cin, cout, dropout))
+                cin = cout
+                if res in attn_resolutions:
+                    blocks.append(AttnBlock(cin))
+            if i > 0:
+                blocks.append(Upsample(cin))
+                res *= 2
+        self.up = nn.Sequential(*blocks)
+        self.norm_out = _norm(cin)
+        self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
+
+    @property
+    def last_layer(self) -> Tensor:
+        return self.conv_out.weight
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.up(self.mid(self.conv_in(z)))
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,156 @@
+"""Build, save and load a UniCode tokenizer as a self-describing folder.
+
+A tokenizer folder holds:
+
+* ``config.yaml``        — the full run config (model, codebook rule, LLM);
+* ``model.safetensors``  — encoder, decoder, projections, the visual codebook and its EMA
+                           statistics and the code-index → token-id map;
+* ``binding.json``       — which LLM the codebook is bound to and a fingerprint of its rows;
+* ``llm/``               — the builtin LLM (``save_pretrained``), when that is the LLM;
+* ``llm_rows.safetensors`` — the rows written into an external LLM (``dual`` mode only).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ...config import CodebookConfig, Config, config_from_dict, config_to_dict, read_yaml
+from ...errors import UnicodebookError
+from ...lm.llm import BUILTIN, embedding_fingerprint, input_embedding, load_llm
+from ...quantize import CodebookRule, UnifiedCodebook
+from ...utils.io import atomic_dir, atomic_save_tensors, atomic_write_text
+from .model import UniCodeTokenizer
+
+BINDING_VERSION = 1
+
+
+def codebook_rows(cb: CodebookConfig, vocab_size: int) -> torch.Tensor:
+    """The LLM token ids exposed as codes, in code-index order."""
+    if cb.rows is not None:
+        rows = torch.tensor(cb.rows, dtype=torch.long)
+    else:
+        n = cb.num_rows if cb.num_rows is not None else vocab_size - cb.row_offset
+        rows = torch.arange(cb.row_offset, cb.row_offset + n)
+    if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= vocab_size:
+        raise UnicodebookError(f"codebook rows must lie in [0, {vocab_size}) of the LLM vocabulary")
+    return rows
+
+
+def _rule(cb: CodebookConfig) -> CodebookRule:
+    fields = CodebookRule.__dataclass_fields__
+    return CodebookRule(**{k: getattr(cb, k) for k in fields})
+
+
+def build_tokenizer(cfg: Config, llm=None, seed: int = 0) -> UniCodeTokenizer:
+    """A fresh tokenizer bound to ``llm`` (built or loaded from ``cfg.llm`` when None)."""
+    if llm is None:
+        llm = load_llm(cfg.llm, seed=seed)
+    emb = input_embedding(llm)
+    vocab, dim = emb.weight.shape
+    rows = codebook_rows(cfg.model.codebook, vocab)
+    codebook = UnifiedCodebook(rows, dim, _rule(cfg.model.codebook)).bind(emb, copy=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok = UniCodeTokenizer(cfg.model, codebook)
+    tok.__dict__["llm"] = llm  # held by reference, never a submodule of the tokenizer
+    tok.__dict__["config"] = cfg
+    return tok
+
+
+def save_tokenizer(tok: UniCodeTokenizer, folder: Path) -> None:
+    """Write (or refresh) the tokenizer files in ``folder``; a run folder is a tokenizer folder.
+
+    Each file is written to a temporary name and renamed; ``binding.json`` goes last, so a
+    crash mid-save leaves a folder whose fingerprint check refuses the mismatch.
+    """
+    cfg: Config = tok.config
+    cb = tok.codebook
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_save_tensors(tok.state_dict(), folder / "model.safetensors", metadata={"format": "unicodebook-tokenizer"})
+    if cfg.llm.name == BUILTIN:
+        if cb.mode == "dual" or not (folder / "llm" / "config.json").exists():
+            with atomic_dir(folder / "llm") as tmp:
+                tok.llm.save_pretrained(tmp, safe_serialization=True)
+    elif cb.mode == "dual":
+        atomic_save_tensors({"rows": cb.language_codebook()}, folder / "llm_rows.safetensors")
+    binding = {
+        "version": BINDING_VERSION,
+        "llm": cfg.llm.name if cfg.llm.name == BUILTIN else str(Path(cfg.llm.name).resolve()),
+        "vocab_size": int(cb.llm_embedding.weight.shape[0]),
+        "hidden_size": cb.dim,
+        "mode": cb.mode,
+        "num_codes": cb.num_codes,
+        "fingerprint": embedding_fingerprint(cb.llm_embedding.weight, cb.token_ids),
+    }
+    atomic_write_text(folder / "binding.json", json.dumps(binding, indent=2))
+
+
+def _read_binding(folder: Path) -> dict:
+    path = folder / "binding.json"
+    try:
+        binding = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UnicodebookError(f"{folder}: not a tokenizer folder (missing or unreadable binding.json)") from None
+    if binding.get("version") != BINDING_VERSION:
+        raise UnicodebookError(f"{folder}: binding.json version {binding.get('version')} is not supported")
+    return binding
+
+
+def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu", llm=None) -> UniCodeTokenizer:
+    """Load a tokenizer folder, re-bind it to its LLM and check the binding's fingerprint."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UnicodebookError(f"tokenizer folder '{folder}' does not exist")
+    for name in ("config.yaml", "model.safetensors"):
+        if not (folder / name).exists():
+            raise UnicodebookError(f"{folder}: not a tokenizer folder (missing {name})")
+    binding = _read_binding(folder)
+    cfg = config_from_dict(read_yaml(folder / "config.yaml"))
+    if llm is None:
+        if binding["llm"] == BUILTIN:
+            from transformers import AutoModelForCausalLM
+
+            llm = AutoModelForCausalLM.from_pretrained(folder / "llm", local_files_only=True)
+        else:
+            cfg.llm.name = binding["llm"]
+            llm = load_llm(cfg.llm)
+    emb = input_embedding(llm)
+    if tuple(emb.weight.shape) != (binding["vocab_size"], binding["hidden_size"]):
+        raise UnicodebookError(
+            f"{folder}: bound to an LLM with embedding {binding['vocab_size']}×{binding['hidden_size']}, "
+            f"got {tuple(emb.weight.shape)[0]}×{tuple(emb.weight.shape)[1]}"
+        )
+    try:
+        state = load_file(folder / "model.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise UnicodebookError(f"{folder}/model.safetensors is corrupt or truncated ({e})") from None
+    rows = state.get("quantizer.codebook.token_ids")
+    if rows is None:
+        raise UnicodebookError(f"{folder}/model.safetensors is not a UniCode tokenizer checkpoint")
+    codebook = UnifiedCodebook(rows, binding["hidden_size"], _rule(cfg.model.codebook))
+    tok = UniCodeTokenizer(cfg.model, codebook)
+    missing, unexpected = tok.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise UnicodebookError(f"{folder}/model.safetensors does not match its config (first bad key: {key})")
+    if binding["mode"] == "dual" and (folder / "llm_rows.safetensors").exists():
+        with torch.no_grad():
+            emb.weight[rows] = load_file(folder / "llm_rows.safetensors")["rows"].to(emb.weight.dtype)
+    fp = embedding_fingerprint(emb.weight, rows)
+    if fp != binding["fingerprint"]:
+        raise UnicodebookError(
+            f"{folder}: the LLM's embedding rows do not match the ones this tokenizer was bound to "
+            f"(fingerprint {fp} != {binding['fingerprint']})"
+        )
+    codebook.bind(emb, copy=False)
+    tok.__dict__["llm"] = llm
+    tok.__dict__["config"] = cfg
+    return tok.to(device).eval()

@@ -1,0 +1,139 @@
+"""UniCode visual tokenizer: conv encoder → projection to the LLM hidden size → stacked
+quantizer over the unified codebook → projection back → conv decoder.
+
+Dimensions: B batch, H×W image, h×w latent map, (gh, gw, G) code grid (see
+``quantize.stacked``), d LLM hidden size, z autoencoder latent channels.
+
+Images enter and leave as float tensors (B, 3, H, W) in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ...config import ModelConfig
+from ...quantize import UnifiedCodebook, build_quantizer, code_grid_shape
+from .autoencoder import Decoder, Encoder
+
+
+@dataclass
+class TokenizerOutput:
+    recon: Tensor  # (B, 3, H, W), unclamped, in image units ([0, 1] range targets)
+    codes: Tensor  # (B, gh, gw, G)
+    commit_loss: Tensor  # scalar
+
+
+class UniCodeTokenizer(nn.Module):
+    """The stage-I visual tokenizer whose codebook is the LLM's embedding table."""
+
+    def __init__(self, cfg: ModelConfig, codebook: UnifiedCodebook):
+        super().__init__()
+        ae, qc = cfg.autoencoder, cfg.quantizer
+        factor = 2 ** (len(ae.ch_mult) - 1)
+        if cfg.image_size % factor:
+            raise ValueError(f"image_size {cfg.image_size} is not divisible by the down-sampling factor {factor}")
+        self.image_size = cfg.image_size
+        self.latent_size = cfg.image_size // factor
+        self.kind, self.depth = qc.kind, qc.depth
+        if self.kind == "hq" and self.latent_size % 2:
+            raise ValueError(f"HQ needs an even latent size; got {self.latent_size}")
+        d = codebook.dim
+        common = dict(ch=ae.ch, ch_mult=ae.ch_mult, num_res_blocks=ae.num_res_blocks, z_channels=ae.z_channels,
+                      resolution=cfg.image_size, attn_resolutions=ae.attn_resolutions, dropout=ae.dropout)
+        self.encoder = Encoder(**common)
+        self.pre_quant = nn.Conv2d(ae.z_channels, d, 1)  # latent → LLM hidden size
+        self.quantizer = build_quantizer(qc.kind, codebook, qc.depth, qc.beta)
+        self.post_quant = nn.Conv2d(d, ae.z_channels, 1)
+        self.decoder = Decoder(**common)
+
+    # ---------------------------------------------------------------- shapes
+    @property
+    def codebook(self) -> UnifiedCodebook:
+        return self.quantizer.codebook
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """(gh, gw, G): the code grid of one image."""
+        return code_grid_shape(self.kind, self.latent_size, self.depth)
+
+    @property
+    def codes_per_image(self) -> int:
+        gh, gw, g = self.grid_shape
+        return gh * gw * g
+
+    @property
+    def num_latents(self) -> int:
+        """Length of Ẑ = embed(codes): positions of the aggregated latent (h·w)."""
+        return self.latent_size**2
+
+    # ---------------------------------------------------------------- pipeline
+    def _latent(self, images: Tensor) -> Tensor:
+        self._check_images(images)
+        z = self.pre_quant(self.encoder(images * 2 - 1))  # (B, d, h, w)
+        return rearrange(z, "b d h w -> b h w d")
+
+    def _decode_latent(self, zq: Tensor) -> Tensor:
+        """zq (B, h, w, d) → images (B, 3, H, W) (unclamped)."""
+        x = self.decoder(self.post_quant(rearrange(zq, "b h w d -> b d h w")))
+        return (x + 1) / 2
+
+    def forward(self, images: Tensor) -> TokenizerOutput:
+        q = self.quantizer(self._latent(images))
+        return TokenizerOutput(self._decode_latent(q.quantized), q.codes, q.loss)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [0, 1] → codes (B, gh, gw, G) long (codebook rows)."""
+        return self.quantizer(self._latent(images)).codes
+
+    def embed(self, codes: Tensor) -> Tensor:
+        """codes (B, gh, gw, G) → Ẑ (B, h·w, d): the aggregated code embeddings for the LLM."""
+        self._check_codes(codes)
+        return rearrange(self.quantizer.codes_to_embeddings(codes), "b h w d -> b (h w) d")
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes (B, gh, gw, G) → images (B, 3, H, W) in [0, 1]."""
+        z = rearrange(self.embed(codes), "b (h w) d -> b h w d", h=self.latent_size)
+        return self._decode_latent(z).clamp(0, 1)
+
+    def code_layers(self, codes: Tensor) -> tuple[Tensor, list[str]]:
+        """codes (B, gh, gw, G) → (N, L) one column per code layer, and the layers' names.
+
+        RQ: L = D layers. HQ: L = 2·D (top layers, then bottom layers).
+        """
+        if self.kind == "rq":
+            return codes.reshape(-1, self.depth), [f"layer {i}" for i in range(self.depth)]
+        top, bottom = self.quantizer.ungroup_codes(codes)
+        cols = [top.reshape(-1, self.depth), bottom.reshape(-1, self.depth)]
+        n = max(c.shape[0] for c in cols)
+        # pad the (4× fewer) top rows with repeats of themselves: usage/perplexity are unchanged
+        top_rep = cols[0].repeat(n // cols[0].shape[0], 1)
+        names = [f"top {i}" for i in range(self.depth)] + [f"bottom {i}" for i in range(self.depth)]
+        return torch.cat([top_rep, cols[1]], 1), names
+
+    def token_ids(self, codes: Tensor) -> Tensor:
+        """codes → the LLM token ids they stand for (same shape)."""
+        return self.codebook.codes_to_token_ids(codes)
+
+    # ---------------------------------------------------------------- checks
+    def _check_images(self, images: Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"expected images (B, 3, {self.image_size}, {self.image_size}), got {tuple(images.shape)}")
+
+    def _check_codes(self, codes: Tensor) -> None:
+        if codes.ndim != 4 or tuple(codes.shape[1:]) != self.grid_shape:
+            raise ValueError(f"expected codes (B, {', '.join(map(str, self.grid_shape))}), got {tuple(codes.shape)}")
+        if codes.dtype != torch.long or (codes < 0).any() or (codes >= self.codebook.num_codes).any():
+            raise ValueError(f"codes must be long indices in [0, {self.codebook.num_codes})")
+
+
+def reconstruction_loss(recon: Tensor, target: Tensor, l1: float, l2: float) -> tuple[Tensor, dict]:
+    a = F.l1_loss(recon, target)
+    b = F.mse_loss(recon, target)
+    return l1 * a + l2 * b, {"l1": float(a), "l2": float(b)}

@@ -1,0 +1,112 @@
+"""Training checkpoints: weights, optimizer and RNG state in safetensors, written atomically.
+
+Layout: ``RUN/checkpoints/step_000500/{model,optimizer}.safetensors`` + ``state.json``. Each
+checkpoint folder is built under a temporary name and renamed in one step, so a crash leaves
+either the previous checkpoints or the new one, never a torn one; the last ``keep`` are kept.
+No pickle anywhere: optimizer tensors are flattened into safetensors, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..errors import UnicodebookError
+from ..utils.io import atomic_dir, atomic_save_tensors
+
+STATE_VERSION = 1
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    py = random.getstate()
+    return {"torch_rng": torch.get_rng_state()}, {"python_rng": [py[0], list(py[1]), py[2]], "numpy_rng": _np_state()}
+
+
+def _np_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_rng"])
+    v, s, g = meta["python_rng"]
+    random.setstate((v, tuple(s), g))
+    name, keys, pos, has_gauss, cached = meta["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(run: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict, keep: int = 2, kind: str = "tokenizer") -> Path:
+    """Write ``RUN/checkpoints/step_XXXXXX`` atomically and prune to the last ``keep``."""
+    root = Path(run) / "checkpoints"
+    dest = root / f"step_{step:07d}"
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    rng_tensors, rng_meta = rng_state()
+    with atomic_dir(dest) as tmp:
+        atomic_save_tensors(model.state_dict(), tmp / "model.safetensors")
+        atomic_save_tensors({**opt_tensors, **rng_tensors}, tmp / "optimizer.safetensors")
+        state = {"version": STATE_VERSION, "kind": kind, "step": step, "optimizer": opt_meta, **rng_meta, **extra}
+        (tmp / "state.json").write_text(json.dumps(state))
+    for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    root = Path(run) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "state.json").exists())
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, kind: str = "tokenizer") -> dict:
+    """Restore model, optimizer and RNG from a checkpoint folder; refuse torn or foreign ones."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(path / "model.safetensors")
+        opt = load_file(path / "optimizer.safetensors")
+    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        raise UnicodebookError(f"checkpoint {path} is torn or unreadable ({str(e).splitlines()[0]})") from None
+    if state.get("version") != STATE_VERSION or state.get("kind") != kind:
+        raise UnicodebookError(f"checkpoint {path} is not a {kind} checkpoint of this version")
+    own = model.state_dict()
+    bad = [k for k in own if k not in weights or weights[k].shape != own[k].shape]
+    bad += [k for k in weights if k not in own]
+    if bad:
+        raise UnicodebookError(f"checkpoint {path} belongs to another model (first mismatching key: {bad[0]})")
+    model.load_state_dict(weights)
+    rng = {"torch_rng": opt.pop("torch_rng")}
+    optimizer.load_state_dict(_unflatten_optimizer(opt, state["optimizer"]))
+    set_rng_state(rng, state)
+    return state

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny configs and a tiny shapes-world dataset made on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from unicodebook.config import load_config
+
+# A model small enough to train for a few steps in seconds on 2 CPU cores.
+TINY_OVERRIDES = [
+    "llm.vocab_size=256", "llm.hidden_size=32", "llm.num_layers=1", "llm.num_heads=2", "llm.intermediate_size=64",
+    "model.autoencoder.ch=8", "model.autoencoder.ch_mult=[1,2,2]", "model.autoencoder.z_channels=8",
+    "model.autoencoder.num_res_blocks=0", "model.codebook.row_offset=128", "model.codebook.num_rows=64",
+    "train_tokenizer.batch_size=16", "train_tokenizer.steps=30", "train_tokenizer.warmup_steps=5",
+    "train_tokenizer.log_every=5", "train_tokenizer.save_every=10", "train_tokenizer.grid_every=15",
+    "train_tokenizer.lr=3e-3",
+]
+
+
+def tiny_config(*extra: str):
+    return load_config("tiny", TINY_OVERRIDES + list(extra))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    from unicodebook.data.shapes import write_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_dataset(out, n_train=96, n_val=24, n_test=24, size=32, seed=0, progress=False)
+    return out
