@@ -67,6 +67,8 @@ class QuantizerConfig:
     kind: Literal["rq", "hq"] = "rq"
     depth: int = 4  # RQ: code layers per position; HQ: residual depth at each of the 2 levels
     beta: float = 0.25  # commitment weight
+    entropy_weight: float = 0.0  # batch code-usage entropy term (spreads codes; N×V memory)
+    entropy_temperature: float = 0.1  # softmax temperature, in units of the mean ‖C‖²
 
 
 @dataclass
@@ -185,6 +187,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

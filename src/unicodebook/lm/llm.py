@@ -44,10 +44,11 @@ def build_builtin_llm(cfg: LLMConfig, seed: int = 0):
     return model.to(_DTYPES[cfg.dtype])
 
 
-def load_llm(cfg: LLMConfig, seed: int = 0, device: str | torch.device = "cpu"):
+def load_llm(cfg: LLMConfig, seed: int = 0, device: str | torch.device | None = None):
     """Build the builtin random model or load a causal LM from a local folder (no hub access)."""
     if cfg.name == BUILTIN:
-        return build_builtin_llm(cfg, seed).to(device)
+        model = build_builtin_llm(cfg, seed)
+        return model if device is None else model.to(device)
     path = Path(cfg.name)
     if not (path / "config.json").exists():
         raise UnicodebookError(f"LLM '{cfg.name}' is neither 'builtin' nor a local model folder with config.json")
@@ -58,7 +59,7 @@ def load_llm(cfg: LLMConfig, seed: int = 0, device: str | torch.device = "cpu"):
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnicodebookError(f"cannot load LLM from {path}: {first}") from None
-    return model.to(device)
+    return model if device is None else model.to(device)
 
 
 def input_embedding(model) -> nn.Embedding:

@@ -85,7 +85,7 @@ class UnifiedCodebook(nn.Module):
 
     def __init__(self, token_ids: Tensor, dim: int, rule: CodebookRule | None = None):
         super().__init__()
-        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long, device="cpu").flatten()  # checked on the host
         if token_ids.numel() == 0:
             raise ValueError("the codebook needs at least one LLM row")
         if torch.unique(token_ids).numel() != token_ids.numel():
@@ -100,7 +100,7 @@ class UnifiedCodebook(nn.Module):
         self.register_buffer("initialised", torch.tensor(False))
         self._llm: list[nn.Embedding] = []  # reference, not a registered submodule
         first = int(token_ids[0])
-        contiguous = bool((token_ids == torch.arange(first, first + v)).all())
+        contiguous = bool((token_ids == torch.arange(first, first + v, device="cpu")).all())
         self._slice = (first, first + v) if contiguous else None
 
     # ---------------------------------------------------------------- binding to the LLM

@@ -19,6 +19,7 @@ LLM consumes (SPEC §1).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -40,13 +41,17 @@ class QuantOutput:
 class ResidualQuantizer(nn.Module):
     """D passes of one codebook over the residual; aggregation F = sum."""
 
-    def __init__(self, codebook: UnifiedCodebook, depth: int, beta: float = 0.25):
+    def __init__(self, codebook: UnifiedCodebook, depth: int, beta: float = 0.25,
+                 entropy_weight: float = 0.0, entropy_temperature: float = 0.1):
         super().__init__()
         if depth < 1:
             raise ValueError("quantizer depth must be >= 1")
         self.codebook = codebook
         self.depth = depth
         self.beta = beta
+        self.entropy_weight = entropy_weight
+        self.entropy_temperature = entropy_temperature
+        self.entropy_samples = 1024
         self._pending: list[tuple[Tensor, Tensor]] = []  # (features, codes) for the EMA update
 
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,10 +74,43 @@ class ResidualQuantizer(nn.Module):
         q, codes, inputs = self.quantize(z)
         # commitment: pull the encoder output towards the (stop-gradient) aggregated codes
         loss = self.beta * F.mse_loss(z.float(), q.detach().float())
+        if self.training and self.entropy_weight > 0:
+            loss = loss + self.entropy_weight * self.usage_entropy_loss(z, codes)
         if self.training:
             self._pending.append((inputs.reshape(-1, z.shape[-1]), rearrange(codes, "... D -> D (...)").reshape(-1)))
-        quantized = z + (q - z).detach() if z.requires_grad else q  # straight-through
+        quantized = z + (q - z).detach() if self.training else q  # straight-through in training
         return QuantOutput(quantized, codes, loss, [codes])
+
+    def usage_entropy_loss(self, z: Tensor, codes: Tensor) -> Tensor:
+        """Mean over layers of H(p(code | r)) − H(E[p(code | r)]), normalised by log V.
+
+        p is a softmax over negative squared distances of each layer's residual r to the
+        codebook (temperature = ``entropy_temperature`` × mean ‖C‖²). Minimising it makes
+        each assignment confident and the batch's codes spread over the whole codebook
+        (the entropy term of MAGVIT-2's LFQ); the gradient reaches the encoder through r.
+        Memory: n×V per layer for n = min(N, entropy_samples) vectors.
+        """
+        cb = self.codebook.embed
+        flat = z.reshape(-1, z.shape[-1]).float()
+        flat_codes = codes.reshape(-1, self.depth)
+        if flat.shape[0] > self.entropy_samples:  # a random subset estimates the batch marginal
+            keep = torch.randperm(flat.shape[0], device=flat.device)[: self.entropy_samples]
+            flat, flat_codes = flat[keep], flat_codes[keep]
+        prev = torch.zeros_like(flat)
+        sq = cb.pow(2).sum(1)
+        tau = self.entropy_temperature * sq.mean().clamp_min(1e-12)
+        total = flat.new_zeros(())
+        for layer in range(self.depth):
+            r = flat - prev
+            logits = -(r.pow(2).sum(1, keepdim=True) - 2 * r @ cb.t() + sq) / tau  # (N, V)
+            logp = logits.log_softmax(1)
+            p = logp.exp()
+            per_sample = -(p * logp).sum(1).mean()
+            avg = p.mean(0)
+            marginal = -(avg * avg.clamp_min(1e-12).log()).sum()
+            total = total + (per_sample - marginal)
+            prev = prev + self.codebook.lookup(flat_codes[:, layer])
+        return total / (self.depth * math.log(self.codebook.num_codes))
 
     def codes_to_embeddings(self, codes: Tensor) -> Tensor:
         """codes (..., D) → Σ_l e(codes_l) (..., d), summed layer by layer in order."""
@@ -94,13 +132,14 @@ class ResidualQuantizer(nn.Module):
 class HierarchicalQuantizer(nn.Module):
     """Top map at half resolution + bottom map on the residual; F = concat → 1×1 projection."""
 
-    def __init__(self, codebook: UnifiedCodebook, depth: int, beta: float = 0.25):
+    def __init__(self, codebook: UnifiedCodebook, depth: int, beta: float = 0.25,
+                 entropy_weight: float = 0.0, entropy_temperature: float = 0.1):
         super().__init__()
         d = codebook.dim
         self.codebook = codebook
         self.depth = depth
-        self.top = ResidualQuantizer(codebook, depth, beta)
-        self.bottom = ResidualQuantizer(codebook, depth, beta)
+        self.top = ResidualQuantizer(codebook, depth, beta, entropy_weight, entropy_temperature)
+        self.bottom = ResidualQuantizer(codebook, depth, beta, entropy_weight, entropy_temperature)
         self.down = nn.Linear(4 * d, d)  # pixel-unshuffled 2×2 block → top feature
         self.up = nn.Linear(d, 4 * d)  # top code → 2×2 block (pixel-shuffle)
         self.fuse = nn.Linear(2 * d, d)  # concat(top-up, bottom) → Ẑ
@@ -142,11 +181,12 @@ class HierarchicalQuantizer(nn.Module):
         return torch.cat([f for f, _ in parts]), torch.cat([c for _, c in parts])
 
 
-def build_quantizer(kind: str, codebook: UnifiedCodebook, depth: int, beta: float) -> nn.Module:
+def build_quantizer(kind: str, codebook: UnifiedCodebook, depth: int, beta: float,
+                    entropy_weight: float = 0.0, entropy_temperature: float = 0.1) -> nn.Module:
     if kind == "rq":
-        return ResidualQuantizer(codebook, depth, beta)
+        return ResidualQuantizer(codebook, depth, beta, entropy_weight, entropy_temperature)
     if kind == "hq":
-        return HierarchicalQuantizer(codebook, depth, beta)
+        return HierarchicalQuantizer(codebook, depth, beta, entropy_weight, entropy_temperature)
     raise ValueError(f"unknown quantizer kind {kind!r} (rq or hq)")
 
 

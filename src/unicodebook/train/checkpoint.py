@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import UnicodebookError
-from ..utils.io import atomic_dir, atomic_save_tensors
+from ..utils.io import atomic_dir, atomic_save_tensors, first_state_mismatch
 
 STATE_VERSION = 1
 
@@ -100,11 +100,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise UnicodebookError(f"checkpoint {path} is torn or unreadable ({str(e).splitlines()[0]})") from None
     if state.get("version") != STATE_VERSION or state.get("kind") != kind:
         raise UnicodebookError(f"checkpoint {path} is not a {kind} checkpoint of this version")
-    own = model.state_dict()
-    bad = [k for k in own if k not in weights or weights[k].shape != own[k].shape]
-    bad += [k for k in weights if k not in own]
+    bad = first_state_mismatch(model, weights)
     if bad:
-        raise UnicodebookError(f"checkpoint {path} belongs to another model (first mismatching key: {bad[0]})")
+        raise UnicodebookError(f"checkpoint {path} belongs to another model (first mismatching key: {bad})")
     model.load_state_dict(weights)
     rng = {"torch_rng": opt.pop("torch_rng")}
     optimizer.load_state_dict(_unflatten_optimizer(opt, state["optimizer"]))

@@ -90,3 +90,17 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def first_state_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """The first key that is missing, unexpected or of another shape, or None if ``state`` fits."""
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            return f"{k} (missing)"
+        if tuple(state[k].shape) != tuple(v.shape):
+            return f"{k} (shape {tuple(state[k].shape)} != {tuple(v.shape)})"
+    for k in state:
+        if k not in own:
+            return f"{k} (unexpected)"
+    return None

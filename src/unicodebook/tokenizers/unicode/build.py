@@ -24,7 +24,7 @@ from ...config import CodebookConfig, Config, config_from_dict, config_to_dict, 
 from ...errors import UnicodebookError
 from ...lm.llm import BUILTIN, embedding_fingerprint, input_embedding, load_llm
 from ...quantize import CodebookRule, UnifiedCodebook
-from ...utils.io import atomic_dir, atomic_save_tensors, atomic_write_text
+from ...utils.io import atomic_dir, atomic_save_tensors, atomic_write_text, first_state_mismatch
 from .model import UniCodeTokenizer
 
 BINDING_VERSION = 1
@@ -33,10 +33,10 @@ BINDING_VERSION = 1
 def codebook_rows(cb: CodebookConfig, vocab_size: int) -> torch.Tensor:
     """The LLM token ids exposed as codes, in code-index order."""
     if cb.rows is not None:
-        rows = torch.tensor(cb.rows, dtype=torch.long)
+        rows = torch.tensor(cb.rows, dtype=torch.long, device="cpu")
     else:
         n = cb.num_rows if cb.num_rows is not None else vocab_size - cb.row_offset
-        rows = torch.arange(cb.row_offset, cb.row_offset + n)
+        rows = torch.arange(cb.row_offset, cb.row_offset + n, device="cpu")
     if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= vocab_size:
         raise UnicodebookError(f"codebook rows must lie in [0, {vocab_size}) of the LLM vocabulary")
     return rows
@@ -137,10 +137,10 @@ def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu", llm=N
         raise UnicodebookError(f"{folder}/model.safetensors is not a UniCode tokenizer checkpoint")
     codebook = UnifiedCodebook(rows, binding["hidden_size"], _rule(cfg.model.codebook))
     tok = UniCodeTokenizer(cfg.model, codebook)
-    missing, unexpected = tok.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        key = (missing or unexpected)[0]
-        raise UnicodebookError(f"{folder}/model.safetensors does not match its config (first bad key: {key})")
+    bad = first_state_mismatch(tok, state)
+    if bad:
+        raise UnicodebookError(f"{folder}/model.safetensors does not match its config (first bad key: {bad})")
+    tok.load_state_dict(state)
     if binding["mode"] == "dual" and (folder / "llm_rows.safetensors").exists():
         with torch.no_grad():
             emb.weight[rows] = load_file(folder / "llm_rows.safetensors")["rows"].to(emb.weight.dtype)

@@ -47,7 +47,7 @@ class UniCodeTokenizer(nn.Module):
                       resolution=cfg.image_size, attn_resolutions=ae.attn_resolutions, dropout=ae.dropout)
         self.encoder = Encoder(**common)
         self.pre_quant = nn.Conv2d(ae.z_channels, d, 1)  # latent → LLM hidden size
-        self.quantizer = build_quantizer(qc.kind, codebook, qc.depth, qc.beta)
+        self.quantizer = build_quantizer(qc.kind, codebook, qc.depth, qc.beta, qc.entropy_weight, qc.entropy_temperature)
         self.post_quant = nn.Conv2d(d, ae.z_channels, 1)
         self.decoder = Decoder(**common)
 
@@ -136,4 +136,4 @@ class UniCodeTokenizer(nn.Module):
 def reconstruction_loss(recon: Tensor, target: Tensor, l1: float, l2: float) -> tuple[Tensor, dict]:
     a = F.l1_loss(recon, target)
     b = F.mse_loss(recon, target)
-    return l1 * a + l2 * b, {"l1": float(a), "l2": float(b)}
+    return l1 * a + l2 * b, {"l1": float(a.detach()), "l2": float(b.detach())}

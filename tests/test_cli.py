@@ -1,0 +1,110 @@
+"""The `unicodebook` command line: an end-to-end run, and one clear line for each bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import TINY_OVERRIDES
+from unicodebook.cli import main
+
+
+def run_cli(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """data shapes → train-tokenizer through the CLI, shared by the tests below."""
+    root = tmp_path_factory.mktemp("cli")
+    data, run = root / "data", root / "run"
+    assert main(["data", "shapes", "--out", str(data), "--n-train", "64", "--n-val", "16", "--n-test", "16", "--seed", "3"]) == 0
+    assert main(["train-tokenizer", "--data", str(data), "--out", str(run), *TINY_OVERRIDES, "train_tokenizer.steps=20"]) == 0
+    return data, run
+
+
+@pytest.mark.slow
+def test_end_to_end_through_the_console_script(tmp_path):
+    """The installed entry point, as a user runs it: data → stage I → tokenize → reconstruct → eval."""
+
+    def sh(*args):
+        p = subprocess.run([sys.executable, "-m", "unicodebook", *map(str, args)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    sh("data", "shapes", "--out", data, "--n-train", "64", "--n-val", "16", "--n-test", "16")
+    summary = json.loads(sh("train-tokenizer", "--config", "tiny", "--data", data, "--out", run, *TINY_OVERRIDES).splitlines()[-1])
+    assert summary["steps"] == 30 and summary["val"]["psnr"] > 10
+    img = data / "test" / "images" / "000000.png"
+    codes = json.loads(sh("tokenize", "--tokenizer", run, img))
+    assert codes["shape"] == [8, 8, 4] and len(codes["token_ids"]) == 256
+    assert all(128 <= t < 192 for t in codes["token_ids"])
+    rec = json.loads(sh("reconstruct", "--tokenizer", run, img, "--out", tmp_path / "rec.png"))
+    assert Image.open(tmp_path / "rec.png").size == (32, 32) and rec["psnr"] > 10
+    ev = json.loads(sh("eval", "tokenizer", "--tokenizer", run, "--data", data, "--split", "test"))
+    assert ev["n_images"] == 16 and {"psnr", "ssim", "usage", "perplexity"} <= ev.keys()
+    assert len(ev["usage"]) == len(ev["perplexity"]) == 4
+
+
+def test_tokenize_is_deterministic_and_matches_the_codes_of_eval(trained, capsys):
+    data, run = trained
+    img = data / "test" / "images" / "000001.png"
+    _, a, _ = run_cli(capsys, "tokenize", "--tokenizer", run, img)
+    _, b, _ = run_cli(capsys, "tokenize", "--tokenizer", run, img)
+    assert a == b and json.loads(a)["shape"] == [8, 8, 4]
+
+
+def test_tokenize_skips_a_bad_image_reports_it_and_exits_nonzero(trained, capsys, tmp_path):
+    data, run = trained
+    bad = tmp_path / "bad.png"
+    bad.write_bytes((data / "test" / "images" / "000000.png").read_bytes()[:40])
+    rc, out, err = run_cli(capsys, "tokenize", "--tokenizer", run, bad, data / "test" / "images" / "000000.png")
+    assert rc == 1
+    assert len(out.splitlines()) == 1  # the good image still gets its codes
+    assert err.strip() == f"error: {bad}: corrupt or truncated image (image file is truncated)" or \
+        err.strip().startswith(f"error: {bad}: corrupt or truncated image")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train-tokenizer", "--data", "{data}", "--out", "{tmp}/r", "model.codebok.mode=frozen"], "error: unknown config key 'model.codebok'"),
+        (["train-tokenizer", "--data", "{tmp}/nowhere", "--out", "{tmp}/r"], "error: image folder '{tmp}/nowhere' does not exist"),
+        (["train-tokenizer", "--data", "{tmp}/empty", "--out", "{tmp}/r"], "error: image folder '{tmp}/empty' holds no images"),
+        (["reconstruct", "--tokenizer", "{run}", "{tmp}/notes.txt", "--out", "{tmp}/o.png"], "error: {tmp}/notes.txt: not an image file"),
+        (["tokenize", "--tokenizer", "{tmp}", "{tmp}/notes.txt"], "error: tokenizer folder"),
+        (["eval", "tokenizer", "--tokenizer", "{run}", "--data", "{data}", "--split", "nosplit"], "error: '{data}' has no split 'nosplit'"),
+        (["train-tokenizer", "--config", "{tmp}/bad.yaml", "--data", "{data}", "--out", "{tmp}/r"], "error: {tmp}/bad.yaml: not valid YAML"),
+        (["data", "shapes", "--out", "{tmp}/d", "--size", "16"], "error: --size must be within 32..64, got 16"),
+    ],
+)
+def test_bad_input_gets_one_error_line_and_exit_2(trained, capsys, tmp_path, args, message):
+    data, run = trained
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "bad.yaml").write_text("model: [1, 2\n")
+    fill = lambda s: s.format(data=data, run=run, tmp=tmp_path)  # noqa: E731
+    rc, out, err = run_cli(capsys, *map(fill, args))
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(fill(message)), err
+    assert not (tmp_path / "r" / "checkpoints").exists()  # nothing half-made
+
+
+def test_eval_counts_bad_images_and_exits_1(trained, capsys, tmp_path):
+    import shutil
+
+    data, run = trained
+    split = tmp_path / "split"
+    shutil.copytree(data / "test" / "images", split)
+    (split / "zzz.png").write_text("not png")
+    rc, out, err = run_cli(capsys, "eval", "tokenizer", "--tokenizer", run, "--data", split, "--split", "test")
+    assert rc == 1
+    res = json.loads(out)
+    assert res["n_bad"] == 1 and res["n_images"] == 16
+    assert "zzz.png" in err

@@ -1,0 +1,51 @@
+"""Typed configs: presets, dotted overrides, one-line errors."""
+
+import pytest
+
+from unicodebook.config import load_config, parse_overrides
+from unicodebook.errors import ConfigError
+
+
+def test_tiny_preset_and_dotted_overrides():
+    cfg = load_config("tiny", ["model.codebook.mode=frozen", "train_tokenizer.lr=3e-4", "model.autoencoder.ch_mult=[1,2]"])
+    assert cfg.model.codebook.mode == "frozen"
+    assert cfg.train_tokenizer.lr == pytest.approx(3e-4)
+    assert cfg.model.autoencoder.ch_mult == [1, 2]
+    assert cfg.model.image_size == 32  # untouched keys keep the preset's value
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.codebok.mode=frozen", "unknown config key 'model.codebok'"),
+        ("model.codebook.mode=sometimes", "model.codebook.mode: 'sometimes' is not one of frozen, dual, iterative"),
+        ("train_tokenizer.steps=many", "train_tokenizer.steps: expected an integer, got 'many'"),
+        ("train_tokenizer.steps=1.5", "train_tokenizer.steps: expected an integer, got 1.5"),
+        ("model.autoencoder.ch_mult=3", "model.autoencoder.ch_mult: expected a list, got 3"),
+        ("data.preload=maybe", "data.preload: expected true/false, got 'maybe'"),
+        ("model=3", "model: expected a mapping, got 3"),
+    ],
+)
+def test_bad_keys_and_types_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("model:\n  image_size: 32\n  colour: red\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'model.colour'"):
+        load_config(p)
+    p.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_override_syntax():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        parse_overrides(["justakey"])

@@ -1,0 +1,106 @@
+"""The UniCode tokenizer: interface, round trips, self-describing folders, LLM binding."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from unicodebook.errors import UnicodebookError
+from unicodebook.lm.llm import input_embedding
+from unicodebook.tokenizers.unicode import build_tokenizer, load_tokenizer, save_tokenizer
+
+
+@pytest.mark.parametrize("kind,grid", [("rq", (8, 8, 4)), ("hq", (4, 4, 10))])
+def test_encode_embed_decode_interface(kind, grid):
+    tok = build_tokenizer(tiny_config(f"model.quantizer.kind={kind}", "model.quantizer.depth=" + ("4" if kind == "rq" else "2")))
+    tok.train()
+    tok(torch.rand(4, 3, 32, 32))  # k-means init
+    tok.eval()
+    x = torch.rand(3, 3, 32, 32)
+    codes = tok.encode(x)
+    assert codes.shape == (3, *grid) and codes.dtype == torch.long
+    assert tok.embed(codes).shape == (3, 64, 32)  # (B, h·w, d): what the LLM reads
+    assert tok.decode(codes).shape == (3, 3, 32, 32)
+    # decode(encode(x)) is exactly the eval forward pass
+    assert torch.equal(tok.decode(codes), tok(x).recon.clamp(0, 1))
+    ids = tok.token_ids(codes)
+    assert int(ids.min()) >= 128 and int(ids.max()) < 192  # codes are LLM token ids of the exposed rows
+
+
+def test_embed_rejects_codes_of_the_wrong_shape_or_range():
+    tok = build_tokenizer(tiny_config())
+    with pytest.raises(ValueError, match="expected codes"):
+        tok.embed(torch.zeros(1, 4, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="long indices"):
+        tok.embed(torch.full((1, 8, 8, 4), 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="expected images"):
+        tok.encode(torch.rand(1, 3, 16, 16))
+
+
+def test_save_load_round_trip_gives_identical_codes_and_images(tmp_path):
+    tok = build_tokenizer(tiny_config("model.codebook.mode=dual"))
+    tok.train()
+    tok(torch.rand(8, 3, 32, 32))
+    tok.codebook.update(*tok.quantizer.pop_updates(), progress=0.5, step=1)
+    tok.codebook.write_to_llm()
+    tok.eval()
+    save_tokenizer(tok, tmp_path / "tok")
+    names = {p.name for p in (tmp_path / "tok").iterdir()}
+    assert {"config.yaml", "model.safetensors", "binding.json", "llm"} <= names
+    loaded = load_tokenizer(tmp_path / "tok")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded.encode(x), tok.encode(x))
+    assert torch.equal(loaded.decode(tok.encode(x)), tok.decode(tok.encode(x)))
+    # the dual-mode rows written into the LLM came back with it
+    assert torch.equal(input_embedding(loaded.llm).weight[128:192], tok.codebook.embed)
+
+
+def test_hf_llm_from_a_local_folder_binds_and_is_fingerprinted(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))
+    hf.save_pretrained(tmp_path / "llm")
+    cfg = tiny_config(f"llm.name={tmp_path / 'llm'}", "model.codebook.mode=frozen", "model.codebook.rows=[3,7,250,299]")
+    tok = build_tokenizer(cfg)
+    emb = input_embedding(tok.llm).weight
+    assert torch.equal(tok.codebook.embed, emb[[3, 7, 250, 299]].float())
+    save_tokenizer(tok, tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / "binding.json").read_text())["llm"] == str((tmp_path / "llm").resolve())
+    assert torch.equal(load_tokenizer(tmp_path / "tok").codebook.embed, tok.codebook.embed)
+
+    # another model saved where the first one was: the binding refuses it
+    torch.manual_seed(1)
+    LlamaForCausalLM(hf.config).save_pretrained(tmp_path / "llm")
+    with pytest.raises(UnicodebookError, match="do not match the ones this tokenizer was bound to"):
+        load_tokenizer(tmp_path / "tok")
+
+
+def test_loading_a_checkpoint_of_another_model_is_refused(tmp_path):
+    a = build_tokenizer(tiny_config())
+    save_tokenizer(a, tmp_path / "a")
+    b = build_tokenizer(tiny_config("model.autoencoder.ch=16"))
+    save_tokenizer(b, tmp_path / "b")
+    (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
+    with pytest.raises(UnicodebookError, match="does not match its config"):
+        load_tokenizer(tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(UnicodebookError, match="corrupt or truncated"):
+        load_tokenizer(tmp_path / "a")
+    with pytest.raises(UnicodebookError, match="not a tokenizer folder"):
+        load_tokenizer(tmp_path)
+
+
+def test_7b_preset_builds_on_the_meta_device():
+    from unicodebook.config import load_config
+
+    cfg = load_config("7b", ["llm.name=builtin"])
+    with torch.device("meta"):
+        tok = build_tokenizer(cfg)
+    assert tuple(tok.codebook.embed.shape) == (32000, 4096)
+    assert tok.grid_shape == (8, 8, 5) and tok.codes_per_image == 320  # HQ 8×8 top + 16×16 bottom
+    with torch.device("meta"):
+        out = tok.eval()(torch.empty(2, 3, 256, 256))
+    assert out.recon.shape == (2, 3, 256, 256) and out.codes.shape == (2, 8, 8, 5)

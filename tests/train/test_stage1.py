@@ -1,0 +1,90 @@
+"""Stage I training: the loss falls, the run folder describes itself, resume is exact."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_OVERRIDES, tiny_config
+from unicodebook.errors import UnicodebookError
+from unicodebook.tokenizers.unicode import load_tokenizer
+from unicodebook.train.stage1 import train_tokenizer
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_the_run_folder_describes_itself(shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    res = train_tokenizer(tiny_config(), shapes_dir, run, progress=False)
+    rows = [r for r in _metrics(run) if "loss" in r]
+    assert rows[-1]["l1"] < 0.6 * rows[0]["l1"]
+    assert rows[-1]["psnr"] > rows[0]["psnr"] + 3
+    for name in ("config.yaml", "model.safetensors", "binding.json", "llm/config.json", "metrics.jsonl",
+                 "reconstructions.png", "codebook_usage.png", "curves.png"):
+        assert (run / name).exists(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000020", "step_0000030"]  # keep_last=2
+    assert res.val["n_images"] == 24 and len(res.val["usage"]) == 4 and len(res.val["perplexity"]) == 4
+    # the run folder is a tokenizer folder
+    tok = load_tokenizer(run)
+    assert tok.codes_per_image == 256
+    assert torch.equal(load_file(run / "model.safetensors")["quantizer.codebook.embed"], tok.codebook.embed)
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "unicodebook", *args]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(shapes_dir, tmp_path):
+    steps = ["train_tokenizer.steps=120", "train_tokenizer.save_every=20", "train_tokenizer.eval_every=0"]
+    ref = tmp_path / "ref"
+    train_tokenizer(tiny_config(*steps), shapes_dir / "train", ref, progress=False)
+
+    run = tmp_path / "killed"
+    args = _cli("train-tokenizer", "--data", str(shapes_dir / "train"), "--out", str(run), *TINY_OVERRIDES, *steps)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step_0000040").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert "step_0000120" not in done, "the run finished before it could be killed"
+
+    out = subprocess.run(_cli("train-tokenizer", "--data", str(shapes_dir / "train"), "--out", str(run), "--resume"),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    a, b = load_file(ref / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_bad_images_in_the_training_folder_are_counted_and_skipped(shapes_dir, tmp_path):
+    data = tmp_path / "imgs"
+    shutil.copytree(shapes_dir / "train" / "images", data)
+    (data / "broken.png").write_bytes((data / "000000.png").read_bytes()[:50])
+    (data / "notes.png").write_text("hello")
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="skipping bad image"):
+        train_tokenizer(tiny_config("train_tokenizer.steps=5"), data, run, progress=False)
+    assert _metrics(run)[-1]["bad_images"] == 2
+
+
+def test_refuses_to_overwrite_a_run_or_resume_with_another_config(shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    train_tokenizer(tiny_config("train_tokenizer.steps=10"), shapes_dir, run, progress=False)
+    with pytest.raises(UnicodebookError, match="already holds a run"):
+        train_tokenizer(tiny_config("train_tokenizer.steps=10"), shapes_dir, run, progress=False)
+    with pytest.raises(UnicodebookError, match="differs from the run's config.yaml"):
+        train_tokenizer(tiny_config("train_tokenizer.steps=20"), shapes_dir, run, resume=True, progress=False)
+    with pytest.raises(UnicodebookError, match="nothing to resume"):
+        train_tokenizer(tiny_config(), shapes_dir, tmp_path / "fresh", resume=True, progress=False)
