@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -86,8 +87,6 @@ def cmd_eval_tokenizer(tokenizer: Path, data: Path, split: str) -> int:
 
     tok = load_tokenizer(tokenizer)
     res = evaluate_tokenizer(tok, data, split=split)
-    for _ in range(res["n_bad"]):
-        pass
     print(json.dumps(res))
     return EXIT_PARTIAL if res["n_bad"] else 0
 
@@ -159,20 +158,22 @@ def dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(c)  # pragma: no cover
 
 
-def _quiet_warnings() -> None:
-    """Bad images are reported as warnings by the data layer; show them as plain lines."""
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=sys.stderr)
-
-    warnings.showwarning = show
+def _setup_output() -> None:
+    """Library reports (e.g. skipped bad images) become plain ``warning: …`` lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger("unicodebook")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logging.addLevelName(logging.WARNING, "warning")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_warnings()
+    _setup_output()
     try:
         return dispatch(args)
     except UnicodebookError as e:

@@ -122,7 +122,6 @@ class TokenizerTrainConfig:
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     log_every: int = 25
-    eval_every: int = 0  # 0: only at the end
     save_every: int = 500
     keep_last: int = 2
     grid_every: int = 500

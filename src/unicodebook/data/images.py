@@ -7,7 +7,7 @@ config says.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import BadImageError, UnicodebookError
+
+log = logging.getLogger("unicodebook.data")
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -35,6 +37,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _has_image_signature(path: Path) -> bool:
+    """Does the file start like an image (so a failed decode means corrupt, not 'not an image')?"""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def load_image(path: str | Path, size: int | None = None, odd_size: str = "resize") -> torch.Tensor:
     """Read one image as (3, size, size) float in [0, 1]; raise :class:`BadImageError` on bad input."""
     path = Path(path)
@@ -47,6 +59,8 @@ def load_image(path: str | Path, size: int | None = None, odd_size: str = "resiz
             img.load()
             img = _to_rgb(img)
     except UnidentifiedImageError:
+        if _has_image_signature(path):
+            raise BadImageError(f"{path}: corrupt or truncated image (header unreadable)") from None
         raise BadImageError(f"{path}: not an image file") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"{path}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -82,10 +96,21 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
+SPLITS = ("train", "val", "test")
+
+
+def is_split_root(data: Path) -> bool:
+    """A dataset root with split folders (``DIR/train``, ``DIR/val``, ``DIR/test``)."""
+    return (data / "meta.json").exists() or any((data / s).is_dir() for s in SPLITS)
+
+
 def resolve_image_folder(data: str | Path, split: str | None = None) -> Path:
-    """A shapes-world root (``DIR/<split>/images``), a split folder, or a plain image folder."""
+    """The image folder to read: ``DIR/<split>/images`` of a dataset root, or a plain folder.
+
+    A root with splits must name an existing split; a plain image folder ignores ``split``.
+    """
     data = Path(data)
-    if split is not None:
+    if split is not None and is_split_root(data):
         for cand in (data / split / "images", data / split):
             if cand.is_dir():
                 return cand
@@ -123,7 +148,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def _report(self, msg: str) -> None:
         self.bad.append(msg)
-        warnings.warn(f"skipping bad image: {msg}", stacklevel=3)
+        log.warning("skipping bad image: %s", msg)
 
     def __len__(self) -> int:
         return len(self.files)

@@ -19,7 +19,7 @@ def evaluate_tokenizer(tok, data: str | Path, split: str | None = "test", batch_
 
     Bad images are reported, counted (``n_bad``) and skipped.
     """
-    folder = resolve_image_folder(data, split if (Path(data) / (split or "")).is_dir() and split else None)
+    folder = resolve_image_folder(data, split)
     cfg = tok.config
     ds = ImageFolder(folder, tok.image_size, odd_size or cfg.data.odd_size, preload=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_images)

@@ -20,10 +20,19 @@ BUILTIN = "builtin"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def quiet_transformers() -> None:
+    """Our own bars report progress; transformers' per-shard bars only add noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def build_builtin_llm(cfg: LLMConfig, seed: int = 0):
     """A random Llama (``LlamaForCausalLM``) sized by ``cfg``; deterministic by seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    quiet_transformers()
     config = LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -54,6 +63,7 @@ def load_llm(cfg: LLMConfig, seed: int = 0, device: str | torch.device | None = 
         raise UnicodebookError(f"LLM '{cfg.name}' is neither 'builtin' nor a local model folder with config.json")
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], local_files_only=True)
     except (OSError, ValueError, KeyError) as e:

@@ -34,8 +34,9 @@ from .codebook import UnifiedCodebook
 class QuantOutput:
     quantized: Tensor  # (B, h, w, d) aggregated, straight-through
     codes: Tensor  # (B, gh, gw, G) long code indices (rows of the codebook)
-    loss: Tensor  # scalar commitment loss (already weighted by beta)
+    loss: Tensor  # scalar: β·commitment + entropy_weight·usage entropy (what training adds)
     layer_codes: list[Tensor] = field(default_factory=list)  # per level, (B, h', w', D)
+    usage_loss: Tensor | None = None  # the unweighted usage-entropy term, when it is on
 
 
 class ResidualQuantizer(nn.Module):
@@ -74,12 +75,14 @@ class ResidualQuantizer(nn.Module):
         q, codes, inputs = self.quantize(z)
         # commitment: pull the encoder output towards the (stop-gradient) aggregated codes
         loss = self.beta * F.mse_loss(z.float(), q.detach().float())
+        usage = None
         if self.training and self.entropy_weight > 0:
-            loss = loss + self.entropy_weight * self.usage_entropy_loss(z, codes)
+            usage = self.usage_entropy_loss(z, codes)
+            loss = loss + self.entropy_weight * usage
         if self.training:
             self._pending.append((inputs.reshape(-1, z.shape[-1]), rearrange(codes, "... D -> D (...)").reshape(-1)))
         quantized = z + (q - z).detach() if self.training else q  # straight-through in training
-        return QuantOutput(quantized, codes, loss, [codes])
+        return QuantOutput(quantized, codes, loss, [codes], usage)
 
     def usage_entropy_loss(self, z: Tensor, codes: Tensor) -> Tensor:
         """Mean over layers of H(p(code | r)) − H(E[p(code | r)]), normalised by log V.
@@ -159,7 +162,8 @@ class HierarchicalQuantizer(nn.Module):
         bottom = self.bottom(z - top_up)
         out = self.fuse(torch.cat([top_up, bottom.quantized], -1))
         codes = self.group_codes(top.codes, bottom.codes)
-        return QuantOutput(out, codes, top.loss + bottom.loss, [top.codes, bottom.codes])
+        usage = None if top.usage_loss is None else (top.usage_loss + bottom.usage_loss) / 2
+        return QuantOutput(out, codes, top.loss + bottom.loss, [top.codes, bottom.codes], usage)
 
     def group_codes(self, top: Tensor, bottom: Tensor) -> Tensor:
         """top (B,h/2,w/2,D), bottom (B,h,w,D) → grid (B,h/2,w/2,5D): D top then 2×2×D bottom."""

@@ -1,6 +1,6 @@
 """Training checkpoints: weights, optimizer and RNG state in safetensors, written atomically.
 
-Layout: ``RUN/checkpoints/step_000500/{model,optimizer}.safetensors`` + ``state.json``. Each
+Layout: ``RUN/checkpoints/step_0000500/{model,optimizers}.safetensors`` + ``state.json``. Each
 checkpoint folder is built under a temporary name and renamed in one step, so a crash leaves
 either the previous checkpoints or the new one, never a torn one; the last ``keep`` are kept.
 No pickle anywhere: optimizer tensors are flattened into safetensors, the rest is JSON.
@@ -65,17 +65,27 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(run: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run: Path, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                     extra: dict, keep: int = 2, kind: str = "tokenizer") -> Path:
-    """Write ``RUN/checkpoints/step_XXXXXX`` atomically and prune to the last ``keep``."""
+    """Write ``RUN/checkpoints/step_XXXXXX`` atomically and prune to the last ``keep``.
+
+    Each module goes to ``<name>.safetensors``; optimizers (flattened) and the torch RNG to
+    ``optimizers.safetensors``; everything else to ``state.json``.
+    """
     root = Path(run) / "checkpoints"
     dest = root / f"step_{step:07d}"
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    opt_tensors, opt_meta = {}, {}
+    for name, opt in optimizers.items():
+        tensors, meta = _flatten_optimizer(opt)
+        opt_tensors.update({f"{name}/{k}": v for k, v in tensors.items()})
+        opt_meta[name] = meta
     rng_tensors, rng_meta = rng_state()
     with atomic_dir(dest) as tmp:
-        atomic_save_tensors(model.state_dict(), tmp / "model.safetensors")
-        atomic_save_tensors({**opt_tensors, **rng_tensors}, tmp / "optimizer.safetensors")
-        state = {"version": STATE_VERSION, "kind": kind, "step": step, "optimizer": opt_meta, **rng_meta, **extra}
+        for name, module in modules.items():
+            atomic_save_tensors(module.state_dict(), tmp / f"{name}.safetensors")
+        atomic_save_tensors({**opt_tensors, **rng_tensors}, tmp / "optimizers.safetensors")
+        state = {"version": STATE_VERSION, "kind": kind, "step": step, "modules": sorted(modules),
+                 "optimizers": opt_meta, **rng_meta, **extra}
         (tmp / "state.json").write_text(json.dumps(state))
     for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -89,22 +99,33 @@ def list_checkpoints(run: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "state.json").exists())
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, kind: str = "tokenizer") -> dict:
-    """Restore model, optimizer and RNG from a checkpoint folder; refuse torn or foreign ones."""
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    kind: str = "tokenizer") -> dict:
+    """Restore modules, optimizers and RNG from a checkpoint folder; refuse torn or foreign ones.
+
+    Everything is read and checked before anything is loaded, so a refused checkpoint leaves
+    the models untouched.
+    """
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
-        weights = load_file(path / "model.safetensors")
-        opt = load_file(path / "optimizer.safetensors")
+        if state.get("version") != STATE_VERSION or state.get("kind") != kind:
+            raise UnicodebookError(f"checkpoint {path} is not a {kind} checkpoint of this version")
+        if sorted(modules) != state.get("modules"):
+            raise UnicodebookError(f"checkpoint {path} holds {state.get('modules')}, this run needs {sorted(modules)}")
+        weights = {name: load_file(path / f"{name}.safetensors") for name in modules}
+        opt = load_file(path / "optimizers.safetensors")
     except (OSError, json.JSONDecodeError, SafetensorError) as e:
         raise UnicodebookError(f"checkpoint {path} is torn or unreadable ({str(e).splitlines()[0]})") from None
-    if state.get("version") != STATE_VERSION or state.get("kind") != kind:
-        raise UnicodebookError(f"checkpoint {path} is not a {kind} checkpoint of this version")
-    bad = first_state_mismatch(model, weights)
-    if bad:
-        raise UnicodebookError(f"checkpoint {path} belongs to another model (first mismatching key: {bad})")
-    model.load_state_dict(weights)
-    rng = {"torch_rng": opt.pop("torch_rng")}
-    optimizer.load_state_dict(_unflatten_optimizer(opt, state["optimizer"]))
-    set_rng_state(rng, state)
+    for name, module in modules.items():
+        bad = first_state_mismatch(module, weights[name])
+        if bad:
+            raise UnicodebookError(f"checkpoint {path} belongs to another model (first mismatching key: {name}.{bad})")
+    for name, module in modules.items():
+        module.load_state_dict(weights[name])
+    for name, optimizer in optimizers.items():
+        prefix = f"{name}/"
+        tensors = {k[len(prefix):]: v for k, v in opt.items() if k.startswith(prefix)}
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizers"][name]))
+    set_rng_state({"torch_rng": opt["torch_rng"]}, state)
     return state

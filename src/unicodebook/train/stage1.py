@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, config_to_dict, load_config, read_yaml, save_config
-from ..data.images import ImageFolder, collate_images, resolve_image_folder
+from ..data.images import ImageFolder, collate_images, is_split_root, resolve_image_folder
 from ..errors import UnicodebookError
 from ..eval.metrics import CodeUsage, psnr
 from ..eval.plots import image_grid, plot_codebook_usage, plot_curves
@@ -83,8 +83,8 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     if tc.threads:
         torch.set_num_threads(tc.threads)
     data = Path(data)
-    has_splits = (data / "train").is_dir()
-    train_folder = resolve_image_folder(data, "train" if has_splits else None)
+    has_splits = is_split_root(data)
+    train_folder = resolve_image_folder(data, "train")
 
     # ------------------------------------------------------------------ setup
     ckpts = list_checkpoints(run) if resume else []
@@ -102,10 +102,12 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     tok = build_tokenizer(cfg, seed=tc.seed)
     tok.train()
     opt = torch.optim.AdamW(tok.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    aux = AuxLosses(cfg, tok)
+    modules, optimizers = {"model": tok, **aux.modules()}, {"model": opt, **aux.optimizers()}
     start = 0
     bad_images = len(dataset.bad)
     if resume:
-        state = load_checkpoint(ckpts[-1], tok, opt, kind="tokenizer")
+        state = load_checkpoint(ckpts[-1], modules, optimizers, kind="tokenizer")
         start, bad_images = state["step"], state.get("bad_images", bad_images)
         if cfg.model.codebook.mode == "dual":
             tok.codebook.write_to_llm()  # the LLM rows as they were at that step
@@ -134,12 +136,14 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
             g["lr"] = lr
         out = tok(images)
         rec, parts = reconstruction_loss(out.recon, images, cfg.loss.l1, cfg.loss.l2)
+        rec, aux_parts = aux.generator_terms(rec, out.recon, images, step)
         loss = rec + out.commit_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(tok.parameters(), tc.grad_clip)
         opt.step()
+        parts.update(aux_parts, **aux.discriminator_step(out.recon.detach(), images, step, lr))
         update = tok.quantizer.pop_updates()
         if update is not None:
             gen = torch.Generator().manual_seed(tc.seed * 7_919 + step)
@@ -153,7 +157,8 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
             st = usage.stats()
             usage.reset()
             last = {
-                "step": step, "loss": float(loss), "commit": float(out.commit_loss), **parts,
+                "step": step, "loss": float(loss.detach()), "quant_loss": float(out.commit_loss.detach()),
+                **({"usage_entropy": float(out.usage_loss.detach())} if out.usage_loss is not None else {}), **parts,
                 "psnr": float(psnr(out.recon.detach().clamp(0, 1), images).mean()),
                 "usage": round(sum(st["usage"]) / len(st["usage"]), 4), "usage_per_layer": st["usage"],
                 "perplexity": st["perplexity"], "lr": lr, "bad_images": bad_images,
@@ -161,17 +166,18 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
             }
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
-            for k in ("loss", "commit", "l1", "l2", "psnr", "usage", "lr", "codebook_cosine_llm"):
-                writer.add_scalar(f"train/{k}", last[k], step)
+            for k, v in last.items():
+                if isinstance(v, float) and k != "elapsed_s":
+                    writer.add_scalar(f"train/{k}", v, step)
             bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{last['usage']:.0%}")
         if tc.grid_every and (step % tc.grid_every == 0 or step == tc.steps):
             _write_grid(tok, fixed, run / "samples" / f"recon_{step:07d}.png", writer, step)
         if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
-            _save(tok, opt, run, step, bad_images, tc.keep_last)
+            _save(tok, modules, optimizers, run, step, bad_images, tc.keep_last)
     bar.close()
 
     # ------------------------------------------------------------------ finish
-    _save(tok, opt, run, step, bad_images, tc.keep_last)
+    _save(tok, modules, optimizers, run, step, bad_images, tc.keep_last)
     tok.eval()
     _write_grid(tok, fixed, run / "reconstructions.png", writer, step)
     val = None
@@ -188,9 +194,69 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     return Stage1Result(run, step, last, val, time.time() - t0)
 
 
-def _save(tok: UniCodeTokenizer, opt, run: Path, step: int, bad_images: int, keep: int) -> None:
-    save_checkpoint(run, step, tok, opt, {"bad_images": bad_images}, keep=keep, kind="tokenizer")
+def _save(tok: UniCodeTokenizer, modules: dict, optimizers: dict, run: Path, step: int, bad_images: int, keep: int) -> None:
+    save_checkpoint(run, step, modules, optimizers, {"bad_images": bad_images}, keep=keep, kind="tokenizer")
     save_tokenizer(tok, run)
+
+
+class AuxLosses:
+    """The optional perceptual (LPIPS) and adversarial (PatchGAN, hinge) terms of stage I.
+
+    Both are off unless their weight is > 0. LPIPS loads VGG16 and LPIPS weights from local
+    files; the discriminator starts at ``loss.gan_start`` with taming's adaptive weight.
+    """
+
+    def __init__(self, cfg: Config, tok: UniCodeTokenizer):
+        from .losses import LPIPS, PatchDiscriminator, disc_layers_for_size
+
+        lc, tc = cfg.loss, cfg.train_tokenizer
+        self.cfg, self.tok = lc, tok
+        self.lpips = None
+        if lc.perceptual > 0:
+            if not lc.perceptual_vgg or not lc.perceptual_lin:
+                raise UnicodebookError("loss.perceptual > 0 needs loss.perceptual_vgg and loss.perceptual_lin (local weight files)")
+            try:
+                self.lpips = LPIPS.from_pretrained(lc.perceptual_vgg, lc.perceptual_lin)
+            except ValueError as e:
+                raise UnicodebookError(str(e)) from None
+        self.disc = self.disc_opt = None
+        if lc.gan > 0:
+            self.disc = PatchDiscriminator(n_layers=disc_layers_for_size(cfg.model.image_size))
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=tc.lr, betas=(0.5, 0.9), weight_decay=0.0)
+
+    def modules(self) -> dict:
+        return {"discriminator": self.disc} if self.disc is not None else {}
+
+    def optimizers(self) -> dict:
+        return {"discriminator": self.disc_opt} if self.disc_opt is not None else {}
+
+    def generator_terms(self, rec: torch.Tensor, recon: torch.Tensor, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        from .losses import adaptive_gan_weight, hinge_g_loss
+
+        parts = {}
+        if self.lpips is not None:
+            p = self.lpips(recon, images).mean()
+            rec = rec + self.cfg.perceptual * p
+            parts["lpips"] = float(p.detach())
+        if self.disc is not None and step >= self.cfg.gan_start:
+            g = hinge_g_loss(self.disc(recon))
+            w = adaptive_gan_weight(rec, g, self.tok.decoder.last_layer)
+            rec = rec + self.cfg.gan * w * g
+            parts["gan_g"] = float(g.detach())
+        return rec, parts
+
+    def discriminator_step(self, fake: torch.Tensor, real: torch.Tensor, step: int, lr: float) -> dict:
+        from .losses import hinge_d_loss
+
+        if self.disc is None or step < self.cfg.gan_start:
+            return {}
+        for g in self.disc_opt.param_groups:
+            g["lr"] = lr
+        d = hinge_d_loss(self.disc(real), self.disc(fake))
+        self.disc_opt.zero_grad(set_to_none=True)
+        d.backward()
+        self.disc_opt.step()
+        return {"gan_d": float(d.detach())}
 
 
 @torch.no_grad()

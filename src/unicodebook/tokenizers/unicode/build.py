@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from ...config import CodebookConfig, Config, config_from_dict, config_to_dict, read_yaml
 from ...errors import UnicodebookError
-from ...lm.llm import BUILTIN, embedding_fingerprint, input_embedding, load_llm
+from ...lm.llm import BUILTIN, quiet_transformers, embedding_fingerprint, input_embedding, load_llm
 from ...quantize import CodebookRule, UnifiedCodebook
 from ...utils.io import atomic_dir, atomic_save_tensors, atomic_write_text, first_state_mismatch
 from .model import UniCodeTokenizer
@@ -118,6 +118,7 @@ def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu", llm=N
         if binding["llm"] == BUILTIN:
             from transformers import AutoModelForCausalLM
 
+            quiet_transformers()
             llm = AutoModelForCausalLM.from_pretrained(folder / "llm", local_files_only=True)
         else:
             cfg.llm.name = binding["llm"]

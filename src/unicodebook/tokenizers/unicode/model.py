@@ -25,7 +25,8 @@ from .autoencoder import Decoder, Encoder
 class TokenizerOutput:
     recon: Tensor  # (B, 3, H, W), unclamped, in image units ([0, 1] range targets)
     codes: Tensor  # (B, gh, gw, G)
-    commit_loss: Tensor  # scalar
+    commit_loss: Tensor  # scalar: the quantizer's training loss (commitment + usage term)
+    usage_loss: Tensor | None = None  # unweighted usage-entropy term, when on
 
 
 class UniCodeTokenizer(nn.Module):
@@ -84,7 +85,7 @@ class UniCodeTokenizer(nn.Module):
 
     def forward(self, images: Tensor) -> TokenizerOutput:
         q = self.quantizer(self._latent(images))
-        return TokenizerOutput(self._decode_latent(q.quantized), q.codes, q.loss)
+        return TokenizerOutput(self._decode_latent(q.quantized), q.codes, q.loss, q.usage_loss)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
