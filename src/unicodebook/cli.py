@@ -7,6 +7,7 @@ command that skipped bad items reports each on stderr and exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -158,24 +159,32 @@ def dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(c)  # pragma: no cover
 
 
-def _setup_output() -> None:
-    """Library reports (e.g. skipped bad images) become plain ``warning: …`` lines on stderr."""
+@contextlib.contextmanager
+def _cli_output():
+    """Library reports (e.g. skipped bad images) become plain ``warning: …`` lines on stderr
+    while a command runs; the logger is restored afterwards (main() may be called in-process)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
     logger = logging.getLogger("unicodebook")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    logging.addLevelName(logging.WARNING, "warning")
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_output()
     try:
-        return dispatch(args)
+        with _cli_output():
+            return dispatch(args)
     except UnicodebookError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -70,6 +70,7 @@ Shapes world at {tok.image_size} px, tiny preset: a {cfg.model.quantizer.kind.up
 | codebook usage, any layer | {test['usage_all']:.1%} |
 | usage / perplexity per layer | {layers} |
 | mean cosine(visual codebook, LLM rows) | {test['codebook_cosine_llm']:.4f} |
+| judge reads the reconstruction as the true scene | {test.get('judge_accuracy', float('nan')):.1%} (seen combinations {test.get('judge_accuracy_seen', float('nan')):.1%}, held-out {test.get('judge_accuracy_held_out', float('nan')):.1%}) |
 | training time | {t_train / 60:.1f} min |
 | demo wall time | {t_total / 60:.1f} min |
 

@@ -1,13 +1,18 @@
-"""Reconstruction quality and codebook health of a visual tokenizer on an image split."""
+"""Reconstruction quality and codebook health of a visual tokenizer on an image split.
+
+On a shapes-world split the judge also reads every reconstruction: ``judge_accuracy`` is the
+fraction whose objects (shape, colour, size, position) all come back exactly.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import ImageFolder, collate_images, resolve_image_folder
+from ..data.images import ImageFolder, resolve_image_folder
 from .metrics import CodeUsage, psnr, ssim
 from .plots import plot_codebook_usage
 
@@ -22,22 +27,28 @@ def evaluate_tokenizer(tok, data: str | Path, split: str | None = "test", batch_
     folder = resolve_image_folder(data, split)
     cfg = tok.config
     ds = ImageFolder(folder, tok.image_size, odd_size or cfg.data.odd_size, preload=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_images)
+    scenes = _shapes_scenes(folder)
     was = tok.training
     tok.eval()
     n_layers = tok.depth if tok.kind == "rq" else 2 * tok.depth
     usage = CodeUsage(tok.codebook.num_codes, n_layers)
-    psnrs, ssims, n_bad, names = [], [], 0, None
-    for images, bad in tqdm(loader, desc=f"eval {split or folder.name}", disable=not progress, leave=False):
-        n_bad += bad
-        if images.numel() == 0:
+    psnrs, ssims, judged, n_bad, names = [], [], [], 0, None
+    starts = range(0, len(ds), batch_size)
+    for start in tqdm(starts, desc=f"eval {split or folder.name}", disable=not progress, leave=False):
+        items = [(ds.files[i], ds[i]) for i in range(start, min(start + batch_size, len(ds)))]
+        n_bad += sum(x is None for _, x in items)
+        items = [(f, x) for f, x in items if x is not None]
+        if not items:
             continue
+        images = torch.stack([x for _, x in items])
         codes = tok.encode(images)
         recon = tok.decode(codes)
         psnrs.append(psnr(recon, images).clamp(max=100.0))
         ssims.append(ssim(recon, images))
         layers, names = tok.code_layers(codes)
         usage.update(layers)
+        if scenes is not None:
+            judged += _judge(recon, [scenes.get(f.name) for f, _ in items])
     tok.train(was)
     if not psnrs:
         from ..errors import UnicodebookError
@@ -61,4 +72,39 @@ def evaluate_tokenizer(tok, data: str | Path, split: str | None = "test", batch_
         "codes_per_image": tok.codes_per_image,
         "codebook_mode": tok.codebook.mode,
         "codebook_cosine_llm": align["cosine"],
+        **_judge_summary(judged),
     }
+
+
+def _judge_summary(judged: list[tuple[bool, bool]]) -> dict:
+    """(correct, held_out) pairs → overall accuracy and accuracy on seen / held-out scenes."""
+    if not judged:
+        return {}
+    out = {"judge_accuracy": sum(ok for ok, _ in judged) / len(judged)}
+    for name, flag in (("seen", False), ("held_out", True)):
+        part = [ok for ok, held in judged if held == flag]
+        if part:
+            out[f"judge_accuracy_{name}"] = sum(part) / len(part)
+    return out
+
+
+def _shapes_scenes(folder: Path) -> dict | None:
+    """Ground-truth scenes of a shapes-world split (``scenes.jsonl`` beside ``images/``), by file name."""
+    path = folder.parent / "scenes.jsonl"
+    if folder.name != "images" or not path.exists():
+        return None
+    from ..data.shapes import Scene
+
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out[Path(rec["image"]).name] = Scene.from_dict(rec["scene"])
+    return out
+
+
+def _judge(recon: torch.Tensor, scenes: list) -> list[tuple[bool, bool]]:
+    """For each reconstruction: (the judge reads exactly its true scene, the scene is held out)."""
+    from ..data.shapes import score
+
+    arr = (recon.clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [(bool(score(a, sc)["all_correct"]), bool(sc.held_out)) for a, sc in zip(arr, scenes) if sc is not None]
