@@ -67,7 +67,7 @@ class QuantizerConfig:
     kind: Literal["rq", "hq"] = "rq"
     depth: int = 4  # RQ: code layers per position; HQ: residual depth at each of the 2 levels
     beta: float = 0.25  # commitment weight
-    entropy_weight: float = 0.0  # batch code-usage entropy term (spreads codes; N×V memory)
+    entropy_weight: float = 0.0  # batch code-usage entropy term (frozen/iterative; not dual)
     entropy_temperature: float = 0.1  # softmax temperature, in units of the mean ‖C‖²
 
 

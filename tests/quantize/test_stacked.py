@@ -86,3 +86,11 @@ def test_usage_entropy_term_spreads_codes_over_a_frozen_codebook():
     q.pop_updates()
     used_after = q(enc(x).reshape(8, 8, 8, 16)).codes.unique().numel()
     assert used_before <= 8 and used_after >= 48
+
+
+def test_usage_entropy_term_is_off_for_a_dual_codebook_that_follows_the_data():
+    cb = _codebook(mode="dual")
+    q = ResidualQuantizer(cb, depth=1, entropy_weight=1.0).train()
+    assert q(torch.randn(2, 4, 4, 16)).usage_loss is None
+    cb.rule.mode = "frozen"
+    assert q(torch.randn(2, 4, 4, 16)).usage_loss is not None

@@ -76,7 +76,9 @@ class ResidualQuantizer(nn.Module):
         # commitment: pull the encoder output towards the (stop-gradient) aggregated codes
         loss = self.beta * F.mse_loss(z.float(), q.detach().float())
         usage = None
-        if self.training and self.entropy_weight > 0:
+        if self.training and self.entropy_weight > 0 and self.codebook.mode != "dual":
+            # dual's EMA codebook chases the encoder this term pushes apart (measured: stage I
+            # stuck at 16 dB); there, dead-code restarts keep usage up instead
             usage = self.usage_entropy_loss(z, codes)
             loss = loss + self.entropy_weight * usage
         if self.training:
