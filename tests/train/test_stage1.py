@@ -66,6 +66,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(shapes_dir, tmp_path)
     a, b = load_file(ref / "model.safetensors"), load_file(run / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    # the metrics log reads as one run: every step once, the same values as the uninterrupted run
+    steps = [r["step"] for r in _metrics(run) if "loss" in r]
+    assert steps == sorted(set(steps)) == [r["step"] for r in _metrics(ref) if "loss" in r]
+    assert [r["loss"] for r in _metrics(run) if "loss" in r] == [r["loss"] for r in _metrics(ref) if "loss" in r]
 
 
 def test_bad_images_in_the_training_folder_are_counted_and_skipped(shapes_dir, tmp_path, caplog):

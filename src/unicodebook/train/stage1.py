@@ -26,6 +26,7 @@ from ..eval.metrics import CodeUsage, psnr
 from ..eval.plots import image_grid, plot_codebook_usage, plot_curves
 from ..tokenizers.unicode import UniCodeTokenizer, build_tokenizer, save_tokenizer
 from ..tokenizers.unicode.model import reconstruction_loss
+from ..utils.io import atomic_write_text
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 
@@ -117,9 +118,11 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run / "tb"), purge_step=start if resume else None)
+    if resume:
+        _trim_metrics(run / "metrics.jsonl", start)
     metrics_file = open(run / "metrics.jsonl", "a" if resume else "w")
     (run / "samples").mkdir(exist_ok=True)
-    fixed = torch.stack([dataset[i] for i in range(min(8, len(dataset))) if dataset[i] is not None])
+    fixed = torch.stack([x for x in (dataset[i] for i in range(min(8, len(dataset)))) if x is not None])
 
     # ------------------------------------------------------------------ train
     t0, last = time.time(), {}
@@ -192,6 +195,14 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     writer.close()
     plot_curves(run / "metrics.jsonl", run / "curves.png")
     return Stage1Result(run, step, last, val, time.time() - t0)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint a resumed run restarts from (no duplicates)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _save(tok: UniCodeTokenizer, modules: dict, optimizers: dict, run: Path, step: int, bad_images: int, keep: int) -> None:
