@@ -49,3 +49,8 @@ def test_override_syntax():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
         parse_overrides(["justakey"])
+
+
+def test_codebook_ramp_is_validated_at_load_time():
+    with pytest.raises(ConfigError, match=r"^model.codebook: codebook ramp needs 0 <= align_start <= align_end <= 1"):
+        load_config("tiny", ["model.codebook.align_end=1.5"])

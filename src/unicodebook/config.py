@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .quantize.codebook import CodebookRule
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -43,23 +44,16 @@ class LLMConfig:
 
 
 @dataclass
-class CodebookConfig:
-    """Which LLM rows form the codebook and how the visual codebook learns (SPEC §2)."""
+class CodebookConfig(CodebookRule):
+    """Which LLM rows form the codebook, and how the visual codebook learns.
 
-    mode: Literal["frozen", "dual", "iterative"] = "iterative"
+    The update-rule fields (mode, ema_decay, the iterative ramp, restarts, …) are those of
+    :class:`~unicodebook.quantize.codebook.CodebookRule`; this adds the choice of rows.
+    """
+
     rows: Optional[list[int]] = None  # explicit token ids; overrides row_offset/num_rows
     row_offset: int = 0  # first token id of a contiguous block of rows
     num_rows: Optional[int] = None  # size of that block (None: every row from row_offset on)
-    ema_decay: float = 0.99
-    rescale_to_token_norm: bool = True  # iterative: each code keeps its token's norm
-    align_every: int = 1  # iterative: steps between pulls towards the language codebook
-    align_start: float = 0.0  # fraction of training where the ramp of C_L's weight starts (0)
-    align_end: float = 0.8  # ... and where it reaches 1 (codebook == LLM rows from then on)
-    dual_sync_every: int = 100  # dual: steps between copies of the codebook into the LLM
-    dead_threshold: float = 0.5  # a code whose EMA count falls below this is restarted
-    restart_every: int = 50  # steps between dead-code restarts (0 = never)
-    kmeans_init: bool = True  # dual/iterative: start the visual codebook from batch features
-    chunk_size: int = 8192  # rows of the codebook scored per matmul in nearest-code search
 
 
 @dataclass
@@ -208,7 +202,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         if k not in names:
             raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
         kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # a dataclass's own validation (__post_init__)
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

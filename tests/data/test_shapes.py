@@ -270,19 +270,12 @@ def test_judge_all_sizes() -> None:
     assert rate >= 0.99
 
 
-def test_judge_robust_blur_noise_32px() -> None:
-    rng, nrng = random.Random(13), np.random.default_rng(13)
-    scenes = [sample_scene(rng) for _ in range(500)]
-    rate = _rate(scenes, [_degrade(render_array(sc, 32), nrng) for sc in scenes])
-    print(f"judge 32px box3 blur + noise sigma 8: {rate:.4f} of {len(scenes)} scenes fully right")
-    assert rate >= 0.95
-
-
-def test_judge_robust_blur_noise_64px() -> None:
-    rng, nrng = random.Random(14), np.random.default_rng(14)
-    scenes = [sample_scene(rng) for _ in range(150)]
-    rate = _rate(scenes, [_degrade(render_array(sc, 64), nrng) for sc in scenes])
-    print(f"judge 64px box3 blur + noise sigma 8: {rate:.4f} of {len(scenes)} scenes fully right")
+@pytest.mark.parametrize("size,n,seed", [(32, 500, 13), (64, 150, 14)])
+def test_judge_robust_blur_noise(size: int, n: int, seed: int) -> None:
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    rate = _rate(scenes, [_degrade(render_array(sc, size), nrng) for sc in scenes])
+    print(f"judge {size}px box3 blur + noise sigma 8: {rate:.4f} of {len(scenes)} scenes fully right")
     assert rate >= 0.95
 
 

@@ -20,6 +20,7 @@ initialised, so every rank holds the same codebook.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -47,19 +48,19 @@ def _broadcast_(t: Tensor) -> None:
 
 @dataclass
 class CodebookRule:
-    """Hyper-parameters of the update rule (built from ``CodebookConfig``)."""
+    """Hyper-parameters of the update rule (the run config's ``model.codebook`` extends it)."""
 
-    mode: str = "iterative"
+    mode: Literal["frozen", "dual", "iterative"] = "iterative"
     ema_decay: float = 0.99
-    rescale_to_token_norm: bool = True
-    align_every: int = 1
-    align_start: float = 0.0
-    align_end: float = 0.8
-    dual_sync_every: int = 100
-    dead_threshold: float = 0.5
-    restart_every: int = 50
-    kmeans_init: bool = True
-    chunk_size: int = 8192
+    rescale_to_token_norm: bool = True  # iterative: each code keeps its token's norm
+    align_every: int = 1  # iterative: steps between pulls towards the language codebook
+    align_start: float = 0.0  # fraction of training where the weight of C_L starts to ramp (0)
+    align_end: float = 0.8  # ... and where it reaches 1 (codebook == LLM rows from then on)
+    dual_sync_every: int = 100  # dual: steps between copies of the codebook into the LLM
+    dead_threshold: float = 0.5  # a code whose EMA count falls below this is restarted
+    restart_every: int = 50  # steps between dead-code restarts (0 = never)
+    kmeans_init: bool = True  # dual/iterative: start the visual codebook from batch features
+    chunk_size: int = 8192  # codebook rows scored per matmul in nearest-code search
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

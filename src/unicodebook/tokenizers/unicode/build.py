@@ -43,8 +43,8 @@ def codebook_rows(cb: CodebookConfig, vocab_size: int) -> torch.Tensor:
 
 
 def _rule(cb: CodebookConfig) -> CodebookRule:
-    fields = CodebookRule.__dataclass_fields__
-    return CodebookRule(**{k: getattr(cb, k) for k in fields})
+    """The update rule alone (a copy, so a tokenizer never aliases a config object)."""
+    return CodebookRule(**{k: getattr(cb, k) for k in CodebookRule.__dataclass_fields__})
 
 
 def build_tokenizer(cfg: Config, llm=None, seed: int = 0) -> UniCodeTokenizer:
