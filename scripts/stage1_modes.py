@@ -2,10 +2,11 @@
 
     .venv/bin/python scripts/stage1_modes.py --data runs/shapes --out runs/modes [overrides…]
 
-Trains the tiny preset three times (model.codebook.mode = frozen, dual, iterative), evaluates
-each on the test split, and prints a Markdown table: PSNR, SSIM, codebook usage, mean cosine
-between the visual codebook and the LLM's rows now, and how far the LLM's rows moved from
-their original values (only `dual` writes into the LLM).
+Trains the tiny preset three times (model.codebook.mode = frozen, dual, iterative; a run
+already in OUT/MODE is only re-evaluated), evaluates each on the test split, and prints a
+Markdown table: PSNR, SSIM, codebook usage, how often the judge reads a reconstruction as its
+true scene, mean cosine between the visual codebook and the LLM's rows now, and between the
+LLM's rows now and their original values (only `dual` writes into the LLM).
 """
 
 from __future__ import annotations
@@ -35,10 +36,7 @@ def main() -> None:
         cfg = load_config("tiny", [*args.overrides, f"model.codebook.mode={mode}"])
         run = args.out / mode
         if not (run / "binding.json").exists():
-            res = train_tokenizer(cfg, args.data, run, progress=False)
-            minutes = res.seconds / 60
-        else:
-            minutes = float("nan")
+            train_tokenizer(cfg, args.data, run, progress=False)
         tok = load_tokenizer(run)
         test = evaluate_tokenizer(tok, args.data, split="test", progress=False)
         original = input_embedding(load_llm(cfg.llm, seed=cfg.train_tokenizer.seed)).weight.detach().float()
@@ -47,13 +45,16 @@ def main() -> None:
         drift = torch.nn.functional.cosine_similarity(now[ids], original[ids], dim=1).mean()
         rows.append({"mode": mode, "psnr": test["psnr"], "ssim": test["ssim"], "usage_all": test["usage_all"],
                      "usage_mean": test["usage_mean"], "cos_llm": test["codebook_cosine_llm"],
-                     "cos_llm_original": float(drift), "minutes": minutes})
+                     "cos_llm_original": float(drift), "judge": test.get("judge_accuracy", float("nan")),
+                     "judge_seen": test.get("judge_accuracy_seen", float("nan")),
+                     "judge_held_out": test.get("judge_accuracy_held_out", float("nan"))})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| rule | test PSNR (dB) | SSIM | usage (any layer) | usage (mean per layer) | cos(codebook, LLM rows) | cos(LLM rows, original) | train min |")
+    print("\n| rule | test PSNR (dB) | SSIM | usage (any layer) | usage (mean per layer) | judge: seen / held-out "
+          "| cos(codebook, LLM rows) | cos(LLM rows, original) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| `{r['mode']}` | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['usage_all']:.1%} | {r['usage_mean']:.1%} | "
-              f"{r['cos_llm']:.4f} | {r['cos_llm_original']:.4f} | {r['minutes']:.1f} |")
+              f"{r['judge_seen']:.1%} / {r['judge_held_out']:.1%} | {r['cos_llm']:.4f} | {r['cos_llm_original']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-tokenizer", help="stage I: train the visual tokenizer")
     t.add_argument("--config", default=None, help="YAML path or preset name (default: tiny, or the run's own on --resume)")
     t.add_argument("--data", type=Path, required=True, help="shapes-world root or an image folder")
-    t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--out", type=Path, required=True, help="run folder (becomes a tokenizer folder)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.codebook.mode=frozen")
 
     k = sub.add_parser("tokenize", help="print the codes of images as JSON lines")
