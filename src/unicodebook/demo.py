@@ -53,14 +53,14 @@ def run_demo(out: Path, overrides: list[str] | None = None, n_train: int = 2000,
 
 def _report(cfg, test: dict, t_train: float, t_total: float, tok) -> str:
     cb = cfg.model.codebook
-    layers = " | ".join(f"{n}: {u:.0%} / {p:.0f}" for n, u, p in zip(test["layers"], test["usage"], test["perplexity"]))
+    layers = "; ".join(f"{n}: {u:.0%} / {p:.0f}" for n, u, p in zip(test["layers"], test["usage"], test["perplexity"]))
     return f"""# unicodebook demo report
 
 Shapes world at {tok.image_size} px, tiny preset: a {cfg.model.quantizer.kind.upper()} tokenizer
 ({'×'.join(map(str, tok.grid_shape))} = {tok.codes_per_image} codes per image) whose codebook is
 {tok.codebook.num_codes} rows of the tiny LLM's embedding table (mode `{cb.mode}`).
 
-## Stage I — visual tokenizer (test split, {test['n_images']} held-out images)
+## Stage I — visual tokenizer (test split: {test['n_images']} images never seen in training)
 
 | metric | value |
 |---|---|
