@@ -51,12 +51,24 @@ def test_end_to_end_through_the_console_script(tmp_path):
     assert len(ev["usage"]) == len(ev["perplexity"]) == 4
 
 
-def test_tokenize_is_deterministic_and_matches_the_codes_of_eval(trained, capsys):
+def test_tokenize_prints_the_codes_the_python_api_gives(trained, capsys):
+    import torch
+
+    from unicodebook import load_tokenizer
+    from unicodebook.data.images import load_image
+
     data, run = trained
     img = data / "test" / "images" / "000001.png"
     _, a, _ = run_cli(capsys, "tokenize", "--tokenizer", run, img)
     _, b, _ = run_cli(capsys, "tokenize", "--tokenizer", run, img)
-    assert a == b and json.loads(a)["shape"] == [8, 8, 4]
+    assert a == b
+    tok = load_tokenizer(run)
+    codes = tok.encode(load_image(img)[None])[0]
+    printed = json.loads(a)
+    assert printed["codes"] == codes.tolist()
+    assert printed["token_ids"] == tok.token_ids(codes).flatten().tolist()
+    # and decoding the printed codes gives the reconstruction the CLI writes
+    assert torch.equal(tok.decode(torch.tensor(printed["codes"])[None]), tok.decode(codes[None]))
 
 
 def test_tokenize_skips_a_bad_image_reports_it_and_exits_nonzero(trained, capsys, tmp_path):

@@ -282,4 +282,7 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML, atomically (temporary name, then rename)."""
+    from .utils.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

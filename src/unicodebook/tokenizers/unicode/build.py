@@ -16,11 +16,10 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ...config import CodebookConfig, Config, config_from_dict, config_to_dict, read_yaml
+from ...config import CodebookConfig, Config, config_from_dict, read_yaml, save_config
 from ...errors import UnicodebookError
 from ...lm.llm import BUILTIN, quiet_transformers, embedding_fingerprint, input_embedding, load_llm
 from ...quantize import CodebookRule, UnifiedCodebook
@@ -73,7 +72,7 @@ def save_tokenizer(tok: UniCodeTokenizer, folder: Path) -> None:
     cb = tok.codebook
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    save_config(cfg, folder / "config.yaml")
     atomic_save_tensors(tok.state_dict(), folder / "model.safetensors", metadata={"format": "unicodebook-tokenizer"})
     if cfg.llm.name == BUILTIN:
         if cb.mode == "dual" or not (folder / "llm" / "config.json").exists():
