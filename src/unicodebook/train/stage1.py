@@ -23,7 +23,7 @@ from ..config import Config, config_to_dict, load_config, read_yaml, save_config
 from ..data.images import ImageFolder, collate_images, is_split_root, resolve_image_folder
 from ..errors import UnicodebookError
 from ..eval.metrics import CodeUsage, psnr
-from ..eval.plots import image_grid, plot_codebook_usage, plot_curves
+from ..eval.plots import image_grid, plot_curves
 from ..tokenizers.unicode import UniCodeTokenizer, build_tokenizer, save_tokenizer
 from ..tokenizers.unicode.model import reconstruction_loss
 from ..utils.io import atomic_write_text

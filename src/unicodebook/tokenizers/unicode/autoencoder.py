@@ -6,7 +6,6 @@ L = len(ch_mult)), z latent channels.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
