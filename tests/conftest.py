@@ -17,6 +17,8 @@ TINY_OVERRIDES = [
     "train_tokenizer.batch_size=16", "train_tokenizer.steps=30", "train_tokenizer.warmup_steps=5",
     "train_tokenizer.log_every=5", "train_tokenizer.save_every=10", "train_tokenizer.grid_every=15",
     "train_tokenizer.lr=3e-3",
+    "train_lm.steps=8", "train_lm.batch_size=8", "train_lm.warmup_steps=2", "train_lm.log_every=2",
+    "train_lm.save_every=4", "train_lm.sample_every=0",
 ]
 
 
@@ -36,3 +38,23 @@ def shapes_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
     write_dataset(out, n_train=96, n_val=24, n_test=24, size=32, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run(shapes_dir, tmp_path_factory) -> Path:
+    """A stage I run (a few steps) on the tiny shapes world."""
+    from unicodebook.train.stage1 import train_tokenizer
+
+    run = tmp_path_factory.mktemp("stage1") / "run"
+    train_tokenizer(tiny_config("train_tokenizer.steps=10"), shapes_dir, run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def model_run(tokenizer_run, shapes_dir, tmp_path_factory) -> Path:
+    """A stage II run (8 steps) on top of ``tokenizer_run``."""
+    from unicodebook.train.stage2 import train_lm
+
+    run = tmp_path_factory.mktemp("stage2") / "run"
+    train_lm(tiny_config(), tokenizer_run, shapes_dir, run, progress=False)
+    return run

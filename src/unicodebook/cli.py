@@ -92,6 +92,57 @@ def cmd_eval_tokenizer(tokenizer: Path, data: Path, split: str) -> int:
     return EXIT_PARTIAL if res["n_bad"] else 0
 
 
+def cmd_train_lm(config: str | None, tokenizer: Path, data: Path, out: Path, resume: bool, overrides: list[str]) -> int:
+    from .train.stage2 import train_lm_from_files
+
+    res = train_lm_from_files(config, overrides, tokenizer, data, out, resume=resume)
+    print(json.dumps({"run": str(res.run), "steps": res.steps, "seconds": round(res.seconds, 1),
+                      "train": {k: round(v, 4) for k, v in res.final.items() if k.startswith(("loss_", "acc_"))}}))
+    return 0
+
+
+def cmd_chat(model_dir: Path, image: Path, question: str, max_new_tokens: int | None) -> int:
+    from .data.images import load_image
+    from .lm.model import load_model
+
+    model = load_model(model_dir)
+    x = load_image(image, model.tokenizer.image_size, model.config.data.odd_size)
+    n = max_new_tokens or model.config.generate.max_new_tokens
+    print(model.chat(x, question, max_new_tokens=n))
+    return 0
+
+
+def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | None, temperature: float | None,
+                 top_k: int | None, seed: int) -> int:
+    from .data.images import tensor_to_pil
+    from .lm.model import load_model
+
+    if n < 1:
+        raise UnicodebookError(f"--n must be >= 1, got {n}")
+    model = load_model(model_dir)
+    g = model.config.generate
+    images = model.generate_image(prompt, n=n, cfg_scale=g.cfg_scale if cfg is None else cfg,
+                                  temperature=g.temperature if temperature is None else temperature,
+                                  top_k=g.top_k if top_k is None else top_k, seed=seed)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(n)]
+    for img, path in zip(images, paths):
+        tensor_to_pil(img).save(path)
+    print(json.dumps({"prompt": prompt, "images": [str(p) for p in paths], "codes_per_image": model.codes_per_image}))
+    return 0
+
+
+def cmd_eval_model(model_dir: Path, data: Path, split: str, max_t2i: int | None, max_vqa: int | None) -> int:
+    from .eval.model import evaluate_model
+    from .lm.model import load_model
+
+    model = load_model(model_dir)
+    res = evaluate_model(model, data, split=split, max_t2i=max_t2i, max_vqa=max_vqa)
+    print(json.dumps(res))
+    return EXIT_PARTIAL if res["bad_records"] or res["bad_images"] else 0
+
+
 def cmd_demo(out: Path, overrides: list[str]) -> int:
     from .demo import run_demo
 
@@ -136,6 +187,37 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--data", type=Path, required=True)
     et.add_argument("--split", default="test")
 
+    lm = sub.add_parser("train-lm", help="stage II: teach the LLM to read and write images")
+    lm.add_argument("--config", default=None, help="YAML path or preset (default: the tokenizer run's config, or the run's own on --resume)")
+    lm.add_argument("--tokenizer", type=Path, required=True, help="stage I run folder")
+    lm.add_argument("--data", type=Path, required=True, help="shapes-world root or a folder with instruct.json / t2i.jsonl")
+    lm.add_argument("--out", type=Path, required=True, help="run folder (becomes a model folder)")
+    lm.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    lm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train_lm.tasks.decompress=0")
+
+    c = sub.add_parser("chat", help="answer a question about an image")
+    c.add_argument("--model", type=Path, required=True, help="stage II run folder")
+    c.add_argument("--image", type=Path, required=True)
+    c.add_argument("--max-new-tokens", type=int, default=None)
+    c.add_argument("question")
+
+    gn = sub.add_parser("generate", help="draw an image from a prompt")
+    gn.add_argument("--model", type=Path, required=True, help="stage II run folder")
+    gn.add_argument("prompt")
+    gn.add_argument("--out", type=Path, required=True, help="PNG path (with --n K: OUT_0.png … OUT_{K-1}.png)")
+    gn.add_argument("--n", type=int, default=1, help="images to sample")
+    gn.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1: none)")
+    gn.add_argument("--temperature", type=float, default=None, help="0: greedy")
+    gn.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (0: all)")
+    gn.add_argument("--seed", type=int, default=0)
+
+    em = e.add_parser("model", help="VQA, judged text-to-image and decompression accuracy of a stage II model")
+    em.add_argument("--model", type=Path, required=True)
+    em.add_argument("--data", type=Path, required=True)
+    em.add_argument("--split", default="test")
+    em.add_argument("--max-t2i", type=int, default=None, help="evaluate only the first N text-to-image prompts")
+    em.add_argument("--max-vqa", type=int, default=None, help="evaluate only the first N questions")
+
     m = sub.add_parser("demo", help="the whole pipeline on the shapes world, with a report")
     m.add_argument("--out", type=Path, default=Path("demo_out"))
     m.add_argument("overrides", nargs="*", help="dotted config overrides for the runs")
@@ -152,6 +234,14 @@ def dispatch(args: argparse.Namespace) -> int:
         return cmd_tokenize(args.tokenizer, args.images)
     if c == "reconstruct":
         return cmd_reconstruct(args.tokenizer, args.image, args.out)
+    if c == "train-lm":
+        return cmd_train_lm(args.config, args.tokenizer, args.data, args.out, args.resume, args.overrides)
+    if c == "chat":
+        return cmd_chat(args.model, args.image, args.question, args.max_new_tokens)
+    if c == "generate":
+        return cmd_generate(args.model, args.prompt, args.out, args.n, args.cfg, args.temperature, args.top_k, args.seed)
+    if c == "eval" and args.what == "model":
+        return cmd_eval_model(args.model, args.data, args.split, args.max_t2i, args.max_vqa)
     if c == "eval":
         return cmd_eval_tokenizer(args.tokenizer, args.data, args.split)
     if c == "demo":

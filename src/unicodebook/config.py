@@ -122,12 +122,77 @@ class TokenizerTrainConfig:
 
 
 @dataclass
+class TaskMix:
+    """Relative frequency of each stage II task (a step trains one task, drawn by these weights)."""
+
+    decompress: float = 1.0  # in-context image decompression: Ẑ in, the h·w·D codes out
+    instruct: float = 1.0  # visual instruction tuning (LLaVA JSON), loss on assistant turns
+    t2i: float = 1.0  # text-to-image: caption → <img> codes </img>
+
+    def __post_init__(self) -> None:
+        if min(self.decompress, self.instruct, self.t2i) < 0 or self.decompress + self.instruct + self.t2i <= 0:
+            raise ValueError("task weights must be >= 0 and not all 0")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # False: full fine-tuning
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class LMTrainConfig:
+    """Stage II: the LLM learns to read and write images through the unified codebook."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 0
+    tasks: TaskMix = field(default_factory=TaskMix)
+    decompress_segments: int = 1  # >1: each sample predicts one segment, the earlier ones as context
+    caption_dropout: float = 0.1  # t2i captions dropped (→ unconditional) for classifier-free guidance
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast around the LLM forward (losses in fp32)
+    log_every: int = 25
+    save_every: int = 500
+    keep_last: int = 2
+    sample_every: int = 500  # image samples written to RUN/samples (0: only at the end)
+
+    def __post_init__(self) -> None:
+        if self.decompress_segments < 1:
+            raise ValueError("decompress_segments must be >= 1")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError("caption_dropout must be in [0, 1)")
+
+
+@dataclass
+class GenerateConfig:
+    """Defaults of image generation (CLI flags override them)."""
+
+    cfg_scale: float = 3.0  # classifier-free guidance; 1 = conditional logits only
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = all codes
+    max_new_tokens: int = 16  # text answers (chat)
+
+
+@dataclass
 class Config:
     llm: LLMConfig = field(default_factory=LLMConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train_tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    train_lm: LMTrainConfig = field(default_factory=LMTrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 # --------------------------------------------------------------------------------------------

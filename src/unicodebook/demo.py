@@ -1,8 +1,9 @@
 """``unicodebook demo``: the main job on the embedded shapes world, with a Markdown report.
 
-Today it runs stage I end to end — make the data, train the unified-codebook tokenizer on the
-tiny preset, evaluate it on the held-out test split — and writes ``report.md`` with the metric
-table and pictures. Stage II (the LLM reading and writing images) joins it when it lands.
+Makes the data, trains the unified-codebook tokenizer (stage I) and the LLM that reads and
+writes images through it (stage II) on the tiny preset, evaluates both on the test split and
+writes ``report.md`` with the metric tables and picture grids. Re-running it resumes or reuses
+finished runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from .data.images import ImageFolder, resolve_image_folder
 from .eval.plots import image_grid
 from .eval.tokenizer import evaluate_tokenizer
 from .tokenizers.unicode import load_tokenizer
+from .eval.model import evaluate_model
+from .lm.model import load_model
+from .train.checkpoint import list_checkpoints
 from .train.stage1 import train_tokenizer
+from .train.stage2 import train_lm
 
 
 def run_demo(out: Path, overrides: list[str] | None = None, n_train: int = 2000, n_val: int = 200, n_test: int = 500) -> Path:
@@ -46,9 +51,61 @@ def run_demo(out: Path, overrides: list[str] | None = None, n_train: int = 2000,
     recon = tok.decode(tok.encode(images))
     image_grid([images, recon], labels=["test", "recon"]).save(out / "reconstructions_test.png")
 
+    model_run = out / "model"
+    print(f"[demo] stage II: training the LLM to read and write images ({cfg.train_lm.steps} steps) in {model_run}")
+    if (model_run / "model.json").exists() and _finished(model_run, cfg.train_lm.steps):
+        t_lm = 0.0
+    else:
+        resume = bool(list_checkpoints(model_run))
+        t_lm = train_lm(cfg, run, data, model_run, resume=resume).seconds
+    model = load_model(model_run)
+    print("[demo] evaluating the model on the test split (VQA, text-to-image, decompression)")
+    lm_test = evaluate_model(model, data, split="test", pictures=out)
+    (out / "eval_model_test.json").write_text(json.dumps(lm_test, indent=2))
+
     report = out / "report.md"
-    report.write_text(_report(cfg, test, t_train, time.time() - t0, tok))
+    report.write_text(_report(cfg, test, t_train, time.time() - t0, tok) + _report_lm(cfg, lm_test, t_lm, model))
     return report
+
+
+def _finished(run: Path, steps: int) -> bool:
+    ckpts = list_checkpoints(run)
+    return bool(ckpts) and json.loads((ckpts[-1] / "state.json").read_text())["step"] >= steps
+
+
+def _report_lm(cfg, r: dict, t_lm: float, model) -> str:
+    lc = cfg.train_lm
+    by_type = ", ".join(f"{t} {v:.0%}" for t, v in r.get("vqa_by_type", {}).items())
+    mix = ", ".join(f"{t} {getattr(lc.tasks, t):g}" for t in ("decompress", "instruct", "t2i"))
+    return f"""
+## Stage II — the LLM reads and writes images through the codebook (test split)
+
+The tiny LLM ({sum(p.numel() for p in model.llm.parameters()) / 1e6:.1f} M parameters) trained {lc.steps} steps on
+the task mix ({mix}); images enter as Ẑ at the `<image>` slots and leave as
+`<img>` + {model.codes_per_image} code ids + `</img>`, decoded by the frozen tokenizer.
+
+| metric | value |
+|---|---|
+| VQA accuracy (normalised exact match, {r.get('vqa_n', 0)} questions) | {r.get('vqa_accuracy', float('nan')):.1%} |
+| VQA by question type | {by_type} |
+| text-to-image, judge: every named attribute right — seen combinations | {r.get('t2i_accuracy_seen', float('nan')):.1%} ({r.get('t2i_n_seen', 0)} prompts) |
+| text-to-image — held-out combinations | {r.get('t2i_accuracy_held_out', float('nan')):.1%} ({r.get('t2i_n_held_out', 0)} prompts) |
+| decompression code accuracy (teacher-forced) | {r.get('decompression_code_accuracy', float('nan')):.1%} |
+| sampling | CFG {r.get('cfg_scale')}, temperature {r.get('temperature')}, top-k {r.get('top_k')} |
+| stage II training time | {t_lm / 60:.1f} min |
+
+Generated images under their prompts (the judge's verdict in brackets):
+
+![text-to-image](t2i_samples.png)
+
+Questions about test images (shown as the tokenizer reconstructs them) and the model's answers:
+
+![VQA](vqa_examples.png)
+
+Stage II training curves:
+
+![stage II curves](model/curves.png)
+"""
 
 
 def _report(cfg, test: dict, t_train: float, t_total: float, tok) -> str:

@@ -78,3 +78,27 @@ def plot_curves(metrics_path: Path, path: Path, keys: tuple[str, ...] = ("loss",
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def captioned_grid(images: torch.Tensor, captions: list[str], cols: int = 4, scale: int = 4, pad: int = 4,
+                   width_chars: int = 22) -> Image.Image:
+    """Images (B, 3, H, W) in [0, 1], each with its (wrapped) caption underneath."""
+    import textwrap
+
+    b = images.shape[0]
+    h, w = images.shape[-2:]
+    tile_w = max(w * scale, 7 * width_chars)
+    wrapped = [textwrap.wrap(c, width_chars) or [""] for c in captions]
+    text_h = 12 * max(len(x) for x in wrapped) + 4
+    rows = (b + cols - 1) // cols
+    cell_h = h * scale + text_h
+    grid = Image.new("RGB", (pad + min(b, cols) * (tile_w + pad), pad + rows * (cell_h + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i in range(b):
+        r, c = divmod(i, cols)
+        x, y = pad + c * (tile_w + pad), pad + r * (cell_h + pad)
+        tile = tensor_to_pil(images[i]).resize((w * scale, h * scale), Image.NEAREST)
+        grid.paste(tile, (x + (tile_w - w * scale) // 2, y))
+        for j, line in enumerate(wrapped[i]):
+            draw.text((x, y + h * scale + 2 + 12 * j), line, fill=(0, 0, 0))
+    return grid

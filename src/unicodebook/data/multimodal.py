@@ -1,0 +1,195 @@
+"""Stage II data: LLaVA conversations, text-to-image pairs, and the cached codes of their images.
+
+Readers are forgiving per record and strict per file: a malformed JSON line or conversation is
+reported (logger ``unicodebook.data``), counted and skipped; a missing or unreadable file is an
+error. Images are encoded once by the frozen tokenizer and the codes cached beside the data
+(``SPLIT/.codes/<tokenizer hash>-<image list hash>.safetensors``), so the LLM stage never
+re-encodes an image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import BadImageError, UnicodebookError
+from .images import load_image
+
+log = logging.getLogger("unicodebook.data")
+
+
+@dataclass
+class Conversation:
+    image: str  # path relative to the data folder
+    turns: list[dict]  # [{"from": "human"|"gpt", "value": str, ...}]
+
+
+@dataclass
+class Caption:
+    image: str
+    caption: str
+    held_out: bool = False
+
+
+@dataclass
+class Records:
+    conversations: list[Conversation] = field(default_factory=list)
+    captions: list[Caption] = field(default_factory=list)
+    bad: int = 0  # malformed records skipped
+
+
+def split_folder(data: str | Path, split: str | None) -> Path:
+    """A shapes-world root + split → the split folder; a plain folder stands for itself."""
+    data = Path(data)
+    if not data.is_dir():
+        raise UnicodebookError(f"data folder '{data}' does not exist")
+    if split and (data / split).is_dir():
+        return data / split
+    if split and any((data / s).is_dir() for s in ("train", "val", "test")):
+        raise UnicodebookError(f"{data} has no '{split}' split")
+    return data
+
+
+def read_llava(path: Path) -> tuple[list[Conversation], int]:
+    """LLaVA JSON: ``[{"id", "image", "conversations": [{"from", "value"}, …]}]``."""
+    try:
+        items = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UnicodebookError(f"{path}: not valid JSON (line {e.lineno})") from None
+    if not isinstance(items, list):
+        raise UnicodebookError(f"{path}: expected a JSON list of conversations")
+    out, bad = [], 0
+    for i, it in enumerate(items):
+        why = _conversation_problem(it)
+        if why:
+            log.warning("skipping %s item %d: %s", path.name, i, why)
+            bad += 1
+            continue
+        out.append(Conversation(it["image"], [{"from": t["from"], "value": t["value"]} for t in it["conversations"]]))
+    return out, bad
+
+
+def _conversation_problem(it) -> str | None:
+    if not isinstance(it, dict) or not isinstance(it.get("image"), str):
+        return "no 'image' path"
+    conv = it.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        return "no 'conversations' list"
+    for t in conv:
+        if not isinstance(t, dict) or t.get("from") not in ("human", "gpt") or not isinstance(t.get("value"), str):
+            return "a turn is not {'from': 'human'|'gpt', 'value': str}"
+    if sum("<image>" in t["value"] for t in conv) != 1 or "<image>" not in conv[0]["value"]:
+        return "the first human turn must hold the one '<image>'"
+    if not any(t["from"] == "gpt" for t in conv):
+        return "no assistant ('gpt') turn"
+    return None
+
+
+def read_pairs(path: Path) -> tuple[list[Caption], int]:
+    """JSONL ``{"image", "caption"[, "held_out"]}`` per line."""
+    out, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec.get("image"), str) or not isinstance(rec.get("caption"), str):
+                    raise ValueError("needs string 'image' and 'caption'")
+            except (json.JSONDecodeError, ValueError, AttributeError) as e:
+                log.warning("skipping %s line %d: %s", path.name, n, "not valid JSON" if isinstance(e, json.JSONDecodeError) else e)
+                bad += 1
+                continue
+            out.append(Caption(rec["image"], rec["caption"], bool(rec.get("held_out", False))))
+    return out, bad
+
+
+def read_records(folder: Path, instruct: str = "instruct.json", pairs: str = "t2i.jsonl") -> Records:
+    """Whatever of the two files ``folder`` holds (at least one)."""
+    rec = Records()
+    found = False
+    if (folder / instruct).exists():
+        rec.conversations, b = read_llava(folder / instruct)
+        rec.bad += b
+        found = True
+    if (folder / pairs).exists():
+        rec.captions, b = read_pairs(folder / pairs)
+        rec.bad += b
+        found = True
+    if not found:
+        raise UnicodebookError(f"{folder}: neither {instruct} (LLaVA conversations) nor {pairs} (image-caption pairs)")
+    return rec
+
+
+def tokenizer_hash(tok) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(tok.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class CodeCache:
+    codes: torch.Tensor  # (N, gh, gw, G) int16/int32 code indices
+    index: dict[str, int]  # image path → row
+    bad: list[str]  # images that could not be read
+
+
+def cached_codes(tok, folder: Path, images: list[str], fallback: Path | None = None, batch_size: int = 256,
+                 progress: bool = True) -> CodeCache:
+    """Codes of ``images`` (paths relative to ``folder``), encoded once and cached on disk."""
+    from safetensors.torch import load_file
+
+    from ..utils.io import atomic_save_tensors
+
+    images = sorted(set(images))
+    key = tokenizer_hash(tok) + "-" + hashlib.sha256("\n".join(images).encode()).hexdigest()[:12]
+    path = folder / ".codes" / f"{key}.safetensors"
+    for candidate in (path, (fallback / f"{key}.safetensors") if fallback else None):
+        if candidate is not None and candidate.exists():
+            from safetensors import safe_open
+
+            with safe_open(candidate, "pt") as f:
+                meta = f.metadata()
+            codes = load_file(candidate)["codes"]
+            ok = json.loads(meta["images"])
+            return CodeCache(codes, {p: i for i, p in enumerate(ok)}, json.loads(meta["bad"]))
+    ok, bad, chunks, pending = [], [], [], []
+
+    def flush():
+        if pending:
+            x = torch.stack([t for _, t in pending]).to(tok.codebook.embed.device)
+            chunks.append(tok.encode(x).to(torch.int32).cpu())
+            ok.extend(p for p, _ in pending)
+            pending.clear()
+
+    was = tok.training
+    tok.eval()
+    for p in tqdm(images, desc="encoding images", disable=not progress, leave=False):
+        try:
+            pending.append((p, load_image(folder / p, tok.image_size, tok.config.data.odd_size)))
+        except BadImageError as e:
+            log.warning("skipping bad image %s", e)
+            bad.append(p)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    tok.train(was)
+    if not ok:
+        raise UnicodebookError(f"{folder}: none of the {len(images)} images could be read")
+    codes = torch.cat(chunks)
+    meta = {"images": json.dumps(ok), "bad": json.dumps(bad)}
+    try:
+        atomic_save_tensors({"codes": codes}, path, metadata=meta)
+    except OSError:
+        if fallback is None:
+            raise
+        atomic_save_tensors({"codes": codes}, fallback / f"{key}.safetensors", metadata=meta)
+    return CodeCache(codes, {p: i for i, p in enumerate(ok)}, bad)

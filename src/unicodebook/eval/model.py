@@ -1,0 +1,158 @@
+"""Stage II evaluation: does the LLM read images (VQA), write them (text-to-image, judged), and
+reproduce their codes (in-context decompression)?
+
+* ``vqa_accuracy``: normalised exact match (lower case, no punctuation or articles), overall
+  and per question type (the ``type`` of shapes-world human turns);
+* ``t2i_accuracy``: the shapes-world judge reads the generated picture and every attribute the
+  prompt names (shape, colour, size, position of each object) must be right; reported for
+  seen and held-out (colour, shape) combinations separately;
+* ``decompression_code_accuracy``: with Ẑ in context and the true earlier codes fed back
+  (teacher forcing), the fraction of the h·w·D codes the model predicts exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.multimodal import cached_codes, read_llava, read_pairs, split_folder
+from ..errors import UnicodebookError
+from ..lm.sequence import IGNORE, collate
+
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalise_answer(s: str) -> str:
+    words = re.sub(r"[^\w\s]", " ", s.lower()).split()
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def questions_of(conversations) -> list[tuple[str, str, str, str]]:
+    """(image, question, answer, type) for each human→gpt pair."""
+    out = []
+    for c in conversations:
+        turns = c.turns
+        for h, g in zip(turns[::2], turns[1::2]):
+            if h["from"] == "human" and g["from"] == "gpt":
+                out.append((c.image, h["value"].replace("<image>", "").strip(), g["value"], h.get("type", "all")))
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int = 64, max_t2i: int | None = None,
+                   max_vqa: int | None = None, max_decompress: int = 200, cfg_scale: float | None = None,
+                   temperature: float | None = None, top_k: int | None = None, seed: int = 0,
+                   progress: bool = True, pictures: Path | None = None) -> dict:
+    """Metrics of a stage II model on a split (a shapes-world root or a folder with the files)."""
+    folder = split_folder(data, split)
+    g = model.config.generate
+    cfg_scale = g.cfg_scale if cfg_scale is None else cfg_scale
+    temperature = g.temperature if temperature is None else temperature
+    top_k = g.top_k if top_k is None else top_k
+    res: dict = {"split": split}
+    convs, bad = read_llava(folder / "instruct.json") if (folder / "instruct.json").exists() else ([], 0)
+    pairs, bad2 = read_pairs(folder / "t2i.jsonl") if (folder / "t2i.jsonl").exists() else ([], 0)
+    if not convs and not pairs:
+        raise UnicodebookError(f"{folder}: nothing to evaluate (no instruct.json or t2i.jsonl records)")
+    res["bad_records"] = bad + bad2
+    tok = model.tokenizer
+    cache = cached_codes(tok, folder, [c.image for c in convs] + [p.image for p in pairs], progress=progress)
+    res["bad_images"] = len(cache.bad)
+    was = model.training
+    model.eval()
+    if convs:
+        res.update(_vqa(model, cache, questions_of(convs)[:max_vqa], batch_size, progress, pictures))
+        images = sorted({c.image for c in convs if c.image in cache.index})[:max_decompress]
+        res["decompression_code_accuracy"] = _decompression(model, cache, images, batch_size)
+    if pairs:
+        res.update(_t2i(model, pairs[:max_t2i], batch_size, cfg_scale, temperature, top_k, seed, progress, pictures))
+    model.train(was)
+    return res
+
+
+def _vqa(model, cache, qs, batch_size: int, progress: bool, pictures: Path | None) -> dict:
+    qs = [q for q in qs if q[0] in cache.index]
+    right: dict[str, list[bool]] = defaultdict(list)
+    examples = []
+    for s in tqdm(range(0, len(qs), batch_size), desc="VQA", disable=not progress, leave=False):
+        chunk = qs[s:s + batch_size]
+        codes = cache.codes[[cache.index[q[0]] for q in chunk]].long()
+        answers = model.answer(codes, [q[1] for q in chunk])
+        for (img, q, a, t), pred in zip(chunk, answers):
+            ok = normalise_answer(pred) == normalise_answer(a)
+            right["all"].append(ok)
+            if t != "all":
+                right[t].append(ok)
+            if len(examples) < 12:
+                examples.append((img, q, pred, a, ok))
+    if pictures is not None and examples:
+        _vqa_picture(model, cache, examples, pictures / "vqa_examples.png")
+    allr = right["all"]
+    return {"vqa_accuracy": sum(allr) / max(1, len(allr)), "vqa_n": len(allr),
+            "vqa_by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(right.items()) if t != "all"},
+            "vqa_examples": [{"image": i, "question": q, "answer": p, "truth": a} for i, q, p, a, _ in examples[:6]]}
+
+
+def _vqa_picture(model, cache, examples, path: Path) -> None:
+    from .plots import captioned_grid
+
+    codes = cache.codes[[cache.index[e[0]] for e in examples]].long()
+    images = model.tokenizer.decode(codes.to(model.tokenizer.codebook.embed.device))
+    caps = [f"Q: {q} A: {p} ({'right' if ok else 'truth: ' + a})" for _, q, p, a, ok in examples]
+    captioned_grid(images.cpu(), caps, cols=4, width_chars=26).save(path)
+
+
+def _decompression(model, cache, images: list[str], batch_size: int) -> float:
+    fmt = model.fmt
+    right = total = 0
+    for s in range(0, len(images), batch_size):
+        keys = [cache.index[i] for i in images[s:s + batch_size]]
+        samples = [fmt.decompression(cache.codes[k].long(), j) for j, k in enumerate(keys)]
+        batch = collate(samples, fmt.pad_id if fmt.pad_id is not None else 0)
+        dev = model.device
+        emb = model.embed_inputs(batch.input_ids.to(dev), batch.image_at.to(dev), model.latents(cache.codes[keys].long()))
+        logits = model.llm(inputs_embeds=emb, attention_mask=batch.attention_mask.to(dev)).logits
+        pred, target = logits[:, :-1].argmax(-1), batch.labels[:, 1:].to(dev)
+        is_code = (target != IGNORE) & torch.isin(target, model.code_token_ids)
+        # the first position after <img> … the h·w·D positions whose label is a code
+        right += int((pred[is_code] == target[is_code]).sum())
+        total += int(is_code.sum())
+    return right / max(1, total)
+
+
+def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, top_k: int, seed: int, progress: bool,
+         pictures: Path | None) -> dict:
+    from ..data.shapes import matches_prompt, parse_objects
+
+    judged = all(parse_objects(p.caption) for p in pairs)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    ok: dict[bool, list[bool]] = {False: [], True: []}
+    shown, shown_caps = [], []
+    for s in tqdm(range(0, len(pairs), batch_size), desc="text-to-image", disable=not progress, leave=False):
+        chunk = pairs[s:s + batch_size]
+        codes = model.generate_codes([p.caption for p in chunk], cfg_scale, temperature, top_k, gen)
+        images = model.tokenizer.decode(codes.to(model.tokenizer.codebook.embed.device)).cpu()
+        arr = (images.clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).numpy()
+        for p, a, img in zip(chunk, arr, images):
+            hit = bool(matches_prompt(a, p.caption)) if judged else False
+            ok[p.held_out].append(hit)
+            if len(shown) < 16:
+                shown.append(img)
+                shown_caps.append(p.caption.removeprefix("draw ") + (f" [{'right' if hit else 'wrong'}]" if judged else ""))
+    out: dict = {"t2i_n": len(pairs), "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k}
+    if judged:
+        allr = ok[False] + ok[True]
+        out["t2i_accuracy"] = sum(allr) / len(allr)
+        for name, flag in (("seen", False), ("held_out", True)):
+            if ok[flag]:
+                out[f"t2i_accuracy_{name}"] = sum(ok[flag]) / len(ok[flag])
+                out[f"t2i_n_{name}"] = len(ok[flag])
+    if pictures is not None and shown:
+        from .plots import captioned_grid
+
+        captioned_grid(torch.stack(shown), shown_caps, cols=4).save(pictures / "t2i_samples.png")
+    return out

@@ -1,0 +1,290 @@
+"""UniCode multimodal LLM: a causal LM that reads Ẑ and writes code ids, plus the frozen tokenizer.
+
+Reading: the h·w rows of Ẑ = F(e(M)) replace the input embeddings at the ``<image>`` slots
+(no projector: Ẑ already lives in the LLM's embedding space). Writing: between ``<img>`` and
+``</img>`` the model emits exactly h·w·D code token ids (constrained decoding with a KV cache);
+codebook → F → decoder turns them into a picture.
+
+A model folder (the stage II run folder) holds::
+
+    config.yaml                  the run config
+    model.json                   format, geometry and where the tokenizer came from
+    visual_tokenizer.safetensors the frozen stage I tokenizer (its visual codebook included)
+    llm/                         the trained LLM (``save_pretrained``; LoRA merged)
+    text_tokenizer/              the text tokenizer with the image markers
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config, config_from_dict, read_yaml, save_config
+from ..errors import UnicodebookError
+from ..utils.io import atomic_dir, atomic_save_tensors, atomic_write_json, first_state_mismatch
+from .llm import input_embedding, quiet_transformers
+from .sequence import IGNORE, Batch, SequenceFormat
+from .text import allowed_text_ids, load_text_tokenizer
+
+MODEL_FORMAT = "unicodebook-model"
+MODEL_VERSION = 1
+
+
+@dataclass
+class LMOutput:
+    loss: Tensor
+    accuracy: Tensor  # next-token accuracy on the labelled positions
+    n_tokens: int
+
+
+class UniCodeLM(nn.Module):
+    """The LLM (trainable) and the visual tokenizer (frozen, kept out of ``parameters()``)."""
+
+    def __init__(self, llm, tokenizer, text_tok):
+        super().__init__()
+        self.llm = llm
+        self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False)
+        self.text_tok = text_tok
+        cb = tokenizer.codebook
+        self.fmt = SequenceFormat(text_tok, cb.token_ids, tokenizer.num_latents, tokenizer.grid_shape)
+        vocab = input_embedding(llm).weight.shape[0]
+        if int(cb.token_ids.max()) >= vocab:
+            raise UnicodebookError(f"codebook token ids reach {int(cb.token_ids.max())} but the LLM has {vocab} rows")
+        self.register_buffer("code_token_ids", cb.token_ids.clone(), persistent=False)
+        self.register_buffer("text_allowed", allowed_text_ids(text_tok, vocab), persistent=False)
+
+    # ---------------------------------------------------------------- shapes
+    @property
+    def codes_per_image(self) -> int:
+        return self.fmt.codes_per_image
+
+    @property
+    def device(self) -> torch.device:
+        return input_embedding(self.llm).weight.device
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.llm.config, "max_position_embeddings", 1 << 30))
+
+    # ---------------------------------------------------------------- inputs
+    def latents(self, codes: Tensor) -> Tensor:
+        """codes (B, gh, gw, G) → Ẑ (B, h·w, d) from the frozen visual codebook."""
+        with torch.no_grad():
+            return self.tokenizer.embed(codes.to(self.tokenizer.codebook.embed.device).long())
+
+    def embed_inputs(self, input_ids: Tensor, image_at: Tensor, latents: Tensor | None) -> Tensor:
+        """Token embeddings with Ẑ written over the h·w slots starting at ``image_at`` (rows ≥ 0)."""
+        emb = input_embedding(self.llm)(input_ids)
+        rows = (image_at >= 0).nonzero().flatten()
+        if rows.numel():
+            if latents is None or latents.shape[0] != rows.numel():
+                raise ValueError("one Ẑ per row with an image is needed")
+            pos = image_at[rows, None] + torch.arange(latents.shape[1], device=emb.device)
+            emb = emb.index_put((rows[:, None], pos), latents.to(emb.device, emb.dtype))
+        return emb
+
+    def forward(self, batch: Batch, latents: Tensor | None) -> LMOutput:
+        dev = self.device
+        ids, labels, mask = batch.input_ids.to(dev), batch.labels.to(dev), batch.attention_mask.to(dev)
+        emb = self.embed_inputs(ids, batch.image_at.to(dev), latents)
+        logits = self.llm(inputs_embeds=emb, attention_mask=mask).logits
+        target = labels[:, 1:]
+        pred = logits[:, :-1]
+        loss = F.cross_entropy(pred.float().reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+        keep = target != IGNORE
+        with torch.no_grad():
+            acc = (pred.argmax(-1)[keep] == target[keep]).float().mean()
+        return LMOutput(loss, acc, int(keep.sum()))
+
+    # ---------------------------------------------------------------- decoding
+    def _check_length(self, n: int, what: str) -> None:
+        if n > self.max_positions:
+            raise UnicodebookError(f"{what} needs {n} positions but the model's context is {self.max_positions}")
+
+    def _prefill(self, rows: list[list[int]], image_at: list[int], latents: Tensor | None, extra: int):
+        """Left-pad ``rows``, run them through the LLM once; → (last logits, cache, mask, next positions)."""
+        dev = self.device
+        n = max(len(r) for r in rows)
+        self._check_length(n + extra, "this input")
+        pad = self.fmt.pad_id if self.fmt.pad_id is not None else 0
+        ids = torch.full((len(rows), n), pad, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(rows), n), dtype=torch.long, device=dev)
+        at = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            ids[i, n - len(r):] = torch.tensor(r, device=dev)
+            mask[i, n - len(r):] = 1
+            if image_at[i] >= 0:
+                at[i] = image_at[i] + n - len(r)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        emb = self.embed_inputs(ids, at, latents)
+        out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+        return out.logits[:, -1].float(), out.past_key_values, mask, pos[:, -1] + 1
+
+    def _step(self, token_ids: Tensor, cache, mask: Tensor, pos: Tensor):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        out = self.llm(input_ids=token_ids[:, None], attention_mask=mask, position_ids=pos[:, None],
+                       past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float(), out.past_key_values, mask, pos + 1
+
+    @torch.no_grad()
+    def generate_codes(self, prompts: list[str | None], cfg_scale: float = 3.0, temperature: float = 1.0,
+                       top_k: int = 0, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+        """Constrained decoding: for each prompt exactly h·w·D code ids after ``<img>``.
+
+        ``cfg_scale`` != 1 adds the unconditional prefix ``<s> <img>`` as a second half of the
+        batch and samples from u + s·(c − u). Returns code indices (B, gh, gw, G).
+        """
+        was = self.training
+        self.eval()
+        b = len(prompts)
+        rows = [self.fmt.t2i_prefix(p) for p in prompts]
+        guided = cfg_scale != 1.0
+        if guided:
+            rows += [self.fmt.t2i_prefix(None)] * b
+        logits, cache, mask, pos = self._prefill(rows, [-1] * len(rows), None, self.codes_per_image + 2)
+        codes = torch.empty((b, self.codes_per_image), dtype=torch.long, device=self.device)
+        from tqdm.auto import tqdm
+
+        for t in tqdm(range(self.codes_per_image), desc="codes", disable=not progress, leave=False):
+            sub = logits[:, self.code_token_ids]  # only code ids are allowed between the markers
+            if guided:
+                sub = sub[b:] + cfg_scale * (sub[:b] - sub[b:])
+            codes[:, t] = _sample(sub, temperature, top_k, generator)
+            if t == self.codes_per_image - 1:
+                break
+            nxt = self.code_token_ids[codes[:, t]]
+            logits, cache, mask, pos = self._step(torch.cat([nxt, nxt]) if guided else nxt, cache, mask, pos)
+        self.train(was)
+        return self.fmt.ids_to_codes(codes)
+
+    @torch.no_grad()
+    def generate_image(self, prompt: str | list[str], n: int = 1, cfg_scale: float = 3.0, temperature: float = 1.0,
+                       top_k: int = 0, seed: int | None = None) -> Tensor:
+        """Prompt(s) → images (B, 3, H, W) in [0, 1]; ``n`` samples per prompt."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(n)]
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        codes = self.generate_codes(prompts, cfg_scale, temperature, top_k, gen)
+        return self.tokenizer.decode(codes.to(self.tokenizer.codebook.embed.device))
+
+    @torch.no_grad()
+    def answer(self, codes: Tensor, questions: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers to one question per image (codes (B, gh, gw, G)), text ids only."""
+        was = self.training
+        self.eval()
+        prompts = [self.fmt.prompt(q) for q in questions]
+        latents = self.latents(codes)
+        logits, cache, mask, pos = self._prefill([p for p, _ in prompts], [a for _, a in prompts], latents, max_new_tokens)
+        eos = self.fmt.eos_id
+        out = [[] for _ in questions]
+        done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            nxt = logits.masked_fill(~self.text_allowed, float("-inf")).argmax(-1)
+            for i in (~done).nonzero().flatten().tolist():
+                if int(nxt[i]) != eos:
+                    out[i].append(int(nxt[i]))
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            logits, cache, mask, pos = self._step(nxt, cache, mask, pos)
+        self.train(was)
+        return [self.text_tok.decode(o, skip_special_tokens=True).strip() for o in out]
+
+    @torch.no_grad()
+    def chat(self, image: Tensor, question: str, max_new_tokens: int = 16) -> str:
+        """image (3, H, W) or (1, 3, H, W) in [0, 1] → the answer to ``question``."""
+        if image.ndim == 3:
+            image = image[None]
+        codes = self.tokenizer.encode(image.to(self.tokenizer.codebook.embed.device))
+        return self.answer(codes, [question], max_new_tokens)[0]
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+# -------------------------------------------------------------------------------- save / load
+def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str) -> None:
+    """Write the model folder (each part atomically; ``model.json`` last)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "config.yaml")
+    atomic_save_tensors(model.tokenizer.state_dict(), folder / "visual_tokenizer.safetensors",
+                        metadata={"format": "unicodebook-tokenizer"})
+    llm = model.llm
+    if hasattr(llm, "merge_and_unload"):  # LoRA: save the merged weights, keep training the adapter
+        import copy
+
+        llm = copy.deepcopy(llm).merge_and_unload()
+    with atomic_dir(folder / "llm") as tmp:
+        llm.save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(folder / "text_tokenizer") as tmp:
+        model.text_tok.save_pretrained(str(tmp))
+    tok = model.tokenizer
+    atomic_write_json(folder / "model.json", {
+        "format": MODEL_FORMAT, "version": MODEL_VERSION, "tokenizer_run": str(tokenizer_run),
+        "image_size": tok.image_size, "grid_shape": list(tok.grid_shape), "codes_per_image": tok.codes_per_image,
+        "num_latents": tok.num_latents, "num_codes": tok.codebook.num_codes,
+    })
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCodeLM:
+    """Load a stage II model folder (see the module docstring)."""
+    from ..quantize import UnifiedCodebook
+    from ..tokenizers.unicode.build import _rule
+    from ..tokenizers.unicode.model import UniCodeTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UnicodebookError(f"model folder '{folder}' does not exist")
+    try:
+        meta = json.loads((folder / "model.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UnicodebookError(f"{folder}: not a model folder (missing or unreadable model.json)") from None
+    if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
+        raise UnicodebookError(f"{folder}: model.json is not a {MODEL_FORMAT} v{MODEL_VERSION} file")
+    for name, what in (("visual_tokenizer.safetensors", "visual tokenizer"), ("text_tokenizer", "text tokenizer"),
+                       ("llm/config.json", "LLM")):
+        if not (folder / name).exists():
+            raise UnicodebookError(f"{folder}: no bound {what} (missing {name})")
+    cfg = config_from_dict(read_yaml(folder / "config.yaml"))
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(folder / "visual_tokenizer.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise UnicodebookError(f"{folder}/visual_tokenizer.safetensors is corrupt or truncated ({e})") from None
+    rows = state.get("quantizer.codebook.token_ids")
+    if rows is None:
+        raise UnicodebookError(f"{folder}/visual_tokenizer.safetensors is not a UniCode tokenizer")
+    dim = state["quantizer.codebook.embed"].shape[1]
+    tok = UniCodeTokenizer(cfg.model, UnifiedCodebook(rows, dim, _rule(cfg.model.codebook)))
+    bad = first_state_mismatch(tok, state)
+    if bad:
+        raise UnicodebookError(f"{folder}/visual_tokenizer.safetensors does not match its config (first bad key: {bad})")
+    tok.load_state_dict(state)
+    tok.__dict__["config"] = cfg
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        llm = AutoModelForCausalLM.from_pretrained(folder / "llm", local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UnicodebookError(f"cannot load the LLM in {folder}/llm: {str(e).splitlines()[0]}") from None
+    text_tok = load_text_tokenizer(folder / "text_tokenizer")
+    model = UniCodeLM(llm, tok, text_tok).to(device).eval()
+    model.tokenizer.to(device)
+    model.__dict__["config"] = cfg
+    return model

@@ -1,0 +1,154 @@
+"""Stage II sequences: how text, Ẑ and image codes share one token stream.
+
+Layouts (``[Ẑ]`` = h·w positions whose input embeddings are replaced by Ẑ, the aggregated code
+embeddings of the frozen tokenizer; ``codes`` = the h·w·D code token ids; labels are -100
+except on the underlined parts)::
+
+    understanding   <s> USER: [Ẑ] question ASSISTANT: answer</s> USER: … ASSISTANT: answer</s>
+                                                          ‾‾‾‾‾‾‾‾‾‾‾                  ‾‾‾‾‾‾‾‾‾‾‾
+    decompression   <s> USER: [Ẑ] ASSISTANT: <img> codes </img></s>
+                                                   ‾‾‾‾‾ ‾‾‾‾‾‾‾‾‾‾‾
+    text-to-image   <s> caption <img> codes </img></s>      (caption dropped: <s> <img> …)
+                                ‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾
+
+Code order: the code grid (gh, gw, G) of the tokenizer flattened row-major — positions in
+raster order, and at each position its G codes in depth order (RQ: layer 0 first; HQ: the
+top code, then the four bottom codes, each in residual depth order). ``codes_to_ids`` and
+``ids_to_codes`` are the two directions of that order.
+
+Decompression in segments: with S > 1 segments a sample teaches one segment of the code
+sequence (chosen at random), the earlier segments given as unlabelled context, so the mean
+sequence is shorter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .text import IMAGE_TOKEN, IMG_END, IMG_START, marker_ids, text_ids
+
+IGNORE = -100
+USER, ASSISTANT = "USER:", "ASSISTANT:"
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+    image_at: int = -1  # index of the first of the h·w Ẑ positions, -1: no image input
+    image_key: int = -1  # which cached image supplies Ẑ
+
+
+class SequenceFormat:
+    """Turns conversations, captions and code grids into token sequences for one model."""
+
+    def __init__(self, text_tok, code_token_ids: torch.Tensor, num_latents: int, grid_shape: tuple[int, int, int]):
+        self.tok = text_tok
+        ids = marker_ids(text_tok)
+        self.image_id, self.start_id, self.end_id = ids[IMAGE_TOKEN], ids[IMG_START], ids[IMG_END]
+        self.bos_id = text_tok.bos_token_id
+        self.eos_id = text_tok.eos_token_id
+        self.pad_id = text_tok.pad_token_id
+        self.code_token_ids = code_token_ids.cpu()
+        self.num_latents = num_latents
+        self.grid_shape = tuple(grid_shape)
+        self.codes_per_image = grid_shape[0] * grid_shape[1] * grid_shape[2]
+
+    # ---------------------------------------------------------------- pieces
+    def _bos(self) -> list[int]:
+        return [self.bos_id] if self.bos_id is not None else []
+
+    def text(self, s: str) -> list[int]:
+        return text_ids(self.tok, s)
+
+    def _with_images(self, s: str) -> tuple[list[int], int]:
+        """Text that may contain one ``<image>``: ids with h·w placeholder slots there."""
+        if IMAGE_TOKEN not in s:
+            return self.text(s), -1
+        before, after = s.split(IMAGE_TOKEN, 1)
+        if IMAGE_TOKEN in after:
+            raise ValueError("one <image> per sample is supported")
+        head = self.text(before.strip()) if before.strip() else []
+        tail = self.text(after.strip()) if after.strip() else []
+        return head + [self.image_id] * self.num_latents + tail, len(head)
+
+    def codes_to_ids(self, codes: torch.Tensor) -> list[int]:
+        """codes (gh, gw, G) code indices → the h·w·D token ids in sequence order."""
+        return self.code_token_ids[codes.reshape(-1).long()].tolist()
+
+    def ids_to_codes(self, code_indices: torch.Tensor) -> torch.Tensor:
+        """(B, h·w·D) code indices in sequence order → (B, gh, gw, G)."""
+        return code_indices.reshape(-1, *self.grid_shape)
+
+    # ---------------------------------------------------------------- tasks
+    def conversation(self, turns: list[dict], image_key: int = -1) -> Sample:
+        """LLaVA turns ``[{"from": "human"|"gpt", "value": …}, …]``; loss on the gpt turns only."""
+        ids, labels, image_at = self._bos(), [], -1
+        labels = [IGNORE] * len(ids)
+        for t in turns:
+            if t["from"] == "human":
+                part, at = self._with_images(f"{USER} {t['value']} {ASSISTANT}")
+                if at >= 0:
+                    if image_at >= 0:
+                        raise ValueError("one <image> per conversation is supported")
+                    image_at = len(ids) + at
+                ids += part
+                labels += [IGNORE] * len(part)
+            else:
+                part = self.text(t["value"]) + [self.eos_id]
+                ids += part
+                labels += part
+        return Sample(ids, labels, image_at, image_key if image_at >= 0 else -1)
+
+    def prompt(self, question: str, with_image: bool = True) -> tuple[list[int], int]:
+        """The input of one question: ``<s> USER: [Ẑ] question ASSISTANT:`` → (ids, image_at)."""
+        body = f"{IMAGE_TOKEN}\n{question}" if with_image else question
+        part, at = self._with_images(f"{USER} {body} {ASSISTANT}")
+        bos = self._bos()
+        return bos + part, (len(bos) + at if at >= 0 else -1)
+
+    def decompression(self, codes: torch.Tensor, image_key: int, segments: int = 1, segment: int = 0) -> Sample:
+        prefix, at = self.prompt("", with_image=True)
+        code_ids = self.codes_to_ids(codes)
+        n = len(code_ids)
+        bounds = [round(n * i / segments) for i in range(segments + 1)]
+        lo, hi = bounds[segment], bounds[segment + 1]
+        last = segment == segments - 1
+        ids = prefix + [self.start_id] + code_ids[:hi] + ([self.end_id, self.eos_id] if last else [])
+        labels = [IGNORE] * len(prefix)
+        labels += [self.start_id] if segment == 0 else [IGNORE]
+        labels += [IGNORE] * lo + code_ids[lo:hi] + ([self.end_id, self.eos_id] if last else [])
+        return Sample(ids, labels, at, image_key)
+
+    def t2i_prefix(self, caption: str | None) -> list[int]:
+        """``<s> caption <img>`` (``caption=None``: the unconditional prefix ``<s> <img>``)."""
+        return self._bos() + (self.text(caption) if caption else []) + [self.start_id]
+
+    def text_to_image(self, caption: str | None, codes: torch.Tensor) -> Sample:
+        prefix = self.t2i_prefix(caption)
+        tail = self.codes_to_ids(codes) + [self.end_id, self.eos_id]
+        return Sample(prefix + tail, [IGNORE] * (len(prefix) - 1) + [self.start_id] + tail)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L), right-padded
+    labels: torch.Tensor  # (B, L), IGNORE on padding and unlabelled positions
+    attention_mask: torch.Tensor  # (B, L)
+    image_at: torch.Tensor  # (B,), -1 where no image
+    image_keys: torch.Tensor  # (B,)
+
+
+def collate(samples: list[Sample], pad_id: int) -> Batch:
+    n = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), n), dtype=torch.long)
+    for i, s in enumerate(samples):
+        k = len(s.input_ids)
+        ids[i, :k] = torch.tensor(s.input_ids)
+        labels[i, :k] = torch.tensor(s.labels)
+        mask[i, :k] = 1
+    return Batch(ids, labels, mask, torch.tensor([s.image_at for s in samples]), torch.tensor([s.image_key for s in samples]))

@@ -1,0 +1,280 @@
+"""Stage II recipe: teach the LLM to read and write images through the unified codebook.
+
+Life cycle: setup (run folder, text tokenizer with the image markers, LLM — full or LoRA —,
+records, cached codes) → train (one task per step, drawn by ``train_lm.tasks`` weights; tqdm,
+metrics.jsonl, TensorBoard, sample grids, atomic checkpoints) → save the model folder.
+
+Everything random is a function of (seed, step): the task of a step, the batch of that task,
+caption dropout and decompression segments — so ``--resume`` continues the same run exactly.
+The tokenizer's encoder, decoder and visual codebook stay frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config, LMTrainConfig, config_to_dict, load_config, read_yaml, save_config
+from ..data.multimodal import cached_codes, read_records, split_folder
+from ..errors import UnicodebookError
+from ..lm.llm import BUILTIN
+from ..lm.model import UniCodeLM, save_model
+from ..lm.sequence import ASSISTANT, USER, collate
+from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_word_tokenizer
+from ..tokenizers.unicode import load_tokenizer
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .stage1 import _trim_metrics, lr_at
+
+TASKS = ("decompress", "instruct", "t2i")
+
+
+@dataclass
+class Stage2Result:
+    run: Path
+    steps: int
+    final: dict
+    seconds: float
+
+
+class TaskSchedule:
+    """Which task and which of its examples each global step trains on, from (seed, step) alone."""
+
+    def __init__(self, sizes: dict[str, int], weights: dict[str, float], batch_size: int, seed: int):
+        self.names = [t for t in TASKS if sizes.get(t, 0) > 0 and weights[t] > 0]
+        if not self.names:
+            raise UnicodebookError("no stage II task has both data and a weight > 0")
+        self.sizes, self.seed = sizes, seed
+        self.bs = {t: min(batch_size, sizes[t]) for t in self.names}
+        self.weights = torch.tensor([weights[t] for t in self.names], dtype=torch.float64)
+        self.cursor = {t: 0 for t in self.names}
+
+    def task_at(self, step: int) -> str:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return self.names[int(torch.multinomial(self.weights, 1, generator=g))]
+
+    def skip_to(self, step: int) -> None:
+        for s in range(step):
+            self.cursor[self.task_at(s)] += 1
+
+    def next(self, step: int) -> tuple[str, list[int]]:
+        task = self.task_at(step)
+        c = self.cursor[task]
+        self.cursor[task] += 1
+        n, bs = self.sizes[task], self.bs[task]
+        per_epoch = max(1, n // bs)
+        epoch, k = divmod(c, per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + 7919 * TASKS.index(task) + epoch)
+        return task, torch.randperm(n, generator=g)[k * bs:(k + 1) * bs].tolist()
+
+
+def build_text_tokenizer(cfg: Config, llm, records, run: Path, resume: bool):
+    """The run's text tokenizer: reloaded on resume; else trained on the data (builtin LLM) or
+    ``AutoTokenizer`` from the LLM's folder; the image markers added either way."""
+    folder = run / "text_tokenizer"
+    if resume and folder.exists():
+        text_tok = load_text_tokenizer(folder)
+    elif cfg.llm.name == BUILTIN:
+        texts = [f"{USER} {t['value'].replace(IMAGE_TOKEN, ' ')} {ASSISTANT}" for c in records.conversations for t in c.turns]
+        texts += [c.caption for c in records.captions]
+        text_tok = train_word_tokenizer(texts, max_vocab=llm.get_input_embeddings().weight.shape[0])
+    else:
+        text_tok = load_text_tokenizer(Path(cfg.llm.name))
+    ensure_markers(text_tok, llm)
+    return text_tok
+
+
+def wrap_lora(llm, cfg: LMTrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                          task_type="CAUSAL_LM")
+    return get_peft_model(llm, peft_cfg)
+
+
+def _check_resume(run: Path, cfg: Config, resume: bool) -> list[Path]:
+    ckpts = list_checkpoints(run) if resume else []
+    if resume and not ckpts:
+        raise UnicodebookError(f"{run}: nothing to resume (no checkpoints/step_*)")
+    if not resume and list_checkpoints(run):
+        raise UnicodebookError(f"{run} already holds a run; pass --resume or choose another --out")
+    if resume and read_yaml(run / "config.yaml") != config_to_dict(cfg):
+        raise UnicodebookError(f"{run}: --resume with a config that differs from the run's config.yaml")
+    return ckpts
+
+
+def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
+             progress: bool = True) -> Stage2Result:
+    """Run stage II on ``data`` (a shapes-world root — its ``train`` split — or a folder with
+    ``instruct.json`` and/or ``t2i.jsonl``), starting from the stage I run ``tokenizer_run``."""
+    lc = cfg.train_lm
+    run = Path(out)
+    if lc.threads:
+        torch.set_num_threads(lc.threads)
+
+    # ------------------------------------------------------------------ setup
+    tok = load_tokenizer(tokenizer_run)
+    llm = tok.llm
+    # the tokenizer run defines the model and its LLM; stage II settings come from cfg
+    cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
+    ckpts = _check_resume(run, cfg, resume)
+    folder = split_folder(data, "train")
+    records = read_records(folder)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+    text_tok = build_text_tokenizer(cfg, llm, records, run, resume)
+    if not (run / "text_tokenizer").exists():
+        text_tok.save_pretrained(str(run / "text_tokenizer"))
+    torch.manual_seed(lc.seed)
+    if lc.lora.enabled:
+        llm = wrap_lora(llm, lc)
+    model = UniCodeLM(llm, tok, text_tok)
+    model.train()
+
+    images = [c.image for c in records.conversations] + [c.image for c in records.captions]
+    cache = cached_codes(tok, folder, images, fallback=run / "codes_cache", progress=progress)
+    convs = [c for c in records.conversations if c.image in cache.index]
+    caps = [c for c in records.captions if c.image in cache.index]
+    decomp = sorted({c.image for c in convs} | {c.image for c in caps})
+    skipped = records.bad + (len(records.conversations) - len(convs)) + (len(records.captions) - len(caps))
+    sizes = {"decompress": len(decomp), "instruct": len(convs), "t2i": len(caps)}
+    weights = {t: getattr(lc.tasks, t) for t in TASKS}
+    schedule = TaskSchedule(sizes, weights, lc.batch_size, lc.seed)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
+    modules, optimizers = {"llm": model.llm}, {"llm": opt}
+    start = 0
+    if resume:
+        start = load_checkpoint(ckpts[-1], modules, optimizers, kind="lm")["step"]
+    schedule.skip_to(start)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run / "tb"), purge_step=start if resume else None)
+    if resume:
+        _trim_metrics(run / "metrics.jsonl", start)
+    metrics_file = open(run / "metrics.jsonl", "a" if resume else "w")
+    (run / "samples").mkdir(exist_ok=True)
+    preview = [c.caption for c in caps[:8]]
+    fmt = model.fmt
+
+    def make_batch(task: str, idx: list[int], step: int):
+        g = torch.Generator().manual_seed(lc.seed * 48_271 + step)
+        if task == "instruct":
+            items = [convs[i] for i in idx]
+            samples = [fmt.conversation(c.turns, image_key=k) for k, c in enumerate(items)]
+            keys = [cache.index[c.image] for c in items]
+        elif task == "decompress":
+            keys = [cache.index[decomp[i]] for i in idx]
+            segs = torch.randint(lc.decompress_segments, (len(idx),), generator=g).tolist()
+            samples = [fmt.decompression(cache.codes[k].long(), j, lc.decompress_segments, s)
+                       for j, (k, s) in enumerate(zip(keys, segs))]
+        else:
+            items = [caps[i] for i in idx]
+            drop = (torch.rand(len(idx), generator=g) < lc.caption_dropout).tolist()
+            samples = [fmt.text_to_image(None if d else c.caption, cache.codes[cache.index[c.image]].long())
+                       for c, d in zip(items, drop)]
+            keys = []
+        batch = collate(samples, fmt.pad_id if fmt.pad_id is not None else 0)
+        latents = model.latents(cache.codes[keys].long()) if keys else None
+        return batch, latents
+
+    # ------------------------------------------------------------------ train
+    t0 = time.time()
+    sums: dict[str, list[float]] = {}
+    tokens = 0
+    last: dict = {}
+    bar = tqdm(total=lc.steps, initial=start, desc="stage II", disable=not progress, dynamic_ncols=True)
+    step = start
+    while step < lc.steps:
+        task, idx = schedule.next(step)
+        batch, latents = make_batch(task, idx, step)
+        if batch.input_ids.shape[1] > model.max_positions:
+            raise UnicodebookError(f"a {task} sequence has {batch.input_ids.shape[1]} tokens; the LLM's context is {model.max_positions}")
+        lr = lr_at(step, lc)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=lc.precision == "bf16"):
+            out = model(batch, latents)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if lc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, lc.grad_clip)
+        opt.step()
+        s = sums.setdefault(task, [0.0, 0.0, 0])
+        s[0] += float(out.loss.detach())
+        s[1] += float(out.accuracy)
+        s[2] += 1
+        tokens += int(batch.attention_mask.sum())
+        step += 1
+        bar.update(1)
+
+        if step % lc.log_every == 0 or step == lc.steps:
+            el = time.time() - t0
+            last = {"step": step, "lr": lr, "elapsed_s": round(el, 2), "tokens_per_s": round(tokens / max(el, 1e-9), 1),
+                    "bad_records": skipped, "bad_images": len(cache.bad)}
+            for t, (l, a, n) in sums.items():
+                last[f"loss_{t}"], last[f"acc_{t}"] = l / n, a / n
+            sums = {}
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+            for k, v in last.items():
+                if isinstance(v, float) and k not in ("elapsed_s",):
+                    writer.add_scalar(f"train/{k}", v, step)
+            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")})
+        if lc.sample_every and step % lc.sample_every == 0 and step < lc.steps and preview:
+            _write_samples(model, preview, run / "samples" / f"t2i_{step:07d}.png", cfg, writer, step)
+        if lc.save_every and step % lc.save_every == 0 and step < lc.steps:
+            save_checkpoint(run, step, modules, optimizers, {}, keep=lc.keep_last, kind="lm")
+    bar.close()
+
+    # ------------------------------------------------------------------ finish
+    save_checkpoint(run, step, modules, optimizers, {}, keep=lc.keep_last, kind="lm")
+    save_model(model, run, cfg, str(tokenizer_run))
+    if preview:
+        _write_samples(model, preview, run / "samples" / "t2i_final.png", cfg, writer, step)
+    metrics_file.close()
+    writer.close()
+    _plot(run)
+    return Stage2Result(run, step, last, time.time() - t0)
+
+
+def _write_samples(model: UniCodeLM, prompts: list[str], path: Path, cfg: Config, writer, step: int) -> None:
+    import numpy as np
+
+    from ..eval.plots import captioned_grid
+
+    g = cfg.generate
+    images = model.generate_image(prompts, cfg_scale=g.cfg_scale, temperature=g.temperature, top_k=g.top_k, seed=0)
+    grid = captioned_grid(images, prompts)
+    grid.save(path)
+    writer.add_image("t2i", np.asarray(grid), step, dataformats="HWC")
+
+
+def _plot(run: Path) -> None:
+    from ..eval.plots import plot_curves
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    keys = tuple(k for k in (f"loss_{t}" for t in TASKS) if any(k in r for r in rows))
+    if keys:
+        plot_curves(run / "metrics.jsonl", run / "curves.png", keys=keys)
+
+
+def train_lm_from_files(config: str | Path | None, overrides: list[str], tokenizer_run: str | Path, data: str | Path,
+                        out: str | Path, resume: bool = False, progress: bool = True) -> Stage2Result:
+    """CLI entry: the config defaults to the run's own (on --resume) or the tokenizer run's."""
+    run = Path(out)
+    if config is None:
+        if resume and (run / "config.yaml").exists():
+            config = run / "config.yaml"
+        elif (Path(tokenizer_run) / "config.yaml").exists():
+            config = Path(tokenizer_run) / "config.yaml"
+    cfg = load_config(config or "tiny", overrides)
+    return train_lm(cfg, tokenizer_run, data, out, resume=resume, progress=progress)

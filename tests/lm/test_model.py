@@ -1,0 +1,87 @@
+"""The multimodal LLM: Ẑ spliced at the image slots, constrained decoding with a KV cache that
+always yields a decodable image, and a model folder that round-trips."""
+
+import shutil
+
+import pytest
+import torch
+
+from unicodebook.errors import UnicodebookError
+from unicodebook.lm.model import load_model
+
+
+@pytest.fixture(scope="module")
+def model(model_run):
+    return load_model(model_run)
+
+
+def test_latents_replace_exactly_the_image_slots(model):
+    codes = torch.randint(0, model.tokenizer.codebook.num_codes, (2, *model.tokenizer.grid_shape))
+    ids, at = model.fmt.prompt("what colour is the object in the center?")
+    input_ids = torch.tensor([ids, ids])
+    image_at = torch.tensor([at, -1])
+    z = model.latents(codes[:1])
+    emb = model.embed_inputs(input_ids, image_at, z)
+    plain = model.llm.get_input_embeddings()(input_ids)
+    n = model.tokenizer.num_latents
+    assert torch.equal(emb[0, at:at + n], z[0])
+    assert torch.equal(emb[0, :at], plain[0, :at]) and torch.equal(emb[0, at + n:], plain[0, at + n:])
+    assert torch.equal(emb[1], plain[1])
+
+
+@pytest.mark.parametrize("cfg_scale,temperature,top_k", [(1.0, 0.0, 0), (3.0, 1.0, 5), (2.0, 0.7, 0)])
+def test_every_generated_sequence_decodes_to_an_image(model, cfg_scale, temperature, top_k):
+    prompts = ["draw a small red circle at the top left", "draw a large blue square in the center and a small green triangle at the top"]
+    g = torch.Generator().manual_seed(0)
+    codes = model.generate_codes(prompts, cfg_scale, temperature, top_k, g)
+    assert tuple(codes.shape) == (2, *model.tokenizer.grid_shape)
+    assert int(codes.min()) >= 0 and int(codes.max()) < model.tokenizer.codebook.num_codes
+    images = model.tokenizer.decode(codes)
+    assert tuple(images.shape) == (2, 3, model.tokenizer.image_size, model.tokenizer.image_size)
+    assert float(images.min()) >= 0 and float(images.max()) <= 1
+
+
+def test_kv_cache_decoding_matches_full_recomputation(model):
+    """Greedy constrained decoding with the cache gives the codes a cache-free loop gives."""
+    prompt = "draw a small red circle at the top left"
+    fast = model.generate_codes([prompt], cfg_scale=1.0, temperature=0.0).flatten()
+    ids = model.fmt.t2i_prefix(prompt)
+    slow = []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model.llm(input_ids=torch.tensor([ids])).logits[0, -1]
+            k = int(logits[model.code_token_ids].argmax())
+            slow.append(k)
+            ids.append(int(model.code_token_ids[k]))
+    assert fast[:12].tolist() == slow
+
+
+def test_answers_use_text_tokens_only(model):
+    codes = torch.randint(0, model.tokenizer.codebook.num_codes, (3, *model.tokenizer.grid_shape))
+    answers = model.answer(codes, ["what colour is the object in the center?"] * 3, max_new_tokens=4)
+    vocab = set(model.text_tok.get_vocab())
+    for a in answers:
+        assert all(w in vocab for w in a.split())
+        assert "<img>" not in a and "<image>" not in a
+
+
+def test_seeded_generation_is_reproducible(model):
+    a = model.generate_image("draw a small red circle at the top left", n=2, seed=3)
+    b = model.generate_image("draw a small red circle at the top left", n=2, seed=3)
+    assert torch.equal(a, b)
+
+
+def test_model_folder_without_a_bound_tokenizer_is_refused(model_run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_run, broken)
+    shutil.rmtree(broken / "text_tokenizer")
+    with pytest.raises(UnicodebookError, match=r"no bound text tokenizer \(missing text_tokenizer\)"):
+        load_model(broken)
+    with pytest.raises(UnicodebookError, match="not a model folder"):
+        load_model(tmp_path)
+
+
+def test_a_prompt_longer_than_the_context_is_refused(model):
+    long = "draw " + " and ".join(["a small red circle at the top left"] * 200)
+    with pytest.raises(UnicodebookError, match="needs .* positions but the model's context is"):
+        model.generate_codes([long], 1.0, 0.0, 0)

@@ -1,0 +1,64 @@
+"""Stage II sequences: where Ẑ goes, which tokens carry loss, and the code order."""
+
+import torch
+
+from unicodebook.lm.sequence import IGNORE, SequenceFormat, collate
+from unicodebook.lm.text import train_word_tokenizer
+
+TEXTS = ["USER: what colour is the object at the top left ? ASSISTANT:", "red", "draw a small red circle at the top left"]
+
+
+def make_format(grid=(2, 2, 3), offset=100):
+    tok = train_word_tokenizer(TEXTS, max_vocab=100)
+    n = grid[0] * grid[1]
+    token_ids = torch.arange(offset, offset + 16)
+    return SequenceFormat(tok, token_ids, n, grid), tok
+
+
+def test_conversation_labels_only_the_assistant_turns_and_places_the_image_slots():
+    fmt, tok = make_format()
+    turns = [{"from": "human", "value": "<image>\nwhat colour is the object at the top left?"}, {"from": "gpt", "value": "red"},
+             {"from": "human", "value": "what colour is the object at the top left?"}, {"from": "gpt", "value": "red"}]
+    s = fmt.conversation(turns, image_key=0)
+    assert s.input_ids[s.image_at:s.image_at + fmt.num_latents] == [fmt.image_id] * fmt.num_latents
+    assert s.input_ids.count(fmt.image_id) == fmt.num_latents
+    labelled = [i for i, lab in zip(s.input_ids, s.labels) if lab != IGNORE]
+    assert tok.decode(labelled) == "red </s> red </s>"
+    assert all(lab in (IGNORE, i) for i, lab in zip(s.input_ids, s.labels))
+
+
+def test_code_order_round_trips_and_is_position_major():
+    fmt, _ = make_format()
+    codes = torch.arange(12).reshape(2, 2, 3)
+    ids = fmt.codes_to_ids(codes)
+    assert ids[:3] == [100, 101, 102]  # position (0, 0), depth 0..2 first
+    back = torch.tensor(ids) - 100
+    assert torch.equal(fmt.ids_to_codes(back[None])[0], codes)
+
+
+def test_decompression_segments_cover_every_code_once():
+    fmt, _ = make_format()
+    codes = torch.randint(0, 16, (2, 2, 3))
+    all_ids = fmt.codes_to_ids(codes)
+    full = fmt.decompression(codes, 0)
+    assert [lab for lab in full.labels if lab != IGNORE] == [fmt.start_id] + all_ids + [fmt.end_id, fmt.eos_id]
+    got = []
+    for seg in range(3):
+        s = fmt.decompression(codes, 0, segments=3, segment=seg)
+        got += [lab for lab in s.labels if lab != IGNORE and lab not in (fmt.start_id, fmt.end_id, fmt.eos_id)]
+        assert s.input_ids[s.image_at:s.image_at + fmt.num_latents] == [fmt.image_id] * fmt.num_latents
+    assert got == all_ids
+
+
+def test_text_to_image_labels_the_image_and_dropout_leaves_no_caption():
+    fmt, tok = make_format()
+    codes = torch.randint(0, 16, (2, 2, 3))
+    s = fmt.text_to_image("draw a small red circle at the top left", codes)
+    start = s.input_ids.index(fmt.start_id)
+    assert tok.decode(s.input_ids[1:start]) == "draw a small red circle at the top left"
+    assert s.labels[:start] == [IGNORE] * start and s.labels[start:] == s.input_ids[start:]
+    u = fmt.text_to_image(None, codes)
+    assert u.input_ids[:2] == [tok.bos_token_id, fmt.start_id]
+    b = collate([s, u], pad_id=0)
+    assert b.attention_mask.sum(1).tolist() == [len(s.input_ids), len(u.input_ids)]
+    assert (b.labels[1, len(u.input_ids):] == IGNORE).all()
