@@ -50,6 +50,20 @@ def test_end_to_end_through_the_console_script(tmp_path):
     assert ev["n_images"] == 16 and {"psnr", "ssim", "usage", "perplexity"} <= ev.keys()
     assert len(ev["usage"]) == len(ev["perplexity"]) == 4
 
+    # stage II on top, then the model answers, draws and is evaluated
+    model = tmp_path / "model"
+    res = json.loads(sh("train-lm", "--tokenizer", run, "--data", data, "--out", model, *TINY_OVERRIDES).splitlines()[-1])
+    assert res["steps"] == 8
+    answer = sh("chat", "--model", model, "--image", img, "what colour is the object in the center?").strip()
+    assert "<" not in answer  # text only, no markers or codes
+    gen = json.loads(sh("generate", "--model", model, "draw a small red circle at the top left", "--out", tmp_path / "g.png",
+                        "--n", "2", "--cfg", "2", "--top-k", "8", "--seed", "1"))
+    assert [Image.open(p).size for p in gen["images"]] == [(32, 32), (32, 32)]
+    em = json.loads(sh("eval", "model", "--model", model, "--data", data, "--split", "test", "--max-t2i", "8"))
+    assert em["vqa_n"] >= 16 * 4  # 4-5 questions per test image
+    assert set(em["vqa_by_type"]) <= {"colour", "shape", "count", "position", "existence"} and em["vqa_by_type"]
+    assert em["t2i_n"] == 8 and 0 <= em["t2i_accuracy"] <= 1 and 0 <= em["decompression_code_accuracy"] <= 1
+
 
 def test_tokenize_prints_the_codes_the_python_api_gives(trained, capsys):
     import torch
@@ -119,3 +133,58 @@ def test_eval_counts_bad_images_and_exits_1(trained, capsys, tmp_path):
     res = json.loads(out)
     assert res["n_bad"] == 1 and res["n_images"] == 16
     assert "zzz.png" in err
+
+
+@pytest.fixture(scope="module")
+def trained_lm(trained, tmp_path_factory):
+    """train-lm through the CLI on top of ``trained``."""
+    data, run = trained
+    model = tmp_path_factory.mktemp("cli_lm") / "model"
+    assert main(["train-lm", "--tokenizer", str(run), "--data", str(data), "--out", str(model), *TINY_OVERRIDES]) == 0
+    return model
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["chat", "--model", "{model}", "--image", "{tmp}/cut.png", "what colour is it?"], "error: {tmp}/cut.png: corrupt or truncated image"),
+        (["generate", "--model", "{model}", "{long}", "--out", "{tmp}/g.png"], "error: this input needs"),
+        (["chat", "--model", "{tmp}/nomodel", "--image", "{img}", "what?"], "error: {tmp}/nomodel: no bound text tokenizer (missing text_tokenizer)"),
+        (["generate", "--model", "{run}", "draw a circle", "--out", "{tmp}/g.png"], "error: {run}: not a model folder"),
+        (["train-lm", "--tokenizer", "{run}", "--data", "{tmp}/empty", "--out", "{tmp}/m"], "error: {tmp}/empty: neither instruct.json"),
+        (["train-lm", "--tokenizer", "{tmp}/empty", "--data", "{data}", "--out", "{tmp}/m"], "error: {tmp}/empty: not a tokenizer folder"),
+    ],
+)
+def test_stage2_bad_input_gets_one_error_line_and_exit_2(trained, trained_lm, capsys, tmp_path, args, message):
+    import shutil
+
+    data, run = trained
+    img = data / "test" / "images" / "000000.png"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "cut.png").write_bytes(img.read_bytes()[:60])
+    shutil.copytree(trained_lm, tmp_path / "nomodel")
+    shutil.rmtree(tmp_path / "nomodel" / "text_tokenizer")
+    long = "draw " + " and ".join(["a small red circle at the top left"] * 150)
+
+    def fill(s):
+        return s.format(data=data, run=run, tmp=tmp_path, model=trained_lm, img=img, long=long)
+
+    rc, out, err = run_cli(capsys, *map(fill, args))
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(fill(message)), err
+
+
+def test_eval_model_skips_and_counts_malformed_lines(trained, trained_lm, capsys, tmp_path):
+    import shutil
+
+    data, _ = trained
+    split = tmp_path / "d" / "test"
+    shutil.copytree(data / "test", split, ignore=shutil.ignore_patterns(".codes"))
+    lines = (split / "t2i.jsonl").read_text().splitlines()
+    (split / "t2i.jsonl").write_text("\n".join(lines[:3] + ["{oops", '{"image": 3}'] + lines[3:]) + "\n")
+    rc, out, err = run_cli(capsys, "eval", "model", "--model", trained_lm, "--data", tmp_path / "d", "--split", "test", "--max-t2i", "4")
+    assert rc == 1
+    res = json.loads(out)
+    assert res["bad_records"] == 2 and res["t2i_n"] == 4
+    assert "skipping t2i.jsonl line 4: not valid JSON" in err and "line 5" in err

@@ -161,6 +161,9 @@ class LMTrainConfig:
     decompress_segments: int = 1  # >1: each sample predicts one segment, the earlier ones as context
     caption_dropout: float = 0.1  # t2i captions dropped (→ unconditional) for classifier-free guidance
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # learned image position embeddings added to the Ẑ slots and the code tokens (a (row, col)
+    # table shared by both, plus a depth table for codes); false: the paper's plain sequence
+    image_positions: bool = True
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast around the LLM forward (losses in fp32)
     log_every: int = 25
     save_every: int = 500

@@ -16,6 +16,7 @@ def model(model_run):
 
 
 def test_latents_replace_exactly_the_image_slots(model):
+    assert model.image_pos is not None  # on by default; the Ẑ content itself is never transformed
     codes = torch.randint(0, model.tokenizer.codebook.num_codes, (2, *model.tokenizer.grid_shape))
     ids, at = model.fmt.prompt("what colour is the object in the center?")
     input_ids = torch.tensor([ids, ids])
@@ -24,7 +25,7 @@ def test_latents_replace_exactly_the_image_slots(model):
     emb = model.embed_inputs(input_ids, image_at, z)
     plain = model.llm.get_input_embeddings()(input_ids)
     n = model.tokenizer.num_latents
-    assert torch.equal(emb[0, at:at + n], z[0])
+    assert torch.allclose(emb[0, at:at + n], z[0] + model.image_pos.latents())  # Ẑ plus where each slot sits
     assert torch.equal(emb[0, :at], plain[0, :at]) and torch.equal(emb[0, at + n:], plain[0, at + n:])
     assert torch.equal(emb[1], plain[1])
 
@@ -46,10 +47,13 @@ def test_kv_cache_decoding_matches_full_recomputation(model):
     prompt = "draw a small red circle at the top left"
     fast = model.generate_codes([prompt], cfg_scale=1.0, temperature=0.0).flatten()
     ids = model.fmt.t2i_prefix(prompt)
+    start = len(ids)
     slow = []
     with torch.no_grad():
         for _ in range(12):
-            logits = model.llm(input_ids=torch.tensor([ids])).logits[0, -1]
+            x = torch.tensor([ids])
+            emb = model.embed_inputs(x, torch.tensor([-1]), None, torch.tensor([start]), torch.tensor([len(ids) - start]))
+            logits = model.llm(inputs_embeds=emb).logits[0, -1]
             k = int(logits[model.code_token_ids].argmax())
             slow.append(k)
             ids.append(int(model.code_token_ids[k]))

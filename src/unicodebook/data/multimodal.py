@@ -71,7 +71,8 @@ def read_llava(path: Path) -> tuple[list[Conversation], int]:
             log.warning("skipping %s item %d: %s", path.name, i, why)
             bad += 1
             continue
-        out.append(Conversation(it["image"], [{"from": t["from"], "value": t["value"]} for t in it["conversations"]]))
+        turns = [{k: t[k] for k in ("from", "value", "type") if k in t} for t in it["conversations"]]
+        out.append(Conversation(it["image"], turns))
     return out, bad
 
 

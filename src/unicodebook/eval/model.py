@@ -68,8 +68,9 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
         res.update(_vqa(model, cache, questions_of(convs)[:max_vqa], batch_size, progress, pictures))
         images = sorted({c.image for c in convs if c.image in cache.index})[:max_decompress]
         res["decompression_code_accuracy"] = _decompression(model, cache, images, batch_size)
+    pairs = pairs[:max_t2i]
     if pairs:
-        res.update(_t2i(model, pairs[:max_t2i], batch_size, cfg_scale, temperature, top_k, seed, progress, pictures))
+        res.update(_t2i(model, pairs, batch_size, cfg_scale, temperature, top_k, seed, progress, pictures))
     model.train(was)
     return res
 
@@ -114,7 +115,8 @@ def _decompression(model, cache, images: list[str], batch_size: int) -> float:
         samples = [fmt.decompression(cache.codes[k].long(), j) for j, k in enumerate(keys)]
         batch = collate(samples, fmt.pad_id if fmt.pad_id is not None else 0)
         dev = model.device
-        emb = model.embed_inputs(batch.input_ids.to(dev), batch.image_at.to(dev), model.latents(cache.codes[keys].long()))
+        emb = model.embed_inputs(batch.input_ids.to(dev), batch.image_at.to(dev), model.latents(cache.codes[keys].long()),
+                                 batch.codes_at.to(dev), batch.n_codes.to(dev))
         logits = model.llm(inputs_embeds=emb, attention_mask=batch.attention_mask.to(dev)).logits
         pred, target = logits[:, :-1].argmax(-1), batch.labels[:, 1:].to(dev)
         is_code = (target != IGNORE) & torch.isin(target, model.code_token_ids)

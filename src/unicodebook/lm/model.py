@@ -42,12 +42,45 @@ class LMOutput:
     n_tokens: int
 
 
+class ImagePositions(nn.Module):
+    """Where in the picture a Ẑ slot or a code token sits, as an embedding added to its input.
+
+    A causal LM with relative (RoPE) positions would otherwise have to count tokens since the
+    image began to know the row, column and depth of a code. One (row, col) table is shared by
+    the Ẑ slots and the codes of the same cell, so "copy the code of this cell" and "draw here"
+    become lookups; codes add a depth table. Not a projector: Ẑ itself is unchanged.
+    """
+
+    def __init__(self, grid_shape: tuple[int, int, int], latent_size: int, dim: int, std: float = 0.02):
+        super().__init__()
+        gh, gw, g = grid_shape
+        self.cell = nn.Parameter(torch.randn(gh * gw, dim) * std)
+        self.depth = nn.Parameter(torch.randn(g, dim) * std)
+        r = torch.arange(latent_size) * gh // latent_size
+        c = torch.arange(latent_size) * gw // latent_size
+        self.register_buffer("latent_cell", (r[:, None] * gw + c[None, :]).flatten(), persistent=False)
+        self.g = g
+
+    # F.embedding rather than advanced indexing: its CPU backward sums repeated rows in a fixed
+    # order, so a seeded run is bit-for-bit repeatable (and resumable)
+    def latents(self) -> Tensor:
+        """(h·w, d) for the Ẑ slots."""
+        return F.embedding(self.latent_cell, self.cell)
+
+    def codes(self, index: Tensor) -> Tensor:
+        """index (...) of codes in sequence order → (..., d)."""
+        return F.embedding(index // self.g, self.cell) + F.embedding(index % self.g, self.depth)
+
+
 class UniCodeLM(nn.Module):
     """The LLM (trainable) and the visual tokenizer (frozen, kept out of ``parameters()``)."""
 
-    def __init__(self, llm, tokenizer, text_tok):
+    def __init__(self, llm, tokenizer, text_tok, image_positions: bool = True):
         super().__init__()
         self.llm = llm
+        dim = input_embedding(llm).weight.shape[1]
+        std = float(getattr(llm.config, "initializer_range", 0.02))
+        self.image_pos = ImagePositions(tokenizer.grid_shape, tokenizer.latent_size, dim, std) if image_positions else None
         self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False)
         self.text_tok = text_tok
         cb = tokenizer.codebook
@@ -77,21 +110,39 @@ class UniCodeLM(nn.Module):
         with torch.no_grad():
             return self.tokenizer.embed(codes.to(self.tokenizer.codebook.embed.device).long())
 
-    def embed_inputs(self, input_ids: Tensor, image_at: Tensor, latents: Tensor | None) -> Tensor:
-        """Token embeddings with Ẑ written over the h·w slots starting at ``image_at`` (rows ≥ 0)."""
+    def embed_inputs(self, input_ids: Tensor, image_at: Tensor, latents: Tensor | None,
+                     codes_at: Tensor | None = None, n_codes: Tensor | None = None) -> Tensor:
+        """Token embeddings with Ẑ written over the h·w slots starting at ``image_at`` (rows ≥ 0),
+        and (with image positions) the position embeddings of those slots and of the ``n_codes``
+        code tokens starting at ``codes_at``."""
         emb = input_embedding(self.llm)(input_ids)
         rows = (image_at >= 0).nonzero().flatten()
         if rows.numel():
             if latents is None or latents.shape[0] != rows.numel():
                 raise ValueError("one Ẑ per row with an image is needed")
+            latents = latents.to(emb.device, emb.dtype)
+            if self.image_pos is not None:
+                latents = latents + self.image_pos.latents().to(emb.dtype)
             pos = image_at[rows, None] + torch.arange(latents.shape[1], device=emb.device)
-            emb = emb.index_put((rows[:, None], pos), latents.to(emb.device, emb.dtype))
+            emb = emb.index_put((rows[:, None], pos), latents)
+        if self.image_pos is not None and codes_at is not None:
+            offs = torch.arange(input_ids.shape[1], device=emb.device) - codes_at[:, None]
+            inside = (codes_at[:, None] >= 0) & (offs >= 0) & (offs < n_codes[:, None])
+            if bool(inside.any()):
+                emb = emb.index_put(inside.nonzero(as_tuple=True), emb[inside] + self.image_pos.codes(offs[inside]).to(emb.dtype))
+        return emb
+
+    def code_embedding(self, token_ids: Tensor, index: int) -> Tensor:
+        """Input embedding (B, 1, d) of the code tokens at sequence index ``index`` of an image."""
+        emb = input_embedding(self.llm)(token_ids[:, None])
+        if self.image_pos is not None:
+            emb = emb + self.image_pos.codes(torch.tensor([index], device=emb.device)).to(emb.dtype)
         return emb
 
     def forward(self, batch: Batch, latents: Tensor | None) -> LMOutput:
         dev = self.device
         ids, labels, mask = batch.input_ids.to(dev), batch.labels.to(dev), batch.attention_mask.to(dev)
-        emb = self.embed_inputs(ids, batch.image_at.to(dev), latents)
+        emb = self.embed_inputs(ids, batch.image_at.to(dev), latents, batch.codes_at.to(dev), batch.n_codes.to(dev))
         logits = self.llm(inputs_embeds=emb, attention_mask=mask).logits
         target = labels[:, 1:]
         pred = logits[:, :-1]
@@ -125,9 +176,14 @@ class UniCodeLM(nn.Module):
         out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
         return out.logits[:, -1].float(), out.past_key_values, mask, pos[:, -1] + 1
 
-    def _step(self, token_ids: Tensor, cache, mask: Tensor, pos: Tensor):
+    def _step(self, token_ids: Tensor, cache, mask: Tensor, pos: Tensor, code_index: int | None = None):
+        """One decoding step; ``code_index``: the new tokens are codes at that index of an image."""
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        out = self.llm(input_ids=token_ids[:, None], attention_mask=mask, position_ids=pos[:, None],
+        if code_index is None:
+            emb = input_embedding(self.llm)(token_ids[:, None])
+        else:
+            emb = self.code_embedding(token_ids, code_index)
+        out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos[:, None],
                        past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float(), out.past_key_values, mask, pos + 1
 
@@ -158,7 +214,7 @@ class UniCodeLM(nn.Module):
             if t == self.codes_per_image - 1:
                 break
             nxt = self.code_token_ids[codes[:, t]]
-            logits, cache, mask, pos = self._step(torch.cat([nxt, nxt]) if guided else nxt, cache, mask, pos)
+            logits, cache, mask, pos = self._step(torch.cat([nxt, nxt]) if guided else nxt, cache, mask, pos, t)
         self.train(was)
         return self.fmt.ids_to_codes(codes)
 
@@ -222,6 +278,8 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str) 
     save_config(cfg, folder / "config.yaml")
     atomic_save_tensors(model.tokenizer.state_dict(), folder / "visual_tokenizer.safetensors",
                         metadata={"format": "unicodebook-tokenizer"})
+    if model.image_pos is not None:
+        atomic_save_tensors(model.image_pos.state_dict(), folder / "image_positions.safetensors")
     llm = model.llm
     if hasattr(llm, "merge_and_unload"):  # LoRA: save the merged weights, keep training the adapter
         import copy
@@ -236,6 +294,7 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str) 
         "format": MODEL_FORMAT, "version": MODEL_VERSION, "tokenizer_run": str(tokenizer_run),
         "image_size": tok.image_size, "grid_shape": list(tok.grid_shape), "codes_per_image": tok.codes_per_image,
         "num_latents": tok.num_latents, "num_codes": tok.codebook.num_codes,
+        "image_positions": model.image_pos is not None,
     })
 
 
@@ -284,7 +343,13 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
     except (OSError, ValueError) as e:
         raise UnicodebookError(f"cannot load the LLM in {folder}/llm: {str(e).splitlines()[0]}") from None
     text_tok = load_text_tokenizer(folder / "text_tokenizer")
-    model = UniCodeLM(llm, tok, text_tok).to(device).eval()
+    model = UniCodeLM(llm, tok, text_tok, image_positions=bool(meta.get("image_positions"))).eval()
+    if model.image_pos is not None:
+        try:
+            model.image_pos.load_state_dict(load_file(folder / "image_positions.safetensors"))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise UnicodebookError(f"{folder}/image_positions.safetensors is missing or does not fit ({str(e).splitlines()[0]})") from None
+    model.to(device)
     model.tokenizer.to(device)
     model.__dict__["config"] = cfg
     return model

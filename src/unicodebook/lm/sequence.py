@@ -39,6 +39,8 @@ class Sample:
     labels: list[int]
     image_at: int = -1  # index of the first of the h·w Ẑ positions, -1: no image input
     image_key: int = -1  # which cached image supplies Ẑ
+    codes_at: int = -1  # index of the first code token after <img>, -1: none
+    n_codes: int = 0  # how many code tokens follow (fewer than h·w·D in a decompression segment)
 
 
 class SequenceFormat:
@@ -120,7 +122,7 @@ class SequenceFormat:
         labels = [IGNORE] * len(prefix)
         labels += [self.start_id] if segment == 0 else [IGNORE]
         labels += [IGNORE] * lo + code_ids[lo:hi] + ([self.end_id, self.eos_id] if last else [])
-        return Sample(ids, labels, at, image_key)
+        return Sample(ids, labels, at, image_key, len(prefix) + 1, hi)
 
     def t2i_prefix(self, caption: str | None) -> list[int]:
         """``<s> caption <img>`` (``caption=None``: the unconditional prefix ``<s> <img>``)."""
@@ -129,7 +131,8 @@ class SequenceFormat:
     def text_to_image(self, caption: str | None, codes: torch.Tensor) -> Sample:
         prefix = self.t2i_prefix(caption)
         tail = self.codes_to_ids(codes) + [self.end_id, self.eos_id]
-        return Sample(prefix + tail, [IGNORE] * (len(prefix) - 1) + [self.start_id] + tail)
+        labels = [IGNORE] * (len(prefix) - 1) + [self.start_id] + tail
+        return Sample(prefix + tail, labels, codes_at=len(prefix), n_codes=self.codes_per_image)
 
 
 @dataclass
@@ -139,6 +142,8 @@ class Batch:
     attention_mask: torch.Tensor  # (B, L)
     image_at: torch.Tensor  # (B,), -1 where no image
     image_keys: torch.Tensor  # (B,)
+    codes_at: torch.Tensor  # (B,), -1 where no codes
+    n_codes: torch.Tensor  # (B,)
 
 
 def collate(samples: list[Sample], pad_id: int) -> Batch:
@@ -151,4 +156,8 @@ def collate(samples: list[Sample], pad_id: int) -> Batch:
         ids[i, :k] = torch.tensor(s.input_ids)
         labels[i, :k] = torch.tensor(s.labels)
         mask[i, :k] = 1
-    return Batch(ids, labels, mask, torch.tensor([s.image_at for s in samples]), torch.tensor([s.image_key for s in samples]))
+
+    def col(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(s, name) for s in samples])
+
+    return Batch(ids, labels, mask, col("image_at"), col("image_key"), col("codes_at"), col("n_codes"))

@@ -134,7 +134,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     torch.manual_seed(lc.seed)
     if lc.lora.enabled:
         llm = wrap_lora(llm, lc)
-    model = UniCodeLM(llm, tok, text_tok)
+    model = UniCodeLM(llm, tok, text_tok, image_positions=lc.image_positions)
     model.train()
 
     images = [c.image for c in records.conversations] + [c.image for c in records.captions]
@@ -150,6 +150,8 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
     modules, optimizers = {"llm": model.llm}, {"llm": opt}
+    if model.image_pos is not None:
+        modules["image_positions"] = model.image_pos
     start = 0
     if resume:
         start = load_checkpoint(ckpts[-1], modules, optimizers, kind="lm")["step"]
@@ -220,8 +222,8 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
             el = time.time() - t0
             last = {"step": step, "lr": lr, "elapsed_s": round(el, 2), "tokens_per_s": round(tokens / max(el, 1e-9), 1),
                     "bad_records": skipped, "bad_images": len(cache.bad)}
-            for t, (l, a, n) in sums.items():
-                last[f"loss_{t}"], last[f"acc_{t}"] = l / n, a / n
+            for t, (loss_sum, acc_sum, n) in sums.items():
+                last[f"loss_{t}"], last[f"acc_{t}"] = loss_sum / n, acc_sum / n
             sums = {}
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
