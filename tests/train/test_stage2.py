@@ -91,3 +91,20 @@ def test_a_local_hugging_face_llama_works_end_to_end(shapes_dir, tmp_path):
     image = model.generate_image("draw a small red circle at the top left", seed=0)
     assert tuple(image.shape) == (1, 3, 32, 32)
     assert isinstance(model.chat(image[0], "what colour is the object at the top left?"), str)
+
+
+def test_lora_trains_adapters_only_and_saves_a_merged_model(tokenizer_run, shapes_dir, tmp_path):
+    cfg = tiny_config("train_lm.steps=3", "train_lm.lora.enabled=true", "train_lm.lora.r=4", "train_lm.save_every=0")
+    train_lm(cfg, tokenizer_run, shapes_dir, tmp_path / "run", progress=False)
+    ckpt = load_file(next((tmp_path / "run" / "checkpoints").iterdir()) / "llm.safetensors")
+    assert any("lora_A" in k for k in ckpt)
+    base = load_model(tmp_path / "run")  # the merged folder loads as a plain model
+    assert not any("lora" in k for k in base.llm.state_dict())
+    # the frozen base weights did not move: merged = base + B·A, and only the adapted projections differ
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tokenizer_run / "llm")
+    merged = base.llm.state_dict()
+    for k, v in original.state_dict().items():
+        if k in merged and "proj" not in k and merged[k].shape == v.shape:
+            assert torch.equal(merged[k], v), k
