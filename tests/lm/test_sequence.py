@@ -19,7 +19,7 @@ def test_conversation_labels_only_the_assistant_turns_and_places_the_image_slots
     fmt, tok = make_format()
     turns = [{"from": "human", "value": "<image>\nwhat colour is the object at the top left?"}, {"from": "gpt", "value": "red"},
              {"from": "human", "value": "what colour is the object at the top left?"}, {"from": "gpt", "value": "red"}]
-    s = fmt.conversation(turns, image_key=0)
+    s = fmt.conversation(turns)
     assert s.input_ids[s.image_at:s.image_at + fmt.num_latents] == [fmt.image_id] * fmt.num_latents
     assert s.input_ids.count(fmt.image_id) == fmt.num_latents
     labelled = [i for i, lab in zip(s.input_ids, s.labels) if lab != IGNORE]
@@ -40,11 +40,11 @@ def test_decompression_segments_cover_every_code_once():
     fmt, _ = make_format()
     codes = torch.randint(0, 16, (2, 2, 3))
     all_ids = fmt.codes_to_ids(codes)
-    full = fmt.decompression(codes, 0)
+    full = fmt.decompression(codes)
     assert [lab for lab in full.labels if lab != IGNORE] == [fmt.start_id] + all_ids + [fmt.end_id, fmt.eos_id]
     got = []
     for seg in range(3):
-        s = fmt.decompression(codes, 0, segments=3, segment=seg)
+        s = fmt.decompression(codes, segments=3, segment=seg)
         got += [lab for lab in s.labels if lab != IGNORE and lab not in (fmt.start_id, fmt.end_id, fmt.eos_id)]
         assert s.input_ids[s.image_at:s.image_at + fmt.num_latents] == [fmt.image_id] * fmt.num_latents
     assert got == all_ids

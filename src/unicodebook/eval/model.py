@@ -112,7 +112,7 @@ def _decompression(model, cache, images: list[str], batch_size: int) -> float:
     right = total = 0
     for s in range(0, len(images), batch_size):
         keys = [cache.index[i] for i in images[s:s + batch_size]]
-        samples = [fmt.decompression(cache.codes[k].long(), j) for j, k in enumerate(keys)]
+        samples = [fmt.decompression(cache.codes[k].long()) for k in keys]
         batch = collate(samples, fmt.pad_id if fmt.pad_id is not None else 0)
         dev = model.device
         emb = model.embed_inputs(batch.input_ids.to(dev), batch.image_at.to(dev), model.latents(cache.codes[keys].long()),

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..config import Config, config_from_dict, read_yaml, save_config
 from ..errors import UnicodebookError
-from ..utils.io import atomic_dir, atomic_save_tensors, atomic_write_json, first_state_mismatch
+from ..utils.io import atomic_dir, atomic_save_tensors, atomic_write_json
 from .llm import input_embedding, quiet_transformers
 from .sequence import IGNORE, Batch, SequenceFormat
 from .text import allowed_text_ids, load_text_tokenizer
@@ -300,9 +300,10 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str) 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCodeLM:
     """Load a stage II model folder (see the module docstring)."""
-    from ..quantize import UnifiedCodebook
-    from ..tokenizers.unicode.build import _rule
-    from ..tokenizers.unicode.model import UniCodeTokenizer
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..tokenizers.unicode.build import tokenizer_from_file
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -318,23 +319,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
         if not (folder / name).exists():
             raise UnicodebookError(f"{folder}: no bound {what} (missing {name})")
     cfg = config_from_dict(read_yaml(folder / "config.yaml"))
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(folder / "visual_tokenizer.safetensors")
-    except (SafetensorError, OSError) as e:
-        raise UnicodebookError(f"{folder}/visual_tokenizer.safetensors is corrupt or truncated ({e})") from None
-    rows = state.get("quantizer.codebook.token_ids")
-    if rows is None:
-        raise UnicodebookError(f"{folder}/visual_tokenizer.safetensors is not a UniCode tokenizer")
-    dim = state["quantizer.codebook.embed"].shape[1]
-    tok = UniCodeTokenizer(cfg.model, UnifiedCodebook(rows, dim, _rule(cfg.model.codebook)))
-    bad = first_state_mismatch(tok, state)
-    if bad:
-        raise UnicodebookError(f"{folder}/visual_tokenizer.safetensors does not match its config (first bad key: {bad})")
-    tok.load_state_dict(state)
-    tok.__dict__["config"] = cfg
+    tok = tokenizer_from_file(folder / "visual_tokenizer.safetensors", cfg)
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()

@@ -38,7 +38,6 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     image_at: int = -1  # index of the first of the h·w Ẑ positions, -1: no image input
-    image_key: int = -1  # which cached image supplies Ẑ
     codes_at: int = -1  # index of the first code token after <img>, -1: none
     n_codes: int = 0  # how many code tokens follow (fewer than h·w·D in a decompression segment)
 
@@ -85,7 +84,7 @@ class SequenceFormat:
         return code_indices.reshape(-1, *self.grid_shape)
 
     # ---------------------------------------------------------------- tasks
-    def conversation(self, turns: list[dict], image_key: int = -1) -> Sample:
+    def conversation(self, turns: list[dict]) -> Sample:
         """LLaVA turns ``[{"from": "human"|"gpt", "value": …}, …]``; loss on the gpt turns only."""
         ids, labels, image_at = self._bos(), [], -1
         labels = [IGNORE] * len(ids)
@@ -102,7 +101,7 @@ class SequenceFormat:
                 part = self.text(t["value"]) + [self.eos_id]
                 ids += part
                 labels += part
-        return Sample(ids, labels, image_at, image_key if image_at >= 0 else -1)
+        return Sample(ids, labels, image_at)
 
     def prompt(self, question: str, with_image: bool = True) -> tuple[list[int], int]:
         """The input of one question: ``<s> USER: [Ẑ] question ASSISTANT:`` → (ids, image_at)."""
@@ -111,7 +110,7 @@ class SequenceFormat:
         bos = self._bos()
         return bos + part, (len(bos) + at if at >= 0 else -1)
 
-    def decompression(self, codes: torch.Tensor, image_key: int, segments: int = 1, segment: int = 0) -> Sample:
+    def decompression(self, codes: torch.Tensor, segments: int = 1, segment: int = 0) -> Sample:
         prefix, at = self.prompt("", with_image=True)
         code_ids = self.codes_to_ids(codes)
         n = len(code_ids)
@@ -122,7 +121,7 @@ class SequenceFormat:
         labels = [IGNORE] * len(prefix)
         labels += [self.start_id] if segment == 0 else [IGNORE]
         labels += [IGNORE] * lo + code_ids[lo:hi] + ([self.end_id, self.eos_id] if last else [])
-        return Sample(ids, labels, at, image_key, len(prefix) + 1, hi)
+        return Sample(ids, labels, at, len(prefix) + 1, hi)
 
     def t2i_prefix(self, caption: str | None) -> list[int]:
         """``<s> caption <img>`` (``caption=None``: the unconditional prefix ``<s> <img>``)."""
@@ -141,7 +140,6 @@ class Batch:
     labels: torch.Tensor  # (B, L), IGNORE on padding and unlabelled positions
     attention_mask: torch.Tensor  # (B, L)
     image_at: torch.Tensor  # (B,), -1 where no image
-    image_keys: torch.Tensor  # (B,)
     codes_at: torch.Tensor  # (B,), -1 where no codes
     n_codes: torch.Tensor  # (B,)
 
@@ -160,4 +158,4 @@ def collate(samples: list[Sample], pad_id: int) -> Batch:
     def col(name: str) -> torch.Tensor:
         return torch.tensor([getattr(s, name) for s in samples])
 
-    return Batch(ids, labels, mask, col("image_at"), col("image_key"), col("codes_at"), col("n_codes"))
+    return Batch(ids, labels, mask, col("image_at"), col("codes_at"), col("n_codes"))

@@ -92,6 +92,21 @@ def save_checkpoint(run: Path, step: int, modules: dict[str, torch.nn.Module], o
     return dest
 
 
+def check_resume(run: Path, cfg, resume: bool) -> list[Path]:
+    """The checkpoints a run resumes from; refuses resuming nothing, overwriting a run, or
+    resuming with a config other than the run's ``config.yaml``."""
+    from ..config import config_to_dict, read_yaml
+
+    ckpts = list_checkpoints(run)
+    if resume and not ckpts:
+        raise UnicodebookError(f"{run}: nothing to resume (no checkpoints/step_*)")
+    if not resume and ckpts:
+        raise UnicodebookError(f"{run} already holds a run; pass --resume or choose another --out")
+    if resume and read_yaml(Path(run) / "config.yaml") != config_to_dict(cfg):
+        raise UnicodebookError(f"{run}: --resume with a config that differs from the run's config.yaml")
+    return ckpts
+
+
 def list_checkpoints(run: Path) -> list[Path]:
     root = Path(run) / "checkpoints"
     if not root.is_dir():

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config, config_to_dict, load_config, read_yaml, save_config
+from ..config import Config, load_config, save_config
 from ..data.images import ImageFolder, collate_images, is_split_root, resolve_image_folder
 from ..errors import UnicodebookError
 from ..eval.metrics import CodeUsage, psnr
@@ -27,7 +27,7 @@ from ..eval.plots import image_grid, plot_curves
 from ..tokenizers.unicode import UniCodeTokenizer, build_tokenizer, save_tokenizer
 from ..tokenizers.unicode.model import reconstruction_loss
 from ..utils.io import atomic_write_text
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import check_resume, load_checkpoint, save_checkpoint
 
 
 class ResumableBatches(torch.utils.data.Sampler):
@@ -70,12 +70,6 @@ class Stage1Result:
     seconds: float
 
 
-def _check_resume_config(run: Path, cfg: Config) -> None:
-    saved = read_yaml(run / "config.yaml")
-    if saved != config_to_dict(cfg):
-        raise UnicodebookError(f"{run}: --resume with a config that differs from the run's config.yaml")
-
-
 def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
                     progress: bool = True, val_split: str | None = "val") -> Stage1Result:
     """Run stage I. ``data``: a shapes-world root (uses ``train``/``val``) or an image folder."""
@@ -88,13 +82,7 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     train_folder = resolve_image_folder(data, "train")
 
     # ------------------------------------------------------------------ setup
-    ckpts = list_checkpoints(run) if resume else []
-    if resume and not ckpts:
-        raise UnicodebookError(f"{run}: nothing to resume (no checkpoints/step_*)")
-    if not resume and (run / "checkpoints").exists() and list_checkpoints(run):
-        raise UnicodebookError(f"{run} already holds a run; pass --resume or choose another --out")
-    if resume:
-        _check_resume_config(run, cfg)
+    ckpts = check_resume(run, cfg, resume)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
 

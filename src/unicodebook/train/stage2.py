@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config, LMTrainConfig, config_to_dict, load_config, read_yaml, save_config
+from ..config import Config, LMTrainConfig, load_config, save_config
 from ..data.multimodal import cached_codes, read_records, split_folder
 from ..errors import UnicodebookError
 from ..lm.llm import BUILTIN
@@ -28,7 +28,7 @@ from ..lm.model import UniCodeLM, save_model
 from ..lm.sequence import ASSISTANT, USER, collate
 from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_word_tokenizer
 from ..tokenizers.unicode import load_tokenizer
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import check_resume, load_checkpoint, save_checkpoint
 from .stage1 import _trim_metrics, lr_at
 
 TASKS = ("decompress", "instruct", "t2i")
@@ -98,17 +98,6 @@ def wrap_lora(llm, cfg: LMTrainConfig):
     return get_peft_model(llm, peft_cfg)
 
 
-def _check_resume(run: Path, cfg: Config, resume: bool) -> list[Path]:
-    ckpts = list_checkpoints(run) if resume else []
-    if resume and not ckpts:
-        raise UnicodebookError(f"{run}: nothing to resume (no checkpoints/step_*)")
-    if not resume and list_checkpoints(run):
-        raise UnicodebookError(f"{run} already holds a run; pass --resume or choose another --out")
-    if resume and read_yaml(run / "config.yaml") != config_to_dict(cfg):
-        raise UnicodebookError(f"{run}: --resume with a config that differs from the run's config.yaml")
-    return ckpts
-
-
 def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
              progress: bool = True) -> Stage2Result:
     """Run stage II on ``data`` (a shapes-world root — its ``train`` split — or a folder with
@@ -123,7 +112,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     llm = tok.llm
     # the tokenizer run defines the model and its LLM; stage II settings come from cfg
     cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
-    ckpts = _check_resume(run, cfg, resume)
+    ckpts = check_resume(run, cfg, resume)
     folder = split_folder(data, "train")
     records = read_records(folder)
     run.mkdir(parents=True, exist_ok=True)
@@ -171,13 +160,12 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         g = torch.Generator().manual_seed(lc.seed * 48_271 + step)
         if task == "instruct":
             items = [convs[i] for i in idx]
-            samples = [fmt.conversation(c.turns, image_key=k) for k, c in enumerate(items)]
+            samples = [fmt.conversation(c.turns) for c in items]
             keys = [cache.index[c.image] for c in items]
         elif task == "decompress":
             keys = [cache.index[decomp[i]] for i in idx]
             segs = torch.randint(lc.decompress_segments, (len(idx),), generator=g).tolist()
-            samples = [fmt.decompression(cache.codes[k].long(), j, lc.decompress_segments, s)
-                       for j, (k, s) in enumerate(zip(keys, segs))]
+            samples = [fmt.decompression(cache.codes[k].long(), lc.decompress_segments, s) for k, s in zip(keys, segs)]
         else:
             items = [caps[i] for i in idx]
             drop = (torch.rand(len(idx), generator=g) < lc.caption_dropout).tolist()

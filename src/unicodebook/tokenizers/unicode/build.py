@@ -103,6 +103,24 @@ def _read_binding(folder: Path) -> dict:
     return binding
 
 
+def tokenizer_from_file(path: Path, cfg: Config) -> UniCodeTokenizer:
+    """A tokenizer (codebook unbound) from its safetensors weights; torn or foreign files refused."""
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UnicodebookError(f"{path} is corrupt or truncated ({e})") from None
+    rows, embed = state.get("quantizer.codebook.token_ids"), state.get("quantizer.codebook.embed")
+    if rows is None or embed is None:
+        raise UnicodebookError(f"{path} is not a UniCode tokenizer checkpoint")
+    tok = UniCodeTokenizer(cfg.model, UnifiedCodebook(rows, embed.shape[1], _rule(cfg.model.codebook)))
+    bad = first_state_mismatch(tok, state)
+    if bad:
+        raise UnicodebookError(f"{path} does not match its config (first bad key: {bad})")
+    tok.load_state_dict(state)
+    tok.__dict__["config"] = cfg
+    return tok
+
+
 def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu", llm=None) -> UniCodeTokenizer:
     """Load a tokenizer folder, re-bind it to its LLM and check the binding's fingerprint."""
     folder = Path(folder)
@@ -128,19 +146,8 @@ def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu", llm=N
             f"{folder}: bound to an LLM with embedding {binding['vocab_size']}×{binding['hidden_size']}, "
             f"got {tuple(emb.weight.shape)[0]}×{tuple(emb.weight.shape)[1]}"
         )
-    try:
-        state = load_file(folder / "model.safetensors")
-    except (SafetensorError, OSError) as e:
-        raise UnicodebookError(f"{folder}/model.safetensors is corrupt or truncated ({e})") from None
-    rows = state.get("quantizer.codebook.token_ids")
-    if rows is None:
-        raise UnicodebookError(f"{folder}/model.safetensors is not a UniCode tokenizer checkpoint")
-    codebook = UnifiedCodebook(rows, binding["hidden_size"], _rule(cfg.model.codebook))
-    tok = UniCodeTokenizer(cfg.model, codebook)
-    bad = first_state_mismatch(tok, state)
-    if bad:
-        raise UnicodebookError(f"{folder}/model.safetensors does not match its config (first bad key: {bad})")
-    tok.load_state_dict(state)
+    tok = tokenizer_from_file(folder / "model.safetensors", cfg)
+    codebook, rows = tok.codebook, tok.codebook.token_ids
     if binding["mode"] == "dual" and (folder / "llm_rows.safetensors").exists():
         with torch.no_grad():
             emb.weight[rows] = load_file(folder / "llm_rows.safetensors")["rows"].to(emb.weight.dtype)
