@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .search import nearest_code
+from .search import SEARCH_MODES, SearchIndex, nearest_code, nearest_code_certified, prefer_bf16
 
 MODES = ("frozen", "dual", "iterative")
 
@@ -60,11 +60,14 @@ class CodebookRule:
     dead_threshold: float = 0.5  # a code whose EMA count falls below this is restarted
     restart_every: int = 50  # steps between dead-code restarts (0 = never)
     kmeans_init: bool = True  # dual/iterative: start the visual codebook from batch features
-    chunk_size: int = 8192  # codebook rows scored per matmul in nearest-code search
+    chunk_size: int = 4096  # codebook rows scored per matmul in nearest-code search
+    search: str = "auto"  # fp32 | bf16 (certified prefilter, same codes) | auto (bf16 for d ≥ 1024 where fast)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"codebook mode must be one of {MODES}, got {self.mode!r}")
+        if self.search not in SEARCH_MODES:
+            raise ValueError(f"codebook search must be one of {SEARCH_MODES}, got {self.search!r}")
         if not 0.0 <= self.align_start <= self.align_end <= 1.0:
             raise ValueError("codebook ramp needs 0 <= align_start <= align_end <= 1")
 
@@ -100,6 +103,7 @@ class UnifiedCodebook(nn.Module):
         self.register_buffer("ema_sum", torch.zeros(v, dim))  # (V, d)
         self.register_buffer("initialised", torch.tensor(False))
         self._llm: list[nn.Embedding] = []  # reference, not a registered submodule
+        self._index: tuple[tuple, SearchIndex] | None = None  # search cache, keyed by the codebook's version
         first = int(token_ids[0])
         contiguous = bool((token_ids == torch.arange(first, first + v, device="cpu")).all())
         self._slice = (first, first + v) if contiguous else None
@@ -179,7 +183,20 @@ class UnifiedCodebook(nn.Module):
 
     def search(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """z (N, d) → nearest code (N,) and squared distance (N,)."""
-        return nearest_code(z, self.embed, self.rule.chunk_size)
+        index = self.search_index()
+        if index.lowp is not None:
+            return nearest_code_certified(z, index, self.rule.chunk_size)
+        return nearest_code(z, index.rows, self.rule.chunk_size, index.sqnorm)
+
+    def search_index(self) -> SearchIndex:
+        """Norms (and the bf16 copy) of the codebook, rebuilt only after the codebook changed
+        (every in-place write bumps the tensor's version counter)."""
+        mode = self.rule.search
+        bf16 = mode == "bf16" or (mode == "auto" and prefer_bf16(self.dim, self.embed.device))
+        key = (self.embed.data_ptr(), self.embed._version, self.embed.device, bf16)
+        if self._index is None or self._index[0] != key:
+            self._index = (key, SearchIndex.build(self.embed, bf16))
+        return self._index[1]
 
     # ---------------------------------------------------------------- learning
     @torch.no_grad()

@@ -55,8 +55,8 @@ class ResidualQuantizer(nn.Module):
         self.entropy_samples = 1024
         self._pending: list[tuple[Tensor, Tensor]] = []  # (features, codes) for the EMA update
 
-    def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """z (..., d) → summed codes (..., d), codes (..., D), per-layer inputs (D, ..., d)."""
+    def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """z (..., d) → summed codes (..., d), codes (..., D), per-layer inputs (D·N, d) (training only)."""
         flat = z.detach().reshape(-1, z.shape[-1]).float()
         if self.training and not bool(self.codebook.initialised):
             self.codebook.kmeans_init(flat)
@@ -64,12 +64,13 @@ class ResidualQuantizer(nn.Module):
         codes, inputs = [], []
         for _ in range(self.depth):
             idx, _ = self.codebook.search(residual)
-            inputs.append(residual)
+            if self.training:  # the EMA update needs what each layer quantized
+                inputs.append(residual)
             codes.append(idx)
             residual = residual - self.codebook.lookup(idx)
         codes_t = torch.stack(codes, -1).reshape(*z.shape[:-1], self.depth)
         # the aggregate is rebuilt from the codes, so codes_to_embeddings(codes) is bit-identical
-        return self.codes_to_embeddings(codes_t).to(z.dtype), codes_t, torch.stack(inputs, 0)
+        return self.codes_to_embeddings(codes_t).to(z.dtype), codes_t, torch.cat(inputs) if inputs else None
 
     def forward(self, z: Tensor) -> QuantOutput:
         q, codes, inputs = self.quantize(z)
@@ -82,7 +83,7 @@ class ResidualQuantizer(nn.Module):
             usage = self.usage_entropy_loss(z, codes)
             loss = loss + self.entropy_weight * usage
         if self.training:
-            self._pending.append((inputs.reshape(-1, z.shape[-1]), rearrange(codes, "... D -> D (...)").reshape(-1)))
+            self._pending.append((inputs, rearrange(codes, "... D -> D (...)").reshape(-1)))
         quantized = z + (q - z).detach() if self.training else q  # straight-through in training
         return QuantOutput(quantized, codes, loss, [codes], usage)
 
@@ -119,10 +120,9 @@ class ResidualQuantizer(nn.Module):
 
     def codes_to_embeddings(self, codes: Tensor) -> Tensor:
         """codes (..., D) → Σ_l e(codes_l) (..., d), summed layer by layer in order."""
-        emb = self.codebook.lookup(codes)  # (..., D, d)
-        total = emb[..., 0, :]
+        total = self.codebook.lookup(codes[..., 0])  # one (..., d) at a time, never (..., D, d)
         for layer in range(1, codes.shape[-1]):
-            total = total + emb[..., layer, :]
+            total = total + self.codebook.lookup(codes[..., layer])
         return total
 
     def pop_updates(self) -> tuple[Tensor, Tensor] | None:
