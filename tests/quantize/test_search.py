@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from unicodebook.quantize.search import brute_force_nearest, nearest_code
+from unicodebook.quantize.codebook import CodebookRule, UnifiedCodebook
+from unicodebook.quantize.search import SearchIndex, brute_force_nearest, nearest_code, nearest_code_certified
 
 
 @pytest.mark.parametrize("n,v,d,chunk", [(257, 1000, 64, 128), (64, 33, 16, 7), (100, 512, 128, 8192)])
@@ -50,8 +51,6 @@ def test_llm_scale_search_never_materialises_n_by_v_by_d():
 
 
 # ------------------------------------------------------------------ certified bf16 prefilter
-from unicodebook.quantize.codebook import CodebookRule, UnifiedCodebook  # noqa: E402
-from unicodebook.quantize.search import SearchIndex, nearest_code_certified  # noqa: E402
 
 
 @pytest.mark.parametrize("n,v,d,chunk,scale", [(257, 1000, 64, 128, 1.0), (64, 33, 16, 7, 1e-3),
