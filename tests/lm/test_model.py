@@ -89,3 +89,19 @@ def test_a_prompt_longer_than_the_context_is_refused(model):
     long = "draw " + " and ".join(["a small red circle at the top left"] * 200)
     with pytest.raises(UnicodebookError, match="needs .* positions but the model's context is"):
         model.generate_codes([long], 1.0, 0.0, 0)
+
+
+def test_decoding_kernels_compute_the_same_linear_and_leave_the_model_as_it_was():
+    from torch import nn
+
+    from unicodebook.lm.model import decoding_kernels
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(48, 96), nn.Linear(96, 32, bias=False))
+    for rows in (1, 2, 16, 100):  # 100 rows: the plain F.linear path
+        x = torch.randn(rows, 1, 48)
+        ref = net(x)
+        with decoding_kernels(net):
+            got = net(x)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert all("forward" not in layer.__dict__ for layer in net)  # the patch is gone

@@ -1,0 +1,108 @@
+"""Benchmark 2: image generation (constrained decoding of h·w·D code tokens with CFG).
+
+For the tiny preset and a ~100M-parameter configuration, batch 1 and batch 8 (CFG doubles the
+batch): ``UniCodeLM.generate_codes`` (our constrained decoding with a KV cache) against
+``transformers``' ``generate`` on the same model with an equivalent logits processor (CFG mix,
+code ids only), greedy so the two must emit the same codes (asserted), and against the
+physical bound for batch-1 decoding: the weight bytes read per token over the memory read
+bandwidth measured in the same run.
+
+    python bench/generate.py [--presets tiny 100m] [--batches 1 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, read_bandwidth, table, write_json
+from _models import build_model, n_params
+
+CFG_SCALE = 3.0
+
+
+class CodesOnlyCFG(LogitsProcessor):
+    """The same rule as ours for ``generate``: rows [cond; uncond] → u + s·(c − u) on code ids,
+    written to both halves so they take the same token; every other id is −inf."""
+
+    def __init__(self, code_ids: torch.Tensor, scale: float):
+        self.code_ids, self.scale = code_ids, scale
+
+    def __call__(self, input_ids, scores):
+        b = scores.shape[0] // 2
+        sub = scores[:, self.code_ids]
+        mixed = sub[b:] + self.scale * (sub[:b] - sub[b:])
+        out = torch.full_like(scores, float("-inf"))
+        out[:, self.code_ids] = torch.cat([mixed, mixed])
+        return out
+
+
+def hf_generate(model, prompts: list[str]) -> torch.Tensor:
+    rows = [model.fmt.t2i_prefix(p) for p in prompts] + [model.fmt.t2i_prefix(None)] * len(prompts)
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):  # left padding, as ours
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    n = model.codes_per_image
+    out = model.llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, logits_processor=LogitsProcessorList([CodesOnlyCFG(model.code_token_ids, CFG_SCALE)]),
+                             pad_token_id=0, eos_token_id=None)
+    return out[: len(prompts), width:]
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["tiny", "100m"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    bandwidth = read_bandwidth()
+    rows, raw = [], {}
+    for preset in args.presets:
+        model = build_model(preset)
+        emb = model.llm.get_input_embeddings().weight
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.llm.parameters()) - emb.numel() * emb.element_size()
+        bound_tps = bandwidth * 1e9 / weight_bytes  # batch-1 tokens/s if only the weights cost time
+        n = model.codes_per_image
+        per_batch = {}
+        for b in args.batches:
+            prompts = ["a red circle on the left of a blue square"] * b
+            with torch.no_grad():
+                model.generate_codes(prompts[:1], CFG_SCALE, temperature=0)  # warm-up
+                ours, t_ours = timed(lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0))
+                theirs, t_hf = timed(lambda: hf_generate(model, prompts))
+            same = torch.equal(model.code_token_ids[ours.reshape(b, -1)], theirs)
+            assert same, f"{preset} batch {b}: generate emitted different codes"
+            per_batch[b] = t_ours
+            raw[f"{preset}/b{b}"] = {"ours_s": t_ours, "generate_s": t_hf}
+            rows.append([preset, f"{n_params(model.llm) / 1e6:.0f}M", b, f"{t_ours / b:.2f}", f"{b * n / t_ours:.0f}",
+                         f"{b * n / t_hf:.0f}", f"{t_hf / t_ours:.2f}×",
+                         f"{n / t_ours / bound_tps:.0%}" if b == 1 else "",
+                         f"{(b / t_ours) / (1 / per_batch[1]):.1f}×" if 1 in per_batch and b > 1 else ""])
+        raw[preset] = {"weight_bytes": weight_bytes, "bound_tokens_per_s": bound_tps}
+        print(f"{preset}: {weight_bytes / 2**20:.0f} MiB of weights read per token → bound {bound_tps:.0f} tokens/s at batch 1")
+    print(f"\nimage generation, {n} code tokens per image, CFG {CFG_SCALE} (batch b runs 2b sequences), greedy, fp32")
+    print(f"machine: {machine()}; memory read bandwidth (same run): {bandwidth:.1f} GB/s")
+    print("ours and generate emitted identical codes\n")
+    print(table(["model", "params", "batch", "s / image", "tokens/s ours", "tokens/s generate", "speed-up",
+                 "of bandwidth bound (b=1)", "images/s vs b=1"], rows))
+    write_json(args.json, {"machine": machine(), "bandwidth_gbs": bandwidth, "results": raw})
+
+
+if __name__ == "__main__":
+    main()
