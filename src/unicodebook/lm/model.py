@@ -179,12 +179,12 @@ class UniCodeLM(nn.Module):
         ids, labels, mask = batch.input_ids.to(dev), batch.labels.to(dev), batch.attention_mask.to(dev)
         emb = self.embed_inputs(ids, batch.image_at.to(dev), latents, batch.codes_at.to(dev), batch.n_codes.to(dev))
         logits = self.llm(inputs_embeds=emb, attention_mask=mask).logits
-        target = labels[:, 1:]
-        pred = logits[:, :-1]
-        loss = F.cross_entropy(pred.float().reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+        # shift the labels, not the logits: no copy of the (B, L, V) tensor
+        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE)
         keep = target != IGNORE
         with torch.no_grad():
-            acc = (pred.argmax(-1)[keep] == target[keep]).float().mean()
+            acc = (logits.argmax(-1)[keep] == target[keep]).float().mean()
         return LMOutput(loss, acc, int(keep.sum()))
 
     # ---------------------------------------------------------------- decoding
