@@ -7,7 +7,7 @@ code ids only), greedy so the two must emit the same codes (asserted), and again
 physical bound for batch-1 decoding: the weight bytes read per token over the memory read
 bandwidth measured in the same run.
 
-    python bench/generate.py [--presets tiny 100m] [--batches 1 8] [--json out.json]
+    python bench/generate.py [--presets tiny 100m] [--batches 1 8] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, read_bandwidth, table, write_json
+from _common import machine, read_bandwidth, sync, table, write_json
 from _models import build_model, n_params
 
 CFG_SCALE = 3.0
@@ -44,12 +44,13 @@ class CodesOnlyCFG(LogitsProcessor):
 
 
 def hf_generate(model, prompts: list[str]) -> torch.Tensor:
+    dev = model.device
     rows = [model.fmt.t2i_prefix(p) for p in prompts] + [model.fmt.t2i_prefix(None)] * len(prompts)
     width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):  # left padding, as ours
-        ids[i, width - len(r):] = torch.tensor(r)
+        ids[i, width - len(r):] = torch.tensor(r, device=dev)
         mask[i, width - len(r):] = 1
     n = model.codes_per_image
     out = model.llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -58,9 +59,11 @@ def hf_generate(model, prompts: list[str]) -> torch.Tensor:
     return out[: len(prompts), width:]
 
 
-def timed(fn):
+def timed(fn, device: str):
+    sync(device)
     t = time.perf_counter()
     out = fn()
+    sync(device)
     return out, time.perf_counter() - t
 
 
@@ -68,13 +71,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny", "100m"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--device", default="cpu")
     p.add_argument("--json")
     args = p.parse_args()
     torch.manual_seed(0)
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(args.device)
     rows, raw = [], {}
     for preset in args.presets:
-        model = build_model(preset)
+        model = build_model(preset, args.device)
         emb = model.llm.get_input_embeddings().weight
         weight_bytes = sum(t.numel() * t.element_size() for t in model.llm.parameters()) - emb.numel() * emb.element_size()
         bound_tps = bandwidth * 1e9 / weight_bytes  # batch-1 tokens/s if only the weights cost time
@@ -84,8 +88,8 @@ def main() -> None:
             prompts = ["a red circle on the left of a blue square"] * b
             with torch.no_grad():
                 model.generate_codes(prompts[:1], CFG_SCALE, temperature=0)  # warm-up
-                ours, t_ours = timed(lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0))
-                theirs, t_hf = timed(lambda: hf_generate(model, prompts))
+                ours, t_ours = timed(lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0), args.device)
+                theirs, t_hf = timed(lambda: hf_generate(model, prompts), args.device)
             same = torch.equal(model.code_token_ids[ours.reshape(b, -1)], theirs)
             assert same, f"{preset} batch {b}: generate emitted different codes"
             per_batch[b] = t_ours
@@ -97,11 +101,11 @@ def main() -> None:
         raw[preset] = {"weight_bytes": weight_bytes, "bound_tokens_per_s": bound_tps}
         print(f"{preset}: {weight_bytes / 2**20:.0f} MiB of weights read per token → bound {bound_tps:.0f} tokens/s at batch 1")
     print(f"\nimage generation, {n} code tokens per image, CFG {CFG_SCALE} (batch b runs 2b sequences), greedy, fp32")
-    print(f"machine: {machine()}; memory read bandwidth (same run): {bandwidth:.1f} GB/s")
+    print(f"machine: {machine(args.device)}; memory read bandwidth (same run): {bandwidth:.1f} GB/s")
     print("ours and generate emitted identical codes\n")
     print(table(["model", "params", "batch", "s / image", "tokens/s ours", "tokens/s generate", "speed-up",
                  "of bandwidth bound (b=1)", "images/s vs b=1"], rows))
-    write_json(args.json, {"machine": machine(), "bandwidth_gbs": bandwidth, "results": raw})
+    write_json(args.json, {"machine": machine(args.device), "bandwidth_gbs": bandwidth, "results": raw})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 Encode = image → codes (encoder, quantizer search); decode = codes → image (codebook,
 aggregation, decoder). Random weights; speed does not depend on training.
 
-    python bench/tokenizer.py [--width 32] [--json out.json]
+    python bench/tokenizer.py [--width 32] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,26 +36,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--json")
     args = p.parse_args()
     rows, raw = [], {}
     for name, (cfg, batch) in configs(args.width).items():
-        tok = build_tokenizer(cfg, seed=0).eval()
-        images = torch.rand(batch, 3, cfg.model.image_size, cfg.model.image_size, generator=torch.Generator().manual_seed(0))
+        tok = build_tokenizer(cfg, seed=0).eval().to(args.device)
+        images = torch.rand(batch, 3, cfg.model.image_size, cfg.model.image_size,
+                            generator=torch.Generator().manual_seed(0)).to(args.device)
         with torch.inference_mode():
             codes = tok.encode(images)
-            t_enc = timeit(lambda: tok.encode(images), repeat=args.repeat)
-            t_dec = timeit(lambda: tok.decode(codes), repeat=args.repeat)
+            t_enc = timeit(lambda: tok.encode(images), args.device, repeat=args.repeat)
+            t_dec = timeit(lambda: tok.decode(codes), args.device, repeat=args.repeat)
         search = "bf16 certified" if tok.codebook.search_index().lowp is not None else "fp32"
         ae = sum(p.numel() for n, p in tok.named_parameters() if not n.startswith("codebook"))
         raw[name] = {"batch": batch, "encode_s": t_enc, "decode_s": t_dec}
         rows.append([name, f"{tok.codebook.num_codes}×{tok.codebook.dim}", search, f"{ae / 1e6:.1f}M",
                      tok.codes_per_image, batch, f"{batch / t_enc:.1f}", f"{batch / t_dec:.1f}"])
     print(f"\nvisual tokenizer throughput (fp32, median of {args.repeat}; 256 px autoencoder width {args.width})")
-    print(f"machine: {machine()}\n")
+    print(f"machine: {machine(args.device)}\n")
     print(table(["setting", "codebook", "search", "autoencoder params", "codes / image", "batch",
                  "encode images/s", "decode images/s"], rows))
-    write_json(args.json, {"machine": machine(), "width": args.width, "results": raw})
+    write_json(args.json, {"machine": machine(args.device), "width": args.width, "results": raw})
 
 
 if __name__ == "__main__":
