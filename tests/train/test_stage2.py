@@ -39,6 +39,17 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(model_run, tokeniz
     assert strip(_metrics(copy)) == strip(_metrics(model_run))
 
 
+def test_sampling_during_training_writes_grids_and_leaves_training_unchanged(model_run, tokenizer_run, shapes_dir, tmp_path):
+    """Preview grids every 2 steps (decoding in inference mode, seeded apart from training):
+    the same final weights as the run that never sampled."""
+    run = tmp_path / "run"
+    train_lm(tiny_config("train_lm.sample_every=2"), tokenizer_run, shapes_dir, run, progress=False)
+    assert sorted(p.name for p in (run / "samples").glob("t2i_*.png")) == [
+        "t2i_0000002.png", "t2i_0000004.png", "t2i_0000006.png", "t2i_final.png"]  # the last step: final
+    a, b = load_file(model_run / "llm" / "model.safetensors"), load_file(run / "llm" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_malformed_records_are_skipped_and_counted(tokenizer_run, shapes_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(shapes_dir / "train", data / "train", ignore=shutil.ignore_patterns(".codes"))
