@@ -93,14 +93,6 @@ def worker_env() -> dict:
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def matmul_rate(m: int, k: int, n: int, dtype=torch.float32, device: str = "cpu", repeat: int = 3) -> float:
-    """GFLOP/s of an (m×k)·(k×n) matmul: the ceiling for a matmul-bound kernel of that shape."""
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(n, k, device=device).to(dtype)
-    sec = timeit(lambda: a @ b.t(), device, repeat=repeat)
-    return 2 * m * k * n / sec / 1e9
-
-
 def read_bandwidth(device: str = "cpu", mbytes: int = 1024, repeat: int = 5) -> float:
     """GB/s of reading a large fp32 buffer once (a sum), the bound for batch-1 decoding."""
     x = torch.ones(mbytes * 2**20 // 4, device=device)

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PeakMemory, machine, table, timeit, worker_env, write_json
@@ -73,14 +74,15 @@ def worker(args) -> None:
         if args.memory:
             with PeakMemory(args.device) as mem:
                 codes = call(z)
-            torch.save(codes.cpu(), args.codes)  # plain tensor of ints, between our own processes
+            save_file({"codes": codes.cpu().contiguous()}, args.codes)
             print(json.dumps({"peak_bytes": mem.peak}))
             return
         sec = timeit(lambda: call(z), args.device, repeat=args.repeat, warmup=1)
-    state = sum(t.numel() * t.element_size() for t in list(module.buffers()) + list(module.parameters()))
-    if args.worker.startswith("ours"):
+    kept = list(module.buffers()) + list(module.parameters())  # codebook and its EMA statistics
+    if args.worker.startswith("ours"):  # plus the cached search index (its fp32 rows are the codebook)
         ix = module.codebook.search_index()
-        state = sum(t.numel() * t.element_size() for t in (ix.rows, ix.sqnorm, ix.lowp, ix.lowp_norm, ix.err_norm) if t is not None)
+        kept += [t for t in (ix.sqnorm, ix.lowp, ix.lowp_norm, ix.err_norm) if t is not None]
+    state = sum(t.numel() * t.element_size() for t in kept)
     print(json.dumps({"seconds": sec, "state_bytes": state}))
 
 
@@ -112,10 +114,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         for m in METHODS:
-            out = Path(tmp) / f"{m}.pt"
+            out = Path(tmp) / f"{m}.safetensors"
             results[m] = child("--worker", m)
             results[m].update(child("--worker", m, "--memory", "--codes", str(out), env=worker_env()))
-            codes[m] = torch.load(out)
+            codes[m] = load_file(out)["codes"]
     rate = child("--worker", "matmul")["gflops"]
     for m in METHODS[1:]:
         assert torch.equal(codes[m], codes[METHODS[0]]), f"{m} returned different codes from {METHODS[0]}"

@@ -11,9 +11,9 @@ Two ways to score a block, same answer:
 * ``fp32`` — one fp32 GEMM per block (:func:`nearest_code`).
 * ``bf16`` — *certified* prefilter (:func:`nearest_code_certified`): the block is scored with a
   bf16 GEMM (2.6× the fp32 rate on a CPU with AVX512-BF16, far more on tensor cores) and a
-  rigorous bound on its rounding error keeps every code
-  that could still be the nearest; only those candidates are rescored in fp32. The returned
-  codes are those of the fp32 search (up to fp32 ties), not an approximation.
+  rigorous bound on its rounding error keeps every code that could still be the nearest; only
+  those candidates are rescored in fp32. The returned codes are those of the fp32 search (up
+  to fp32 ties), not an approximation.
 """
 
 from __future__ import annotations
