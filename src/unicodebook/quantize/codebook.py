@@ -13,8 +13,10 @@ Code index ``k`` stands for LLM token id ``token_ids[k]``. Three learning paradi
                   ``[align_start, align_end]`` of training; from ``align_end`` on ``C == C_L``
                   exactly. The LLM's embeddings are only read, never written.
 
-EMA statistics and restarts are all-reduced / broadcast when ``torch.distributed`` is
-initialised, so every rank holds the same codebook.
+Under ``torch.distributed`` every rank holds the same codebook, and the same one a single
+process would hold on the global batch: EMA statistics are all-reduced, and k-means starts and
+dead-code restarts draw from the features of all ranks (all-gathered, rank-major, which is the
+global batch's order when each rank holds a contiguous slice of it).
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def _all_reduce_(*tensors: Tensor) -> None:
 def _broadcast_(t: Tensor) -> None:
     if _dist_on():
         dist.broadcast(t, src=0)
+
+
+def gather_rows(t: Tensor) -> Tensor:
+    """Concatenate ``t`` (N, ...) of every rank along dim 0, rank 0 first (ranks' N must agree)."""
+    if not _dist_on() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 @dataclass
@@ -200,7 +211,7 @@ class UnifiedCodebook(nn.Module):
 
     # ---------------------------------------------------------------- learning
     @torch.no_grad()
-    def update(self, features: Tensor, codes: Tensor, progress: float, step: int, generator: torch.Generator | None = None) -> None:
+    def update(self, features: Tensor, codes: Tensor, progress: float, step: int, generator: torch.Generator | None = None) -> int:
         """One training-step update of the visual codebook.
 
         Args:
@@ -209,15 +220,17 @@ class UnifiedCodebook(nn.Module):
             progress: step / total_steps in [0, 1] (drives the iterative ramp).
             step: global step (drives the sync and restart schedules).
             generator: RNG for restarts (seeded from the run seed and step for exact resume).
+
+        Returns the number of dead codes restarted.
         """
         rule = self.rule
         if rule.mode == "frozen":
-            return
+            return 0
         features = features.detach().float()
         w_lang = rule.language_weight(progress) if rule.mode == "iterative" else 0.0
         if rule.mode == "iterative" and w_lang >= 1.0:
             self.read_from_llm()  # end of the ramp: C == C_L exactly, no more EMA
-            return
+            return 0
         # EMA of counts and sums of assigned features (all ranks see the global batch stats)
         counts = torch.bincount(codes, minlength=self.num_codes).float()
         sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, features)
@@ -228,12 +241,14 @@ class UnifiedCodebook(nn.Module):
         n = self.ema_count.sum()
         smoothed = (self.ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n
         self.embed.copy_(self.ema_sum / smoothed[:, None])
+        restarted = 0
         if rule.restart_every and step % rule.restart_every == 0 and step > 0:
-            self._restart_dead(features, generator)
+            restarted = self._restart_dead(features, generator)
         if rule.mode == "iterative":
             self._align(w_lang, step)
         elif rule.mode == "dual" and (step + 1) % rule.dual_sync_every == 0:
             self.write_to_llm()
+        return restarted
 
     def _align(self, w_lang: float, step: int) -> None:
         """iterative: rescale each code to its token's norm, then pull towards C_L."""
@@ -246,11 +261,13 @@ class UnifiedCodebook(nn.Module):
         self.ema_sum.copy_(self.embed * self.ema_count[:, None])  # keep EMA consistent
 
     def _restart_dead(self, features: Tensor, generator: torch.Generator | None) -> int:
-        """Replace codes whose EMA count fell below the threshold by random batch features."""
+        """Replace codes whose EMA count fell below the threshold by random features of the
+        global batch (all ranks see the same dead set: the counts are all-reduced)."""
         dead = self.ema_count < self.rule.dead_threshold
         n_dead = int(dead.sum())
         if n_dead == 0:
             return 0
+        features = gather_rows(features)
         pick = torch.randint(0, features.shape[0], (n_dead,), generator=generator, device="cpu")
         new = features[pick.to(features.device)].clone()
         new += 0.01 * new.std() * torch.randn(new.shape, generator=generator, device="cpu").to(new.device)
@@ -266,7 +283,7 @@ class UnifiedCodebook(nn.Module):
         if self.rule.mode == "frozen" or bool(self.initialised):
             self.initialised.fill_(True)
             return
-        x = features.detach().float()
+        x = gather_rows(features.detach().float())
         pick = torch.randint(0, x.shape[0], (self.num_codes,), generator=generator, device="cpu").to(x.device)
         cent = x[pick].clone()
         for _ in range(iters):

@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -69,10 +71,17 @@ class ResidualQuantizer(nn.Module):
             codes.append(idx)
             residual = residual - self.codebook.lookup(idx)
         codes_t = torch.stack(codes, -1).reshape(*z.shape[:-1], self.depth)
+        # position-major (N, D, d): the order is the same whether the batch is split across
+        # ranks or not, so restarts drawn from it are too
+        inputs_t = torch.stack(inputs, 1).reshape(-1, flat.shape[-1]) if inputs else None
         # the aggregate is rebuilt from the codes, so codes_to_embeddings(codes) is bit-identical
-        return self.codes_to_embeddings(codes_t).to(z.dtype), codes_t, torch.cat(inputs) if inputs else None
+        return self.codes_to_embeddings(codes_t).to(z.dtype), codes_t, inputs_t
 
     def forward(self, z: Tensor) -> QuantOutput:
+        with torch.autocast("cuda" if z.is_cuda else "cpu", enabled=False):  # distances, losses and EMA maths in fp32
+            return self._forward(z)
+
+    def _forward(self, z: Tensor) -> QuantOutput:
         q, codes, inputs = self.quantize(z)
         # commitment: pull the encoder output towards the (stop-gradient) aggregated codes
         loss = self.beta * F.mse_loss(z.float(), q.detach().float())
@@ -83,7 +92,7 @@ class ResidualQuantizer(nn.Module):
             usage = self.usage_entropy_loss(z, codes)
             loss = loss + self.entropy_weight * usage
         if self.training:
-            self._pending.append((inputs, rearrange(codes, "... D -> D (...)").reshape(-1)))
+            self._pending.append((inputs, codes.reshape(-1)))
         quantized = z + (q - z).detach() if self.training else q  # straight-through in training
         return QuantOutput(quantized, codes, loss, [codes], usage)
 
@@ -94,13 +103,17 @@ class ResidualQuantizer(nn.Module):
         codebook (temperature = ``entropy_temperature`` × mean ‖C‖²). Minimising it makes
         each assignment confident and the batch's codes spread over the whole codebook
         (the entropy term of MAGVIT-2's LFQ); the gradient reaches the encoder through r.
-        Memory: n×V per layer for n = min(N, entropy_samples) vectors.
+        Memory: n×V per layer for n = min(N, entropy_samples) vectors. Under torch.distributed
+        each rank scores its share of the subset and the marginal is all-reduced, so the term
+        is that of the global batch.
         """
         cb = self.codebook.embed
         flat = z.reshape(-1, z.shape[-1]).float()
         flat_codes = codes.reshape(-1, self.depth)
-        if flat.shape[0] > self.entropy_samples:  # a random subset estimates the batch marginal
-            keep = torch.randperm(flat.shape[0], device=flat.device)[: self.entropy_samples]
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        samples = max(1, self.entropy_samples // world)  # each rank's share of the global subset
+        if flat.shape[0] > samples:  # a random subset estimates the batch marginal
+            keep = torch.randperm(flat.shape[0], device=flat.device)[:samples]
             flat, flat_codes = flat[keep], flat_codes[keep]
         prev = torch.zeros_like(flat)
         sq = cb.pow(2).sum(1)
@@ -113,6 +126,8 @@ class ResidualQuantizer(nn.Module):
             p = logp.exp()
             per_sample = -(p * logp).sum(1).mean()
             avg = p.mean(0)
+            if world > 1:  # the marginal of the global batch (differentiable all-reduce)
+                avg = dist_nn.all_reduce(avg) / world
             marginal = -(avg * avg.clamp_min(1e-12).log()).sum()
             total = total + (per_sample - marginal)
             prev = prev + self.codebook.lookup(flat_codes[:, layer])
