@@ -188,3 +188,24 @@ def test_eval_model_skips_and_counts_malformed_lines(trained, trained_lm, capsys
     res = json.loads(out)
     assert res["bad_records"] == 2 and res["t2i_n"] == 4
     assert "skipping t2i.jsonl line 4: not valid JSON" in err and "line 5" in err
+
+
+def test_data_shards_packs_a_split_and_reports_the_counts(shapes_dir, capsys, tmp_path):
+    from unicodebook.data.multimodal import read_records
+    from unicodebook.data.shards import count_samples
+
+    rc, out, err = run_cli(capsys, "data", "shards", "--src", shapes_dir / "val", "--out", tmp_path / "sh", "--per-shard", "10")
+    assert rc == 0, err
+    rec = read_records(shapes_dir / "val")
+    n = len(rec.conversations) + len(rec.captions)
+    res = json.loads(out)
+    assert res["samples"] == n == count_samples(tmp_path / "sh") and res["skipped"] == 0
+    assert res["shards"] == len(list((tmp_path / "sh").glob("shard-*.tar"))) == -(-n // 10)
+
+
+def test_data_shards_on_a_missing_folder_is_one_error_line(capsys, tmp_path):
+    rc, out, err = run_cli(capsys, "data", "shards", "--src", tmp_path / "nowhere", "--out", tmp_path / "sh")
+    assert rc == 2 and not out
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"error: folder '{tmp_path}/nowhere' does not exist"]
+    assert not (tmp_path / "sh").exists()
