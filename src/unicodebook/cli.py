@@ -31,6 +31,15 @@ def cmd_data_shapes(out: Path, n_train: int, n_val: int, n_test: int, size: int,
     return 0
 
 
+def cmd_data_shards(src: Path, out: Path, per_shard: int) -> int:
+    from .data.shards import FolderSamples, write_shards
+
+    samples = FolderSamples(Path(src))
+    paths = write_shards(samples, Path(out), samples_per_shard=per_shard)
+    print(json.dumps({"out": str(out), "shards": len(paths), "samples": samples.n_samples, "skipped": samples.n_skipped}))
+    return EXIT_PARTIAL if samples.n_skipped else 0
+
+
 def cmd_train_tokenizer(config: str | None, data: Path, out: Path, resume: bool, overrides: list[str]) -> int:
     from .train.stage1 import train_tokenizer_from_files
 
@@ -39,7 +48,8 @@ def cmd_train_tokenizer(config: str | None, data: Path, out: Path, resume: bool,
                "train": {k: res.final.get(k) for k in ("loss", "psnr", "usage")}}
     if res.val:
         summary["val"] = {k: res.val[k] for k in ("psnr", "ssim", "usage", "usage_all", "perplexity")}
-    print(json.dumps(summary))
+    if res.main:  # one report per distributed run
+        print(json.dumps(summary))
     return 0
 
 
@@ -96,8 +106,9 @@ def cmd_train_lm(config: str | None, tokenizer: Path, data: Path, out: Path, res
     from .train.stage2 import train_lm_from_files
 
     res = train_lm_from_files(config, overrides, tokenizer, data, out, resume=resume)
-    print(json.dumps({"run": str(res.run), "steps": res.steps, "seconds": round(res.seconds, 1),
-                      "train": {k: round(v, 4) for k, v in res.final.items() if k.startswith(("loss_", "acc_"))}}))
+    if res.main:  # one report per distributed run
+        print(json.dumps({"run": str(res.run), "steps": res.steps, "seconds": round(res.seconds, 1),
+                          "train": {k: round(v, 4) for k, v in res.final.items() if k.startswith(("loss_", "acc_"))}}))
     return 0
 
 
@@ -164,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-test", type=int, default=500)
     s.add_argument("--size", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
+    sh = d.add_parser("shards", help="pack an image folder or a stage II split into WebDataset tar shards")
+    sh.add_argument("--src", type=Path, required=True, help="an image folder, or a split with instruct.json / t2i.jsonl")
+    sh.add_argument("--out", type=Path, required=True, help="folder for shard-000000.tar, ... (must hold no shards yet)")
+    sh.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
 
     t = sub.add_parser("train-tokenizer", help="stage I: train the visual tokenizer")
     t.add_argument("--config", default=None, help="YAML path or preset name (default: tiny, or the run's own on --resume)")
@@ -226,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def dispatch(args: argparse.Namespace) -> int:
     c = args.command
+    if c == "data" and args.dataset == "shards":
+        return cmd_data_shards(args.src, args.out, args.per_shard)
     if c == "data":
         return cmd_data_shapes(args.out, args.n_train, args.n_val, args.n_test, args.size, args.seed)
     if c == "train-tokenizer":

@@ -104,20 +104,45 @@ class LossConfig:
 
 
 @dataclass
-class TokenizerTrainConfig:
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 100
+class TrainLoopConfig:
+    """What both training stages share: optimiser, schedule, precision, reliability, logging.
+
+    The stages redeclare the fields whose defaults differ.
+    """
+
+    steps: int = 1000
+    batch_size: int = 32  # the global batch: split evenly across the ranks of a distributed run
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05  # cosine decay ends at min_lr_ratio·lr
+    warmup_steps: int = 50
     weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: leave torch's default)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (the quantizer's maths and the losses stay fp32)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1.3× the time
+    max_nonfinite: int = 5  # a non-finite loss/gradient skips the step; this many in a row stop the run
     log_every: int = 25
     save_every: int = 500
     keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.max_nonfinite < 1:
+            raise ValueError("max_nonfinite must be >= 1")
+
+
+@dataclass
+class TokenizerTrainConfig(TrainLoopConfig):
+    """Stage I: the visual tokenizer learns to reconstruct images through the unified codebook."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grid_every: int = 500
 
 
@@ -144,19 +169,9 @@ class LoraConfig:
 
 
 @dataclass
-class LMTrainConfig:
+class LMTrainConfig(TrainLoopConfig):
     """Stage II: the LLM learns to read and write images through the unified codebook."""
 
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    seed: int = 0
-    threads: int = 0
     tasks: TaskMix = field(default_factory=TaskMix)
     decompress_segments: int = 1  # >1: each sample predicts one segment, the earlier ones as context
     caption_dropout: float = 0.1  # t2i captions dropped (→ unconditional) for classifier-free guidance
@@ -164,13 +179,10 @@ class LMTrainConfig:
     # learned image position embeddings added to the Ẑ slots and the code tokens (a (row, col)
     # table shared by both, plus a depth table for codes); false: the paper's plain sequence
     image_positions: bool = True
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast around the LLM forward (losses in fp32)
-    log_every: int = 25
-    save_every: int = 500
-    keep_last: int = 2
     sample_every: int = 500  # image samples written to RUN/samples (0: only at the end)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.decompress_segments < 1:
             raise ValueError("decompress_segments must be >= 1")
         if not 0 <= self.caption_dropout < 1:

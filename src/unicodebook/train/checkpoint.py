@@ -24,8 +24,7 @@ from ..utils.io import atomic_dir, atomic_save_tensors, first_state_mismatch
 STATE_VERSION = 1
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -49,7 +48,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     py = random.getstate()
-    return {"torch_rng": torch.get_rng_state()}, {"python_rng": [py[0], list(py[1]), py[2]], "numpy_rng": _np_state()}
+    tensors = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda_rng"] = torch.cuda.get_rng_state()
+    return tensors, {"python_rng": [py[0], list(py[1]), py[2]], "numpy_rng": _np_state()}
 
 
 def _np_state() -> list:
@@ -57,32 +59,43 @@ def _np_state() -> list:
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    torch.set_rng_state(tensors["torch_rng"])
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) -> None:
+    """Restore this rank's row of the saved per-rank RNG states (row 0 stands in for ranks a
+    run with fewer processes did not have)."""
+    def row(t: torch.Tensor) -> torch.Tensor:
+        return t if t.ndim == 1 else t[rank if rank < t.shape[0] else 0]
+
+    torch.set_rng_state(row(tensors["torch_rng"]))
+    if "cuda_rng" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(row(tensors["cuda_rng"]))
     v, s, g = meta["python_rng"]
     random.setstate((v, tuple(s), g))
     name, keys, pos, has_gauss, cached = meta["numpy_rng"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(run: Path, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    extra: dict, keep: int = 2, kind: str = "tokenizer") -> Path:
+def save_checkpoint(run: Path, step: int, modules: dict[str, torch.nn.Module | dict],
+                    optimizers: dict[str, torch.optim.Optimizer | dict], extra: dict, keep: int = 2,
+                    kind: str = "tokenizer", rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``RUN/checkpoints/step_XXXXXX`` atomically and prune to the last ``keep``.
 
-    Each module goes to ``<name>.safetensors``; optimizers (flattened) and the torch RNG to
-    ``optimizers.safetensors``; everything else to ``state.json``.
+    ``modules`` / ``optimizers`` map names to modules (or their full state dicts). Each module
+    goes to ``<name>.safetensors``; optimizers (flattened) and the RNG states to
+    ``optimizers.safetensors``; everything else to ``state.json``. ``rng``: the per-rank RNG
+    states of a distributed run (rows, rank 0 first); by default this process's.
     """
     root = Path(run) / "checkpoints"
     dest = root / f"step_{step:07d}"
     opt_tensors, opt_meta = {}, {}
     for name, opt in optimizers.items():
-        tensors, meta = _flatten_optimizer(opt)
+        tensors, meta = _flatten_optimizer(opt if isinstance(opt, dict) else opt.state_dict())
         opt_tensors.update({f"{name}/{k}": v for k, v in tensors.items()})
         opt_meta[name] = meta
     rng_tensors, rng_meta = rng_state()
+    rng_tensors.update(rng or {})
     with atomic_dir(dest) as tmp:
         for name, module in modules.items():
-            atomic_save_tensors(module.state_dict(), tmp / f"{name}.safetensors")
+            atomic_save_tensors(module if isinstance(module, dict) else module.state_dict(), tmp / f"{name}.safetensors")
         atomic_save_tensors({**opt_tensors, **rng_tensors}, tmp / "optimizers.safetensors")
         state = {"version": STATE_VERSION, "kind": kind, "step": step, "modules": sorted(modules),
                  "optimizers": opt_meta, **rng_meta, **extra}
@@ -115,7 +128,7 @@ def list_checkpoints(run: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    kind: str = "tokenizer") -> dict:
+                    kind: str = "tokenizer", rank: int = 0) -> dict:
     """Restore modules, optimizers and RNG from a checkpoint folder; refuse torn or foreign ones.
 
     Everything is read and checked before anything is loaded, so a refused checkpoint leaves
@@ -142,5 +155,5 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers:
         prefix = f"{name}/"
         tensors = {k[len(prefix):]: v for k, v in opt.items() if k.startswith(prefix)}
         optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizers"][name]))
-    set_rng_state({"torch_rng": opt["torch_rng"]}, state)
+    set_rng_state({k: opt[k] for k in ("torch_rng", "cuda_rng") if k in opt}, state, rank)
     return state

@@ -10,7 +10,6 @@ and the learning-rate schedule are functions of (seed, step).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -20,37 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, load_config, save_config
-from ..data.images import ImageFolder, collate_images, is_split_root, resolve_image_folder
+from ..data.sources import image_source
 from ..errors import UnicodebookError
 from ..eval.metrics import CodeUsage, psnr
 from ..eval.plots import image_grid, plot_curves
 from ..tokenizers.unicode import UniCodeTokenizer, build_tokenizer, save_tokenizer
 from ..tokenizers.unicode.model import reconstruction_loss
-from ..utils.io import atomic_write_text
-from .checkpoint import check_resume, load_checkpoint, save_checkpoint
-
-
-class ResumableBatches(torch.utils.data.Sampler):
-    """Batches of indices in an order fixed by (seed, epoch), starting at any global step."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, total_steps: int | None = None):
-        if n == 0:
-            raise UnicodebookError("no training images")
-        self.n, self.bs, self.seed = n, min(batch_size, n), seed
-        self.per_epoch = max(1, n // self.bs)  # drop the ragged last batch
-        self.start, self.total = start_step, total_steps
-
-    def __iter__(self):
-        step = self.start
-        while self.total is None or step < self.total:
-            epoch, k = divmod(step, self.per_epoch)
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(self.n, generator=g)
-            yield order[k * self.bs : (k + 1) * self.bs].tolist()
-            step += 1
-
-    def __len__(self) -> int:
-        return (self.total or 0) - self.start
+from .checkpoint import check_resume, list_checkpoints, load_checkpoint
+from .engine import Engine, NonFiniteGuard, save_training_checkpoint
+from .runlog import RunLog
 
 
 def lr_at(step: int, cfg) -> float:
@@ -68,134 +45,154 @@ class Stage1Result:
     final: dict  # last training metrics
     val: dict | None  # validation eval, if a val split exists
     seconds: float
+    main: bool = True  # the main process of the run (the one that reports)
 
 
 def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
                     progress: bool = True, val_split: str | None = "val") -> Stage1Result:
-    """Run stage I. ``data``: a shapes-world root (uses ``train``/``val``) or an image folder."""
+    """Run stage I. ``data``: a shapes-world root (uses ``train``/``val``), an image folder, or
+    WebDataset tar shards (a folder of ``*.tar``, one ``.tar`` or a ``{000..011}`` pattern).
+
+    Runs as one process or as every rank of a distributed launch (``torchrun``/``accelerate
+    launch``): ``train_tokenizer.batch_size`` is the global batch; the main process writes
+    the run folder.
+    """
     tc = cfg.train_tokenizer
     run = Path(out)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    data = Path(data)
-    has_splits = is_split_root(data)
-    train_folder = resolve_image_folder(data, "train")
+    engine = Engine()
+    main = engine.is_main
+    if cfg.loss.gan > 0 and engine.world > 1:
+        raise UnicodebookError("loss.gan > 0 (the adaptive GAN weight) runs in one process only")
 
     # ------------------------------------------------------------------ setup
     ckpts = check_resume(run, cfg, resume)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
+    engine.barrier()  # every rank has checked before the main process writes
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
 
     torch.manual_seed(tc.seed)
-    dataset = ImageFolder(train_folder, cfg.model.image_size, cfg.data.odd_size, preload=cfg.data.preload, progress=progress)
+    source = image_source(data, cfg, engine, progress=progress and main)
     tok = build_tokenizer(cfg, seed=tc.seed)
+    tok.set_gradient_checkpointing(tc.gradient_checkpointing)
     tok.train()
     opt = torch.optim.AdamW(tok.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     aux = AuxLosses(cfg, tok)
     modules, optimizers = {"model": tok, **aux.modules()}, {"model": opt, **aux.optimizers()}
     start = 0
-    bad_images = len(dataset.bad)
+    bad_images = source.bad_at_start
     if resume:
-        state = load_checkpoint(ckpts[-1], modules, optimizers, kind="tokenizer")
+        state = load_checkpoint(ckpts[-1], modules, optimizers, kind="tokenizer", rank=engine.rank)
         start, bad_images = state["step"], state.get("bad_images", bad_images)
         if cfg.model.codebook.mode == "dual":
             tok.codebook.write_to_llm()  # the LLM rows as they were at that step
-    batches = ResumableBatches(len(dataset), tc.batch_size, tc.seed, start, tc.steps)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_images, num_workers=cfg.data.num_workers)
+    model, opt = engine.prepare(tok, opt)
+    optimizers["model"] = opt
+    loader = source.batches(start, tc.steps)
+    guard = NonFiniteGuard(tc.max_nonfinite, "stage I")
 
-    from torch.utils.tensorboard import SummaryWriter
+    log = RunLog(run, start, resume, enabled=main)
+    fixed = source.fixed(8)
+    if main:
+        (run / "samples").mkdir(exist_ok=True)
 
-    writer = SummaryWriter(str(run / "tb"), purge_step=start if resume else None)
-    if resume:
-        _trim_metrics(run / "metrics.jsonl", start)
-    metrics_file = open(run / "metrics.jsonl", "a" if resume else "w")
-    (run / "samples").mkdir(exist_ok=True)
-    fixed = torch.stack([x for x in (dataset[i] for i in range(min(8, len(dataset)))) if x is not None])
+    def checkpoint(at: int) -> None:
+        states = {"model": engine.state_dict(model), **{k: m.state_dict() for k, m in aux.modules().items()}}
+        save_training_checkpoint(engine, run, at, states, optimizers, {"bad_images": bad_images}, tc.keep_last,
+                                 "tokenizer", model)
+        if main:
+            save_tokenizer(tok, run)
 
     # ------------------------------------------------------------------ train
-    t0, last = time.time(), {}
+    t0, last, restarted = time.time(), {}, 0
     usage = CodeUsage(tok.codebook.num_codes, tok.depth if tok.kind == "rq" else 2 * tok.depth)
-    bar = tqdm(total=tc.steps, initial=start, desc="stage I", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=start, desc="stage I", disable=not (progress and main), dynamic_ncols=True)
     step = start
     for images, n_bad in loader:
-        bad_images += n_bad
+        bad_images += int(engine.sum(n_bad))
         if images.numel() == 0:
             step += 1
+            bar.update(1)
             continue
+        images = images.to(engine.device)
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
-        out = tok(images)
-        rec, parts = reconstruction_loss(out.recon, images, cfg.loss.l1, cfg.loss.l2)
-        rec, aux_parts = aux.generator_terms(rec, out.recon, images, step)
+        with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+            out = model(images)
+        recon = out.recon.float()
+        rec, parts = reconstruction_loss(recon, images, cfg.loss.l1, cfg.loss.l2)
+        rec, aux_parts = aux.generator_terms(rec, recon, images, step)
         loss = rec + out.commit_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(tok.parameters(), tc.grad_clip)
-        opt.step()
-        parts.update(aux_parts, **aux.discriminator_step(out.recon.detach(), images, step, lr))
+        engine.backward(loss)
+        skipped = engine.clip_and_check(loss, list(tok.parameters()), tc.grad_clip)
         update = tok.quantizer.pop_updates()
-        if update is not None:
-            gen = torch.Generator().manual_seed(tc.seed * 7_919 + step)
-            tok.codebook.update(*update, progress=(step + 1) / tc.steps, step=step, generator=gen)
-        layers, _ = tok.code_layers(out.codes)
-        usage.update(layers)
+        if skipped is None:
+            opt.step()
+            parts.update(aux_parts, **aux.discriminator_step(recon.detach(), images, step, lr))
+            if update is not None:
+                gen = torch.Generator().manual_seed(tc.seed * 7_919 + step)
+                restarted += tok.codebook.update(*update, progress=(step + 1) / tc.steps, step=step, generator=gen)
+            layers, _ = tok.code_layers(out.codes)
+            usage.update(engine.gather(layers).flatten(0, 1))  # the global batch's codes
+        else:
+            opt.zero_grad(set_to_none=True)
+            log.write({"step": step + 1, "skipped": skipped})
+        guard.record(skipped, step + 1, _last_checkpoint(run))
         step += 1
         bar.update(1)
 
         if step % tc.log_every == 0 or step == tc.steps:
             st = usage.stats()
             usage.reset()
+            mean = engine.mean_over_ranks
             last = {
-                "step": step, "loss": float(loss.detach()), "quant_loss": float(out.commit_loss.detach()),
-                **({"usage_entropy": float(out.usage_loss.detach())} if out.usage_loss is not None else {}), **parts,
-                "psnr": float(psnr(out.recon.detach().clamp(0, 1), images).mean()),
+                "step": step, "loss": mean(loss), "quant_loss": mean(out.commit_loss),
+                **({"usage_entropy": mean(out.usage_loss)} if out.usage_loss is not None else {}),
+                **{k: mean(v) for k, v in parts.items()},
+                "psnr": mean(psnr(recon.detach().clamp(0, 1), images).mean()),
                 "usage": round(sum(st["usage"]) / len(st["usage"]), 4), "usage_per_layer": st["usage"],
-                "perplexity": st["perplexity"], "lr": lr, "bad_images": bad_images,
+                "perplexity": st["perplexity"], "lr": lr, "bad_images": bad_images, "skipped_steps": guard.total,
+                "restarted_codes": restarted,
                 "codebook_cosine_llm": tok.codebook.alignment()["cosine"], "elapsed_s": round(time.time() - t0, 2),
             }
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
-            for k, v in last.items():
-                if isinstance(v, float) and k != "elapsed_s":
-                    writer.add_scalar(f"train/{k}", v, step)
+            if engine.world > 1 and step == tc.steps:  # the invariant of a distributed run, checked
+                last["codebook_rank_max_diff"] = engine.max_diff_from_main(tok.codebook.embed, tok.codebook.ema_count)
+            log.write(last, scalars=True)
             bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{last['usage']:.0%}")
-        if tc.grid_every and (step % tc.grid_every == 0 or step == tc.steps):
-            _write_grid(tok, fixed, run / "samples" / f"recon_{step:07d}.png", writer, step)
+        if main and tc.grid_every and (step % tc.grid_every == 0 or step == tc.steps):
+            _write_grid(tok, fixed, run / "samples" / f"recon_{step:07d}.png", log.writer, step)
         if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
-            _save(tok, modules, optimizers, run, step, bad_images, tc.keep_last)
+            checkpoint(step)
     bar.close()
 
     # ------------------------------------------------------------------ finish
-    _save(tok, modules, optimizers, run, step, bad_images, tc.keep_last)
+    checkpoint(step)
     tok.eval()
-    _write_grid(tok, fixed, run / "reconstructions.png", writer, step)
     val = None
-    if has_splits and val_split and (data / val_split).is_dir():
-        from ..eval.tokenizer import evaluate_tokenizer
+    if main:
+        _write_grid(tok, fixed, run / "reconstructions.png", log.writer, step)
+        if source.val_root is not None and val_split and (source.val_root / val_split).is_dir():
+            from ..eval.tokenizer import evaluate_tokenizer
 
-        val = evaluate_tokenizer(tok, data, split=val_split, progress=progress, usage_plot=run / "codebook_usage.png")
-        metrics_file.write(json.dumps({"step": step, "split": val_split, **val}) + "\n")
-        for k in ("psnr", "ssim", "usage_mean"):
-            writer.add_scalar(f"{val_split}/{k}", val[k], step)
-    metrics_file.close()
-    writer.close()
-    plot_curves(run / "metrics.jsonl", run / "curves.png")
-    return Stage1Result(run, step, last, val, time.time() - t0)
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint a resumed run restarts from (no duplicates)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+            val = evaluate_tokenizer(tok, source.val_root, split=val_split, progress=progress,
+                                     usage_plot=run / "codebook_usage.png")
+            log.write({"step": step, "split": val_split, **val})
+            for k in ("psnr", "ssim", "usage_mean"):
+                log.writer.add_scalar(f"{val_split}/{k}", val[k], step)
+    log.close()
+    if main:
+        plot_curves(run / "metrics.jsonl", run / "curves.png")
+    engine.barrier()
+    return Stage1Result(run, step, last, val, time.time() - t0, main)
 
 
-def _save(tok: UniCodeTokenizer, modules: dict, optimizers: dict, run: Path, step: int, bad_images: int, keep: int) -> None:
-    save_checkpoint(run, step, modules, optimizers, {"bad_images": bad_images}, keep=keep, kind="tokenizer")
-    save_tokenizer(tok, run)
+def _last_checkpoint(run: Path) -> str:
+    ckpts = list_checkpoints(run)
+    return str(ckpts[-1]) if ckpts else "(none yet)"
 
 
 class AuxLosses:

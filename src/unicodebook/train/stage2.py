@@ -28,8 +28,10 @@ from ..lm.model import UniCodeLM, save_model
 from ..lm.sequence import ASSISTANT, USER, collate
 from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_word_tokenizer
 from ..tokenizers.unicode import load_tokenizer
-from .checkpoint import check_resume, load_checkpoint, save_checkpoint
-from .stage1 import _trim_metrics, lr_at
+from .checkpoint import check_resume, load_checkpoint
+from .engine import Engine, NonFiniteGuard, save_training_checkpoint
+from .runlog import RunLog
+from .stage1 import _last_checkpoint, lr_at
 
 TASKS = ("decompress", "instruct", "t2i")
 
@@ -40,6 +42,7 @@ class Stage2Result:
     steps: int
     final: dict
     seconds: float
+    main: bool = True  # the main process of the run (the one that reports)
 
 
 class TaskSchedule:
@@ -101,11 +104,18 @@ def wrap_lora(llm, cfg: LMTrainConfig):
 def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
              progress: bool = True) -> Stage2Result:
     """Run stage II on ``data`` (a shapes-world root — its ``train`` split — or a folder with
-    ``instruct.json`` and/or ``t2i.jsonl``), starting from the stage I run ``tokenizer_run``."""
+    ``instruct.json`` and/or ``t2i.jsonl``), starting from the stage I run ``tokenizer_run``.
+
+    One process or every rank of a distributed launch: ``train_lm.batch_size`` is the global
+    batch, the loss is the mean over the global batch's target tokens, and the main process
+    writes the run folder.
+    """
     lc = cfg.train_lm
     run = Path(out)
     if lc.threads:
         torch.set_num_threads(lc.threads)
+    engine = Engine(find_unused_parameters=lc.image_positions)  # a task may leave the depth table unused
+    main = engine.is_main
 
     # ------------------------------------------------------------------ setup
     tok = load_tokenizer(tokenizer_run)
@@ -115,19 +125,27 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     ckpts = check_resume(run, cfg, resume)
     folder = split_folder(data, "train")
     records = read_records(folder)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
+    engine.barrier()
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
     text_tok = build_text_tokenizer(cfg, llm, records, run, resume)
-    if not (run / "text_tokenizer").exists():
+    if main and not (run / "text_tokenizer").exists():
         text_tok.save_pretrained(str(run / "text_tokenizer"))
     torch.manual_seed(lc.seed)
+    if lc.gradient_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm.config.use_cache = False
     if lc.lora.enabled:
         llm = wrap_lora(llm, lc)
-    model = UniCodeLM(llm, tok, text_tok, image_positions=lc.image_positions)
-    model.train()
+    umodel = UniCodeLM(llm, tok, text_tok, image_positions=lc.image_positions)
+    umodel.train()
 
     images = [c.image for c in records.conversations] + [c.image for c in records.captions]
-    cache = cached_codes(tok, folder, images, fallback=run / "codes_cache", progress=progress)
+    for turn in (True, False):  # the main process encodes and writes the cache; the others read it
+        if turn == main:
+            cache = cached_codes(tok, folder, images, fallback=run / "codes_cache", progress=progress and main)
+        engine.barrier()
     convs = [c for c in records.conversations if c.image in cache.index]
     caps = [c for c in records.captions if c.image in cache.index]
     decomp = sorted({c.image for c in convs} | {c.image for c in caps})
@@ -135,105 +153,122 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     sizes = {"decompress": len(decomp), "instruct": len(convs), "t2i": len(caps)}
     weights = {t: getattr(lc.tasks, t) for t in TASKS}
     schedule = TaskSchedule(sizes, weights, lc.batch_size, lc.seed)
+    for t, bs in schedule.bs.items():
+        engine.local_batch_size(bs)  # fail early on an uneven split
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in umodel.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
-    modules, optimizers = {"llm": model.llm}, {"llm": opt}
-    if model.image_pos is not None:
-        modules["image_positions"] = model.image_pos
+    modules, optimizers = {"llm": umodel.llm}, {"llm": opt}
+    if umodel.image_pos is not None:
+        modules["image_positions"] = umodel.image_pos
     start = 0
     if resume:
-        start = load_checkpoint(ckpts[-1], modules, optimizers, kind="lm")["step"]
+        start = load_checkpoint(ckpts[-1], modules, optimizers, kind="lm", rank=engine.rank)["step"]
     schedule.skip_to(start)
+    model, opt = engine.prepare(umodel, opt)
+    optimizers["llm"] = opt
+    guard = NonFiniteGuard(lc.max_nonfinite, "stage II")
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run / "tb"), purge_step=start if resume else None)
-    if resume:
-        _trim_metrics(run / "metrics.jsonl", start)
-    metrics_file = open(run / "metrics.jsonl", "a" if resume else "w")
-    (run / "samples").mkdir(exist_ok=True)
+    log = RunLog(run, start, resume, enabled=main)
+    if main:
+        (run / "samples").mkdir(exist_ok=True)
     preview = [c.caption for c in caps[:8]]
-    fmt = model.fmt
+    fmt = umodel.fmt
 
     def make_batch(task: str, idx: list[int], step: int):
+        """This rank's share of the global batch ``idx`` (random choices drawn for all of it)."""
         g = torch.Generator().manual_seed(lc.seed * 48_271 + step)
         if task == "instruct":
-            items = [convs[i] for i in idx]
+            items = engine.shard([convs[i] for i in idx])
             samples = [fmt.conversation(c.turns) for c in items]
             keys = [cache.index[c.image] for c in items]
         elif task == "decompress":
-            keys = [cache.index[decomp[i]] for i in idx]
-            segs = torch.randint(lc.decompress_segments, (len(idx),), generator=g).tolist()
+            segs = engine.shard(torch.randint(lc.decompress_segments, (len(idx),), generator=g).tolist())
+            keys = [cache.index[decomp[i]] for i in engine.shard(idx)]
             samples = [fmt.decompression(cache.codes[k].long(), lc.decompress_segments, s) for k, s in zip(keys, segs)]
         else:
-            items = [caps[i] for i in idx]
-            drop = (torch.rand(len(idx), generator=g) < lc.caption_dropout).tolist()
+            drop = engine.shard((torch.rand(len(idx), generator=g) < lc.caption_dropout).tolist())
+            items = engine.shard([caps[i] for i in idx])
             samples = [fmt.text_to_image(None if d else c.caption, cache.codes[cache.index[c.image]].long())
                        for c, d in zip(items, drop)]
             keys = []
         batch = collate(samples, fmt.pad_id if fmt.pad_id is not None else 0)
-        latents = model.latents(cache.codes[keys].long()) if keys else None
+        latents = umodel.latents(cache.codes[keys].long()) if keys else None
         return batch, latents
+
+    def checkpoint(at: int) -> None:
+        full = engine.state_dict(model)
+        states = {name: {k[len(name_) + 1:]: v for k, v in full.items() if k.startswith(name_ + ".")}
+                  for name, name_ in (("llm", "llm"), ("image_positions", "image_pos")) if name in modules}
+        save_training_checkpoint(engine, run, at, states, optimizers, {"skipped_steps": guard.total}, lc.keep_last,
+                                 "lm", model)
 
     # ------------------------------------------------------------------ train
     t0 = time.time()
     sums: dict[str, list[float]] = {}
     tokens = 0
     last: dict = {}
-    bar = tqdm(total=lc.steps, initial=start, desc="stage II", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=lc.steps, initial=start, desc="stage II", disable=not (progress and main), dynamic_ncols=True)
     step = start
     while step < lc.steps:
         task, idx = schedule.next(step)
         batch, latents = make_batch(task, idx, step)
-        if batch.input_ids.shape[1] > model.max_positions:
-            raise UnicodebookError(f"a {task} sequence has {batch.input_ids.shape[1]} tokens; the LLM's context is {model.max_positions}")
+        if batch.input_ids.shape[1] > umodel.max_positions:
+            raise UnicodebookError(f"a {task} sequence has {batch.input_ids.shape[1]} tokens; the LLM's context is {umodel.max_positions}")
         lr = lr_at(step, lc)
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=lc.precision == "bf16"):
+        with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=lc.precision == "bf16"):
             out = model(batch, latents)
+        # the mean over the global batch's target tokens: weight this rank's mean by its share
+        global_tokens = engine.sum(out.n_tokens)
+        loss = out.loss * (out.n_tokens * engine.world / max(global_tokens, 1.0))
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if lc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, lc.grad_clip)
-        opt.step()
-        s = sums.setdefault(task, [0.0, 0.0, 0])
-        s[0] += float(out.loss.detach())
-        s[1] += float(out.accuracy)
-        s[2] += 1
+        engine.backward(loss)
+        why = engine.clip_and_check(out.loss, params, lc.grad_clip)
+        if why is None:
+            opt.step()
+            s = sums.setdefault(task, [0.0, 0.0, 0])
+            s[0] += engine.mean_over_ranks(out.loss)
+            s[1] += float(out.accuracy)
+            s[2] += 1
+        else:
+            opt.zero_grad(set_to_none=True)
+            log.write({"step": step + 1, "skipped": why, "task": task})
+        guard.record(why, step + 1, _last_checkpoint(run))
         tokens += int(batch.attention_mask.sum())
         step += 1
         bar.update(1)
 
         if step % lc.log_every == 0 or step == lc.steps:
             el = time.time() - t0
-            last = {"step": step, "lr": lr, "elapsed_s": round(el, 2), "tokens_per_s": round(tokens / max(el, 1e-9), 1),
-                    "bad_records": skipped, "bad_images": len(cache.bad)}
+            last = {"step": step, "lr": lr, "elapsed_s": round(el, 2),
+                    "tokens_per_s": round(engine.sum(tokens) / max(el, 1e-9), 1),
+                    "bad_records": skipped, "bad_images": len(cache.bad), "skipped_steps": guard.total}
+            if engine.world > 1 and step == lc.steps:  # the invariant of a distributed run, checked
+                last["weights_rank_max_diff"] = engine.max_diff_from_main(*params)
             for t, (loss_sum, acc_sum, n) in sums.items():
                 last[f"loss_{t}"], last[f"acc_{t}"] = loss_sum / n, acc_sum / n
             sums = {}
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
-            for k, v in last.items():
-                if isinstance(v, float) and k not in ("elapsed_s",):
-                    writer.add_scalar(f"train/{k}", v, step)
+            log.write(last, scalars=True)
             bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")})
-        if lc.sample_every and step % lc.sample_every == 0 and step < lc.steps and preview:
-            _write_samples(model, preview, run / "samples" / f"t2i_{step:07d}.png", cfg, writer, step)
+        if main and lc.sample_every and step % lc.sample_every == 0 and step < lc.steps and preview:
+            _write_samples(umodel, preview, run / "samples" / f"t2i_{step:07d}.png", cfg, log.writer, step)
         if lc.save_every and step % lc.save_every == 0 and step < lc.steps:
-            save_checkpoint(run, step, modules, optimizers, {}, keep=lc.keep_last, kind="lm")
+            checkpoint(step)
     bar.close()
 
     # ------------------------------------------------------------------ finish
-    save_checkpoint(run, step, modules, optimizers, {}, keep=lc.keep_last, kind="lm")
-    save_model(model, run, cfg, str(tokenizer_run))
-    if preview:
-        _write_samples(model, preview, run / "samples" / "t2i_final.png", cfg, writer, step)
-    metrics_file.close()
-    writer.close()
-    _plot(run)
-    return Stage2Result(run, step, last, time.time() - t0)
+    checkpoint(step)
+    if main:
+        save_model(umodel, run, cfg, str(tokenizer_run))
+        if preview:
+            _write_samples(umodel, preview, run / "samples" / "t2i_final.png", cfg, log.writer, step)
+    log.close()
+    if main:
+        _plot(run)
+    engine.barrier()
+    return Stage2Result(run, step, last, time.time() - t0, main)
 
 
 def _write_samples(model: UniCodeLM, prompts: list[str], path: Path, cfg: Config, writer, step: int) -> None:

@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=min(32, ch // 4) or 1, num_channels=ch, eps=1e-6)
+
+
+def run_blocks(blocks: nn.Sequential, x: Tensor, checkpointing: bool) -> Tensor:
+    """Apply ``blocks`` in order; with ``checkpointing`` (in training) each block's activations
+    are recomputed in backward instead of kept."""
+    for block in blocks:
+        if checkpointing and x.requires_grad:
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
 
 
 class ResBlock(nn.Module):
@@ -69,8 +81,11 @@ class Encoder(nn.Module):
         self.norm_out = _norm(cin)
         self.conv_out = nn.Conv2d(cin, z_channels, 3, padding=1)
 
+    gradient_checkpointing = False
+
     def forward(self, x: Tensor) -> Tensor:
-        h = self.mid(self.down(self.conv_in(x)))
+        ckpt = self.gradient_checkpointing and self.training
+        h = run_blocks(self.mid, run_blocks(self.down, self.conv_in(x), ckpt), ckpt)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -113,6 +128,9 @@ class Decoder(nn.Module):
     def last_layer(self) -> Tensor:
         return self.conv_out.weight
 
+    gradient_checkpointing = False
+
     def forward(self, z: Tensor) -> Tensor:
-        h = self.up(self.mid(self.conv_in(z)))
+        ckpt = self.gradient_checkpointing and self.training
+        h = run_blocks(self.up, run_blocks(self.mid, self.conv_in(z), ckpt), ckpt)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -52,6 +52,10 @@ class UniCodeTokenizer(nn.Module):
         self.post_quant = nn.Conv2d(d, ae.z_channels, 1)
         self.decoder = Decoder(**common)
 
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Recompute the encoder's and decoder's block activations in backward (less memory)."""
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = on
+
     # ---------------------------------------------------------------- shapes
     @property
     def codebook(self) -> UnifiedCodebook:

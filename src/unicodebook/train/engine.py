@@ -1,0 +1,165 @@
+"""The distributed engine both training stages run on: Hugging Face Accelerate.
+
+One process or many — DDP, FSDP or DeepSpeed, as the user's ``accelerate config`` says — the
+recipes see the same small surface:
+
+* ``prepare(model, optimizer)`` wraps them for the chosen backend;
+* ``shard(indices)`` gives this rank its contiguous slice of a *global* batch, so a run on
+  W ranks trains on exactly the batches a single process would (gradients are averaged by the
+  backend; the codebook's statistics are all-reduced by the quantizer itself);
+* ``backward``, ``clip_and_check`` (the non-finite guard), ``state_dict``/``optimizer_state``
+  (full, unsharded tensors on the main process for checkpoints), ``barrier``.
+
+Launch: ``torchrun --nproc_per_node N -m unicodebook …`` or ``accelerate launch …``; on a
+machine without CUDA the processes form a gloo group on the CPU. Mixed precision is the run
+config's (``precision``), applied by the recipes with ``torch.autocast``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UnicodebookError
+
+log = logging.getLogger("unicodebook.train")
+
+
+class NonFiniteError(UnicodebookError):
+    """Too many non-finite steps in a row: the run stops, its last checkpoint intact."""
+
+
+class Engine:
+    """This process's place in the run, and the backend's wrappers."""
+
+    def __init__(self, find_unused_parameters: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+        # without CUDA, Accelerate must be told it is on the CPU to form a gloo group under torchrun
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.device = self.acc.device
+        self.is_main = self.acc.is_main_process
+
+    # ---------------------------------------------------------------- data
+    def local_batch_size(self, global_batch: int) -> int:
+        if global_batch % self.world:
+            raise UnicodebookError(f"batch_size {global_batch} does not split evenly over {self.world} processes")
+        return global_batch // self.world
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous slice of a global batch (rank 0 first)."""
+        n = self.local_batch_size(len(items))
+        return items[self.rank * n:(self.rank + 1) * n]
+
+    # ---------------------------------------------------------------- model
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        return self.acc.prepare(model, optimizer)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.acc.unwrap_model(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.acc.backward(loss)
+
+    def clip_and_check(self, loss: torch.Tensor, params: list[torch.nn.Parameter], max_norm: float) -> str | None:
+        """Clip gradients (``max_norm`` > 0) and say why this step must be skipped, if it must:
+        a non-finite loss on any rank or a non-finite gradient norm. Every rank agrees."""
+        norm = self.acc.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0,
+                            0.0 if torch.isfinite(torch.as_tensor(norm)).all() else 1.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(bad)
+        if bad[0] > 0:
+            return "non-finite loss"
+        if bad[1] > 0:
+            return "non-finite gradient"
+        return None
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The full (unsharded) state dict of a prepared model, on the main process."""
+        return self.acc.get_state_dict(model)
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict:
+        """The full optimizer state dict (gathered under FSDP; replicated otherwise)."""
+        if self.acc.distributed_type.name == "FSDP":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return optimizer.state_dict()
+
+    # ---------------------------------------------------------------- sync
+    def barrier(self) -> None:
+        self.acc.wait_for_everyone()
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(…) from every rank → (world, …), on every rank."""
+        if self.world == 1:
+            return t[None]
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.stack(parts)
+
+    @torch.no_grad()
+    def max_diff_from_main(self, *tensors: torch.Tensor) -> float:
+        """Largest |difference| between this process's tensors and the main process's, over
+        all ranks (0.0: every rank holds the same values)."""
+        worst = torch.zeros((), dtype=torch.float64, device=self.device)
+        for t in tensors:
+            ref = t.detach().clone()
+            dist.broadcast(ref, src=0)
+            worst = torch.maximum(worst, (t.detach() - ref).abs().max().double())
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return float(worst)
+
+    def mean_over_ranks(self, value: torch.Tensor | float) -> float:
+        """The mean over ranks of a scalar (for logging)."""
+        return self.sum(float(value.detach()) if torch.is_tensor(value) else float(value)) / self.world
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t)
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; ``limit`` in a row raise :class:`NonFiniteError`."""
+
+    def __init__(self, limit: int, stage: str):
+        self.limit, self.stage = limit, stage
+        self.in_row = self.total = 0
+
+    def record(self, why: str | None, step: int, last_checkpoint: str) -> None:
+        if why is None:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        log.warning("%s step %d skipped: %s (%d in a row)", self.stage, step, why, self.in_row)
+        if self.in_row >= self.limit:
+            raise NonFiniteError(f"{self.stage} stopped at step {step}: {self.in_row} steps in a row had a {why}; "
+                                 f"the last good checkpoint is {last_checkpoint} (lower the learning rate and --resume)")
+
+
+def save_training_checkpoint(engine: Engine, run, step: int, modules: dict, optimizers: dict, extra: dict,
+                             keep: int, kind: str, model: torch.nn.Module | None = None):
+    """Collective: every rank contributes its RNG state (and, under FSDP, its shards); the
+    main process writes the checkpoint (atomically); all ranks wait for it."""
+    from .checkpoint import save_checkpoint
+
+    rng = {"torch_rng": engine.gather(torch.get_rng_state().to(engine.device)).cpu()}
+    if engine.device.type == "cuda":
+        rng["cuda_rng"] = engine.gather(torch.cuda.get_rng_state().to(engine.device)).cpu()
+    opts = {name: engine.optimizer_state(model, opt) for name, opt in optimizers.items()}
+    path = None
+    if engine.is_main:
+        path = save_checkpoint(run, step, modules, opts, extra, keep=keep, kind=kind, rng=rng)
+    engine.barrier()
+    return path
