@@ -117,3 +117,37 @@ def image_source(data: str | Path, cfg, engine, progress: bool = False):
     if is_shard_spec(data):
         return ShardImages(data, cfg, engine)
     return FolderImages(Path(data), cfg, engine, progress)
+
+
+class ShardRecords:
+    """Stage II's records streamed from tar shards: each rank gets, per step, a dict batch
+    ``{"image", "conversation", "caption", "key"}`` of ``batch_size / world`` slots."""
+
+    def __init__(self, data, image_size: int, odd_size: str, engine, seed: int, num_workers: int):
+        from .shards import list_shards
+
+        self.shards = list_shards(data)
+        self.size, self.odd_size, self.engine, self.seed, self.workers = image_size, odd_size, engine, seed, num_workers
+
+    def batches(self, batch_size: int, start: int) -> Iterator[tuple[dict, int]]:
+        from .shards import ShardStream, decode_record
+
+        stream = ShardStream(self.shards, self.engine.local_batch_size(batch_size), decode_record(self.size, self.odd_size),
+                             rank=self.engine.rank, world=self.engine.world, seed=self.seed, start_batch=start)
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers))
+
+    def texts(self, limit: int = 20_000) -> tuple[list[str], list[str]]:
+        """Conversation turns and captions of the first ``limit`` samples (one process, epoch
+        0), for training a word-level text tokenizer."""
+        from .shards import ShardStream, count_samples, decode_record
+
+        n = min(limit, count_samples(self.shards))
+        stream = ShardStream(self.shards, 256, decode_record(self.size, self.odd_size), seed=self.seed)
+        turns: list[str] = []
+        captions: list[str] = []
+        for read, (batch, _) in enumerate(stream, start=1):
+            turns += [t["value"] for c in batch["conversation"] if c for t in c]
+            captions += [c for c in batch["caption"] if c]
+            if read * 256 >= n:
+                break
+        return turns, captions

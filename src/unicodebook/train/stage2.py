@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, LMTrainConfig, load_config, save_config
 from ..data.multimodal import cached_codes, read_records, split_folder
+from ..data.sources import ShardRecords, is_shard_spec
 from ..errors import UnicodebookError
 from ..lm.llm import BUILTIN
 from ..lm.model import UniCodeLM, save_model
@@ -76,16 +77,21 @@ class TaskSchedule:
         return task, torch.randperm(n, generator=g)[k * bs:(k + 1) * bs].tolist()
 
 
-def build_text_tokenizer(cfg: Config, llm, records, run: Path, resume: bool):
-    """The run's text tokenizer: reloaded on resume; else trained on the data (builtin LLM) or
-    ``AutoTokenizer`` from the LLM's folder; the image markers added either way."""
+def text_corpus(turns: list[str], captions: list[str]) -> list[str]:
+    """What a word-level text tokenizer is trained on: the turns as they appear in a sequence
+    (between the role markers, the image placeholder removed) and the captions."""
+    return [f"{USER} {t.replace(IMAGE_TOKEN, ' ')} {ASSISTANT}" for t in turns] + list(captions)
+
+
+def build_text_tokenizer(cfg: Config, llm, texts, run: Path, resume: bool):
+    """The run's text tokenizer: reloaded on resume; else trained on ``texts()`` (the data's
+    conversation turns and captions; builtin LLM) or ``AutoTokenizer`` from the LLM's folder;
+    the image markers added either way."""
     folder = run / "text_tokenizer"
     if resume and folder.exists():
         text_tok = load_text_tokenizer(folder)
     elif cfg.llm.name == BUILTIN:
-        texts = [f"{USER} {t['value'].replace(IMAGE_TOKEN, ' ')} {ASSISTANT}" for c in records.conversations for t in c.turns]
-        texts += [c.caption for c in records.captions]
-        text_tok = train_word_tokenizer(texts, max_vocab=llm.get_input_embeddings().weight.shape[0])
+        text_tok = train_word_tokenizer(texts(), max_vocab=llm.get_input_embeddings().weight.shape[0])
     else:
         text_tok = load_text_tokenizer(Path(cfg.llm.name))
     ensure_markers(text_tok, llm)
@@ -123,15 +129,29 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     # the tokenizer run defines the model and its LLM; stage II settings come from cfg
     cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
     ckpts = check_resume(run, cfg, resume)
-    folder = split_folder(data, "train")
-    records = read_records(folder)
+    streaming = is_shard_spec(data)
+    if streaming:
+        stream = ShardRecords(data, tok.image_size, cfg.data.odd_size, engine, lc.seed, cfg.data.num_workers)
+
+        def texts():
+            return text_corpus(*stream.texts())
+    else:
+        folder = split_folder(data, "train")
+        records = read_records(folder)
+
+        def texts():
+            return text_corpus([t["value"] for c in records.conversations for t in c.turns],
+                               [c.caption for c in records.captions])
     engine.barrier()
     if main:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
-    text_tok = build_text_tokenizer(cfg, llm, records, run, resume)
-    if main and not (run / "text_tokenizer").exists():
-        text_tok.save_pretrained(str(run / "text_tokenizer"))
+    for turn in (True, False):  # the main process builds and saves the text tokenizer; the others load it
+        if turn == main:
+            text_tok = build_text_tokenizer(cfg, llm, texts, run, resume or not main)
+            if main and not (run / "text_tokenizer").exists():
+                text_tok.save_pretrained(str(run / "text_tokenizer"))
+        engine.barrier()
     torch.manual_seed(lc.seed)
     if lc.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -141,20 +161,26 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     umodel = UniCodeLM(llm, tok, text_tok, image_positions=lc.image_positions)
     umodel.train()
 
-    images = [c.image for c in records.conversations] + [c.image for c in records.captions]
-    for turn in (True, False):  # the main process encodes and writes the cache; the others read it
-        if turn == main:
-            cache = cached_codes(tok, folder, images, fallback=run / "codes_cache", progress=progress and main)
-        engine.barrier()
-    convs = [c for c in records.conversations if c.image in cache.index]
-    caps = [c for c in records.captions if c.image in cache.index]
-    decomp = sorted({c.image for c in convs} | {c.image for c in caps})
-    skipped = records.bad + (len(records.conversations) - len(convs)) + (len(records.captions) - len(caps))
-    sizes = {"decompress": len(decomp), "instruct": len(convs), "t2i": len(caps)}
-    weights = {t: getattr(lc.tasks, t) for t in TASKS}
-    schedule = TaskSchedule(sizes, weights, lc.batch_size, lc.seed)
-    for t, bs in schedule.bs.items():
-        engine.local_batch_size(bs)  # fail early on an uneven split
+    if not streaming:
+        images = [c.image for c in records.conversations] + [c.image for c in records.captions]
+        for turn in (True, False):  # the main process encodes and writes the cache; the others read it
+            if turn == main:
+                cache = cached_codes(tok, folder, images, fallback=run / "codes_cache", progress=progress and main)
+            engine.barrier()
+        convs = [c for c in records.conversations if c.image in cache.index]
+        caps = [c for c in records.captions if c.image in cache.index]
+        decomp = sorted({c.image for c in convs} | {c.image for c in caps})
+        skipped = records.bad + (len(records.conversations) - len(convs)) + (len(records.captions) - len(caps))
+        bad_images = len(cache.bad)
+        sizes = {"decompress": len(decomp), "instruct": len(convs), "t2i": len(caps)}
+        weights = {t: getattr(lc.tasks, t) for t in TASKS}
+        schedule = TaskSchedule(sizes, weights, lc.batch_size, lc.seed)
+        for t, bs in schedule.bs.items():
+            engine.local_batch_size(bs)  # fail early on an uneven split
+        preview = [c.caption for c in caps[:8]]
+    else:
+        skipped = bad_images = 0
+        preview = []
 
     params = [p for p in umodel.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
@@ -164,7 +190,10 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     start = 0
     if resume:
         start = load_checkpoint(ckpts[-1], modules, optimizers, kind="lm", rank=engine.rank)["step"]
-    schedule.skip_to(start)
+    if streaming:
+        records_iter = stream.batches(lc.batch_size, start)
+    else:
+        schedule.skip_to(start)
     model, opt = engine.prepare(umodel, opt)
     optimizers["llm"] = opt
     guard = NonFiniteGuard(lc.max_nonfinite, "stage II")
@@ -172,7 +201,6 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     log = RunLog(run, start, resume, enabled=main)
     if main:
         (run / "samples").mkdir(exist_ok=True)
-    preview = [c.caption for c in caps[:8]]
     fmt = umodel.fmt
 
     def make_batch(task: str, idx: list[int], step: int):
@@ -196,6 +224,45 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         latents = umodel.latents(cache.codes[keys].long()) if keys else None
         return batch, latents
 
+    task_names = [t for t in TASKS if getattr(lc.tasks, t) > 0]
+
+    def stream_batch(step: int):
+        """This rank's next streamed batch, each sample given one of the tasks it allows
+        (decompression always; instruct with a conversation; t2i with a caption), drawn by
+        the task weights; images encoded by the frozen tokenizer on the fly."""
+        nonlocal bad_images
+        recs, n_bad = next(records_iter)
+        bad_images += int(engine.sum(n_bad))
+        codes = umodel.tokenizer.encode(recs["image"].to(umodel.tokenizer.codebook.embed.device)) if len(recs["key"]) else None
+        g = torch.Generator().manual_seed((lc.seed * 48_271 + step) * 1_000 + engine.rank)
+        samples, with_image = [], []
+        for i, (conv, cap) in enumerate(zip(recs["conversation"], recs["caption"])):
+            allowed = [t for t in task_names if t == "decompress" or (t == "instruct" and conv) or (t == "t2i" and cap)]
+            if not allowed:
+                continue
+            w = torch.tensor([getattr(lc.tasks, t) for t in allowed], dtype=torch.float64)
+            task = allowed[int(torch.multinomial(w, 1, generator=g))]
+            if task == "instruct":
+                samples.append(fmt.conversation(conv))
+                with_image.append(i)
+            elif task == "decompress":
+                seg = int(torch.randint(lc.decompress_segments, (1,), generator=g))
+                samples.append(fmt.decompression(codes[i], lc.decompress_segments, seg))
+                with_image.append(i)
+            else:
+                drop = bool(torch.rand(1, generator=g) < lc.caption_dropout)
+                samples.append(fmt.text_to_image(None if drop else cap, codes[i]))
+        if not samples:
+            raise UnicodebookError(f"step {step}: no usable sample in this rank's batch (all bad, or no task applies)")
+        batch = collate(samples, fmt.pad_id if fmt.pad_id is not None else 0)
+        return "mixed", batch, umodel.latents(codes[with_image]) if with_image else None
+
+    def folder_batch(step: int):
+        task, idx = schedule.next(step)
+        return (task, *make_batch(task, idx, step))
+
+    next_batch = stream_batch if streaming else folder_batch
+
     def checkpoint(at: int) -> None:
         full = engine.state_dict(model)
         states = {name: {k[len(name_) + 1:]: v for k, v in full.items() if k.startswith(name_ + ".")}
@@ -211,8 +278,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     bar = tqdm(total=lc.steps, initial=start, desc="stage II", disable=not (progress and main), dynamic_ncols=True)
     step = start
     while step < lc.steps:
-        task, idx = schedule.next(step)
-        batch, latents = make_batch(task, idx, step)
+        task, batch, latents = next_batch(step)
         if batch.input_ids.shape[1] > umodel.max_positions:
             raise UnicodebookError(f"a {task} sequence has {batch.input_ids.shape[1]} tokens; the LLM's context is {umodel.max_positions}")
         lr = lr_at(step, lc)
@@ -244,7 +310,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
             el = time.time() - t0
             last = {"step": step, "lr": lr, "elapsed_s": round(el, 2),
                     "tokens_per_s": round(engine.sum(tokens) / max(el, 1e-9), 1),
-                    "bad_records": skipped, "bad_images": len(cache.bad), "skipped_steps": guard.total}
+                    "bad_records": skipped, "bad_images": bad_images, "skipped_steps": guard.total}
             if engine.world > 1 and step == lc.steps:  # the invariant of a distributed run, checked
                 last["weights_rank_max_diff"] = engine.max_diff_from_main(*params)
             for t, (loss_sum, acc_sum, n) in sums.items():
@@ -287,7 +353,7 @@ def _plot(run: Path) -> None:
     from ..eval.plots import plot_curves
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    keys = tuple(k for k in (f"loss_{t}" for t in TASKS) if any(k in r for r in rows))
+    keys = tuple(k for k in (f"loss_{t}" for t in (*TASKS, "mixed")) if any(k in r for r in rows))
     if keys:
         plot_curves(run / "metrics.jsonl", run / "curves.png", keys=keys)
 
