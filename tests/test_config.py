@@ -54,3 +54,17 @@ def test_override_syntax():
 def test_codebook_ramp_is_validated_at_load_time():
     with pytest.raises(ConfigError, match=r"^model.codebook: codebook ramp needs 0 <= align_start <= align_end <= 1"):
         load_config("tiny", ["model.codebook.align_end=1.5"])
+
+
+def test_the_accelerate_example_configs_are_valid_and_the_7b_preset_trains_in_bf16():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from unicodebook.config import PRESET_DIR
+
+    fsdp = ClusterConfig.from_yaml_file(str(PRESET_DIR / "accelerate" / "fsdp_7b.yaml"))
+    assert fsdp.distributed_type.name == "FSDP" and fsdp.num_processes == 8
+    assert fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert ClusterConfig.from_yaml_file(str(PRESET_DIR / "accelerate" / "ddp_8gpu.yaml")).distributed_type.name == "MULTI_GPU"
+    cfg = load_config("7b")
+    assert cfg.train_lm.precision == "bf16" and cfg.train_lm.gradient_checkpointing
+    assert cfg.train_lm.batch_size % 8 == 0  # the global batch splits over 8 GPUs
