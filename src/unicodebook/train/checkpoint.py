@@ -137,10 +137,16 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers:
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict):
+            raise UnicodebookError(f"checkpoint {path} is torn or unreadable (state.json is not a JSON object)")
         if state.get("version") != STATE_VERSION or state.get("kind") != kind:
             raise UnicodebookError(f"checkpoint {path} is not a {kind} checkpoint of this version")
         if sorted(modules) != state.get("modules"):
             raise UnicodebookError(f"checkpoint {path} holds {state.get('modules')}, this run needs {sorted(modules)}")
+        lacks = [k for k in ("step", "optimizers", "python_rng", "numpy_rng") if k not in state]
+        lacks = lacks or [f"optimizers.{n}" for n in optimizers if n not in state["optimizers"]]
+        if lacks:
+            raise UnicodebookError(f"checkpoint {path} is torn or unreadable (state.json lacks {', '.join(lacks)})")
         weights = {name: load_file(path / f"{name}.safetensors") for name in modules}
         opt = load_file(path / "optimizers.safetensors")
     except (OSError, json.JSONDecodeError, SafetensorError) as e:

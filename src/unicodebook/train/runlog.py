@@ -5,6 +5,7 @@ reads as one uninterrupted run."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..utils.io import atomic_write_text
@@ -27,6 +28,8 @@ class RunLog:
         """Append ``record``; with ``scalars`` its float values also go to TensorBoard (train/…)."""
         if not self.enabled:
             return
+        # a NaN/inf (a skipped step's loss) is written as null: the file stays strict JSON
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if scalars:
@@ -35,9 +38,11 @@ class RunLog:
                     self.writer.add_scalar(f"train/{k}", v, record["step"])
 
     def close(self) -> None:
+        """Flush and close (idempotent)."""
         if self.enabled:
             self._file.close()
             self.writer.close()
+            self.enabled = False
 
 
 def trim_metrics(path: Path, step: int) -> None:

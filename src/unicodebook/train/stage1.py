@@ -26,7 +26,7 @@ from ..eval.plots import image_grid, plot_curves
 from ..tokenizers.unicode import UniCodeTokenizer, build_tokenizer, save_tokenizer
 from ..tokenizers.unicode.model import reconstruction_loss
 from .checkpoint import check_resume, list_checkpoints, load_checkpoint
-from .engine import Engine, NonFiniteGuard, save_training_checkpoint
+from .engine import Engine, NonFiniteError, NonFiniteGuard, save_training_checkpoint
 from .runlog import RunLog
 
 
@@ -141,7 +141,11 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
         else:
             opt.zero_grad(set_to_none=True)
             log.write({"step": step + 1, "skipped": skipped})
-        guard.record(skipped, step + 1, _last_checkpoint(run))
+        try:
+            guard.record(skipped, step + 1, _last_checkpoint(run))
+        except NonFiniteError:
+            log.close()  # the metrics so far stay readable; the checkpoints are untouched
+            raise
         step += 1
         bar.update(1)
 

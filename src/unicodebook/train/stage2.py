@@ -30,7 +30,7 @@ from ..lm.sequence import ASSISTANT, USER, collate
 from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_word_tokenizer
 from ..tokenizers.unicode import load_tokenizer
 from .checkpoint import check_resume, load_checkpoint
-from .engine import Engine, NonFiniteGuard, save_training_checkpoint
+from .engine import Engine, NonFiniteError, NonFiniteGuard, save_training_checkpoint
 from .runlog import RunLog
 from .stage1 import _last_checkpoint, lr_at
 
@@ -301,7 +301,11 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         else:
             opt.zero_grad(set_to_none=True)
             log.write({"step": step + 1, "skipped": why, "task": task})
-        guard.record(why, step + 1, _last_checkpoint(run))
+        try:
+            guard.record(why, step + 1, _last_checkpoint(run))
+        except NonFiniteError:
+            log.close()  # the metrics so far stay readable; the checkpoints are untouched
+            raise
         tokens += int(batch.attention_mask.sum())
         step += 1
         bar.update(1)
