@@ -53,16 +53,13 @@ Exact resume needs the same shards, ``batch_size``, ``seed``, ``world`` and ``nu
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import itertools
 import json
 import logging
-import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +69,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import BadImageError, UnicodebookError
+from ..utils.io import atomic_open
 from .images import IMAGE_EXTS, SPLITS, list_images, pil_to_tensor
 from .multimodal import read_records
 
@@ -136,32 +134,22 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, samples_per_shard
 
 
 def _write_one_shard(chunk: list[dict], path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
-                prev = None
-                for sample in chunk:
-                    if not isinstance(sample, dict):
-                        raise UnicodebookError(f"a sample must be a dict, got {type(sample).__name__}")
-                    key = _check_key(sample.get("__key__"))
-                    if key == prev:
-                        raise UnicodebookError(f"two consecutive samples share the key '{key}' (they would merge)")
-                    prev = key
-                    for ext, value in sample.items():
-                        if ext.startswith("__"):
-                            continue
-                        data = _member_bytes(key, ext, value)
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size, info.mode, info.mtime = len(data), 0o644, 0
-                        tf.addfile(info, io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        prev = None
+        for sample in chunk:
+            if not isinstance(sample, dict):
+                raise UnicodebookError(f"a sample must be a dict, got {type(sample).__name__}")
+            key = _check_key(sample.get("__key__"))
+            if key == prev:
+                raise UnicodebookError(f"two consecutive samples share the key '{key}' (they would merge)")
+            prev = key
+            for ext, value in sample.items():
+                if ext.startswith("__"):
+                    continue
+                data = _member_bytes(key, ext, value)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tf.addfile(info, io.BytesIO(data))
     return path
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UnicodebookError
+from ..quantize.codebook import gather_rows
 
 log = logging.getLogger("unicodebook.train")
 
@@ -99,11 +100,7 @@ class Engine:
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """(…) from every rank → (world, …), on every rank."""
-        if self.world == 1:
-            return t[None]
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.stack(parts)
+        return gather_rows(t[None])
 
     @torch.no_grad()
     def max_diff_from_main(self, *tensors: torch.Tensor) -> float:
@@ -130,13 +127,14 @@ class Engine:
 
 
 class NonFiniteGuard:
-    """Counts skipped steps; ``limit`` in a row raise :class:`NonFiniteError`."""
+    """Counts skipped steps; ``limit`` in a row raise :class:`NonFiniteError`, naming the run's
+    last checkpoint."""
 
-    def __init__(self, limit: int, stage: str):
-        self.limit, self.stage = limit, stage
+    def __init__(self, limit: int, stage: str, run):
+        self.limit, self.stage, self.run = limit, stage, run
         self.in_row = self.total = 0
 
-    def record(self, why: str | None, step: int, last_checkpoint: str) -> None:
+    def record(self, why: str | None, step: int) -> None:
         if why is None:
             self.in_row = 0
             return
@@ -144,8 +142,12 @@ class NonFiniteGuard:
         self.total += 1
         log.warning("%s step %d skipped: %s (%d in a row)", self.stage, step, why, self.in_row)
         if self.in_row >= self.limit:
+            from .checkpoint import list_checkpoints
+
+            ckpts = list_checkpoints(self.run)
+            last = str(ckpts[-1]) if ckpts else "(none yet)"
             raise NonFiniteError(f"{self.stage} stopped at step {step}: {self.in_row} steps in a row had a {why}; "
-                                 f"the last good checkpoint is {last_checkpoint} (lower the learning rate and --resume)")
+                                 f"the last good checkpoint is {last} (lower the learning rate and --resume)")
 
 
 def save_training_checkpoint(engine: Engine, run, step: int, modules: dict, optimizers: dict, extra: dict,

@@ -25,7 +25,7 @@ from ..eval.metrics import CodeUsage, psnr
 from ..eval.plots import image_grid, plot_curves
 from ..tokenizers.unicode import UniCodeTokenizer, build_tokenizer, save_tokenizer
 from ..tokenizers.unicode.model import reconstruction_loss
-from .checkpoint import check_resume, list_checkpoints, load_checkpoint
+from .checkpoint import check_resume, load_checkpoint
 from .engine import Engine, NonFiniteError, NonFiniteGuard, save_training_checkpoint
 from .runlog import RunLog
 
@@ -91,16 +91,21 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     model, opt = engine.prepare(tok, opt)
     optimizers["model"] = opt
     loader = source.batches(start, tc.steps)
-    guard = NonFiniteGuard(tc.max_nonfinite, "stage I")
+    guard = NonFiniteGuard(tc.max_nonfinite, "stage I", run)
 
     log = RunLog(run, start, resume, enabled=main)
     fixed = source.fixed(8)
     if main:
         (run / "samples").mkdir(exist_ok=True)
 
+    bad_here = 0  # bad images this process met since the start (summed over ranks when reported)
+
+    def bad_total() -> int:
+        return bad_images + int(engine.sum(bad_here))
+
     def checkpoint(at: int) -> None:
         states = {"model": engine.state_dict(model), **{k: m.state_dict() for k, m in aux.modules().items()}}
-        save_training_checkpoint(engine, run, at, states, optimizers, {"bad_images": bad_images}, tc.keep_last,
+        save_training_checkpoint(engine, run, at, states, optimizers, {"bad_images": bad_total()}, tc.keep_last,
                                  "tokenizer", model)
         if main:
             save_tokenizer(tok, run)
@@ -111,7 +116,7 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     bar = tqdm(total=tc.steps, initial=start, desc="stage I", disable=not (progress and main), dynamic_ncols=True)
     step = start
     for images, n_bad in loader:
-        bad_images += int(engine.sum(n_bad))
+        bad_here += int(n_bad)
         if images.numel() == 0:
             step += 1
             bar.update(1)
@@ -142,7 +147,7 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
             opt.zero_grad(set_to_none=True)
             log.write({"step": step + 1, "skipped": skipped})
         try:
-            guard.record(skipped, step + 1, _last_checkpoint(run))
+            guard.record(skipped, step + 1)
         except NonFiniteError:
             log.close()  # the metrics so far stay readable; the checkpoints are untouched
             raise
@@ -159,7 +164,7 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
                 **{k: mean(v) for k, v in parts.items()},
                 "psnr": mean(psnr(recon.detach().clamp(0, 1), images).mean()),
                 "usage": round(sum(st["usage"]) / len(st["usage"]), 4), "usage_per_layer": st["usage"],
-                "perplexity": st["perplexity"], "lr": lr, "bad_images": bad_images, "skipped_steps": guard.total,
+                "perplexity": st["perplexity"], "lr": lr, "bad_images": bad_total(), "skipped_steps": guard.total,
                 "restarted_codes": restarted,
                 "codebook_cosine_llm": tok.codebook.alignment()["cosine"], "elapsed_s": round(time.time() - t0, 2),
             }
@@ -192,11 +197,6 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
         plot_curves(run / "metrics.jsonl", run / "curves.png")
     engine.barrier()
     return Stage1Result(run, step, last, val, time.time() - t0, main)
-
-
-def _last_checkpoint(run: Path) -> str:
-    ckpts = list_checkpoints(run)
-    return str(ckpts[-1]) if ckpts else "(none yet)"
 
 
 class AuxLosses:

@@ -32,7 +32,7 @@ from ..tokenizers.unicode import load_tokenizer
 from .checkpoint import check_resume, load_checkpoint
 from .engine import Engine, NonFiniteError, NonFiniteGuard, save_training_checkpoint
 from .runlog import RunLog
-from .stage1 import _last_checkpoint, lr_at
+from .stage1 import lr_at
 
 TASKS = ("decompress", "instruct", "t2i")
 
@@ -196,7 +196,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         schedule.skip_to(start)
     model, opt = engine.prepare(umodel, opt)
     optimizers["llm"] = opt
-    guard = NonFiniteGuard(lc.max_nonfinite, "stage II")
+    guard = NonFiniteGuard(lc.max_nonfinite, "stage II", run)
 
     log = RunLog(run, start, resume, enabled=main)
     if main:
@@ -225,14 +225,15 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         return batch, latents
 
     task_names = [t for t in TASKS if getattr(lc.tasks, t) > 0]
+    bad_here = 0  # bad streamed samples this process met (summed over ranks when logged)
 
     def stream_batch(step: int):
         """This rank's next streamed batch, each sample given one of the tasks it allows
         (decompression always; instruct with a conversation; t2i with a caption), drawn by
         the task weights; images encoded by the frozen tokenizer on the fly."""
-        nonlocal bad_images
+        nonlocal bad_here
         recs, n_bad = next(records_iter)
-        bad_images += int(engine.sum(n_bad))
+        bad_here += int(n_bad)
         codes = umodel.tokenizer.encode(recs["image"].to(umodel.tokenizer.codebook.embed.device)) if len(recs["key"]) else None
         g = torch.Generator().manual_seed((lc.seed * 48_271 + step) * 1_000 + engine.rank)
         samples, with_image = [], []
@@ -295,14 +296,14 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         if why is None:
             opt.step()
             s = sums.setdefault(task, [0.0, 0.0, 0])
-            s[0] += engine.mean_over_ranks(out.loss)
+            s[0] += float(out.loss.detach())  # this rank's; averaged over ranks when logged
             s[1] += float(out.accuracy)
             s[2] += 1
         else:
             opt.zero_grad(set_to_none=True)
             log.write({"step": step + 1, "skipped": why, "task": task})
         try:
-            guard.record(why, step + 1, _last_checkpoint(run))
+            guard.record(why, step + 1)
         except NonFiniteError:
             log.close()  # the metrics so far stay readable; the checkpoints are untouched
             raise
@@ -314,11 +315,11 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
             el = time.time() - t0
             last = {"step": step, "lr": lr, "elapsed_s": round(el, 2),
                     "tokens_per_s": round(engine.sum(tokens) / max(el, 1e-9), 1),
-                    "bad_records": skipped, "bad_images": bad_images, "skipped_steps": guard.total}
+                    "bad_records": skipped, "bad_images": bad_images + int(engine.sum(bad_here)), "skipped_steps": guard.total}
             if engine.world > 1 and step == lc.steps:  # the invariant of a distributed run, checked
                 last["weights_rank_max_diff"] = engine.max_diff_from_main(*params)
             for t, (loss_sum, acc_sum, n) in sums.items():
-                last[f"loss_{t}"], last[f"acc_{t}"] = loss_sum / n, acc_sum / n
+                last[f"loss_{t}"], last[f"acc_{t}"] = engine.mean_over_ranks(loss_sum / n), acc_sum / n
             sums = {}
             log.write(last, scalars=True)
             bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")})
