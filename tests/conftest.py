@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,14 @@ TINY_OVERRIDES = [
     "train_lm.steps=8", "train_lm.batch_size=8", "train_lm.warmup_steps=2", "train_lm.log_every=2",
     "train_lm.save_every=4", "train_lm.sample_every=0",
 ]
+
+
+def pytest_configure(config):
+    """The suite is a CPU suite (its bit-for-bit resume and 1-vs-2-process claims are CPU
+    claims): on a GPU machine the GPU is hidden, subprocesses included, unless the run asks for
+    the GPU tests with ``-m cuda`` (tests/train/test_cuda.py, tolerances stated there)."""
+    if (config.option.markexpr or "").strip() != "cuda":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def tiny_config(*extra: str):

@@ -106,6 +106,11 @@ def test_tokenize_skips_a_bad_image_reports_it_and_exits_nonzero(trained, capsys
         (["eval", "tokenizer", "--tokenizer", "{run}", "--data", "{data}", "--split", "nosplit"], "error: '{data}' has no split 'nosplit'"),
         (["train-tokenizer", "--config", "{tmp}/bad.yaml", "--data", "{data}", "--out", "{tmp}/r"], "error: {tmp}/bad.yaml: not valid YAML"),
         (["data", "shapes", "--out", "{tmp}/d", "--size", "16"], "error: --size must be within 32..64, got 16"),
+        # the suite hides any GPU (conftest), so a CUDA device is refused here as on a CPU machine
+        (["reconstruct", "--tokenizer", "{run}", "{tmp}/notes.txt", "--out", "{tmp}/o.png", "--device", "cuda"],
+         "error: device 'cuda' asked for, but this machine has no CUDA GPU"),
+        (["eval", "tokenizer", "--tokenizer", "{run}", "--data", "{data}", "--device", "tpu:0"],
+         "error: unknown device 'tpu:0' (use auto, cpu, cuda or cuda:N)"),
     ],
 )
 def test_bad_input_gets_one_error_line_and_exit_2(trained, capsys, tmp_path, args, message):

@@ -21,6 +21,12 @@ EXIT_PARTIAL = 1
 
 
 # ------------------------------------------------------------------------------ subcommands
+def _device(name: str):
+    from .utils.device import resolve_device
+
+    return resolve_device(name)
+
+
 def cmd_data_shapes(out: Path, n_train: int, n_val: int, n_test: int, size: int, seed: int) -> int:
     from .data.shapes import write_dataset
 
@@ -53,14 +59,14 @@ def cmd_train_tokenizer(config: str | None, data: Path, out: Path, resume: bool,
     return 0
 
 
-def cmd_tokenize(tokenizer: Path, images: list[Path]) -> int:
+def cmd_tokenize(tokenizer: Path, images: list[Path], device: str = "auto") -> int:
     import torch
 
     from .data.images import load_image
     from .errors import BadImageError
     from .tokenizers.unicode import load_tokenizer
 
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer, device=_device(device))
     bad = 0
     for path in images:
         try:
@@ -70,20 +76,23 @@ def cmd_tokenize(tokenizer: Path, images: list[Path]) -> int:
             bad += 1
             continue
         with torch.no_grad():
-            codes = tok.encode(x[None])[0]
+            codes = tok.encode(x[None].to(tok.codebook.embed.device))[0].cpu()
         print(json.dumps({"image": str(path), "shape": list(codes.shape), "codes": codes.tolist(),
                           "token_ids": tok.token_ids(codes).flatten().tolist()}))
     return EXIT_PARTIAL if bad else 0
 
 
-def cmd_reconstruct(tokenizer: Path, image: Path, out: Path) -> int:
+def cmd_reconstruct(tokenizer: Path, image: Path, out: Path, device: str = "auto") -> int:
+    import torch
+
     from .data.images import load_image, tensor_to_pil
     from .eval.metrics import psnr
     from .tokenizers.unicode import load_tokenizer
 
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer, device=_device(device))
     x = load_image(image, tok.image_size, tok.config.data.odd_size)
-    recon = tok.decode(tok.encode(x[None]))
+    with torch.no_grad():
+        recon = tok.decode(tok.encode(x[None].to(tok.codebook.embed.device))).cpu()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensor_to_pil(recon[0]).save(out)
@@ -92,11 +101,11 @@ def cmd_reconstruct(tokenizer: Path, image: Path, out: Path) -> int:
     return 0
 
 
-def cmd_eval_tokenizer(tokenizer: Path, data: Path, split: str) -> int:
+def cmd_eval_tokenizer(tokenizer: Path, data: Path, split: str, device: str = "auto") -> int:
     from .eval.tokenizer import evaluate_tokenizer
     from .tokenizers.unicode import load_tokenizer
 
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer, device=_device(device))
     res = evaluate_tokenizer(tok, data, split=split)
     print(json.dumps(res))
     return EXIT_PARTIAL if res["n_bad"] else 0
@@ -112,11 +121,11 @@ def cmd_train_lm(config: str | None, tokenizer: Path, data: Path, out: Path, res
     return 0
 
 
-def cmd_chat(model_dir: Path, image: Path, question: str, max_new_tokens: int | None) -> int:
+def cmd_chat(model_dir: Path, image: Path, question: str, max_new_tokens: int | None, device: str = "auto") -> int:
     from .data.images import load_image
     from .lm.model import load_model
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, device=_device(device))
     x = load_image(image, model.tokenizer.image_size, model.config.data.odd_size)
     n = max_new_tokens or model.config.generate.max_new_tokens
     print(model.chat(x, question, max_new_tokens=n))
@@ -124,13 +133,13 @@ def cmd_chat(model_dir: Path, image: Path, question: str, max_new_tokens: int | 
 
 
 def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | None, temperature: float | None,
-                 top_k: int | None, seed: int) -> int:
+                 top_k: int | None, seed: int, device: str = "auto") -> int:
     from .data.images import tensor_to_pil
     from .lm.model import load_model
 
     if n < 1:
         raise UnicodebookError(f"--n must be >= 1, got {n}")
-    model = load_model(model_dir)
+    model = load_model(model_dir, device=_device(device))
     g = model.config.generate
     images = model.generate_image(prompt, n=n, cfg_scale=g.cfg_scale if cfg is None else cfg,
                                   temperature=g.temperature if temperature is None else temperature,
@@ -144,11 +153,12 @@ def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | N
     return 0
 
 
-def cmd_eval_model(model_dir: Path, data: Path, split: str, max_t2i: int | None, max_vqa: int | None) -> int:
+def cmd_eval_model(model_dir: Path, data: Path, split: str, max_t2i: int | None, max_vqa: int | None,
+                   device: str = "auto") -> int:
     from .eval.model import evaluate_model
     from .lm.model import load_model
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, device=_device(device))
     res = evaluate_model(model, data, split=split, max_t2i=max_t2i, max_vqa=max_vqa)
     print(json.dumps(res))
     return EXIT_PARTIAL if res["bad_records"] or res["bad_images"] else 0
@@ -163,6 +173,10 @@ def cmd_demo(out: Path, overrides: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------ parser
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one) | cpu | cuda | cuda:N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unicodebook", description="Unified-codebook multimodal LLMs (UniCode).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -190,17 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("tokenize", help="print the codes of images as JSON lines")
     k.add_argument("--tokenizer", type=Path, required=True)
     k.add_argument("images", type=Path, nargs="+")
+    _device_arg(k)
 
     r = sub.add_parser("reconstruct", help="encode and decode one image")
     r.add_argument("--tokenizer", type=Path, required=True)
     r.add_argument("image", type=Path)
     r.add_argument("--out", type=Path, required=True)
+    _device_arg(r)
 
     e = sub.add_parser("eval", help="evaluate").add_subparsers(dest="what", required=True)
     et = e.add_parser("tokenizer", help="PSNR, SSIM, codebook usage and perplexity per layer")
     et.add_argument("--tokenizer", type=Path, required=True)
     et.add_argument("--data", type=Path, required=True)
     et.add_argument("--split", default="test")
+    _device_arg(et)
 
     lm = sub.add_parser("train-lm", help="stage II: teach the LLM to read and write images")
     lm.add_argument("--config", default=None, help="YAML path or preset (default: the tokenizer run's config, or the run's own on --resume)")
@@ -215,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", type=Path, required=True)
     c.add_argument("--max-new-tokens", type=int, default=None)
     c.add_argument("question")
+    _device_arg(c)
 
     gn = sub.add_parser("generate", help="draw an image from a prompt")
     gn.add_argument("--model", type=Path, required=True, help="stage II run folder")
@@ -225,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--temperature", type=float, default=None, help="0: greedy")
     gn.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (0: all)")
     gn.add_argument("--seed", type=int, default=0)
+    _device_arg(gn)
 
     em = e.add_parser("model", help="VQA, judged text-to-image and decompression accuracy of a stage II model")
     em.add_argument("--model", type=Path, required=True)
@@ -232,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--split", default="test")
     em.add_argument("--max-t2i", type=int, default=None, help="evaluate only the first N text-to-image prompts")
     em.add_argument("--max-vqa", type=int, default=None, help="evaluate only the first N questions")
+    _device_arg(em)
 
     m = sub.add_parser("demo", help="the whole pipeline on the shapes world, with a report")
     m.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -248,19 +268,20 @@ def dispatch(args: argparse.Namespace) -> int:
     if c == "train-tokenizer":
         return cmd_train_tokenizer(args.config, args.data, args.out, args.resume, args.overrides)
     if c == "tokenize":
-        return cmd_tokenize(args.tokenizer, args.images)
+        return cmd_tokenize(args.tokenizer, args.images, args.device)
     if c == "reconstruct":
-        return cmd_reconstruct(args.tokenizer, args.image, args.out)
+        return cmd_reconstruct(args.tokenizer, args.image, args.out, args.device)
     if c == "train-lm":
         return cmd_train_lm(args.config, args.tokenizer, args.data, args.out, args.resume, args.overrides)
     if c == "chat":
-        return cmd_chat(args.model, args.image, args.question, args.max_new_tokens)
+        return cmd_chat(args.model, args.image, args.question, args.max_new_tokens, args.device)
     if c == "generate":
-        return cmd_generate(args.model, args.prompt, args.out, args.n, args.cfg, args.temperature, args.top_k, args.seed)
+        return cmd_generate(args.model, args.prompt, args.out, args.n, args.cfg, args.temperature, args.top_k, args.seed,
+                            args.device)
     if c == "eval" and args.what == "model":
-        return cmd_eval_model(args.model, args.data, args.split, args.max_t2i, args.max_vqa)
+        return cmd_eval_model(args.model, args.data, args.split, args.max_t2i, args.max_vqa, args.device)
     if c == "eval":
-        return cmd_eval_tokenizer(args.tokenizer, args.data, args.split)
+        return cmd_eval_tokenizer(args.tokenizer, args.data, args.split, args.device)
     if c == "demo":
         return cmd_demo(args.out, args.overrides)
     raise AssertionError(c)  # pragma: no cover

@@ -48,7 +48,7 @@ def run_demo(out: Path, overrides: list[str] | None = None, n_train: int = 2000,
 
     ds = ImageFolder(resolve_image_folder(data, "test"), tok.image_size, preload=False)
     images = torch.stack([ds[i] for i in range(12)])
-    recon = tok.decode(tok.encode(images))
+    recon = tok.decode(tok.encode(images)).cpu()
     image_grid([images, recon], labels=["test", "recon"]).save(out / "reconstructions_test.png")
 
     model_run = out / "model"

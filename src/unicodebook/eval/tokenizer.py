@@ -41,8 +41,8 @@ def evaluate_tokenizer(tok, data: str | Path, split: str | None = "test", batch_
         if not items:
             continue
         images = torch.stack([x for _, x in items])
-        codes = tok.encode(images)
-        recon = tok.decode(codes)
+        codes = tok.encode(images).cpu()
+        recon = tok.decode(codes).cpu()
         psnrs.append(psnr(recon, images).clamp(max=100.0))
         ssims.append(ssim(recon, images))
         layers, names = tok.code_layers(codes)

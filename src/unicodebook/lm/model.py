@@ -308,22 +308,26 @@ def _sample(logits: Tensor, temperature: float, top_k: int, generator: torch.Gen
 
 
 # -------------------------------------------------------------------------------- save / load
-def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str) -> None:
-    """Write the model folder (each part atomically; ``model.json`` last)."""
+def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, states: dict | None = None) -> None:
+    """Write the model folder (each part atomically; ``model.json`` last). ``states``: the
+    full ``llm`` / ``image_positions`` state dicts to write instead of the modules' own (a
+    sharded FSDP run gathers them)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     atomic_save_tensors(model.tokenizer.state_dict(), folder / "visual_tokenizer.safetensors",
                         metadata={"format": "unicodebook-tokenizer"})
+    states = states or {}
     if model.image_pos is not None:
-        atomic_save_tensors(model.image_pos.state_dict(), folder / "image_positions.safetensors")
+        atomic_save_tensors(states.get("image_positions") or model.image_pos.state_dict(),
+                            folder / "image_positions.safetensors")
     llm = model.llm
-    if hasattr(llm, "merge_and_unload"):  # LoRA: save the merged weights, keep training the adapter
+    if hasattr(llm, "merge_and_unload") and "llm" not in states:  # LoRA: save the merged weights, keep training the adapter
         import copy
 
         llm = copy.deepcopy(llm).merge_and_unload()
     with atomic_dir(folder / "llm") as tmp:
-        llm.save_pretrained(tmp, safe_serialization=True)
+        llm.save_pretrained(tmp, safe_serialization=True, state_dict=states.get("llm"))
     with atomic_dir(folder / "text_tokenizer") as tmp:
         model.text_tok.save_pretrained(str(tmp))
     tok = model.tokenizer

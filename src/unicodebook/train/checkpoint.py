@@ -127,12 +127,14 @@ def list_checkpoints(run: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "state.json").exists())
 
 
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer | None],
                     kind: str = "tokenizer", rank: int = 0) -> dict:
     """Restore modules, optimizers and RNG from a checkpoint folder; refuse torn or foreign ones.
 
     Everything is read and checked before anything is loaded, so a refused checkpoint leaves
-    the models untouched.
+    the models untouched. An optimizer given as ``None`` is not loaded: its state dict is
+    returned under ``state["optimizer_states"][name]`` (for optimizers that can only take it
+    once the model is wrapped, as under FSDP).
     """
     path = Path(path)
     try:
@@ -157,9 +159,14 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers:
             raise UnicodebookError(f"checkpoint {path} belongs to another model (first mismatching key: {name}.{bad})")
     for name, module in modules.items():
         module.load_state_dict(weights[name])
+    state["optimizer_states"] = {}
     for name, optimizer in optimizers.items():
         prefix = f"{name}/"
         tensors = {k[len(prefix):]: v for k, v in opt.items() if k.startswith(prefix)}
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizers"][name]))
+        sd = _unflatten_optimizer(tensors, state["optimizers"][name])
+        if optimizer is None:
+            state["optimizer_states"][name] = sd
+        else:
+            optimizer.load_state_dict(sd)
     set_rng_state({k: opt[k] for k in ("torch_rng", "cuda_rng") if k in opt}, state, rank)
     return state

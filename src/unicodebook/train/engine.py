@@ -86,13 +86,38 @@ class Engine:
         """The full (unsharded) state dict of a prepared model, on the main process."""
         return self.acc.get_state_dict(model)
 
-    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict:
-        """The full optimizer state dict (gathered under FSDP; replicated otherwise)."""
-        if self.acc.distributed_type.name == "FSDP":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    @property
+    def shards_parameters(self) -> bool:
+        """FSDP: each rank holds a shard of every parameter, so the module can only run inside
+        the wrapped model's forward, and state dicts must be gathered."""
+        return self.acc.distributed_type.name == "FSDP"
 
-            return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return optimizer.state_dict()
+    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict:
+        """The full optimizer state in the single-process layout: parameters numbered in the
+        order the optimizer was built with. Under FSDP it is gathered to the main process (the
+        other ranks get ``{}``), so a checkpoint resumes under any backend or world size."""
+        if not self.shards_parameters:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not full.get("param_groups"):
+            return {}
+        ids = {name: i for i, name in enumerate(n for g in full["param_groups"] for n in g["params"])}
+        return {"state": {ids[name]: st for name, st in full["state"].items()},
+                "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in full["param_groups"]]}
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict, names: list[str]) -> None:
+        """Load a single-process-layout state (see :meth:`optimizer_state`) into a *prepared*
+        optimizer. ``names``: the parameters' names in the order the optimizer was built with."""
+        if not self.shards_parameters:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        full = {"state": {names[i]: st for i, st in state["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
     # ---------------------------------------------------------------- sync
     def barrier(self) -> None:

@@ -62,6 +62,9 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     if tc.threads:
         torch.set_num_threads(tc.threads)
     engine = Engine()
+    if engine.shards_parameters:
+        raise UnicodebookError("stage I runs on DDP, not FSDP: the autoencoder is small and the quantizer keeps whole "
+                               "codebook statistics on every rank (launch it with configs/accelerate/ddp_8gpu.yaml)")
     main = engine.is_main
     if cfg.loss.gan > 0 and engine.world > 1:
         raise UnicodebookError("loss.gan > 0 (the adaptive GAN weight) runs in one process only")
@@ -79,7 +82,7 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     tok.set_gradient_checkpointing(tc.gradient_checkpointing)
     tok.train()
     opt = torch.optim.AdamW(tok.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    aux = AuxLosses(cfg, tok)
+    aux = AuxLosses(cfg, tok, engine.device)
     modules, optimizers = {"model": tok, **aux.modules()}, {"model": opt, **aux.optimizers()}
     start = 0
     bad_images = source.bad_at_start
@@ -206,7 +209,7 @@ class AuxLosses:
     files; the discriminator starts at ``loss.gan_start`` with taming's adaptive weight.
     """
 
-    def __init__(self, cfg: Config, tok: UniCodeTokenizer):
+    def __init__(self, cfg: Config, tok: UniCodeTokenizer, device: torch.device | str = "cpu"):
         from .losses import LPIPS, PatchDiscriminator, disc_layers_for_size
 
         lc, tc = cfg.loss, cfg.train_tokenizer
@@ -216,12 +219,12 @@ class AuxLosses:
             if not lc.perceptual_vgg or not lc.perceptual_lin:
                 raise UnicodebookError("loss.perceptual > 0 needs loss.perceptual_vgg and loss.perceptual_lin (local weight files)")
             try:
-                self.lpips = LPIPS.from_pretrained(lc.perceptual_vgg, lc.perceptual_lin)
+                self.lpips = LPIPS.from_pretrained(lc.perceptual_vgg, lc.perceptual_lin).to(device)
             except ValueError as e:
                 raise UnicodebookError(str(e)) from None
         self.disc = self.disc_opt = None
         if lc.gan > 0:
-            self.disc = PatchDiscriminator(n_layers=disc_layers_for_size(cfg.model.image_size))
+            self.disc = PatchDiscriminator(n_layers=disc_layers_for_size(cfg.model.image_size)).to(device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=tc.lr, betas=(0.5, 0.9), weight_decay=0.0)
 
     def modules(self) -> dict:
@@ -263,7 +266,7 @@ class AuxLosses:
 def _write_grid(tok: UniCodeTokenizer, images: torch.Tensor, path: Path, writer, step: int) -> None:
     was = tok.training
     tok.eval()
-    recon = tok.decode(tok.encode(images))
+    recon = tok.decode(tok.encode(images)).cpu()
     tok.train(was)
     grid = image_grid([images, recon], labels=["input", "recon"])
     grid.save(path)

@@ -122,9 +122,12 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         torch.set_num_threads(lc.threads)
     engine = Engine(find_unused_parameters=lc.image_positions)  # a task may leave the depth table unused
     main = engine.is_main
+    if engine.shards_parameters and lc.lora.enabled:
+        raise UnicodebookError("LoRA under FSDP is not supported: launch LoRA runs with a DDP config "
+                               "(configs/accelerate/ddp_8gpu.yaml); a LoRA model's optimizer state is small")
 
     # ------------------------------------------------------------------ setup
-    tok = load_tokenizer(tokenizer_run)
+    tok = load_tokenizer(tokenizer_run, device=engine.device)  # frozen: encodes and embeds where the LLM trains
     llm = tok.llm
     # the tokenizer run defines the model and its LLM; stage II settings come from cfg
     cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
@@ -182,20 +185,25 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         skipped = bad_images = 0
         preview = []
 
-    params = [p for p in umodel.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
-    modules, optimizers = {"llm": umodel.llm}, {"llm": opt}
+    names = [n for n, p in umodel.named_parameters() if p.requires_grad]  # the optimizer's order
+    opt = torch.optim.AdamW([p for p in umodel.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas),
+                            weight_decay=lc.weight_decay)
+    modules = {"llm": umodel.llm}
     if umodel.image_pos is not None:
         modules["image_positions"] = umodel.image_pos
-    start = 0
-    if resume:
-        start = load_checkpoint(ckpts[-1], modules, optimizers, kind="lm", rank=engine.rank)["step"]
+    start, opt_state = 0, None
+    if resume:  # weights now (prepare shards them); the optimizer once it is wrapped
+        state = load_checkpoint(ckpts[-1], modules, {"llm": None}, kind="lm", rank=engine.rank)
+        start, opt_state = state["step"], state["optimizer_states"]["llm"]
     if streaming:
         records_iter = stream.batches(lc.batch_size, start)
     else:
         schedule.skip_to(start)
     model, opt = engine.prepare(umodel, opt)
-    optimizers["llm"] = opt
+    if opt_state is not None:
+        engine.load_optimizer_state(model, opt, opt_state, names)
+    optimizers = {"llm": opt}
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps in sharded parameters
     guard = NonFiniteGuard(lc.max_nonfinite, "stage II", run)
 
     log = RunLog(run, start, resume, enabled=main)
@@ -264,12 +272,13 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
 
     next_batch = stream_batch if streaming else folder_batch
 
-    def checkpoint(at: int) -> None:
+    def checkpoint(at: int) -> dict:
         full = engine.state_dict(model)
         states = {name: {k[len(name_) + 1:]: v for k, v in full.items() if k.startswith(name_ + ".")}
                   for name, name_ in (("llm", "llm"), ("image_positions", "image_pos")) if name in modules}
         save_training_checkpoint(engine, run, at, states, optimizers, {"skipped_steps": guard.total}, lc.keep_last,
                                  "lm", model)
+        return states
 
     # ------------------------------------------------------------------ train
     t0 = time.time()
@@ -323,17 +332,19 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
             sums = {}
             log.write(last, scalars=True)
             bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")})
-        if main and lc.sample_every and step % lc.sample_every == 0 and step < lc.steps and preview:
+        if main and lc.sample_every and step % lc.sample_every == 0 and step < lc.steps and preview \
+                and not engine.shards_parameters:  # FSDP: a sharded module cannot decode outside forward
             _write_samples(umodel, preview, run / "samples" / f"t2i_{step:07d}.png", cfg, log.writer, step)
         if lc.save_every and step % lc.save_every == 0 and step < lc.steps:
             checkpoint(step)
     bar.close()
 
     # ------------------------------------------------------------------ finish
-    checkpoint(step)
+    states = checkpoint(step)
     if main:
-        save_model(umodel, run, cfg, str(tokenizer_run))
-        if preview:
+        # the gathered full weights: under FSDP the modules themselves hold only shards
+        save_model(umodel, run, cfg, str(tokenizer_run), states=states if engine.shards_parameters else None)
+        if preview and not engine.shards_parameters:
             _write_samples(umodel, preview, run / "samples" / "t2i_final.png", cfg, log.writer, step)
     log.close()
     if main:

@@ -77,9 +77,13 @@ class UniCodeTokenizer(nn.Module):
         return self.latent_size**2
 
     # ---------------------------------------------------------------- pipeline
+    @property
+    def device(self) -> torch.device:
+        return self.codebook.embed.device
+
     def _latent(self, images: Tensor) -> Tensor:
         self._check_images(images)
-        z = self.pre_quant(self.encoder(images * 2 - 1))  # (B, d, h, w)
+        z = self.pre_quant(self.encoder(images.to(self.device) * 2 - 1))  # (B, d, h, w); inputs follow the model
         return rearrange(z, "b d h w -> b h w d")
 
     def _decode_latent(self, zq: Tensor) -> Tensor:
@@ -99,7 +103,7 @@ class UniCodeTokenizer(nn.Module):
     def embed(self, codes: Tensor) -> Tensor:
         """codes (B, gh, gw, G) → Ẑ (B, h·w, d): the aggregated code embeddings for the LLM."""
         self._check_codes(codes)
-        return rearrange(self.quantizer.codes_to_embeddings(codes), "b h w d -> b (h w) d")
+        return rearrange(self.quantizer.codes_to_embeddings(codes.to(self.device)), "b h w d -> b (h w) d")
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
