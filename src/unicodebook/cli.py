@@ -76,7 +76,7 @@ def cmd_tokenize(tokenizer: Path, images: list[Path], device: str = "auto") -> i
             bad += 1
             continue
         with torch.no_grad():
-            codes = tok.encode(x[None].to(tok.codebook.embed.device))[0].cpu()
+            codes = tok.encode(x[None])[0].cpu()
         print(json.dumps({"image": str(path), "shape": list(codes.shape), "codes": codes.tolist(),
                           "token_ids": tok.token_ids(codes).flatten().tolist()}))
     return EXIT_PARTIAL if bad else 0
@@ -92,7 +92,7 @@ def cmd_reconstruct(tokenizer: Path, image: Path, out: Path, device: str = "auto
     tok = load_tokenizer(tokenizer, device=_device(device))
     x = load_image(image, tok.image_size, tok.config.data.odd_size)
     with torch.no_grad():
-        recon = tok.decode(tok.encode(x[None].to(tok.codebook.embed.device))).cpu()
+        recon = tok.decode(tok.encode(x[None])).cpu()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensor_to_pil(recon[0]).save(out)

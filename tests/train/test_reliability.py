@@ -436,3 +436,32 @@ def test_stage2_gradient_checkpointing_switch_trains_to_the_same_weights(model_r
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
         print(f"\nstage II gradient checkpointing, 8 steps: {name} max |Δ| {worst:.2e}")
         assert worst <= 1e-5
+
+
+# ------------------------------------------------------------------------------------ optimizer layout
+def test_fsdp_optimizer_layout_converts_exactly_to_the_single_process_one():
+    """Checkpoints hold optimizer state numbered as ``Optimizer.state_dict()`` numbers it; FSDP
+    gathers it keyed by parameter name (torch.distributed.checkpoint). The two conversions must
+    be exact inverses and agree with what torch itself produces for the same optimizer."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from unicodebook.train.engine import by_index, by_name
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    model[0].bias.requires_grad_(False)  # a frozen parameter is not in the optimizer
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for _, p in trainable[:1]]}, {"params": [p for _, p in trainable[1:]], "lr": 0.1}])
+    model(torch.randn(5, 4)).square().sum().backward()
+    opt.step()
+    names = [n for n, _ in trainable]
+    plain, named = opt.state_dict(), get_optimizer_state_dict(model, opt)
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+    assert same(by_index(named), plain)
+    assert same(by_name(plain, names), named)

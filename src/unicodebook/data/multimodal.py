@@ -166,7 +166,7 @@ def cached_codes(tok, folder: Path, images: list[str], fallback: Path | None = N
 
     def flush():
         if pending:
-            x = torch.stack([t for _, t in pending]).to(tok.codebook.embed.device)
+            x = torch.stack([t for _, t in pending])
             chunks.append(tok.encode(x).to(torch.int32).cpu())
             ok.extend(p for p, _ in pending)
             pending.clear()

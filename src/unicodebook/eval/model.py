@@ -102,7 +102,7 @@ def _vqa_picture(model, cache, examples, path: Path) -> None:
     from .plots import captioned_grid
 
     codes = cache.codes[[cache.index[e[0]] for e in examples]].long()
-    images = model.tokenizer.decode(codes.to(model.tokenizer.codebook.embed.device))
+    images = model.tokenizer.decode(codes)
     caps = [f"Q: {q} A: {p} ({'right' if ok else 'truth: ' + a})" for _, q, p, a, ok in examples]
     captioned_grid(images.cpu(), caps, cols=4, width_chars=26).save(path)
 
@@ -137,7 +137,7 @@ def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, to
     for s in tqdm(range(0, len(pairs), batch_size), desc="text-to-image", disable=not progress, leave=False):
         chunk = pairs[s:s + batch_size]
         codes = model.generate_codes([p.caption for p in chunk], cfg_scale, temperature, top_k, gen)
-        images = model.tokenizer.decode(codes.to(model.tokenizer.codebook.embed.device)).cpu()
+        images = model.tokenizer.decode(codes).cpu()
         arr = (images.clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).numpy()
         for p, a, img in zip(chunk, arr, images):
             hit = bool(matches_prompt(a, p.caption)) if judged else False

@@ -143,7 +143,7 @@ class UniCodeLM(nn.Module):
     def latents(self, codes: Tensor) -> Tensor:
         """codes (B, gh, gw, G) → Ẑ (B, h·w, d) from the frozen visual codebook."""
         with torch.no_grad():
-            return self.tokenizer.embed(codes.to(self.tokenizer.codebook.embed.device).long())
+            return self.tokenizer.embed(codes.long())
 
     def embed_inputs(self, input_ids: Tensor, image_at: Tensor, latents: Tensor | None,
                      codes_at: Tensor | None = None, n_codes: Tensor | None = None) -> Tensor:
@@ -262,7 +262,7 @@ class UniCodeLM(nn.Module):
         prompts = [p for p in prompts for _ in range(n)]
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         codes = self.generate_codes(prompts, cfg_scale, temperature, top_k, gen)
-        return self.tokenizer.decode(codes.to(self.tokenizer.codebook.embed.device))
+        return self.tokenizer.decode(codes)
 
     @torch.inference_mode()
     def answer(self, codes: Tensor, questions: list[str], max_new_tokens: int = 16) -> list[str]:
@@ -293,7 +293,7 @@ class UniCodeLM(nn.Module):
         """image (3, H, W) or (1, 3, H, W) in [0, 1] → the answer to ``question``."""
         if image.ndim == 3:
             image = image[None]
-        codes = self.tokenizer.encode(image.to(self.tokenizer.codebook.embed.device))
+        codes = self.tokenizer.encode(image)
         return self.answer(codes, [question], max_new_tokens)[0]
 
 

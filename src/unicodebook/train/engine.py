@@ -101,11 +101,7 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not full.get("param_groups"):
-            return {}
-        ids = {name: i for i, name in enumerate(n for g in full["param_groups"] for n in g["params"])}
-        return {"state": {ids[name]: st for name, st in full["state"].items()},
-                "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in full["param_groups"]]}
+        return by_index(full) if full.get("param_groups") else {}
 
     def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict, names: list[str]) -> None:
         """Load a single-process-layout state (see :meth:`optimizer_state`) into a *prepared*
@@ -115,9 +111,7 @@ class Engine:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        full = {"state": {names[i]: st for i, st in state["state"].items()},
-                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-        set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, by_name(state, names), options=StateDictOptions(full_state_dict=True))
 
     # ---------------------------------------------------------------- sync
     def barrier(self) -> None:
@@ -149,6 +143,20 @@ class Engine:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t)
+
+
+def by_index(state: dict) -> dict:
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's layout) →
+    keyed by position in the optimizer's parameter order (``Optimizer.state_dict()``'s)."""
+    ids = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
+    return {"state": {ids[name]: st for name, st in state["state"].items()},
+            "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def by_name(state: dict, names: list[str]) -> dict:
+    """The inverse of :func:`by_index`; ``names[i]`` is the name of parameter ``i``."""
+    return {"state": {names[i]: st for i, st in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
 class NonFiniteGuard:

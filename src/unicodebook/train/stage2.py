@@ -242,7 +242,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         nonlocal bad_here
         recs, n_bad = next(records_iter)
         bad_here += int(n_bad)
-        codes = umodel.tokenizer.encode(recs["image"].to(umodel.tokenizer.codebook.embed.device)) if len(recs["key"]) else None
+        codes = umodel.tokenizer.encode(recs["image"]) if len(recs["key"]) else None
         g = torch.Generator().manual_seed((lc.seed * 48_271 + step) * 1_000 + engine.rank)
         samples, with_image = [], []
         for i, (conv, cap) in enumerate(zip(recs["conversation"], recs["caption"])):
