@@ -180,6 +180,18 @@ def test_stage2_bad_input_gets_one_error_line_and_exit_2(trained, trained_lm, ca
     assert len(lines) == 1 and lines[0].startswith(fill(message)), err
 
 
+def test_a_sharding_backend_accelerate_cannot_run_here_is_reported(trained, capsys, tmp_path, monkeypatch):
+    """`accelerate launch` with an FSDP or DeepSpeed config on a machine without a GPU: Accelerate
+    falls back to plain processes without a word; the run says so on one line and still trains."""
+    data, run = trained
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets from the config
+    rc, out, err = run_cli(capsys, "train-lm", "--tokenizer", run, "--data", data, "--out", tmp_path / "m",
+                           *TINY_OVERRIDES, "train_lm.steps=2", "train_lm.save_every=2")
+    assert rc == 0 and (tmp_path / "m" / "llm").is_dir()
+    assert "warning: the accelerate config asks for FSDP, which Accelerate runs on GPUs only; this run uses one process" \
+        in err.splitlines()
+
+
 def test_eval_model_skips_and_counts_malformed_lines(trained, trained_lm, capsys, tmp_path):
     import shutil
 

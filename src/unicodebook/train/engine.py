@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,14 @@ log = logging.getLogger("unicodebook.train")
 
 class NonFiniteError(UnicodebookError):
     """Too many non-finite steps in a row: the run stops, its last checkpoint intact."""
+
+
+def backend_asked_for() -> str | None:
+    """The sharding backend ``accelerate launch`` was configured with (its environment), if any."""
+    for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(env, "false").lower() == "true":
+            return name
+    return None
 
 
 class Engine:
@@ -46,6 +55,14 @@ class Engine:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
         self.is_main = self.acc.is_main_process
+        asked = backend_asked_for()
+        if asked and asked.upper() != self.acc.distributed_type.name and self.is_main:
+            # Accelerate only turns these on for GPU (and similar) processes; on the CPU it
+            # silently falls back to DDP or one process: say so rather than leave it unnoticed
+            kind = self.acc.distributed_type.name
+            kind = {"NO": "one process", "MULTI_CPU": f"DDP over {self.world} CPU processes"}.get(kind, kind)
+            log.warning("the accelerate config asks for %s, which Accelerate runs on GPUs only; this run uses %s",
+                        asked, kind)
 
     # ---------------------------------------------------------------- data
     def local_batch_size(self, global_batch: int) -> int:
