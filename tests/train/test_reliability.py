@@ -17,6 +17,7 @@ from conftest import TINY_OVERRIDES, tiny_config
 from unicodebook.cli import main as cli_main
 from unicodebook.data.images import list_images, load_image
 from unicodebook.eval.metrics import psnr
+from unicodebook.lm.llm import enable_checkpointing
 from unicodebook.lm.model import LMOutput, UniCodeLM, load_model
 from unicodebook.lm.sequence import collate
 from unicodebook.tokenizers.unicode import build_tokenizer, load_tokenizer
@@ -406,8 +407,7 @@ def test_stage2_gradient_checkpointing_gives_the_same_gradients(model_run, shape
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
 
     loss0, g0, n0 = grads()
-    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.llm.config.use_cache = False
+    enable_checkpointing(model.llm)
     loss1, g1, n1 = grads()
     assert (n0, n1) == (1, 2)
     assert torch.equal(loss0, loss1)

@@ -72,6 +72,16 @@ def load_llm(cfg: LLMConfig, seed: int = 0, device: str | torch.device | None = 
     return model if device is None else model.to(device)
 
 
+def enable_checkpointing(llm) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant), cache off."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):  # transformers 5.x; the old name is deprecated there
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    llm.config.use_cache = False
+
+
 def input_embedding(model) -> nn.Embedding:
     emb = model.get_input_embeddings()
     if not isinstance(emb, nn.Embedding):

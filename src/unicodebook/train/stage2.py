@@ -24,7 +24,7 @@ from ..config import Config, LMTrainConfig, load_config, save_config
 from ..data.multimodal import cached_codes, read_records, split_folder
 from ..data.sources import ShardRecords, is_shard_spec
 from ..errors import UnicodebookError
-from ..lm.llm import BUILTIN
+from ..lm.llm import BUILTIN, enable_checkpointing
 from ..lm.model import UniCodeLM, save_model
 from ..lm.sequence import ASSISTANT, USER, collate
 from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_word_tokenizer
@@ -157,8 +157,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         engine.barrier()
     torch.manual_seed(lc.seed)
     if lc.gradient_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        llm.config.use_cache = False
+        enable_checkpointing(llm)
     if lc.lora.enabled:
         llm = wrap_lora(llm, lc)
     umodel = UniCodeLM(llm, tok, text_tok, image_positions=lc.image_positions)
