@@ -90,6 +90,7 @@ the task mix ({mix}); images enter as Ẑ at the `<image>` slots and leave as
 | VQA by question type | {by_type} |
 | text-to-image, judge: every named attribute right — seen combinations | {r.get('t2i_accuracy_seen', float('nan')):.1%} ({r.get('t2i_n_seen', 0)} prompts) |
 | text-to-image — held-out combinations | {r.get('t2i_accuracy_held_out', float('nan')):.1%} ({r.get('t2i_n_held_out', 0)} prompts) |
+| ceiling set by the tokenizer: the judge on the reconstructions of the prompts' own images, seen / held-out | {r.get('t2i_reference_accuracy_seen', float('nan')):.1%} / {r.get('t2i_reference_accuracy_held_out', float('nan')):.1%} |
 | decompression code accuracy (teacher-forced) | {r.get('decompression_code_accuracy', float('nan')):.1%} |
 | sampling | CFG {r.get('cfg_scale')}, temperature {r.get('temperature')}, top-k {r.get('top_k')} |
 | stage II training time | {t_lm / 60:.1f} min |

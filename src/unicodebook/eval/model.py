@@ -71,6 +71,7 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
     pairs = pairs[:max_t2i]
     if pairs:
         res.update(_t2i(model, pairs, batch_size, cfg_scale, temperature, top_k, seed, progress, pictures))
+        res.update(_t2i_reference(model, cache, pairs, batch_size))
     model.train(was)
     return res
 
@@ -126,9 +127,34 @@ def _decompression(model, cache, images: list[str], batch_size: int) -> float:
     return right / max(1, total)
 
 
+def _judge(images: torch.Tensor, captions: list[str]) -> list[bool]:
+    """Does each picture (B, 3, H, W) in [0, 1] show everything its caption names?"""
+    from ..data.shapes import matches_prompt
+
+    arr = (images.clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).numpy()
+    return [bool(matches_prompt(a, c)) for a, c in zip(arr, captions)]
+
+
+def _t2i_reference(model, cache, pairs, batch_size: int) -> dict:
+    """The ceiling the frozen tokenizer sets: the judge on the reconstructions of the pairs' own
+    images, i.e. what a stage II model that emitted exactly the reference codes would score."""
+    from ..data.shapes import parse_objects
+
+    pairs = [p for p in pairs if p.image in cache.index and parse_objects(p.caption)]
+    ok: dict[bool, list[bool]] = {False: [], True: []}
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        images = model.tokenizer.decode(cache.codes[[cache.index[p.image] for p in chunk]].long()).cpu()
+        hits = _judge(images, [p.caption for p in chunk])
+        for p, hit in zip(chunk, hits):
+            ok[p.held_out].append(hit)
+    return {f"t2i_reference_accuracy_{name}": sum(ok[flag]) / len(ok[flag])
+            for name, flag in (("seen", False), ("held_out", True)) if ok[flag]}
+
+
 def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, top_k: int, seed: int, progress: bool,
          pictures: Path | None) -> dict:
-    from ..data.shapes import matches_prompt, parse_objects
+    from ..data.shapes import parse_objects
 
     judged = all(parse_objects(p.caption) for p in pairs)
     gen = torch.Generator(device=model.device).manual_seed(seed)
@@ -138,9 +164,8 @@ def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, to
         chunk = pairs[s:s + batch_size]
         codes = model.generate_codes([p.caption for p in chunk], cfg_scale, temperature, top_k, gen)
         images = model.tokenizer.decode(codes).cpu()
-        arr = (images.clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).numpy()
-        for p, a, img in zip(chunk, arr, images):
-            hit = bool(matches_prompt(a, p.caption)) if judged else False
+        hits = _judge(images, [p.caption for p in chunk]) if judged else [False] * len(chunk)
+        for p, hit, img in zip(chunk, hits, images):
             ok[p.held_out].append(hit)
             if len(shown) < 16:
                 shown.append(img)

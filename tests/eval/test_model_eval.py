@@ -1,0 +1,32 @@
+"""`eval model`'s text-to-image figures: the judge's verdicts on generated pictures, and the
+ceiling the frozen tokenizer sets (the same judge on the reconstructions of the reference images)."""
+
+import pytest
+
+from unicodebook.data.multimodal import cached_codes, read_pairs
+from unicodebook.eval.model import evaluate_model
+from unicodebook.lm.model import load_model
+
+
+@pytest.fixture(scope="module")
+def model(model_run):
+    return load_model(model_run)
+
+
+def test_a_model_that_emits_the_reference_codes_scores_the_reference_ceiling(model, shapes_dir, monkeypatch):
+    folder = shapes_dir / "test"
+    pairs, _ = read_pairs(folder / "t2i.jsonl")
+    cache = cached_codes(model.tokenizer, folder, [p.image for p in pairs], progress=False)
+    queue = [cache.codes[cache.index[p.image]].long() for p in pairs]
+
+    def reference_codes(prompts, *args, **kwargs):  # the perfect stage II model: the image's own codes
+        import torch
+
+        return torch.stack([queue.pop(0) for _ in prompts])
+
+    monkeypatch.setattr(model, "generate_codes", reference_codes)
+    res = evaluate_model(model, shapes_dir, "test", batch_size=5, max_vqa=0, max_decompress=0, progress=False)
+    assert not queue  # every prompt was drawn, in order
+    assert res["t2i_n_seen"] > 0 and res["t2i_n_held_out"] > 0
+    for name in ("seen", "held_out"):
+        assert res[f"t2i_accuracy_{name}"] == res[f"t2i_reference_accuracy_{name}"]
