@@ -2,6 +2,7 @@
 ceiling the frozen tokenizer sets (the same judge on the reconstructions of the reference images)."""
 
 import pytest
+import torch
 
 from unicodebook.data.multimodal import cached_codes, read_pairs
 from unicodebook.eval.model import evaluate_model
@@ -20,8 +21,6 @@ def test_a_model_that_emits_the_reference_codes_scores_the_reference_ceiling(mod
     queue = [cache.codes[cache.index[p.image]].long() for p in pairs]
 
     def reference_codes(prompts, *args, **kwargs):  # the perfect stage II model: the image's own codes
-        import torch
-
         return torch.stack([queue.pop(0) for _ in prompts])
 
     monkeypatch.setattr(model, "generate_codes", reference_codes)

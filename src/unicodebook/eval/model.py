@@ -140,7 +140,9 @@ def _t2i_reference(model, cache, pairs, batch_size: int) -> dict:
     images, i.e. what a stage II model that emitted exactly the reference codes would score."""
     from ..data.shapes import parse_objects
 
-    pairs = [p for p in pairs if p.image in cache.index and parse_objects(p.caption)]
+    if not all(parse_objects(p.caption) for p in pairs):  # judged only where _t2i judges too
+        return {}
+    pairs = [p for p in pairs if p.image in cache.index]
     ok: dict[bool, list[bool]] = {False: [], True: []}
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
