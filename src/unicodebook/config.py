@@ -120,7 +120,9 @@ class TrainLoopConfig:
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: leave torch's default)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (the quantizer's maths and the losses stay fp32)
+    # bf16: autocast (the quantizer's maths and the losses stay fp32); auto: bf16 where the device
+    # computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX), fp32 elsewhere
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1.3× the time
     max_nonfinite: int = 5  # a non-finite loss/gradient skips the step; this many in a row stop the run
     log_every: int = 25

@@ -317,6 +317,28 @@ def test_stage1_trains_in_bf16_on_cpu(shapes_dir, tmp_path):
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}  # autocast, fp32 master weights
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_autocasts_only_where_bf16_is_native(native, monkeypatch, caplog):
+    """``auto`` is bf16 on hardware with bf16 kernels and fp32 elsewhere (emulated bf16 matmuls ran
+    12× slower than fp32 on an AVX2 CPU); an explicit ``bf16`` is kept, with one warning there."""
+    from unicodebook.train import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "native_bf16", lambda device: native)
+    eng = engine_mod.Engine()
+    with eng.autocast("auto"):
+        y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert y.dtype == (torch.bfloat16 if native else torch.float32)
+    with eng.autocast("fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with caplog.at_level("WARNING", logger="unicodebook.train"):
+        for _ in range(3):
+            with eng.autocast("bf16"):
+                assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records if "native bf16" in r.getMessage()]
+    assert warned == ([] if native else ["precision bf16 on a CPU without native bf16 kernels: expect it to be "
+                                         "several times slower than fp32 (precision=auto picks fp32 here)"])
+
+
 def _val_images(shapes_dir, size):
     return torch.stack([load_image(p, size) for p in list_images(shapes_dir / "val" / "images")])
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..utils.device import native_bf16
+
 SEARCH_MODES = ("fp32", "bf16", "auto")
 _BF16_U = 2.0**-8  # unit round-off of bf16 (8 significant bits)
 _FP32_U = 2.0**-24
@@ -160,14 +162,7 @@ def nearest_code_certified(z: Tensor, index: SearchIndex, chunk_size: int = 4096
 def prefer_bf16(dim: int, device: torch.device) -> bool:
     """``search: auto``: the certified bf16 search wins from d ≈ 1024 where bf16 GEMMs are fast
     (measured: 0.4× the fp32 time at d = 4096, 0.75× at 1024, about equal at 768, 1.5× at 128)."""
-    if dim < 1024:
-        return False
-    if device.type == "cuda":
-        return True
-    try:
-        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
+    return dim >= 1024 and native_bf16(device)
 
 
 class _fp32_accumulation:

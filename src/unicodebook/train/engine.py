@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..errors import UnicodebookError
 from ..quantize.codebook import gather_rows
+from ..utils.device import native_bf16
 
 log = logging.getLogger("unicodebook.train")
 
@@ -74,6 +75,25 @@ class Engine:
         """This rank's contiguous slice of a global batch (rank 0 first)."""
         n = self.local_batch_size(len(items))
         return items[self.rank * n:(self.rank + 1) * n]
+
+    # ---------------------------------------------------------------- precision
+    def autocast(self, precision: str):
+        """``torch.autocast`` for a run's ``precision`` (fp32 / bf16 / auto) on this device."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16(precision))
+
+    def uses_bf16(self, precision: str) -> bool:
+        """Whether ``precision`` autocasts to bf16 here. ``auto`` does only where the device has
+        native bf16 kernels; an explicit ``bf16`` on a CPU without them is kept, with one warning:
+        emulated bf16 matmuls run several times slower than fp32 (8× on an AVX2 CPU, measured)."""
+        native = native_bf16(self.device)
+        if precision == "auto":
+            return native
+        if precision == "bf16" and not native and not getattr(self, "_warned_bf16", False):
+            self._warned_bf16 = True
+            if self.is_main:
+                log.warning("precision bf16 on a %s without native bf16 kernels: expect it to be several times "
+                            "slower than fp32 (precision=auto picks fp32 here)", self.device.type.upper())
+        return precision == "bf16"
 
     # ---------------------------------------------------------------- model
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):

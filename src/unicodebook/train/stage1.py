@@ -128,7 +128,7 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+        with engine.autocast(tc.precision):
             out = model(images)
         recon = out.recon.float()
         rec, parts = reconstruction_loss(recon, images, cfg.loss.l1, cfg.loss.l2)

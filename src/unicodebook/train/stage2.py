@@ -293,7 +293,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         lr = lr_at(step, lc)
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=lc.precision == "bf16"):
+        with engine.autocast(lc.precision):
             out = model(batch, latents)
         # the mean over the global batch's target tokens: weight this rank's mean by its share
         global_tokens = engine.sum(out.n_tokens)
