@@ -8,6 +8,7 @@ Nothing here downloads: a name other than ``builtin`` must be an existing folder
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -80,6 +81,19 @@ def enable_checkpointing(llm) -> None:
     else:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     llm.config.use_cache = False
+
+
+def cache_argument(model) -> str:
+    """The keyword a causal LM's ``forward`` takes its KV cache by: ``cache`` in transformers
+    releases that renamed it (``past_key_values`` is deprecated there, to be removed in 5.40),
+    ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def kv_cache(output):
+    """The KV cache a forward with ``use_cache=True`` returned, under either name."""
+    return output["cache"] if "cache" in output else output.past_key_values
 
 
 def input_embedding(model) -> nn.Embedding:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..config import Config, config_from_dict, read_yaml, save_config
 from ..errors import UnicodebookError
 from ..utils.io import atomic_dir, atomic_save_tensors, atomic_write_json
-from .llm import input_embedding, quiet_transformers
+from .llm import cache_argument, input_embedding, kv_cache, quiet_transformers
 from .sequence import IGNORE, Batch, SequenceFormat
 from .text import allowed_text_ids, load_text_tokenizer
 
@@ -209,7 +209,7 @@ class UniCodeLM(nn.Module):
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         emb = self.embed_inputs(ids, at, latents)
         out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
-        return out.logits[:, -1].float(), out.past_key_values, mask, pos[:, -1] + 1
+        return out.logits[:, -1].float(), kv_cache(out), mask, pos[:, -1] + 1
 
     def _step(self, token_ids: Tensor, cache, mask: Tensor, pos: Tensor, code_index: int | None = None):
         """One decoding step; ``code_index``: the new tokens are codes at that index of an image."""
@@ -218,9 +218,9 @@ class UniCodeLM(nn.Module):
             emb = input_embedding(self.llm)(token_ids[:, None])
         else:
             emb = self.code_embedding(token_ids, code_index)
-        out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos[:, None],
-                       past_key_values=cache, use_cache=True)
-        return out.logits[:, -1].float(), out.past_key_values, mask, pos + 1
+        out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                       **{cache_argument(self.llm): cache})
+        return out.logits[:, -1].float(), kv_cache(out), mask, pos + 1
 
     @torch.inference_mode()
     def generate_codes(self, prompts: list[str | None], cfg_scale: float = 3.0, temperature: float = 1.0,
