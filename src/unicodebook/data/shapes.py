@@ -39,12 +39,14 @@ punctuation mark ``"?"`` ending each question, :data:`PUNCTUATION`).
 Held-out combinations
 ---------------------
 :data:`HELD_OUT` holds three (colour, shape) pairs, one per shape with distinct
-colours. **No train-split image contains a held-out pair** (train scenes are
-sampled without them), so every train text-to-image target -- and every train
-image, caption and QA -- is free of them: "never seen" is strict. The val and
-test splits contain both kinds; about half of their text-to-image records
-(1-2 object scenes) deliberately contain a held-out pair and are flagged
-``"held_out": true``.
+colours. **No train text-to-image target contains a held-out pair**: train's 1-2
+object scenes (the only ones in ``t2i.jsonl``) are sampled without them. Train's
+3-object scenes may contain them, so the visual tokenizer and the LLM's
+understanding tasks (questions, in-context decompression) see what a yellow square
+looks like, while the text-to-image task never asks for one: drawing a held-out
+pair from text tests composition, as in SPEC.md §3. The val and test splits
+contain both kinds; about half of their text-to-image records (1-2 object scenes)
+deliberately contain a held-out pair and are flagged ``"held_out": true``.
 
 Dataset layout (see :func:`write_dataset`)::
 
@@ -795,14 +797,15 @@ def _split_rng(seed: int, split: str) -> random.Random:
 
 
 def _split_scenes(rng: random.Random, n: int, split: str) -> list[Scene]:
-    """Scenes for a split: train excludes held-out pairs; val/test alternate held-out /
-    seen among the 1-2 object scenes (so ~half of their t2i records are held-out)."""
+    """Scenes for a split: train's 1-2 object scenes (its t2i targets) exclude held-out pairs,
+    its 3-object scenes may hold them; val/test alternate held-out / seen among the 1-2 object
+    scenes (so ~half of their t2i records are held-out)."""
     scenes = []
     t2i_k = 0
     for _ in range(n):
         k = 1 + _randbelow(rng, MAX_OBJECTS)
-        if split == "train":
-            mode: Literal["any", "exclude", "require"] = "exclude"
+        if split == "train":  # t2i targets (1-2 objects) never hold a held-out pair; other scenes may
+            mode: Literal["any", "exclude", "require"] = "exclude" if k <= MAX_T2I_OBJECTS else "any"
         elif k <= MAX_T2I_OBJECTS:
             mode = "require" if t2i_k % 2 == 0 else "exclude"
             t2i_k += 1
