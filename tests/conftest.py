@@ -12,6 +12,7 @@ from unicodebook.config import load_config
 
 # A model small enough to train for a few steps in seconds on 2 CPU cores.
 TINY_OVERRIDES = [
+    "model.image_size=32",
     "llm.vocab_size=256", "llm.hidden_size=32", "llm.num_layers=1", "llm.num_heads=2", "llm.intermediate_size=64",
     "model.autoencoder.ch=8", "model.autoencoder.ch_mult=[1,2,2]", "model.autoencoder.z_channels=8",
     "model.autoencoder.num_res_blocks=0", "model.codebook.row_offset=128", "model.codebook.num_rows=64",

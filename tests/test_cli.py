@@ -22,7 +22,8 @@ def trained(tmp_path_factory):
     """data shapes → train-tokenizer through the CLI, shared by the tests below."""
     root = tmp_path_factory.mktemp("cli")
     data, run = root / "data", root / "run"
-    assert main(["data", "shapes", "--out", str(data), "--n-train", "64", "--n-val", "16", "--n-test", "16", "--seed", "3"]) == 0
+    assert main(["data", "shapes", "--out", str(data), "--n-train", "64", "--n-val", "16", "--n-test", "16", "--seed", "3",
+                 "--size", "32"]) == 0
     assert main(["train-tokenizer", "--data", str(data), "--out", str(run), *TINY_OVERRIDES, "train_tokenizer.steps=20"]) == 0
     return data, run
 
@@ -37,7 +38,7 @@ def test_end_to_end_through_the_console_script(tmp_path):
         return p.stdout
 
     data, run = tmp_path / "data", tmp_path / "run"
-    sh("data", "shapes", "--out", data, "--n-train", "64", "--n-val", "16", "--n-test", "16")
+    sh("data", "shapes", "--out", data, "--n-train", "64", "--n-val", "16", "--n-test", "16", "--size", "32")
     summary = json.loads(sh("train-tokenizer", "--config", "tiny", "--data", data, "--out", run, *TINY_OVERRIDES).splitlines()[-1])
     assert summary["steps"] == 30 and summary["val"]["psnr"] > 10
     img = data / "test" / "images" / "000000.png"

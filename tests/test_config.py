@@ -11,7 +11,7 @@ def test_tiny_preset_and_dotted_overrides():
     assert cfg.model.codebook.mode == "frozen"
     assert cfg.train_tokenizer.lr == pytest.approx(3e-4)
     assert cfg.model.autoencoder.ch_mult == [1, 2]
-    assert cfg.model.image_size == 32  # untouched keys keep the preset's value
+    assert cfg.model.image_size == 36  # untouched keys keep the preset's value
 
 
 @pytest.mark.parametrize(

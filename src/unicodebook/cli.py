@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-train", type=int, default=2000)
     s.add_argument("--n-val", type=int, default=200)
     s.add_argument("--n-test", type=int, default=500)
-    s.add_argument("--size", type=int, default=32)
+    s.add_argument("--size", type=int, default=36, help="image side in px (36: the tiny preset's, where the 3×3 object "
+                   "grid falls on whole 4 px code cells)")
     s.add_argument("--seed", type=int, default=0)
     sh = d.add_parser("shards", help="pack an image folder or a stage II split into WebDataset tar shards")
     sh.add_argument("--src", type=Path, required=True, help="an image folder, or a split with instruct.json / t2i.jsonl")

@@ -32,10 +32,10 @@ def run_demo(out: Path, overrides: list[str] | None = None, n_train: int = 2000,
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
+    cfg = load_config("tiny", overrides)
     if not (data / "meta.json").exists():
         print(f"[demo] writing the shapes world to {data}")
-        write_dataset(data, n_train=n_train, n_val=n_val, n_test=n_test, size=32, seed=0)
-    cfg = load_config("tiny", overrides)
+        write_dataset(data, n_train=n_train, n_val=n_val, n_test=n_test, size=cfg.model.image_size, seed=0)
     run = out / "tokenizer"
     print(f"[demo] stage I: training the visual tokenizer ({cfg.train_tokenizer.steps} steps) in {run}")
     resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())

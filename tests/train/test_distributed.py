@@ -16,6 +16,7 @@ from conftest import TINY_OVERRIDES
 # 16 × 64 positions = 1024 vectors, so the usage-entropy term scores the whole batch
 COMMON = [*TINY_OVERRIDES, "train_tokenizer.steps=6", "train_tokenizer.threads=1", "train_tokenizer.grid_every=0",
           "model.codebook.restart_every=2", "model.codebook.ema_decay=0.8", "model.codebook.dead_threshold=0.9",
+          "model.quantizer.entropy_weight=0.2",
           "train_lm.threads=1", "train_lm.steps=6"]
 # The stated tolerance: the only difference between one process and two is the float32
 # summation order of the gradient all-reduce (7.5e-7 after one step). Adam amplifies it
