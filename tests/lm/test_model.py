@@ -105,3 +105,25 @@ def test_decoding_kernels_compute_the_same_linear_and_leave_the_model_as_it_was(
             got = net(x)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert all("forward" not in layer.__dict__ for layer in net)  # the patch is gone
+
+
+def test_the_kv_cache_goes_by_the_name_the_llm_forward_takes():
+    """Current transformers take the cache as ``cache`` (``past_key_values`` is deprecated there);
+    older releases and other causal LMs as ``past_key_values``: decoding uses whichever exists."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unicodebook.lm.llm import cache_argument, kv_cache
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return {"past_key_values": past_key_values}
+
+    assert cache_argument(OldStyle()) == "past_key_values"
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2))
+    name = cache_argument(llm)
+    first = llm(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    cache = kv_cache(first)
+    step = llm(input_ids=torch.tensor([[4]]), use_cache=True, **{name: cache})
+    full = llm(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    assert torch.allclose(step.logits[:, -1], full.logits[:, -1], atol=1e-5)  # the cache was taken, not ignored

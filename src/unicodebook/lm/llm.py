@@ -7,6 +7,7 @@ Nothing here downloads: a name other than ``builtin`` must be an existing folder
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from pathlib import Path
@@ -88,7 +89,12 @@ def cache_argument(model) -> str:
     releases that renamed it (``past_key_values`` is deprecated there, to be removed in 5.40),
     ``past_key_values`` before."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return _cache_keyword(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls: type) -> str:  # looked up once per model class: decoding asks every token
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def kv_cache(output):

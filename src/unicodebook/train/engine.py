@@ -56,6 +56,8 @@ class Engine:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
         self.is_main = self.acc.is_main_process
+        self.native_bf16 = native_bf16(self.device)  # asked once: autocast() runs every step
+        self._warned_bf16 = False
         asked = backend_asked_for()
         if asked and asked.upper() != self.acc.distributed_type.name and self.is_main:
             # Accelerate only turns these on for GPU (and similar) processes; on the CPU it
@@ -85,10 +87,9 @@ class Engine:
         """Whether ``precision`` autocasts to bf16 here. ``auto`` does only where the device has
         native bf16 kernels; an explicit ``bf16`` on a CPU without them is kept, with one warning:
         emulated bf16 matmuls run several times slower than fp32 (8× on an AVX2 CPU, measured)."""
-        native = native_bf16(self.device)
         if precision == "auto":
-            return native
-        if precision == "bf16" and not native and not getattr(self, "_warned_bf16", False):
+            return self.native_bf16
+        if precision == "bf16" and not self.native_bf16 and not self._warned_bf16:
             self._warned_bf16 = True
             if self.is_main:
                 log.warning("precision bf16 on a %s without native bf16 kernels: expect it to be several times "
