@@ -63,6 +63,7 @@ def test_end_to_end_through_the_console_script(tmp_path):
     em = json.loads(sh("eval", "model", "--model", model, "--data", data, "--split", "test", "--max-t2i", "8"))
     assert em["vqa_n"] >= 16 * 4  # 4-5 questions per test image
     assert set(em["vqa_by_type"]) <= {"colour", "shape", "count", "position", "existence"} and em["vqa_by_type"]
+    assert em["description_n"] == 16 and 0 <= em["description_accuracy"] <= 1  # one description per image, apart
     assert em["t2i_n"] == 8 and 0 <= em["t2i_accuracy"] <= 1 and 0 <= em["decompression_code_accuracy"] <= 1
 
 

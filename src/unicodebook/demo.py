@@ -88,6 +88,7 @@ the task mix ({mix}); images enter as Ẑ at the `<image>` slots and leave as
 |---|---|
 | VQA accuracy (normalised exact match, {r.get('vqa_n', 0)} questions) | {r.get('vqa_accuracy', float('nan')):.1%} |
 | VQA by question type | {by_type} |
+| description: the whole caption right ({r.get('description_n', 0)} images) | {r.get('description_accuracy', float('nan')):.1%} |
 | text-to-image, judge: every named attribute right — seen combinations | {r.get('t2i_accuracy_seen', float('nan')):.1%} ({r.get('t2i_n_seen', 0)} prompts) |
 | text-to-image — held-out combinations | {r.get('t2i_accuracy_held_out', float('nan')):.1%} ({r.get('t2i_n_held_out', 0)} prompts) |
 | ceiling set by the tokenizer: the judge on the reconstructions of the prompts' own images, seen / held-out | {r.get('t2i_reference_accuracy_seen', float('nan')):.1%} / {r.get('t2i_reference_accuracy_held_out', float('nan')):.1%} |

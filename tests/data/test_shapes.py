@@ -20,6 +20,8 @@ from unicodebook.data.shapes import (
     COLOURS,
     HELD_OUT,
     POSITIONS,
+    DESCRIBE,
+    INSTRUCT_TYPES,
     QA_TYPES,
     SHAPES,
     SIZES,
@@ -416,7 +418,7 @@ def test_write_dataset_instruct_llava(dataset: tuple[Path, dict, float]) -> None
                 assert turn["from"] == ("human" if i % 2 == 0 else "gpt")
                 assert isinstance(turn["value"], str) and turn["value"]
                 if turn["from"] == "human":
-                    assert turn["type"] in QA_TYPES
+                    assert turn["type"] in INSTRUCT_TYPES
                     if i > 0:
                         assert "<image>" not in turn["value"]
         assert len(ids) == len(data)
@@ -424,9 +426,14 @@ def test_write_dataset_instruct_llava(dataset: tuple[Path, dict, float]) -> None
         for rec in data[:150]:
             judged = judge(Image.open(d / rec["image"]))
             conv = rec["conversations"]
+            types = [q["type"] for q in conv[::2]]
+            assert types.count("caption") == 1 and set(types) - {"caption"} <= set(QA_TYPES)
             for q, a in zip(conv[::2], conv[1::2]):
                 question = q["value"].removeprefix("<image>\n")
-                assert _answer(question, judged) == a["value"], (rec["id"], question)
+                if q["type"] == "caption":  # the description names every object the judge finds
+                    assert question == DESCRIBE and parse_objects(a["value"]) == judged, rec["id"]
+                else:
+                    assert _answer(question, judged) == a["value"], (rec["id"], question)
 
 
 def test_write_dataset_t2i_images_match_prompts(dataset: tuple[Path, dict, float]) -> None:

@@ -31,7 +31,9 @@ Text
   square in the center",
 * :func:`t2i_prompt` -- "draw a small red circle at the top left",
 * :func:`qa_pairs` -- one unambiguous question per type in :data:`QA_TYPES`
-  (colour, shape, count, position, existence) with one-or-two-word answers.
+  (colour, shape, count, position, existence) with one-or-two-word answers;
+* a description turn (:data:`DESCRIBE`, type ``"caption"``) whose answer is the caption:
+  every object's attributes at its place, the dense grounding the short answers lack.
 
 All text uses the closed vocabulary :data:`VOCAB_WORDS` (plus the single
 punctuation mark ``"?"`` ending each question, :data:`PUNCTUATION`).
@@ -55,7 +57,8 @@ Dataset layout (see :func:`write_dataset`)::
     out/{split}/scenes.jsonl     {"image", "scene"}
     out/{split}/captions.jsonl   {"image", "caption"}
     out/{split}/t2i.jsonl        {"image", "caption", "held_out"}   (1-2 object scenes)
-    out/{split}/instruct.json    LLaVA conversations (QA turns, "type" on human turns)
+    out/{split}/instruct.json    LLaVA conversations: the QA turns and one description turn
+                                 at a random place ("type" on human turns, INSTRUCT_TYPES)
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ __all__ = [
     "POSITIONS",
     "HELD_OUT",
     "QA_TYPES",
+    "INSTRUCT_TYPES",
+    "DESCRIBE",
     "VOCAB_WORDS",
     "PUNCTUATION",
     "SPLITS",
@@ -131,6 +136,10 @@ POSITIONS: tuple[str, ...] = (
 #: (colour, shape) pairs never present in any train-split scene.
 HELD_OUT: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 QA_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "existence")
+#: The human turn of the description turn; its answer is :func:`caption`.
+DESCRIBE = "describe the image"
+#: The ``type`` of an instruct human turn: a question type, or ``"caption"`` for :data:`DESCRIBE`.
+INSTRUCT_TYPES: tuple[str, ...] = (*QA_TYPES, "caption")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MAX_OBJECTS = 3
 MAX_T2I_OBJECTS = 2
@@ -155,7 +164,7 @@ def vocab_words() -> tuple[str, ...]:
     for prep in _PREPOSITION.values():
         words.update(prep.split())
     words.update(
-        "a an and draw what colour shape is the object how many objects are there where yes no".split()
+        "a an and draw what colour shape is the object how many objects are there where yes no describe image".split()
     )
     return tuple(sorted(words))
 
@@ -867,6 +876,7 @@ def write_dataset(
     }
     for split in SPLITS:
         rng = _split_rng(seed, split)
+        place = _split_rng(seed, f"{split}:describe")  # own stream: the questions stay as they were
         scenes = _split_scenes(rng, counts[split], split)
         d = out / split
         (d / "images").mkdir(parents=True, exist_ok=True)
@@ -879,8 +889,10 @@ def write_dataset(
             cap_rows.append({"image": rel, "caption": caption(sc)})
             if len(sc) <= MAX_T2I_OBJECTS:
                 t2i_rows.append({"image": rel, "caption": t2i_prompt(sc), "held_out": sc.held_out})
+            turns = qa_pairs(sc, rng)
+            turns.insert(place.randrange(len(turns) + 1), _qa(DESCRIBE, caption(sc), "caption"))
             conv: list[dict[str, str]] = []
-            for j, qa in enumerate(qa_pairs(sc, rng)):
+            for j, qa in enumerate(turns):
                 q = ("<image>\n" if j == 0 else "") + qa["question"]
                 conv.append({"from": "human", "value": q, "type": qa["type"]})
                 conv.append({"from": "gpt", "value": qa["answer"]})

@@ -6,6 +6,8 @@ reproduce their codes (in-context decompression)?
 * ``t2i_accuracy``: the shapes-world judge reads the generated picture and every attribute the
   prompt names (shape, colour, size, position of each object) must be right; reported for
   seen and held-out (colour, shape) combinations separately;
+* ``description_accuracy``: the same match for the whole answer to the shapes world's
+  description turn (human turns of type ``caption``; kept out of the VQA figures);
 * ``decompression_code_accuracy``: with Ẑ in context and the true earlier codes fed back
   (teacher forcing), the fraction of the h·w·D codes the model predicts exactly.
 """
@@ -44,7 +46,7 @@ def questions_of(conversations) -> list[tuple[str, str, str, str]]:
 
 @torch.no_grad()
 def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int = 64, max_t2i: int | None = None,
-                   max_vqa: int | None = None, max_decompress: int = 200, cfg_scale: float | None = None,
+                   max_vqa: int | None = None, max_decompress: int = 200, max_describe: int = 200, cfg_scale: float | None = None,
                    temperature: float | None = None, top_k: int | None = None, seed: int = 0,
                    progress: bool = True, pictures: Path | None = None) -> dict:
     """Metrics of a stage II model on a split (a shapes-world root or a folder with the files)."""
@@ -65,7 +67,11 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
     was = model.training
     model.eval()
     if convs:
-        res.update(_vqa(model, cache, questions_of(convs)[:max_vqa], batch_size, progress, pictures))
+        qs = questions_of(convs)
+        res.update(_vqa(model, cache, [q for q in qs if q[3] != "caption"][:max_vqa], batch_size, progress, pictures))
+        described = [q for q in qs if q[3] == "caption"][:max_describe]
+        if described:
+            res.update(_describe(model, cache, described, batch_size))
         images = sorted({c.image for c in convs if c.image in cache.index})[:max_decompress]
         res["decompression_code_accuracy"] = _decompression(model, cache, images, batch_size)
     pairs = pairs[:max_t2i]
@@ -97,6 +103,20 @@ def _vqa(model, cache, qs, batch_size: int, progress: bool, pictures: Path | Non
     return {"vqa_accuracy": sum(allr) / max(1, len(allr)), "vqa_n": len(allr),
             "vqa_by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(right.items()) if t != "all"},
             "vqa_examples": [{"image": i, "question": q, "answer": p, "truth": a} for i, q, p, a, _ in examples[:6]]}
+
+
+def _describe(model, cache, qs, batch_size: int) -> dict:
+    """Whole-description match: every object's words must come out, in the caption's order."""
+    qs = [q for q in qs if q[0] in cache.index]
+    right, examples = 0, []
+    for s in range(0, len(qs), batch_size):
+        chunk = qs[s:s + batch_size]
+        codes = cache.codes[[cache.index[q[0]] for q in chunk]].long()
+        for (img, _, a, _), pred in zip(chunk, model.answer(codes, [q[1] for q in chunk], max_new_tokens=64)):
+            right += normalise_answer(pred) == normalise_answer(a)
+            if len(examples) < 4:
+                examples.append({"image": img, "answer": pred, "truth": a})
+    return {"description_accuracy": right / max(1, len(qs)), "description_n": len(qs), "description_examples": examples}
 
 
 def _vqa_picture(model, cache, examples, path: Path) -> None:
