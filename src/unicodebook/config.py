@@ -177,6 +177,10 @@ class LMTrainConfig(TrainLoopConfig):
     tasks: TaskMix = field(default_factory=TaskMix)
     decompress_segments: int = 1  # >1: each sample predicts one segment, the earlier ones as context
     caption_dropout: float = 0.1  # t2i captions dropped (→ unconditional) for classifier-free guidance
+    # noisy teacher forcing: this fraction of the code tokens *fed in* (t2i, decompression) is
+    # replaced by random codes, targets unchanged, so the model cannot only copy the codes above
+    # and must read the prompt / Ẑ (and learns to recover from its own sampling errors)
+    code_noise: float = 0.0
     lora: LoraConfig = field(default_factory=LoraConfig)
     # learned image position embeddings added to the Ẑ slots and the code tokens (a (row, col)
     # table shared by both, plus a depth table for codes); false: the paper's plain sequence
@@ -189,6 +193,8 @@ class LMTrainConfig(TrainLoopConfig):
             raise ValueError("decompress_segments must be >= 1")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError("caption_dropout must be in [0, 1)")
+        if not 0 <= self.code_noise < 1:
+            raise ValueError("code_noise must be in [0, 1)")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 import torch
 
-from unicodebook.lm.sequence import IGNORE, SequenceFormat, collate
+from unicodebook.lm.sequence import IGNORE, SequenceFormat, collate, corrupt_codes
 from unicodebook.lm.text import train_word_tokenizer
 
 TEXTS = ["USER: what colour is the object at the top left ? ASSISTANT:", "red", "draw a small red circle at the top left"]
@@ -62,3 +62,25 @@ def test_text_to_image_labels_the_image_and_dropout_leaves_no_caption():
     b = collate([s, u], pad_id=0)
     assert b.attention_mask.sum(1).tolist() == [len(s.input_ids), len(u.input_ids)]
     assert (b.labels[1, len(u.input_ids):] == IGNORE).all()
+
+
+def test_code_noise_touches_only_the_code_inputs_and_keeps_the_targets():
+    fmt, _ = make_format(grid=(4, 4, 4), offset=100)
+    torch.manual_seed(0)
+    samples = [fmt.text_to_image("draw a small red circle at the top left", torch.randint(0, 16, (4, 4, 4))),
+               fmt.decompression(torch.randint(0, 16, (4, 4, 4))),
+               fmt.conversation([{"from": "human", "value": "<image>\nwhat colour is the object at the top left?"},
+                                 {"from": "gpt", "value": "red"}])]
+    clean = collate(samples, pad_id=0)
+    noisy = corrupt_codes(clean, fmt.code_token_ids, 0.5, torch.Generator().manual_seed(1))
+    changed = noisy.input_ids != clean.input_ids
+    assert torch.equal(noisy.labels, clean.labels)  # the targets stay the true codes
+    for row in range(3):
+        at, n = int(clean.codes_at[row]), int(clean.n_codes[row])
+        outside = torch.ones_like(changed[row])
+        if at >= 0:
+            outside[at:at + n] = False
+            assert 0.3 < changed[row, at:at + n].float().mean() < 0.7  # about half of the 64 codes
+            assert ((noisy.input_ids[row, at:at + n] >= 100) & (noisy.input_ids[row, at:at + n] < 116)).all()
+        assert not changed[row][outside].any()  # text, markers, Ẑ slots and padding untouched
+    assert corrupt_codes(clean, fmt.code_token_ids, 0.0, torch.Generator()) is clean

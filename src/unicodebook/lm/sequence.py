@@ -159,3 +159,18 @@ def collate(samples: list[Sample], pad_id: int) -> Batch:
         return torch.tensor([getattr(s, name) for s in samples])
 
     return Batch(ids, labels, mask, col("image_at"), col("codes_at"), col("n_codes"))
+
+
+def corrupt_codes(batch: Batch, code_token_ids: torch.Tensor, rate: float, generator: torch.Generator) -> Batch:
+    """Noisy teacher forcing: each code token fed in (the ``n_codes`` after ``codes_at``) is
+    replaced by a uniformly random code id with probability ``rate``; the labels keep the true
+    codes, so every target is still the clean sequence (``<img>`` and the text stay clean)."""
+    if rate <= 0:
+        return batch
+    pos = torch.arange(batch.input_ids.shape[1])
+    inside = (batch.codes_at[:, None] >= 0) & (pos >= batch.codes_at[:, None]) \
+        & (pos < (batch.codes_at + batch.n_codes)[:, None])
+    hit = inside & (torch.rand(batch.input_ids.shape, generator=generator) < rate)
+    ids = batch.input_ids.clone()
+    ids[hit] = code_token_ids[torch.randint(len(code_token_ids), (int(hit.sum()),), generator=generator)]
+    return Batch(ids, batch.labels, batch.attention_mask, batch.image_at, batch.codes_at, batch.n_codes)

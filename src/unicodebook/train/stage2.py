@@ -26,7 +26,7 @@ from ..data.sources import ShardRecords, is_shard_spec
 from ..errors import UnicodebookError
 from ..lm.llm import BUILTIN, enable_checkpointing
 from ..lm.model import UniCodeLM, save_model
-from ..lm.sequence import ASSISTANT, USER, collate
+from ..lm.sequence import ASSISTANT, USER, collate, corrupt_codes
 from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_word_tokenizer
 from ..tokenizers.unicode import load_tokenizer
 from .checkpoint import check_resume, load_checkpoint
@@ -209,6 +209,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     if main:
         (run / "samples").mkdir(exist_ok=True)
     fmt = umodel.fmt
+    code_ids = fmt.code_token_ids  # on the CPU, where batches are built
 
     def make_batch(task: str, idx: list[int], step: int):
         """This rank's share of the global batch ``idx`` (random choices drawn for all of it)."""
@@ -227,7 +228,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
             samples = [fmt.text_to_image(None if d else c.caption, cache.codes[cache.index[c.image]].long())
                        for c, d in zip(items, drop)]
             keys = []
-        batch = collate(samples, fmt.pad_id if fmt.pad_id is not None else 0)
+        batch = corrupt_codes(collate(samples, fmt.pad_id if fmt.pad_id is not None else 0), code_ids, lc.code_noise, g)
         latents = umodel.latents(cache.codes[keys].long()) if keys else None
         return batch, latents
 
@@ -262,7 +263,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
                 samples.append(fmt.text_to_image(None if drop else cap, codes[i]))
         if not samples:
             raise UnicodebookError(f"step {step}: no usable sample in this rank's batch (all bad, or no task applies)")
-        batch = collate(samples, fmt.pad_id if fmt.pad_id is not None else 0)
+        batch = corrupt_codes(collate(samples, fmt.pad_id if fmt.pad_id is not None else 0), code_ids, lc.code_noise, g)
         return "mixed", batch, umodel.latents(codes[with_image]) if with_image else None
 
     def folder_batch(step: int):
