@@ -1,6 +1,6 @@
 """Benchmark 4: visual tokenizer throughput, images per second for encode and decode.
 
-* 32 px — the tiny preset as shipped (8×8×4 RQ codes over 512 rows of a d = 128 LLM).
+* the tiny preset as shipped (36 px: 9×9×4 RQ codes over 512 rows of a d = 128 LLM).
 * 256 px — the 7B preset's geometry (16×16 latent, HQ 8×8 top + 16×16 bottom = 320 codes, a
   32000 × 4096 codebook, so the nearest-code search runs at LLaMA size), with the autoencoder
   width reduced from 128 to ``--width`` channels so it fits a CPU.
@@ -29,7 +29,8 @@ from unicodebook.tokenizers.unicode.build import build_tokenizer
 def configs(width: int) -> dict:
     big = ["llm.name=builtin", "llm.num_layers=1", "llm.intermediate_size=1024", "llm.dtype=float32",
            f"model.autoencoder.ch={width}"]
-    return {"tiny 32 px": (load_config("tiny"), 64), "7B geometry 256 px": (load_config("7b", big), 4)}
+    tiny = load_config("tiny")
+    return {f"tiny {tiny.model.image_size} px": (tiny, 64), "7B geometry 256 px": (load_config("7b", big), 4)}
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ def test_a_model_that_emits_the_reference_codes_scores_the_reference_ceiling(mod
         return torch.stack([queue.pop(0) for _ in prompts])
 
     monkeypatch.setattr(model, "generate_codes", reference_codes)
-    res = evaluate_model(model, shapes_dir, "test", batch_size=5, max_vqa=0, max_decompress=0, progress=False)
+    res = evaluate_model(model, shapes_dir, "test", batch_size=5, max_vqa=0, max_decompress=0, max_describe=0,
+                         progress=False)
     assert not queue  # every prompt was drawn, in order
     assert res["t2i_n_seen"] > 0 and res["t2i_n_held_out"] > 0
     for name in ("seen", "held_out"):
