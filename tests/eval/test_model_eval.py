@@ -30,3 +30,29 @@ def test_a_model_that_emits_the_reference_codes_scores_the_reference_ceiling(mod
     assert res["t2i_n_seen"] > 0 and res["t2i_n_held_out"] > 0
     for name in ("seen", "held_out"):
         assert res[f"t2i_accuracy_{name}"] == res[f"t2i_reference_accuracy_{name}"]
+
+
+def test_descriptions_are_scored_whole_and_apart_from_the_questions(model, shapes_dir, monkeypatch):
+    """A model that answers every turn with its truth: VQA and description both 1; one whose every
+    description has one word too many: description 0, VQA untouched."""
+    from unicodebook.data.multimodal import read_llava
+    from unicodebook.data.shapes import DESCRIBE_TYPE
+    from unicodebook.eval.model import questions_of
+
+    convs, _ = read_llava(shapes_dir / "test" / "instruct.json")
+    qs = questions_of(convs)
+    questions = [a for _, _, a, t in qs if t != DESCRIBE_TYPE]
+    descriptions = [a for _, _, a, t in qs if t == DESCRIBE_TYPE]
+    assert len(descriptions) == len(convs)
+
+    for suffix, expected in (("", 1.0), (" too", 0.0)):
+        queue = questions + [d + suffix for d in descriptions]  # asked in this order: questions, then descriptions
+
+        def answer(codes, asked, max_new_tokens=16):
+            return [queue.pop(0) for _ in asked]
+
+        monkeypatch.setattr(model, "answer", answer)
+        res = evaluate_model(model, shapes_dir, "test", batch_size=7, max_decompress=0, max_t2i=0, progress=False)
+        assert not queue
+        assert res["vqa_accuracy"] == 1.0 and res["vqa_n"] == len(questions)
+        assert res["description_n"] == len(descriptions) and res["description_accuracy"] == expected

@@ -87,6 +87,7 @@ __all__ = [
     "QA_TYPES",
     "INSTRUCT_TYPES",
     "DESCRIBE",
+    "DESCRIBE_TYPE",
     "VOCAB_WORDS",
     "PUNCTUATION",
     "SPLITS",
@@ -138,8 +139,10 @@ HELD_OUT: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle")
 QA_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "existence")
 #: The human turn of the description turn; its answer is :func:`caption`.
 DESCRIBE = "describe the image"
-#: The ``type`` of an instruct human turn: a question type, or ``"caption"`` for :data:`DESCRIBE`.
-INSTRUCT_TYPES: tuple[str, ...] = (*QA_TYPES, "caption")
+#: The ``type`` of the description turn's human turn.
+DESCRIBE_TYPE = "caption"
+#: The ``type`` of an instruct human turn: a question type, or :data:`DESCRIBE_TYPE`.
+INSTRUCT_TYPES: tuple[str, ...] = (*QA_TYPES, DESCRIBE_TYPE)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MAX_OBJECTS = 3
 MAX_T2I_OBJECTS = 2
@@ -890,7 +893,7 @@ def write_dataset(
             if len(sc) <= MAX_T2I_OBJECTS:
                 t2i_rows.append({"image": rel, "caption": t2i_prompt(sc), "held_out": sc.held_out})
             turns = qa_pairs(sc, rng)
-            turns.insert(place.randrange(len(turns) + 1), _qa(DESCRIBE, caption(sc), "caption"))
+            turns.insert(place.randrange(len(turns) + 1), _qa(DESCRIBE, caption(sc), DESCRIBE_TYPE))
             conv: list[dict[str, str]] = []
             for j, qa in enumerate(turns):
                 q = ("<image>\n" if j == 0 else "") + qa["question"]

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.multimodal import cached_codes, read_llava, read_pairs, split_folder
+from ..data.shapes import DESCRIBE_TYPE
 from ..errors import UnicodebookError
 from ..lm.sequence import IGNORE, collate
 
@@ -68,8 +69,8 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
     model.eval()
     if convs:
         qs = questions_of(convs)
-        res.update(_vqa(model, cache, [q for q in qs if q[3] != "caption"][:max_vqa], batch_size, progress, pictures))
-        described = [q for q in qs if q[3] == "caption"][:max_describe]
+        res.update(_vqa(model, cache, [q for q in qs if q[3] != DESCRIBE_TYPE][:max_vqa], batch_size, progress, pictures))
+        described = [q for q in qs if q[3] == DESCRIBE_TYPE][:max_describe]
         if described:
             res.update(_describe(model, cache, described, batch_size))
         images = sorted({c.image for c in convs if c.image in cache.index})[:max_decompress]
@@ -82,21 +83,26 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
     return res
 
 
-def _vqa(model, cache, qs, batch_size: int, progress: bool, pictures: Path | None) -> dict:
+def _answered(model, cache, qs, batch_size: int, max_new_tokens: int = 16, desc: str | None = None):
+    """(image, question, truth, type, prediction) for each question whose image has codes, greedy."""
     qs = [q for q in qs if q[0] in cache.index]
-    right: dict[str, list[bool]] = defaultdict(list)
-    examples = []
-    for s in tqdm(range(0, len(qs), batch_size), desc="VQA", disable=not progress, leave=False):
+    for s in tqdm(range(0, len(qs), batch_size), desc=desc, disable=desc is None, leave=False):
         chunk = qs[s:s + batch_size]
         codes = cache.codes[[cache.index[q[0]] for q in chunk]].long()
-        answers = model.answer(codes, [q[1] for q in chunk])
-        for (img, q, a, t), pred in zip(chunk, answers):
-            ok = normalise_answer(pred) == normalise_answer(a)
-            right["all"].append(ok)
-            if t != "all":
-                right[t].append(ok)
-            if len(examples) < 12:
-                examples.append((img, q, pred, a, ok))
+        answers = model.answer(codes, [q[1] for q in chunk], max_new_tokens=max_new_tokens)
+        yield from ((*q, pred) for q, pred in zip(chunk, answers))
+
+
+def _vqa(model, cache, qs, batch_size: int, progress: bool, pictures: Path | None) -> dict:
+    right: dict[str, list[bool]] = defaultdict(list)
+    examples = []
+    for img, q, a, t, pred in _answered(model, cache, qs, batch_size, desc="VQA" if progress else None):
+        ok = normalise_answer(pred) == normalise_answer(a)
+        right["all"].append(ok)
+        if t != "all":
+            right[t].append(ok)
+        if len(examples) < 12:
+            examples.append((img, q, pred, a, ok))
     if pictures is not None and examples:
         _vqa_picture(model, cache, examples, pictures / "vqa_examples.png")
     allr = right["all"]
@@ -107,16 +113,13 @@ def _vqa(model, cache, qs, batch_size: int, progress: bool, pictures: Path | Non
 
 def _describe(model, cache, qs, batch_size: int) -> dict:
     """Whole-description match: every object's words must come out, in the caption's order."""
-    qs = [q for q in qs if q[0] in cache.index]
-    right, examples = 0, []
-    for s in range(0, len(qs), batch_size):
-        chunk = qs[s:s + batch_size]
-        codes = cache.codes[[cache.index[q[0]] for q in chunk]].long()
-        for (img, _, a, _), pred in zip(chunk, model.answer(codes, [q[1] for q in chunk], max_new_tokens=64)):
-            right += normalise_answer(pred) == normalise_answer(a)
-            if len(examples) < 4:
-                examples.append({"image": img, "answer": pred, "truth": a})
-    return {"description_accuracy": right / max(1, len(qs)), "description_n": len(qs), "description_examples": examples}
+    right, n, examples = 0, 0, []
+    for img, _, a, _, pred in _answered(model, cache, qs, batch_size, max_new_tokens=64):
+        right += normalise_answer(pred) == normalise_answer(a)
+        n += 1
+        if len(examples) < 4:
+            examples.append({"image": img, "answer": pred, "truth": a})
+    return {"description_accuracy": right / max(1, n), "description_n": n, "description_examples": examples}
 
 
 def _vqa_picture(model, cache, examples, path: Path) -> None:
