@@ -104,6 +104,15 @@ def test_decoding_kernels_compute_the_same_linear_and_leave_the_model_as_it_was(
         with decoding_kernels(net):
             got = net(x)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # a column-major input (what W·xᵀ returns when transposed back, carried through an elementwise
+    # op such as SiLU(gate)·up) gives the same result and a row-major output, so the layout that
+    # sends MKL down its 3× slower path never reaches the next layer
+    x = torch.randn(48, 4).t()[:, None]
+    with decoding_kernels(net):
+        hidden = net[0](x)
+        got = net[1](hidden * 2)
+    torch.testing.assert_close(got, net[1](net[0](x) * 2), rtol=1e-5, atol=1e-6)
+    assert hidden.is_contiguous() and got.is_contiguous()
     assert all("forward" not in layer.__dict__ for layer in net)  # the patch is gone
 
 
