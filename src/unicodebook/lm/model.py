@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..config import Config, config_from_dict, read_yaml, save_config
 from ..errors import UnicodebookError
 from ..utils.io import atomic_dir, atomic_save_tensors, atomic_write_json
+from .cache import reserve_cache
 from .llm import cache_argument, input_embedding, kv_cache, quiet_transformers
 from .sequence import IGNORE, Batch, SequenceFormat
 from .text import allowed_text_ids, load_text_tokenizer
@@ -211,7 +212,7 @@ class UniCodeLM(nn.Module):
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         emb = self.embed_inputs(ids, at, latents)
         out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
-        return out.logits[:, -1].float(), kv_cache(out), mask, pos[:, -1] + 1
+        return out.logits[:, -1].float(), reserve_cache(kv_cache(out), extra), mask, pos[:, -1] + 1
 
     def _step(self, token_ids: Tensor, cache, mask: Tensor, pos: Tensor, code_index: int | None = None):
         """One decoding step; ``code_index``: the new tokens are codes at that index of an image."""
