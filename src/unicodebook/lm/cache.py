@@ -42,17 +42,14 @@ if DynamicLayer is not None:
             self._k = layer.keys.new_empty(b, h, n + extra, layer.keys.shape[-1])
             self._v = layer.values.new_empty(b, h, n + extra, layer.values.shape[-1])
             self._k[:, :, :n], self._v[:, :, :n] = layer.keys, layer.values
-            self._n = n
             self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
         def update(self, key_states, value_states, *args, **kwargs):
-            n, m = self._n, key_states.shape[-2]
+            n, m = self.keys.shape[-2], key_states.shape[-2]
             if n + m > self._k.shape[-2]:  # past the reservation: grow as the default layer does
                 self._k = torch.cat([self._k[:, :, :n], key_states], dim=-2)
                 self._v = torch.cat([self._v[:, :, :n], value_states], dim=-2)
             else:
                 self._k[:, :, n:n + m], self._v[:, :, n:n + m] = key_states, value_states
-            self._n = n + m
-            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+            self.keys, self.values = self._k[:, :, :n + m], self._v[:, :, :n + m]
             return self.keys, self.values
-
