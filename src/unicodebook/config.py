@@ -186,6 +186,10 @@ class LMTrainConfig(TrainLoopConfig):
     # table shared by both, plus a depth table for codes); false: the paper's plain sequence
     image_positions: bool = True
     sample_every: int = 500  # image samples written to RUN/samples (0: only at the end)
+    # a stage II model folder this run starts from: its LLM weights, image positions and text
+    # tokenizer (not its optimizer or step), e.g. text-to-image alone first, then the mix; it must
+    # share this run's frozen visual tokenizer. Ignored on --resume (the checkpoint holds the weights)
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()

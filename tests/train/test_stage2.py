@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from unicodebook.errors import UnicodebookError
 from unicodebook.lm.model import load_model
 from unicodebook.train.stage2 import train_lm
 
@@ -119,3 +120,31 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(tokenizer_run, shape
     for k, v in original.state_dict().items():
         if k in merged and "proj" not in k and merged[k].shape == v.shape:
             assert torch.equal(merged[k], v), k
+
+
+def test_a_run_started_from_another_begins_with_its_weights_and_text_tokenizer(model_run, tokenizer_run, shapes_dir,
+                                                                                tmp_path):
+    """``train_lm.init_from`` (a curriculum: one task mix, then another). With lr 0 nothing moves,
+    so the new run saves the start model's LLM and image positions bit for bit, and its text
+    tokenizer."""
+    run = tmp_path / "run"
+    train_lm(tiny_config("train_lm.steps=2", "train_lm.lr=0", f"train_lm.init_from={model_run}"), tokenizer_run,
+             shapes_dir, run, progress=False)
+    for part in ("llm/model.safetensors", "image_positions.safetensors"):
+        a, b = load_file(model_run / part), load_file(run / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert (run / "text_tokenizer" / "tokenizer.json").read_text() == (model_run / "text_tokenizer" / "tokenizer.json").read_text()
+
+
+def test_a_start_model_on_another_visual_tokenizer_is_refused(model_run, tokenizer_run, shapes_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(model_run, other)
+    vt = load_file(other / "visual_tokenizer.safetensors")
+    k = next(k for k, v in vt.items() if v.is_floating_point())
+    vt[k] = vt[k] + 1
+    save_file(vt, other / "visual_tokenizer.safetensors")
+    with pytest.raises(UnicodebookError, match=r"^train_lm.init_from: .*other was trained on another visual tokenizer than this run's$"):
+        train_lm(tiny_config("train_lm.steps=1", f"train_lm.init_from={other}"), tokenizer_run, shapes_dir,
+                 tmp_path / "run", progress=False)

@@ -25,7 +25,7 @@ from ..data.multimodal import cached_codes, read_records, split_folder
 from ..data.sources import ShardRecords, is_shard_spec
 from ..errors import UnicodebookError
 from ..lm.llm import BUILTIN, enable_checkpointing
-from ..lm.model import UniCodeLM, save_model
+from ..lm.model import UniCodeLM, load_model, save_model
 from ..lm.sequence import ASSISTANT, USER, collate, corrupt_codes
 from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_word_tokenizer
 from ..tokenizers.unicode import load_tokenizer
@@ -83,19 +83,35 @@ def text_corpus(turns: list[str], captions: list[str]) -> list[str]:
     return [f"{USER} {t.replace(IMAGE_TOKEN, ' ')} {ASSISTANT}" for t in turns] + list(captions)
 
 
-def build_text_tokenizer(cfg: Config, llm, texts, run: Path, resume: bool):
-    """The run's text tokenizer: reloaded on resume; else trained on ``texts()`` (the data's
-    conversation turns and captions; builtin LLM) or ``AutoTokenizer`` from the LLM's folder;
-    the image markers added either way."""
+def build_text_tokenizer(cfg: Config, llm, texts, run: Path, resume: bool, start: UniCodeLM | None = None):
+    """The run's text tokenizer: reloaded on resume; the ``start`` model's (``init_from``); else
+    trained on ``texts()`` (the data's conversation turns and captions; builtin LLM) or
+    ``AutoTokenizer`` from the LLM's folder; the image markers added either way."""
     folder = run / "text_tokenizer"
     if resume and folder.exists():
         text_tok = load_text_tokenizer(folder)
+    elif start is not None:
+        text_tok = start.text_tok
     elif cfg.llm.name == BUILTIN:
         text_tok = train_word_tokenizer(texts(), max_vocab=llm.get_input_embeddings().weight.shape[0])
     else:
         text_tok = load_text_tokenizer(Path(cfg.llm.name))
     ensure_markers(text_tok, llm)
     return text_tok
+
+
+def load_start(folder: str | Path, tok, image_positions: bool) -> UniCodeLM:
+    """The stage II model a run starts from (``train_lm.init_from``), checked to fit this run:
+    the same frozen visual tokenizer (bit for bit) and the same image-position switch."""
+    start = load_model(folder)
+    mine, theirs = tok.state_dict(), start.tokenizer.state_dict()
+    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape or not torch.equal(mine[k].cpu(), theirs[k])
+                                           for k in mine):
+        raise UnicodebookError(f"train_lm.init_from: {folder} was trained on another visual tokenizer than this run's")
+    if (start.image_pos is not None) != image_positions:
+        raise UnicodebookError(f"train_lm.init_from: {folder} has image_positions={start.image_pos is not None}, "
+                               f"this run {image_positions}")
+    return start
 
 
 def wrap_lora(llm, cfg: LMTrainConfig):
@@ -132,6 +148,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     # the tokenizer run defines the model and its LLM; stage II settings come from cfg
     cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
     ckpts = check_resume(run, cfg, resume)
+    start = load_start(lc.init_from, tok, lc.image_positions) if lc.init_from and not resume else None
     streaming = is_shard_spec(data)
     if streaming:
         stream = ShardRecords(data, tok.image_size, cfg.data.odd_size, engine, lc.seed, cfg.data.num_workers)
@@ -151,16 +168,25 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         save_config(cfg, run / "config.yaml")
     for turn in (True, False):  # the main process builds and saves the text tokenizer; the others load it
         if turn == main:
-            text_tok = build_text_tokenizer(cfg, llm, texts, run, resume or not main)
+            text_tok = build_text_tokenizer(cfg, llm, texts, run, resume or not main, start)
             if main and not (run / "text_tokenizer").exists():
                 text_tok.save_pretrained(str(run / "text_tokenizer"))
         engine.barrier()
     torch.manual_seed(lc.seed)
+    if start is not None:
+        try:
+            llm.load_state_dict(start.llm.state_dict())
+        except RuntimeError as e:
+            raise UnicodebookError(f"train_lm.init_from: the LLM in {lc.init_from} does not fit this run's "
+                                   f"({str(e).splitlines()[0]})") from None
     if lc.gradient_checkpointing:
         enable_checkpointing(llm)
     if lc.lora.enabled:
         llm = wrap_lora(llm, lc)
     umodel = UniCodeLM(llm, tok, text_tok, image_positions=lc.image_positions)
+    if start is not None and umodel.image_pos is not None:
+        umodel.image_pos.load_state_dict(start.image_pos.state_dict())
+    del start
     umodel.train()
 
     if not streaming:
