@@ -160,6 +160,8 @@ def trained_lm(trained, tmp_path_factory):
         (["generate", "--model", "{run}", "draw a circle", "--out", "{tmp}/g.png"], "error: {run}: not a model folder"),
         (["train-lm", "--tokenizer", "{run}", "--data", "{tmp}/empty", "--out", "{tmp}/m"], "error: {tmp}/empty: neither instruct.json"),
         (["train-lm", "--tokenizer", "{tmp}/empty", "--data", "{data}", "--out", "{tmp}/m"], "error: {tmp}/empty: not a tokenizer folder"),
+        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "train_lm.init_from={tmp}/empty"],
+         "error: train_lm.init_from: {tmp}/empty: not a model folder"),
     ],
 )
 def test_stage2_bad_input_gets_one_error_line_and_exit_2(trained, trained_lm, capsys, tmp_path, args, message):

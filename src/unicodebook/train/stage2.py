@@ -103,7 +103,10 @@ def build_text_tokenizer(cfg: Config, llm, texts, run: Path, resume: bool, start
 def load_start(folder: str | Path, tok, image_positions: bool) -> UniCodeLM:
     """The stage II model a run starts from (``train_lm.init_from``), checked to fit this run:
     the same frozen visual tokenizer (bit for bit) and the same image-position switch."""
-    start = load_model(folder)
+    try:
+        start = load_model(folder)
+    except UnicodebookError as e:
+        raise UnicodebookError(f"train_lm.init_from: {e}") from None
     mine, theirs = tok.state_dict(), start.tokenizer.state_dict()
     if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape or not torch.equal(mine[k].cpu(), theirs[k])
                                            for k in mine):
