@@ -71,8 +71,11 @@ class Sweep:
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    def save(self) -> None:
-        with self.lock:
+    def save(self, run: str | None = None, entry: dict | None = None) -> None:
+        """Write summary.json (atomically), after recording ``entry`` as ``run``'s result."""
+        with self.lock:  # the worker threads record and write one at a time
+            if run is not None:
+                self.summary["runs"][run] = entry
             tmp = self.summary_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.summary, indent=1))
             tmp.replace(self.summary_path)
@@ -110,12 +113,9 @@ class Sweep:
         return {k: v for k, v in res.items() if not isinstance(v, (list, dict)) or k.startswith("vqa_by")}
 
     def seconds_per_step(self, first: list[dict]) -> float:
-        """Train every first-wave run for a few steps side by side (after one process has
-        written the code cache); the slowest one's seconds per step over the second half."""
+        """Train every first-wave run for a few steps side by side; the slowest one's seconds
+        per step over the second half."""
         n = self.a.calib_steps
-        ok, _ = self.train("_cache", first[0]["overrides"], 1, self.a.timeout_s)
-        if not ok:
-            raise SystemExit(f"the cache run failed: see {self.out / '_cache.log'}")
         results = {}
 
         def one(r):
@@ -143,6 +143,12 @@ class Sweep:
         for r in runs.values():
             if r["from"] and r["from"] not in runs:
                 raise SystemExit(f"run {r['name']}: from={r['from']} is not a run of this sweep")
+        # one process encodes the train images into the code cache; the runs then all read it
+        # (started together, each would encode them itself)
+        first = next(r for r in runs.values() if not r["from"])
+        if not self.train("_cache", first["overrides"], 1, self.a.timeout_s)[0]:
+            raise SystemExit(f"the cache run failed: see {self.out / '_cache.log'}")
+        shutil.rmtree(self.out / "_cache", ignore_errors=True)
         if self.a.steps == "auto":
             sps = self.seconds_per_step([r for r in runs.values() if not r["from"]])
             longest = max(chain_share(runs, n) for n in runs)
@@ -167,8 +173,7 @@ class Sweep:
                     with cond:
                         done[r["name"]] = False
                         cond.notify_all()
-                    self.summary["runs"][r["name"]] = {"error": f"{r['from']} failed"}
-                    self.save()
+                    self.save(r["name"], {"error": f"{r['from']} failed"})
                     return
             n = max(1, round(steps * r["share"]))
             overrides = r["overrides"] + ([f"train_lm.init_from={self.out / r['from']}"] if r["from"] else [])
@@ -192,8 +197,7 @@ class Sweep:
                     self.pack(r["name"])
             else:
                 self.log(f"{r['name']}: FAILED (see {self.out / (r['name'] + '.log')})")
-            self.summary["runs"][r["name"]] = entry
-            self.save()
+            self.save(r["name"], entry)
 
         ts = [threading.Thread(target=worker, args=(r,)) for r in runs.values()]
         [t.start() for t in ts]
