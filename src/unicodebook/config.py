@@ -75,6 +75,8 @@ class AutoencoderConfig:
     attn_resolutions: list[int] = field(default_factory=list)  # latent sizes with attention
     z_channels: int = 64
     dropout: float = 0.0
+    # 3×3 convolutions' border rule; circular: an object's codes do not depend on where it stands
+    padding: Literal["zeros", "replicate", "circular"] = "zeros"
 
 
 @dataclass

@@ -109,6 +109,15 @@ def test_kmeans_init_starts_with_high_usage():
     assert cb.search(feats)[0].unique().numel() >= 30  # of 32 rows
 
 
+def test_kmeans_init_on_a_plain_background_starts_every_code_apart():
+    # a mostly plain picture: 90% of the features are the one background vector
+    cb, _ = _codebook("iterative")
+    background = torch.randn(1, 16).expand(920, 16)
+    feats = torch.cat([background, torch.randn(104, 16)])[torch.randperm(1024)]
+    cb.kmeans_init(feats)
+    assert torch.unique(cb.embed, dim=0).shape[0] == 32  # no centroid drawn twice from the background
+
+
 # ---------------------------------------------------------------- distributed EMA (2 gloo ranks)
 def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -28,6 +28,35 @@ def test_encode_embed_decode_interface(kind, grid):
     assert int(ids.min()) >= 128 and int(ids.max()) < 192  # codes are LLM token ids of the exposed rows
 
 
+def _one_object_everywhere(size: int) -> torch.Tensor:
+    """The same large yellow square alone in each of the 9 grid cells, (9, 3, size, size) in [0, 1]."""
+    import numpy as np
+
+    from unicodebook.data.shapes import POSITIONS, Obj, Scene, render_array
+
+    scenes = [Scene(objects=(Obj("square", "yellow", "large", p),)) for p in POSITIONS]
+    return torch.from_numpy(np.stack([render_array(s, size) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+
+
+def test_circular_padding_gives_an_object_the_same_codes_in_every_cell():
+    # 36 px, 4 px per code: a grid cell is 3×3 codes, so moving an object one cell is a shift by whole codes
+    x = _one_object_everywhere(36)
+    blocks = {}
+    for padding in ("zeros", "circular"):
+        tok = build_tokenizer(tiny_config("model.image_size=36", f"model.autoencoder.padding={padding}")).eval()
+        codes = tok.encode(x)  # (9, 9, 9, D)
+        blocks[padding] = {tuple(codes[i, 3 * (i // 3):3 * (i // 3) + 3, 3 * (i % 3):3 * (i % 3) + 3].flatten().tolist())
+                           for i in range(9)}
+        if padding == "circular":  # and the decoder draws the same object back in every cell
+            out = tok.decode(codes)
+            first = out[0, :, 0:12, 0:12]
+            for i in range(9):
+                r, c = 12 * (i // 3), 12 * (i % 3)
+                torch.testing.assert_close(out[i, :, r:r + 12, c:c + 12], first, atol=1e-5, rtol=0)
+    assert len(blocks["circular"]) == 1
+    assert len(blocks["zeros"]) > 1  # the default: the border shows through in the codes
+
+
 def test_embed_rejects_codes_of_the_wrong_shape_or_range():
     tok = build_tokenizer(tiny_config())
     with pytest.raises(ValueError, match="expected codes"):

@@ -284,8 +284,15 @@ class UnifiedCodebook(nn.Module):
             self.initialised.fill_(True)
             return
         x = gather_rows(features.detach().float())
-        pick = torch.randint(0, x.shape[0], (self.num_codes,), generator=generator, device="cpu").to(x.device)
-        cent = x[pick].clone()
+        # start from distinct rows: a plain background gives thousands of identical features, and
+        # centroids drawn twice from them stay duplicates (empty) through every iteration
+        distinct = torch.unique(x, dim=0)
+        if distinct.shape[0] >= self.num_codes:
+            pick = torch.randperm(distinct.shape[0], generator=generator, device="cpu")[: self.num_codes]
+            cent = distinct[pick.to(x.device)].clone()
+        else:
+            pick = torch.randint(0, x.shape[0], (self.num_codes,), generator=generator, device="cpu")
+            cent = x[pick.to(x.device)].clone()
         for _ in range(iters):
             idx, _ = nearest_code(x, cent, self.rule.chunk_size)
             counts = torch.bincount(idx, minlength=self.num_codes).float()

@@ -2,6 +2,13 @@
 
 Dimensions: B batch, C image channels (3), H×W image, h×w latent (H / 2**(L-1) for
 L = len(ch_mult)), z latent channels.
+
+``padding`` is the 3×3 convolutions' border rule. ``zeros`` (VQGAN's) makes every feature depend on
+its distance to the border, so the same object gets other codes in another place. ``circular``
+makes the encoder and decoder commute with any shift by a multiple of the down-sampling factor
+(GroupNorm and attention do not see position): an object alone on a plain background, moved from
+one grid cell to another, gets exactly the same codes. ``replicate`` is the near-equivalent
+without wrap-around.
 """
 
 from __future__ import annotations
@@ -9,6 +16,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+
+PADDINGS = ("zeros", "replicate", "circular")
+
+
+def _conv3(cin: int, cout: int, padding: str, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, padding_mode=padding)
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -27,10 +41,10 @@ def run_blocks(blocks: nn.Sequential, x: Tensor, checkpointing: bool) -> Tensor:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, dropout: float = 0.0):
+    def __init__(self, cin: int, cout: int, dropout: float = 0.0, padding: str = "zeros"):
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = _norm(cin), _conv3(cin, cout, padding)
+        self.norm2, self.conv2 = _norm(cout), _conv3(cout, cout, padding)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -60,26 +74,28 @@ class Encoder(nn.Module):
     """(B, 3, H, W) in [-1, 1] → (B, z, h, w)."""
 
     def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
-                 resolution: int, attn_resolutions: list[int] = (), dropout: float = 0.0, in_channels: int = 3):
+                 resolution: int, attn_resolutions: list[int] = (), dropout: float = 0.0, in_channels: int = 3,
+                 padding: str = "zeros"):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = _conv3(in_channels, ch, padding)
         blocks: list[nn.Module] = []
         cin, res = ch, resolution
         for i, mult in enumerate(ch_mult):
             cout = ch * mult
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(cin, cout, dropout))
+                blocks.append(ResBlock(cin, cout, dropout, padding))
                 cin = cout
                 if res in attn_resolutions:
                     blocks.append(AttnBlock(cin))
             if i < len(ch_mult) - 1:
-                blocks.append(nn.Conv2d(cin, cin, 3, stride=2, padding=1))
+                blocks.append(_conv3(cin, cin, padding, stride=2))
                 res //= 2
         self.down = nn.Sequential(*blocks)
-        self.mid = nn.Sequential(ResBlock(cin, cin, dropout), AttnBlock(cin) if res in attn_resolutions else nn.Identity(),
-                                 ResBlock(cin, cin, dropout))
+        self.mid = nn.Sequential(ResBlock(cin, cin, dropout, padding),
+                                 AttnBlock(cin) if res in attn_resolutions else nn.Identity(),
+                                 ResBlock(cin, cin, dropout, padding))
         self.norm_out = _norm(cin)
-        self.conv_out = nn.Conv2d(cin, z_channels, 3, padding=1)
+        self.conv_out = _conv3(cin, z_channels, padding)
 
     gradient_checkpointing = False
 
@@ -90,9 +106,9 @@ class Encoder(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, padding: str = "zeros"):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = _conv3(ch, ch, padding)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -102,27 +118,29 @@ class Decoder(nn.Module):
     """(B, z, h, w) → (B, 3, H, W) in roughly [-1, 1]."""
 
     def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
-                 resolution: int, attn_resolutions: list[int] = (), dropout: float = 0.0, out_channels: int = 3):
+                 resolution: int, attn_resolutions: list[int] = (), dropout: float = 0.0, out_channels: int = 3,
+                 padding: str = "zeros"):
         super().__init__()
         cin = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
-        self.conv_in = nn.Conv2d(z_channels, cin, 3, padding=1)
-        self.mid = nn.Sequential(ResBlock(cin, cin, dropout), AttnBlock(cin) if res in attn_resolutions else nn.Identity(),
-                                 ResBlock(cin, cin, dropout))
+        self.conv_in = _conv3(z_channels, cin, padding)
+        self.mid = nn.Sequential(ResBlock(cin, cin, dropout, padding),
+                                 AttnBlock(cin) if res in attn_resolutions else nn.Identity(),
+                                 ResBlock(cin, cin, dropout, padding))
         blocks: list[nn.Module] = []
         for i, mult in reversed(list(enumerate(ch_mult))):
             cout = ch * mult
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(cin, cout, dropout))
+                blocks.append(ResBlock(cin, cout, dropout, padding))
                 cin = cout
                 if res in attn_resolutions:
                     blocks.append(AttnBlock(cin))
             if i > 0:
-                blocks.append(Upsample(cin))
+                blocks.append(Upsample(cin, padding))
                 res *= 2
         self.up = nn.Sequential(*blocks)
         self.norm_out = _norm(cin)
-        self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
+        self.conv_out = _conv3(cin, out_channels, padding)
 
     @property
     def last_layer(self) -> Tensor:

@@ -45,7 +45,8 @@ class UniCodeTokenizer(nn.Module):
             raise ValueError(f"HQ needs an even latent size; got {self.latent_size}")
         d = codebook.dim
         common = dict(ch=ae.ch, ch_mult=ae.ch_mult, num_res_blocks=ae.num_res_blocks, z_channels=ae.z_channels,
-                      resolution=cfg.image_size, attn_resolutions=ae.attn_resolutions, dropout=ae.dropout)
+                      resolution=cfg.image_size, attn_resolutions=ae.attn_resolutions, dropout=ae.dropout,
+                      padding=ae.padding)
         self.encoder = Encoder(**common)
         self.pre_quant = nn.Conv2d(ae.z_channels, d, 1)  # latent → LLM hidden size
         self.quantizer = build_quantizer(qc.kind, codebook, qc.depth, qc.beta, qc.entropy_weight, qc.entropy_temperature)
