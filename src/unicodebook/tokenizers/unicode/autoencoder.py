@@ -7,8 +7,9 @@ L = len(ch_mult)), z latent channels.
 its distance to the border, so the same object gets other codes in another place. ``circular``
 makes the encoder and decoder commute with any shift by a multiple of the down-sampling factor
 (GroupNorm and attention do not see position): an object alone on a plain background, moved from
-one grid cell to another, gets exactly the same codes. ``replicate`` is the near-equivalent
-without wrap-around.
+one grid cell to another, gets exactly the same codes. ``replicate`` avoids the wrap-around but
+not the border: near it the padding copies the object's own features (a lone object still gets a
+different block in each of the shapes world's 9 cells, measured).
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-
-
-PADDINGS = ("zeros", "replicate", "circular")
 
 
 def _conv3(cin: int, cout: int, padding: str, stride: int = 1) -> nn.Conv2d:
