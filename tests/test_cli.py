@@ -60,7 +60,9 @@ def test_end_to_end_through_the_console_script(tmp_path):
     gen = json.loads(sh("generate", "--model", model, "draw a small red circle at the top left", "--out", tmp_path / "g.png",
                         "--n", "2", "--cfg", "2", "--top-k", "8", "--seed", "1"))
     assert [Image.open(p).size for p in gen["images"]] == [(32, 32), (32, 32)]
-    em = json.loads(sh("eval", "model", "--model", model, "--data", data, "--split", "test", "--max-t2i", "8"))
+    em = json.loads(sh("eval", "model", "--model", model, "--data", data, "--split", "test", "--max-t2i", "8",
+                       "--pictures", tmp_path / "pictures"))
+    assert all(Image.open(tmp_path / "pictures" / f).size[0] > 0 for f in ("t2i_samples.png", "vqa_examples.png"))
     assert em["vqa_n"] >= 16 * 4  # 4-5 questions per test image
     assert set(em["vqa_by_type"]) <= {"colour", "shape", "count", "position", "existence"} and em["vqa_by_type"]
     assert em["description_n"] == 16 and 0 <= em["description_accuracy"] <= 1  # one description per image, apart

@@ -154,12 +154,14 @@ def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | N
 
 
 def cmd_eval_model(model_dir: Path, data: Path, split: str, max_t2i: int | None, max_vqa: int | None,
-                   device: str = "auto") -> int:
+                   device: str = "auto", pictures: Path | None = None) -> int:
     from .eval.model import evaluate_model
     from .lm.model import load_model
 
     model = load_model(model_dir, device=_device(device))
-    res = evaluate_model(model, data, split=split, max_t2i=max_t2i, max_vqa=max_vqa)
+    if pictures is not None:
+        pictures.mkdir(parents=True, exist_ok=True)
+    res = evaluate_model(model, data, split=split, max_t2i=max_t2i, max_vqa=max_vqa, pictures=pictures)
     print(json.dumps(res))
     return EXIT_PARTIAL if res["bad_records"] or res["bad_images"] else 0
 
@@ -252,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--split", default="test")
     em.add_argument("--max-t2i", type=int, default=None, help="evaluate only the first N text-to-image prompts")
     em.add_argument("--max-vqa", type=int, default=None, help="evaluate only the first N questions")
+    em.add_argument("--pictures", type=Path, default=None,
+                    help="write t2i_samples.png (8 seen and 8 held-out prompts, judged) and vqa_examples.png here")
     _device_arg(em)
 
     m = sub.add_parser("demo", help="the whole pipeline on the shapes world, with a report")
@@ -280,7 +284,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return cmd_generate(args.model, args.prompt, args.out, args.n, args.cfg, args.temperature, args.top_k, args.seed,
                             args.device)
     if c == "eval" and args.what == "model":
-        return cmd_eval_model(args.model, args.data, args.split, args.max_t2i, args.max_vqa, args.device)
+        return cmd_eval_model(args.model, args.data, args.split, args.max_t2i, args.max_vqa, args.device, args.pictures)
     if c == "eval":
         return cmd_eval_tokenizer(args.tokenizer, args.data, args.split, args.device)
     if c == "demo":

@@ -56,3 +56,30 @@ def test_descriptions_are_scored_whole_and_apart_from_the_questions(model, shape
         assert not queue
         assert res["vqa_accuracy"] == 1.0 and res["vqa_n"] == len(questions)
         assert res["description_n"] == len(descriptions) and res["description_accuracy"] == expected
+
+
+def test_the_text_to_image_picture_shows_seen_prompts_then_held_out_ones(model, shapes_dir, monkeypatch, tmp_path):
+    """``pictures``: up to 8 seen and 8 held-out prompts, each captioned with its kind and verdict."""
+    from PIL import Image
+
+    from unicodebook.eval import plots
+
+    folder = shapes_dir / "test"
+    pairs, _ = read_pairs(folder / "t2i.jsonl")
+    cache = cached_codes(model.tokenizer, folder, [p.image for p in pairs], progress=False)
+    queue = [cache.codes[cache.index[p.image]].long() for p in pairs]
+    monkeypatch.setattr(model, "generate_codes", lambda prompts, *a, **k: torch.stack([queue.pop(0) for _ in prompts]))
+    drawn = []
+    original = plots.captioned_grid
+    monkeypatch.setattr(plots, "captioned_grid", lambda images, caps, **k: drawn.append(caps) or original(images, caps, **k))
+
+    res = evaluate_model(model, shapes_dir, "test", batch_size=5, max_vqa=0, max_decompress=0, max_describe=0,
+                         progress=False, pictures=tmp_path)
+    seen = [p.caption.removeprefix("draw ") for p in pairs if not p.held_out][:8]
+    held = [p.caption.removeprefix("draw ") for p in pairs if p.held_out][:8]
+    assert res["t2i_n_held_out"] > 0 and len(drawn) == 1
+    caps = drawn[0]
+    assert [c.split(" [")[0] for c in caps] == seen + held
+    assert all(c.endswith((", right]", ", wrong]")) for c in caps)
+    assert [c.split(" [")[1].split(",")[0] for c in caps] == ["seen"] * len(seen) + ["held-out"] * len(held)
+    assert Image.open(tmp_path / "t2i_samples.png").size[0] > 0

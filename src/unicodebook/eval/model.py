@@ -184,7 +184,7 @@ def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, to
     judged = all(parse_objects(p.caption) for p in pairs)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     ok: dict[bool, list[bool]] = {False: [], True: []}
-    shown, shown_caps = [], []
+    shown: dict[bool, list[tuple[torch.Tensor, str]]] = {False: [], True: []}  # the first 8 of each kind
     for s in tqdm(range(0, len(pairs), batch_size), desc="text-to-image", disable=not progress, leave=False):
         chunk = pairs[s:s + batch_size]
         codes = model.generate_codes([p.caption for p in chunk], cfg_scale, temperature, top_k, gen)
@@ -192,9 +192,9 @@ def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, to
         hits = _judge(images, [p.caption for p in chunk]) if judged else [False] * len(chunk)
         for p, hit, img in zip(chunk, hits, images):
             ok[p.held_out].append(hit)
-            if len(shown) < 16:
-                shown.append(img)
-                shown_caps.append(p.caption.removeprefix("draw ") + (f" [{'right' if hit else 'wrong'}]" if judged else ""))
+            if len(shown[p.held_out]) < 8:
+                verdict = f", {'right' if hit else 'wrong'}" if judged else ""
+                shown[p.held_out].append((img, f"{p.caption.removeprefix('draw ')} [{'held-out' if p.held_out else 'seen'}{verdict}]"))
     out: dict = {"t2i_n": len(pairs), "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k}
     if judged:
         allr = ok[False] + ok[True]
@@ -203,8 +203,9 @@ def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, to
             if ok[flag]:
                 out[f"t2i_accuracy_{name}"] = sum(ok[flag]) / len(ok[flag])
                 out[f"t2i_n_{name}"] = len(ok[flag])
-    if pictures is not None and shown:
+    tiles = shown[False] + shown[True]  # seen prompts first, then held-out ones
+    if pictures is not None and tiles:
         from .plots import captioned_grid
 
-        captioned_grid(torch.stack(shown), shown_caps, cols=4).save(pictures / "t2i_samples.png")
+        captioned_grid(torch.stack([t for t, _ in tiles]), [c for _, c in tiles], cols=4).save(pictures / "t2i_samples.png")
     return out
