@@ -232,3 +232,12 @@ def test_data_shards_on_a_missing_folder_is_one_error_line(capsys, tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == [f"error: folder '{tmp_path}/nowhere' does not exist"]
     assert not (tmp_path / "sh").exists()
+
+
+def test_eval_model_refuses_a_pictures_path_that_is_a_file(trained_lm, capsys, tmp_path):
+    taken = tmp_path / "report.png"
+    taken.write_bytes(b"keep me")
+    rc, out, err = run_cli(capsys, "eval", "model", "--model", trained_lm, "--data", tmp_path, "--pictures", taken)
+    assert rc != 0 and out == ""
+    assert err.strip().splitlines() == [f"error: --pictures {taken}: exists and is not a folder"]
+    assert taken.read_bytes() == b"keep me"

@@ -158,9 +158,11 @@ def cmd_eval_model(model_dir: Path, data: Path, split: str, max_t2i: int | None,
     from .eval.model import evaluate_model
     from .lm.model import load_model
 
-    model = load_model(model_dir, device=_device(device))
-    if pictures is not None:
+    if pictures is not None:  # before the model loads: a bad folder fails at once, not after the evaluation
+        if pictures.exists() and not pictures.is_dir():
+            raise UnicodebookError(f"--pictures {pictures}: exists and is not a folder")
         pictures.mkdir(parents=True, exist_ok=True)
+    model = load_model(model_dir, device=_device(device))
     res = evaluate_model(model, data, split=split, max_t2i=max_t2i, max_vqa=max_vqa, pictures=pictures)
     print(json.dumps(res))
     return EXIT_PARTIAL if res["bad_records"] or res["bad_images"] else 0
