@@ -83,3 +83,27 @@ def test_the_text_to_image_picture_shows_seen_prompts_then_held_out_ones(model, 
     assert all(c.endswith((", right]", ", wrong]")) for c in caps)
     assert [c.split(" [")[1].split(",")[0] for c in caps] == ["seen"] * len(seen) + ["held-out"] * len(held)
     assert Image.open(tmp_path / "t2i_samples.png").size[0] > 0
+
+
+def test_vqa_is_also_scored_apart_for_images_holding_a_held_out_pair(model, shapes_dir, monkeypatch):
+    """A model right on every image without a held-out (colour, shape) pair and wrong on every image
+    with one: seen 1, held-out 0, the two counts adding up to all questions."""
+    import json
+
+    from unicodebook.data.multimodal import read_llava
+    from unicodebook.data.shapes import DESCRIBE_TYPE, Scene
+    from unicodebook.eval.model import questions_of
+
+    folder = shapes_dir / "test"
+    held = {r["image"]: Scene.from_dict(r["scene"]).held_out
+            for r in map(json.loads, (folder / "scenes.jsonl").read_text().splitlines())}
+    convs, _ = read_llava(folder / "instruct.json")
+    qs = [q for q in questions_of(convs) if q[3] != DESCRIBE_TYPE]
+    queue = ["nothing" if held[img] else a for img, _, a, _ in qs]  # "nothing": never a shapes-world answer
+    assert any(held[q[0]] for q in qs) and not all(held[q[0]] for q in qs)
+    monkeypatch.setattr(model, "answer", lambda codes, asked, max_new_tokens=16: [queue.pop(0) for _ in asked])
+    res = evaluate_model(model, shapes_dir, "test", batch_size=6, max_decompress=0, max_t2i=0, max_describe=0,
+                         progress=False)
+    assert not queue
+    assert res["vqa_accuracy_seen"] == 1.0 and res["vqa_accuracy_held_out"] == 0.0
+    assert res["vqa_n_seen"] + res["vqa_n_held_out"] == res["vqa_n"] == len(qs)

@@ -2,7 +2,9 @@
 reproduce their codes (in-context decompression)?
 
 * ``vqa_accuracy``: normalised exact match (lower case, no punctuation or articles), overall
-  and per question type (the ``type`` of shapes-world human turns);
+  and per question type (the ``type`` of shapes-world human turns); where the split has the
+  shapes world's ``scenes.jsonl``, also for images with and without a held-out (colour, shape)
+  pair (``vqa_accuracy_seen`` / ``vqa_accuracy_held_out``), the composition gap of reading;
 * ``t2i_accuracy``: the shapes-world judge reads the generated picture and every attribute the
   prompt names (shape, colour, size, position of each object) must be right; reported for
   seen and held-out (colour, shape) combinations separately;
@@ -69,7 +71,8 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
     model.eval()
     if convs:
         qs = questions_of(convs)
-        res.update(_vqa(model, cache, [q for q in qs if q[3] != DESCRIBE_TYPE][:max_vqa], batch_size, progress, pictures))
+        res.update(_vqa(model, cache, [q for q in qs if q[3] != DESCRIBE_TYPE][:max_vqa], batch_size, progress, pictures,
+                        _held_out_images(folder)))
         described = [q for q in qs if q[3] == DESCRIBE_TYPE][:max_describe]
         if described:
             res.update(_describe(model, cache, described, batch_size))
@@ -93,22 +96,51 @@ def _answered(model, cache, qs, batch_size: int, max_new_tokens: int = 16, desc:
         yield from ((*q, pred) for q, pred in zip(chunk, answers))
 
 
-def _vqa(model, cache, qs, batch_size: int, progress: bool, pictures: Path | None) -> dict:
+def _held_out_images(folder: Path) -> dict[str, bool]:
+    """image → whether its scene holds a held-out (colour, shape) pair, from the shapes world's
+    ``scenes.jsonl``; empty when the split has none (any LLaVA data). Unreadable lines are left out."""
+    import json
+
+    from ..data.shapes import Scene
+
+    path = folder / "scenes.jsonl"
+    out: dict[str, bool] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                out[row["image"]] = Scene.from_dict(row["scene"]).held_out
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
+def _vqa(model, cache, qs, batch_size: int, progress: bool, pictures: Path | None,
+         held_out: dict[str, bool] | None = None) -> dict:
     right: dict[str, list[bool]] = defaultdict(list)
+    by_scene: dict[bool, list[bool]] = defaultdict(list)
+    held_out = held_out or {}
     examples = []
     for img, q, a, t, pred in _answered(model, cache, qs, batch_size, desc="VQA" if progress else None):
         ok = normalise_answer(pred) == normalise_answer(a)
         right["all"].append(ok)
         if t != "all":
             right[t].append(ok)
+        if img in held_out:
+            by_scene[held_out[img]].append(ok)
         if len(examples) < 12:
             examples.append((img, q, pred, a, ok))
     if pictures is not None and examples:
         _vqa_picture(model, cache, examples, pictures / "vqa_examples.png")
     allr = right["all"]
-    return {"vqa_accuracy": sum(allr) / max(1, len(allr)), "vqa_n": len(allr),
-            "vqa_by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(right.items()) if t != "all"},
-            "vqa_examples": [{"image": i, "question": q, "answer": p, "truth": a} for i, q, p, a, _ in examples[:6]]}
+    res = {"vqa_accuracy": sum(allr) / max(1, len(allr)), "vqa_n": len(allr),
+           "vqa_by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(right.items()) if t != "all"}}
+    for name, flag in (("seen", False), ("held_out", True)):
+        if by_scene[flag]:
+            res[f"vqa_accuracy_{name}"] = sum(by_scene[flag]) / len(by_scene[flag])
+            res[f"vqa_n_{name}"] = len(by_scene[flag])
+    res["vqa_examples"] = [{"image": i, "question": q, "answer": p, "truth": a} for i, q, p, a, _ in examples[:6]]
+    return res
 
 
 def _describe(model, cache, qs, batch_size: int) -> dict:
