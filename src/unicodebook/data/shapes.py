@@ -41,14 +41,22 @@ punctuation mark ``"?"`` ending each question, :data:`PUNCTUATION`).
 Held-out combinations
 ---------------------
 :data:`HELD_OUT` holds three (colour, shape) pairs, one per shape with distinct
-colours. **No train text-to-image target contains a held-out pair**: train's 1-2
-object scenes (the only ones in ``t2i.jsonl``) are sampled without them. Train's
-3-object scenes may contain them, so the visual tokenizer and the LLM's
-understanding tasks (questions, in-context decompression) see what a yellow square
-looks like, while the text-to-image task never asks for one: drawing a held-out
-pair from text tests composition, as in SPEC.md §3. The val and test splits
-contain both kinds; about half of their text-to-image records (1-2 object scenes)
-deliberately contain a held-out pair and are flagged ``"held_out": true``.
+colours. **No train text-to-image target contains a held-out pair**: train's
+``t2i.jsonl`` lists only the 1-2 object scenes without one. Every train scene may
+hold one (colour and shape uniform over all 18 pairs), so the visual tokenizer and
+the LLM's understanding tasks (questions, in-context decompression) see what a
+yellow square looks like alone, in pairs and in threes, while the text-to-image
+task never asks for one: drawing a held-out pair from text tests composition, as in
+SPEC.md §3. The val and test splits contain both kinds; about half of their
+text-to-image records (1-2 object scenes) deliberately contain a held-out pair and
+are flagged ``"held_out": true``.
+
+Version 2 (2026-12-01) changed only the train split. In version 1 the train 1-2
+object scenes were sampled without held-out pairs, so a held-out pair appeared only
+among three objects, and a model read a lone yellow square as the circle the seen
+pairs suggest (VQA on test images holding a held-out pair 87.5% against 95.0% on the
+others; 600 more question steps on version 2 data: 93.5% against 95.3%, README).
+The val and test splits are byte-identical in both versions.
 
 Dataset layout (see :func:`write_dataset`)::
 
@@ -809,15 +817,16 @@ def _split_rng(seed: int, split: str) -> random.Random:
 
 
 def _split_scenes(rng: random.Random, n: int, split: str) -> list[Scene]:
-    """Scenes for a split: train's 1-2 object scenes (its t2i targets) exclude held-out pairs,
-    its 3-object scenes may hold them; val/test alternate held-out / seen among the 1-2 object
+    """Scenes for a split: train's may hold held-out pairs at any size (those never become t2i
+    targets, :func:`write_dataset`); val/test alternate held-out / seen among the 1-2 object
     scenes (so ~half of their t2i records are held-out)."""
     scenes = []
     t2i_k = 0
     for _ in range(n):
         k = 1 + _randbelow(rng, MAX_OBJECTS)
-        if split == "train":  # t2i targets (1-2 objects) never hold a held-out pair; other scenes may
-            mode: Literal["any", "exclude", "require"] = "exclude" if k <= MAX_T2I_OBJECTS else "any"
+        mode: Literal["any", "exclude", "require"]
+        if split == "train":
+            mode = "any"
         elif k <= MAX_T2I_OBJECTS:
             mode = "require" if t2i_k % 2 == 0 else "exclude"
             t2i_k += 1
@@ -851,8 +860,8 @@ def write_dataset(
     """Write the shapes-world dataset to ``out`` (layout in the module docstring).
 
     Deterministic: the same arguments give byte-identical files. Each split uses its
-    own RNG derived from (seed, split). Train scenes never contain a held-out pair;
-    ``t2i.jsonl`` lists the split's 1-2 object scenes with their prompt.
+    own RNG derived from (seed, split). ``t2i.jsonl`` lists the split's 1-2 object scenes
+    with their prompt, in train only those without a held-out pair.
 
     Returns:
         The metadata written to ``out/meta.json``.
@@ -875,7 +884,7 @@ def write_dataset(
         "extents_px": {z: object_extent(z, size) for z in SIZES},
         "qa_types": list(QA_TYPES),
         "vocab": list(VOCAB_WORDS),
-        "version": 1,
+        "version": 2,
     }
     for split in SPLITS:
         rng = _split_rng(seed, split)
@@ -890,7 +899,7 @@ def write_dataset(
             (d / rel).write_bytes(_png_bytes(render_array(sc, size)))
             scene_rows.append({"image": rel, "scene": sc.to_dict()})
             cap_rows.append({"image": rel, "caption": caption(sc)})
-            if len(sc) <= MAX_T2I_OBJECTS:
+            if len(sc) <= MAX_T2I_OBJECTS and not (split == "train" and sc.held_out):
                 t2i_rows.append({"image": rel, "caption": t2i_prompt(sc), "held_out": sc.held_out})
             turns = qa_pairs(sc, rng)
             turns.insert(place.randrange(len(turns) + 1), _qa(DESCRIBE, caption(sc), DESCRIBE_TYPE))
