@@ -255,6 +255,21 @@ class Scene:
         return cls(objects=tuple(Obj.from_dict(o) for o in d["objects"]))
 
 
+def read_scenes(folder: Path | str) -> dict[str, Scene]:
+    """A split's ground-truth scenes (its ``scenes.jsonl``) by image path as written there
+    (``images/000000.png``); empty when the folder has none. Unreadable lines are left out."""
+    path = Path(folder) / "scenes.jsonl"
+    out: dict[str, Scene] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                out[row["image"]] = Scene.from_dict(row["scene"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
 def is_held_out(colour: str, shape: str) -> bool:
     """Whether the (colour, shape) pair is in :data:`HELD_OUT`."""
     return (colour, shape) in HELD_OUT

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.multimodal import cached_codes, read_llava, read_pairs, split_folder
-from ..data.shapes import DESCRIBE_TYPE
+from ..data.shapes import DESCRIBE_TYPE, read_scenes
 from ..errors import UnicodebookError
 from ..lm.sequence import IGNORE, collate
 
@@ -71,8 +71,9 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
     model.eval()
     if convs:
         qs = questions_of(convs)
+        held_out = {image: sc.held_out for image, sc in read_scenes(folder).items()}
         res.update(_vqa(model, cache, [q for q in qs if q[3] != DESCRIBE_TYPE][:max_vqa], batch_size, progress, pictures,
-                        _held_out_images(folder)))
+                        held_out))
         described = [q for q in qs if q[3] == DESCRIBE_TYPE][:max_describe]
         if described:
             res.update(_describe(model, cache, described, batch_size))
@@ -94,25 +95,6 @@ def _answered(model, cache, qs, batch_size: int, max_new_tokens: int = 16, desc:
         codes = cache.codes[[cache.index[q[0]] for q in chunk]].long()
         answers = model.answer(codes, [q[1] for q in chunk], max_new_tokens=max_new_tokens)
         yield from ((*q, pred) for q, pred in zip(chunk, answers))
-
-
-def _held_out_images(folder: Path) -> dict[str, bool]:
-    """image → whether its scene holds a held-out (colour, shape) pair, from the shapes world's
-    ``scenes.jsonl``; empty when the split has none (any LLaVA data). Unreadable lines are left out."""
-    import json
-
-    from ..data.shapes import Scene
-
-    path = folder / "scenes.jsonl"
-    out: dict[str, bool] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                out[row["image"]] = Scene.from_dict(row["scene"]).held_out
-            except (ValueError, KeyError, TypeError):
-                continue
-    return out
 
 
 def _vqa(model, cache, qs, batch_size: int, progress: bool, pictures: Path | None,

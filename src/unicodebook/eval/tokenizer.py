@@ -6,7 +6,6 @@ fraction whose objects (shape, colour, size, position) all come back exactly.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -90,16 +89,11 @@ def _judge_summary(judged: list[tuple[bool, bool]]) -> dict:
 
 def _shapes_scenes(folder: Path) -> dict | None:
     """Ground-truth scenes of a shapes-world split (``scenes.jsonl`` beside ``images/``), by file name."""
-    path = folder.parent / "scenes.jsonl"
-    if folder.name != "images" or not path.exists():
-        return None
-    from ..data.shapes import Scene
+    from ..data.shapes import read_scenes
 
-    out = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        out[Path(rec["image"]).name] = Scene.from_dict(rec["scene"])
-    return out
+    if folder.name != "images" or not (folder.parent / "scenes.jsonl").exists():
+        return None
+    return {Path(image).name: sc for image, sc in read_scenes(folder.parent).items()}
 
 
 def _judge(recon: torch.Tensor, scenes: list) -> list[tuple[bool, bool]]:
