@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES
@@ -21,8 +20,19 @@ COMMON = [*TINY_OVERRIDES, "train_tokenizer.steps=6", "train_tokenizer.threads=1
 # The stated tolerance: the only difference between one process and two is the float32
 # summation order of the gradient all-reduce (7.5e-7 after one step). Adam amplifies it
 # (measured 1.4e-3 after 6 steps); a flipped nearest-code assignment would amplify it
-# further, which is why the runs are short. The codebook statistics agree exactly.
+# further, which is why the runs are short. The codebook statistics agree up to such flips: on
+# some CPUs (seen on an AVX512 Zen 4, 2026-12-02) one of the 1024 vectors in a batch sits close
+# enough to a tie that the two runs send it to different codes, which moves the EMA count of
+# two codes by 1 − decay = 0.2 each and their sums with it.
 TOL = 5e-3
+EMA = ("quantizer.codebook.ema_count", "quantizer.codebook.ema_sum")
+
+
+def _flipped_codes(a, b) -> int:
+    """How many codes' EMA statistics differ by more than the float tolerance."""
+    count = (a[EMA[0]].double() - b[EMA[0]].double()).abs() > TOL
+    total = (a[EMA[1]].double() - b[EMA[1]].double()).abs().reshape(*count.shape, -1).amax(-1) > TOL
+    return int((count | total).sum())
 
 pytestmark = pytest.mark.slow
 
@@ -59,10 +69,12 @@ def test_two_processes_match_one_process_in_both_stages(shapes_dir, tmp_path):
     last = [r for r in _metrics(two / "s1") if "loss" in r][-1]
     assert last["codebook_rank_max_diff"] == 0.0
     a, b = load_file(one / "s1" / "model.safetensors"), load_file(two / "s1" / "model.safetensors")
-    assert _max_diff(a, b) < TOL
+    assert _max_diff({k: a[k] for k in a if k not in EMA}, {k: b[k] for k in b if k not in EMA}) < TOL
     cb = "quantizer.codebook.embed"
     assert float((a[cb] - b[cb]).abs().max()) < TOL
-    assert torch.equal(a["quantizer.codebook.ema_count"], b["quantizer.codebook.ema_count"])
+    # the same vectors were counted (a flip moves a count, never adds one), at most two flips
+    assert float(a[EMA[0]].sum()) == pytest.approx(float(b[EMA[0]].sum()), abs=1e-3)
+    assert _flipped_codes(a, b) <= 4
     assert last["restarted_codes"] > 0
     la = [r["loss"] for r in _metrics(one / "s1") if "loss" in r]
     lb = [r["loss"] for r in _metrics(two / "s1") if "loss" in r]
