@@ -21,7 +21,7 @@ COMMON = [*TINY_OVERRIDES, "train_tokenizer.steps=6", "train_tokenizer.threads=1
 # summation order of the gradient all-reduce (7.5e-7 after one step). Adam amplifies it
 # (measured 1.4e-3 after 6 steps); a flipped nearest-code assignment would amplify it
 # further, which is why the runs are short. The codebook statistics agree up to such flips: on
-# some CPUs (seen on an AVX512 Zen 4, 2026-12-02) one of the 1024 vectors in a batch sits close
+# some CPUs (seen on an AVX512-BF16 AMD EPYC, 2026-12-02: 2 codes) one of the 1024 vectors in a batch sits close
 # enough to a tie that the two runs send it to different codes, which moves the EMA count of
 # two codes by 1 − decay = 0.2 each and their sums with it.
 TOL = 5e-3
