@@ -15,10 +15,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+
+import unicodebook.lm.model as lm_model
+from unicodebook.lm.cpu_kernel import small_linear_kernel
+from unicodebook.lm.model import decoding_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, read_bandwidth, sync, table, timeit, write_json
@@ -61,12 +66,24 @@ def hf_generate(model, prompts: list[str]) -> torch.Tensor:
 
 def matmul_floor(model, rows: int, device: str) -> float:
     """Seconds per decoding step spent in the LLM's linear layers alone, computed the way our
-    decoding computes them (W·xᵀ for ``rows`` rows): what the best library kernel here leaves of
-    the bandwidth bound before any other op of the step is counted."""
-    weights = [m.weight for m in model.llm.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {k: torch.randn(rows, k, device=device) for k in {w.shape[1] for w in weights}}
-    with torch.inference_mode():
-        return timeit(lambda: [w @ xs[w.shape[1]].t() for w in weights], device, repeat=7, warmup=2)
+    decoding computes them (``decoding_kernels``: the streaming kernel where it is built, else
+    W·xᵀ) for ``rows`` rows: what the linear kernel leaves of the bandwidth bound before any
+    other op of the step is counted."""
+    layers = [m for m in model.llm.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {k: torch.randn(rows, k, device=device) for k in {m.in_features for m in layers}}
+    with torch.inference_mode(), decoding_kernels(model.llm):
+        return timeit(lambda: [m(xs[m.in_features]) for m in layers], device, repeat=7, warmup=2)
+
+
+@contextmanager
+def pytorch_kernels():
+    """Our decoding with the streaming CPU kernel switched off (PyTorch's W·xᵀ), for the A/B column."""
+    saved = lm_model.small_linear_kernel
+    lm_model.small_linear_kernel = lambda: None
+    try:
+        yield
+    finally:
+        lm_model.small_linear_kernel = saved
 
 
 def timed(fn, device: str, repeat: int = 1):
@@ -91,6 +108,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     bandwidth = read_bandwidth(args.device)
+    kernel = args.device == "cpu" and small_linear_kernel() is not None  # the streaming CPU kernel (lm/cpu_kernel.py)
     rows, raw = [], {}
     for preset in args.presets:
         model = build_model(preset, args.device)
@@ -107,24 +125,33 @@ def main() -> None:
                 model.generate_codes(prompts[:1], CFG_SCALE, temperature=0)  # warm-up
                 ours, t_ours = timed(lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0), args.device, args.repeat)
                 theirs, t_hf = timed(lambda: hf_generate(model, prompts), args.device, args.repeat)
+                t_torch = float("nan")
+                if kernel:
+                    with pytorch_kernels():
+                        ours_torch, t_torch = timed(lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0),
+                                                    args.device, args.repeat)
+                    assert torch.equal(ours_torch, ours), f"{preset} batch {b}: the kernels emitted different codes"
             same = torch.equal(model.code_token_ids[ours.reshape(b, -1)], theirs)
             assert same, f"{preset} batch {b}: generate emitted different codes"
             per_batch[b] = t_ours
-            raw[f"{preset}/b{b}"] = {"ours_s": t_ours, "generate_s": t_hf, "matmuls_only_step_s": floor[b]}
+            raw[f"{preset}/b{b}"] = {"ours_s": t_ours, "ours_pytorch_kernels_s": t_torch, "generate_s": t_hf,
+                                     "matmuls_only_step_s": floor[b]}
             rows.append([preset, f"{n_params(model.llm) / 1e6:.0f}M", b, f"{t_ours / b:.2f}", f"{b * n / t_ours:.0f}",
-                         f"{b * n / t_hf:.0f}", f"{t_hf / t_ours:.2f}×",
+                         f"{b * n / t_torch:.0f}" if kernel else "–", f"{b * n / t_hf:.0f}", f"{t_hf / t_ours:.2f}×",
                          f"{n / t_ours / bound_tps:.0%}" if b == 1 else "",
                          f"{(b / t_ours) / (1 / per_batch[1]):.1f}×" if 1 in per_batch and b > 1 else "",
                          f"{b * floor[1] / floor[b]:.1f}×" if b > 1 else f"{floor_tps / bound_tps:.0%}"])
         raw[preset] = {"weight_bytes": weight_bytes, "bound_tokens_per_s": bound_tps, "matmuls_only_tokens_per_s": floor_tps}
         print(f"{preset}: {weight_bytes / 2**20:.0f} MiB of weights read per token → bound {bound_tps:.0f} tokens/s at batch 1; "
-              f"the linear layers alone (W·xᵀ, 2 rows) run at {floor_tps:.0f} tokens/s = {floor_tps / bound_tps:.0%} of the bound")
+              f"the linear layers alone ({'streaming kernel' if kernel else 'W·xᵀ'}, 2 rows) run at {floor_tps:.0f} tokens/s = {floor_tps / bound_tps:.0%} of the bound")
     print(f"\nimage generation, {n} code tokens per image, CFG {CFG_SCALE} (batch b runs 2b sequences), greedy, fp32")
     print(f"machine: {machine(args.device)}; memory read bandwidth (same run): {bandwidth:.1f} GB/s")
+    print(f"streaming CPU kernel: {'on (the A/B column is ours with it off)' if kernel else 'not available'}")
     print("ours and generate emitted identical codes\n")
-    print(table(["model", "params", "batch", "s / image", "tokens/s ours", "tokens/s generate", "speed-up",
+    print(table(["model", "params", "batch", "s / image", "tokens/s ours", "tokens/s ours, PyTorch kernels", "tokens/s generate", "speed-up",
                  "of bandwidth bound (b=1)", "images/s vs b=1", "linear layers alone: of bound (b=1) / images/s vs b=1"], rows))
-    write_json(args.json, {"machine": machine(args.device), "bandwidth_gbs": bandwidth, "results": raw})
+    write_json(args.json, {"machine": machine(args.device), "bandwidth_gbs": bandwidth, "streaming_kernel": kernel,
+                           "results": raw})
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from ..config import Config, config_from_dict, read_yaml, save_config
 from ..errors import UnicodebookError
 from ..utils.io import atomic_dir, atomic_save_tensors, atomic_write_json
 from .cache import reserve_cache
+from .cpu_kernel import small_linear, small_linear_kernel
 from .llm import cache_argument, input_embedding, kv_cache, quiet_transformers
 from .sequence import IGNORE, Batch, SequenceFormat
 from .text import allowed_text_ids, load_text_tokenizer
@@ -37,13 +38,17 @@ MODEL_FORMAT = "unicodebook-model"
 MODEL_VERSION = 1
 
 
-SMALL_ROWS = 64  # decoding batches up to this many rows take the W·xᵀ path on CPU
+SMALL_ROWS = 64  # decoding batches up to this many rows take the small-batch path on CPU
 
 
 def _small_batch_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     rows = x.numel() // x.shape[-1]
     if rows > SMALL_ROWS:
         return F.linear(x, layer.weight, layer.bias)
+    kernel = small_linear_kernel()
+    if (kernel is not None and x.dtype == layer.weight.dtype == torch.float32 and layer.weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))):
+        return small_linear(x, layer.weight, layer.bias, kernel)
     # both sides contiguous row-major: a (rows, K) input laid out column-major (the transposed
     # output of the previous W·xᵀ, carried through an elementwise op) sends MKL down a 3× slower path
     out = (layer.weight @ x.reshape(rows, -1).contiguous().t()).t().contiguous()
@@ -54,11 +59,14 @@ def _small_batch_linear(layer: nn.Linear, x: Tensor) -> Tensor:
 
 @contextmanager
 def decoding_kernels(llm: nn.Module):
-    """Token-by-token decoding on CPU: every ``nn.Linear`` of the LLM computes W·xᵀ for ≤ 64 rows.
+    """Token-by-token decoding on CPU: every ``nn.Linear`` of the LLM takes a small-batch path
+    for ≤ 64 rows.
 
-    ``F.linear`` computes x·Wᵀ; for a couple of rows MKL then streams the weights at ~7 GB/s
-    on this machine, while W·xᵀ (same maths, GEMV-like kernel) reaches ~28 GB/s
-    (bench/README.md). Weights are only read; outside the block nothing is changed.
+    ``F.linear`` computes x·Wᵀ; for a couple of rows MKL then streams the weights at a fraction
+    of the memory bandwidth. The path is the streaming kernel of :mod:`.cpu_kernel` (fp32, AVX2;
+    ~90 % of a plain read) where it can be built, else W·xᵀ through PyTorch (same maths, a
+    GEMV-like MKL kernel; bench/README.md has the figures). Weights are only read; outside the
+    block nothing is changed.
     """
     patched = []
     if next(llm.parameters()).device.type == "cpu":

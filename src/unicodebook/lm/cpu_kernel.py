@@ -1,0 +1,123 @@
+"""A streaming fp32 kernel for the few-row linear layers of token-by-token decoding on a CPU.
+
+Decoding one token reads every weight of the LLM once for one to a few dozen rows, so the
+step is bound by how fast the weights stream from memory. The BLAS paths PyTorch offers for
+such shapes stream them at 50–70 % of a plain read on the 2-core machines this project runs on
+(bench/README.md); ``csrc/small_linear.c`` (AVX2 + FMA, OpenMP) reaches ~90 %.
+
+The C file is compiled on first use with the system C compiler into the user cache
+(``$UNICODEBOOK_CACHE`` or ``~/.cache/unicodebook``), written atomically, and loaded with
+ctypes; it links against the OpenMP runtime PyTorch has already loaded, so both share one
+thread pool. Where that cannot happen — no compiler, not x86-64 with AVX2, ``UNICODEBOOK_CPU_KERNEL=0``
+— :func:`small_linear_kernel` returns ``None`` and decoding keeps PyTorch's kernels; the maths
+is the same either way (up to fp32 summation order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "small_linear.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("UNICODEBOOK_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unicodebook"
+    return Path(root) / "kernels"
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get("UNICODEBOOK_CPU_KERNEL", "1") == "0":
+        return "switched off by UNICODEBOOK_CPU_KERNEL=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not an x86-64 CPU ({platform.machine()})"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()})"
+    return None
+
+
+def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
+    """Compile ``csrc/small_linear.c`` (once per source and compiler) and return the library path.
+
+    Raises ``RuntimeError`` with the compiler's message when it cannot be built.
+    """
+    cc = compiler or os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler: {cc!r} not found")
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    out_dir = out_dir or cache_dir()
+    lib = out_dir / f"small_linear-{tag}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+        os.replace(tmp, lib)  # atomic: a concurrent build or an interrupted one never leaves half a library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@lru_cache(maxsize=1)
+def _load():
+    reason = _unavailable_reason()
+    if reason is None:
+        try:
+            lib = ctypes.CDLL(str(build()))
+            fn = lib.small_linear
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+            fn.restype = None
+            return fn
+        except (OSError, RuntimeError) as e:
+            reason = str(e)
+    log.info("decoding uses PyTorch's linear kernels: %s", reason)
+    return None
+
+
+def small_linear_kernel():
+    """The compiled kernel, or ``None`` where it is unavailable (see the module docstring)."""
+    return _load()
+
+
+def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, kernel=None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for fp32 CPU tensors through the streaming kernel.
+
+    x (..., K), weight (O, K), bias (O,) or None → (..., O). The caller checks that the kernel
+    exists (:func:`small_linear_kernel`); ``weight`` and ``bias`` must be contiguous.
+    """
+    kernel = kernel or small_linear_kernel()
+    if kernel is None:
+        raise RuntimeError("the streaming CPU kernel is not available here")
+    out_features, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"small_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match")
+    if not (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"):
+        raise ValueError("small_linear: fp32 CPU tensors only")
+    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        raise ValueError("small_linear: weight and bias must be contiguous")
+    rows = x.numel() // k
+    xc = x.reshape(rows, k).contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    kernel(weight.data_ptr(), xc.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
+           rows, out_features, k, torch.get_num_threads())
+    return y

@@ -1,0 +1,115 @@
+"""The streaming CPU kernel for decoding's few-row linear layers (lm/cpu_kernel.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unicodebook.lm import cpu_kernel
+from unicodebook.lm.cpu_kernel import build, small_linear, small_linear_kernel
+
+needs_kernel = pytest.mark.skipif(
+    shutil.which("cc") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="needs a C compiler and an AVX2 CPU",
+)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("UNICODEBOOK_CACHE", str(tmp_path_factory.getbasetemp() / "unicodebook-cache"))
+    cpu_kernel._load.cache_clear()
+    yield
+    cpu_kernel._load.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17])
+@pytest.mark.parametrize("out_features,in_features", [(96, 48), (13, 21), (5, 3), (8, 1024)])
+def test_kernel_computes_f_linear(rows, out_features, in_features):
+    """Every tile and tail: output rows not a multiple of 4, K not a multiple of 8, 1–17 rows."""
+    kernel = small_linear_kernel()
+    assert kernel is not None
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    w = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g)
+    x = torch.randn(rows, 1, in_features, generator=g)
+    for bias in (b, None):
+        got = small_linear(x, w, bias, kernel)
+        assert got.shape == (rows, 1, out_features)
+        assert_fp32_dot_product(got, x, w, bias)
+    # a strided input (a transposed view) is read correctly
+    xt = torch.randn(in_features, rows, generator=g).t()
+    assert_fp32_dot_product(small_linear(xt, w, b, kernel), xt, w, b)
+
+
+def assert_fp32_dot_product(got, x, w, b):
+    """Within fp32's worst-case summation error of the exact product, whatever the order:
+    |err| ≤ (K + 1)·u·(|x|·|w|ᵀ + |b|), u = 2⁻²⁴."""
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    scale = F.linear(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    err = (got.double() - exact).abs()
+    assert bool((err <= (w.shape[1] + 1) * 2.0**-24 * scale + 1e-30).all()), float((err / scale).max())
+
+
+@needs_kernel
+def test_the_library_is_built_once_and_atomically(tmp_path):
+    lib = build(tmp_path)
+    assert lib.exists() and lib.parent == tmp_path
+    mtime = lib.stat().st_mtime_ns
+    assert build(tmp_path) == lib and lib.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temporary file left behind
+
+
+def test_without_a_compiler_decoding_keeps_pytorchs_kernels(tmp_path, monkeypatch, caplog):
+    with pytest.raises(RuntimeError, match="no C compiler: 'no-such-cc' not found"):
+        build(tmp_path, compiler="no-such-cc")
+    with pytest.raises(RuntimeError, match="^false failed"):
+        build(tmp_path, compiler="false")  # a compiler that fails
+    assert list(tmp_path.iterdir()) == []  # a failed build leaves nothing
+    monkeypatch.setenv("CC", "no-such-cc")
+    with caplog.at_level("INFO", logger="unicodebook.lm.cpu_kernel"):
+        assert small_linear_kernel() is None
+    assert "decoding uses PyTorch's linear kernels: no C compiler" in caplog.text
+
+
+def test_the_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("UNICODEBOOK_CPU_KERNEL", "0")
+    assert small_linear_kernel() is None
+
+
+@needs_kernel
+def test_small_linear_refuses_what_it_cannot_compute():
+    kernel = small_linear_kernel()
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match=r"x \(2, 15\) and weight \(8, 16\) do not match"):
+        small_linear(torch.randn(2, 15), w, None, kernel)
+    with pytest.raises(ValueError, match="fp32 CPU tensors only"):
+        small_linear(torch.randn(2, 16, dtype=torch.float64), w.double(), None, kernel)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        small_linear(torch.randn(2, 16), torch.randn(16, 8).t(), None, kernel)
+
+
+@needs_kernel
+def test_decoding_with_the_kernel_emits_the_codes_pytorchs_kernels_emit(model_run, monkeypatch):
+    from unicodebook.lm import model as lm_model
+    from unicodebook.lm.model import decoding_kernels, load_model
+
+    model = load_model(model_run)
+    calls = []
+    real = lm_model.small_linear
+    monkeypatch.setattr(lm_model, "small_linear", lambda *a: calls.append(1) or real(*a))
+    prompts = ["a red circle", "a blue square on the left of a green triangle"]
+    with_kernel = model.generate_codes(prompts, 3.0, 0.0, 0)
+    assert len(calls) > 0  # the kernel did the decoding's linear layers
+    monkeypatch.setattr(lm_model, "small_linear_kernel", lambda: None)
+    assert torch.equal(model.generate_codes(prompts, 3.0, 0.0, 0), with_kernel)
+    # under autograd the kernel is never used (it has no backward)
+    calls.clear()
+    monkeypatch.setattr(lm_model, "small_linear_kernel", cpu_kernel.small_linear_kernel)
+    lin = torch.nn.Linear(16, 8)
+    with decoding_kernels(lin):
+        lin(torch.randn(2, 16)).sum().backward()
+    assert calls == [] and lin.weight.grad is not None
