@@ -75,6 +75,15 @@ def test_without_a_compiler_decoding_keeps_pytorchs_kernels(tmp_path, monkeypatc
     assert "decoding uses PyTorch's linear kernels: no C compiler" in caplog.text
 
 
+def test_an_unwritable_cache_falls_back_with_the_reason(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("UNICODEBOOK_CACHE", str(blocker))  # the kernels folder cannot be made under a file
+    with caplog.at_level("INFO", logger="unicodebook.lm.cpu_kernel"):
+        assert small_linear_kernel() is None
+    assert "decoding uses PyTorch's linear kernels" in caplog.text
+
+
 def test_the_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("UNICODEBOOK_CPU_KERNEL", "0")
     assert small_linear_kernel() is None
