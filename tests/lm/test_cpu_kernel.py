@@ -66,9 +66,17 @@ def test_the_library_is_built_once_and_atomically(tmp_path):
 def test_without_a_compiler_decoding_keeps_pytorchs_kernels(tmp_path, monkeypatch, caplog):
     with pytest.raises(RuntimeError, match="no C compiler: 'no-such-cc' not found"):
         build(tmp_path, compiler="no-such-cc")
-    with pytest.raises(RuntimeError, match="^false failed"):
-        build(tmp_path, compiler="false")  # a compiler that fails
-    assert list(tmp_path.iterdir()) == []  # a failed build leaves nothing
+    with pytest.raises(RuntimeError, match="^false failed: exit status 1$"):
+        build(tmp_path, compiler="false")  # a compiler that fails without a word
+    broken = tmp_path / "bin" / "broken-cc"
+    broken.parent.mkdir()
+    broken.write_text("#!/bin/sh\necho 'In file included from x.c:1:' >&2\necho 'x.c:9: error: no AVX2 here' >&2\n"
+                      "echo 'compilation terminated.' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"broken-cc failed: x\.c:9: error: no AVX2 here$"):
+        build(out, compiler=str(broken))  # the compiler's first error line, not its last word
+    assert list(out.iterdir()) == []  # a failed build leaves nothing behind
     monkeypatch.setenv("CC", "no-such-cc")
     with caplog.at_level("INFO", logger="unicodebook.lm.cpu_kernel"):
         assert small_linear_kernel() is None

@@ -70,7 +70,9 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
     try:
         res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+            lines = res.stderr.strip().splitlines()
+            first_error = next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit status {res.returncode}")
+            raise RuntimeError(f"{cc} failed: {first_error}")
         os.replace(tmp, lib)  # atomic: a concurrent build or an interrupted one never leaves half a library
     finally:
         if os.path.exists(tmp):
