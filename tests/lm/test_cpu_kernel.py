@@ -116,8 +116,8 @@ def test_decoding_with_the_kernel_emits_the_codes_pytorchs_kernels_emit(model_ru
 
     model = load_model(model_run)
     calls = []
-    real = lm_model.small_linear
-    monkeypatch.setattr(lm_model, "small_linear", lambda *a: calls.append(1) or real(*a))
+    real = lm_model.run_kernel
+    monkeypatch.setattr(lm_model, "run_kernel", lambda *a: calls.append(1) or real(*a))
     prompts = ["a red circle", "a blue square on the left of a green triangle"]
     with_kernel = model.generate_codes(prompts, 3.0, 0.0, 0)
     assert len(calls) > 0  # the kernel did the decoding's linear layers
@@ -130,3 +130,27 @@ def test_decoding_with_the_kernel_emits_the_codes_pytorchs_kernels_emit(model_ru
     with decoding_kernels(lin):
         lin(torch.randn(2, 16)).sum().backward()
     assert calls == [] and lin.weight.grad is not None
+    # what the kernel cannot take (a non-contiguous bias, fp64) falls back instead of failing
+    lin = torch.nn.Linear(16, 8)
+    lin.bias = torch.nn.Parameter(torch.randn(8, 2)[:, 0])
+    assert not lin.bias.is_contiguous()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        ref = lin(x)
+        with decoding_kernels(lin):
+            got = lin(x)
+        lin64 = torch.nn.Linear(16, 8).double()
+        with decoding_kernels(lin64):
+            got64 = lin64(x.double())
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got64, torch.nn.functional.linear(x.double(), lin64.weight, lin64.bias))
+    assert calls == []
+
+
+@needs_kernel
+def test_a_built_library_is_used_without_a_compiler(tmp_path, monkeypatch):
+    lib = build(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # cc is no longer found
+    assert build(tmp_path) == lib
+    with pytest.raises(RuntimeError, match="no C compiler: 'cc' not found"):
+        build(tmp_path / "fresh")

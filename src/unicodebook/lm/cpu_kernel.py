@@ -2,8 +2,8 @@
 
 Decoding one token reads every weight of the LLM once for one to a few dozen rows, so the
 step is bound by how fast the weights stream from memory. The BLAS paths PyTorch offers for
-such shapes stream them at 50–70 % of a plain read on the 2-core machines this project runs on
-(bench/README.md); ``csrc/small_linear.c`` (AVX2 + FMA, OpenMP) reaches ~90 %.
+such shapes stream them at 30–70 % of a plain read on the 2-core machines this project runs on
+(bench/README.md); ``csrc/small_linear.c`` (AVX2 + FMA, OpenMP) reaches 80–90 %.
 
 The C file is compiled on first use with the system C compiler into the user cache
 (``$UNICODEBOOK_CACHE`` or ``~/.cache/unicodebook``), written atomically, and loaded with
@@ -56,14 +56,13 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
     Raises ``RuntimeError`` with the compiler's message when it cannot be built.
     """
     cc = compiler or os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler: {cc!r} not found")
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     lib = out_dir / f"small_linear-{tag}.so"
-    if lib.exists():
+    if lib.exists():  # built before: no compiler needed now
         return lib
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler: {cc!r} not found")
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
@@ -101,22 +100,37 @@ def small_linear_kernel():
     return _load()
 
 
+def unsupported(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
+    """Why the kernel cannot compute ``F.linear(x, weight, bias)``, or ``None`` when it can.
+    Callers with a fallback (decoding) ask this; :func:`small_linear` raises it."""
+    if x.shape[-1] != weight.shape[-1]:
+        return f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match"
+    tensors = [x, weight] + ([bias] if bias is not None else [])
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return "fp32 CPU tensors only"
+    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        return "weight and bias must be contiguous"
+    return None
+
+
 def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, kernel=None) -> Tensor:
     """``F.linear(x, weight, bias)`` for fp32 CPU tensors through the streaming kernel.
 
-    x (..., K), weight (O, K), bias (O,) or None → (..., O). The caller checks that the kernel
-    exists (:func:`small_linear_kernel`); ``weight`` and ``bias`` must be contiguous.
+    x (..., K), weight (O, K) contiguous, bias (O,) contiguous or None → (..., O). Raises
+    ``ValueError`` for what :func:`unsupported` names, ``RuntimeError`` without the kernel.
     """
     kernel = kernel or small_linear_kernel()
     if kernel is None:
         raise RuntimeError("the streaming CPU kernel is not available here")
+    reason = unsupported(x, weight, bias)
+    if reason is not None:
+        raise ValueError(f"small_linear: {reason}")
+    return run_kernel(kernel, x, weight, bias)
+
+
+def run_kernel(kernel, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The call itself, for callers that have checked :func:`unsupported` already (decoding's hot path)."""
     out_features, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"small_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match")
-    if not (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"):
-        raise ValueError("small_linear: fp32 CPU tensors only")
-    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-        raise ValueError("small_linear: weight and bias must be contiguous")
     rows = x.numel() // k
     xc = x.reshape(rows, k).contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)

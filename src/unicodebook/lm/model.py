@@ -29,7 +29,7 @@ from ..config import Config, config_from_dict, read_yaml, save_config
 from ..errors import UnicodebookError
 from ..utils.io import atomic_dir, atomic_save_tensors, atomic_write_json
 from .cache import reserve_cache
-from .cpu_kernel import small_linear, small_linear_kernel
+from .cpu_kernel import run_kernel, small_linear_kernel, unsupported
 from .llm import cache_argument, input_embedding, kv_cache, quiet_transformers
 from .sequence import IGNORE, Batch, SequenceFormat
 from .text import allowed_text_ids, load_text_tokenizer
@@ -46,9 +46,9 @@ def _small_batch_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     if rows > SMALL_ROWS:
         return F.linear(x, layer.weight, layer.bias)
     kernel = small_linear_kernel()
-    if (kernel is not None and x.dtype == layer.weight.dtype == torch.float32 and layer.weight.is_contiguous()
-            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))):
-        return small_linear(x, layer.weight, layer.bias, kernel)
+    if (kernel is not None and unsupported(x, layer.weight, layer.bias) is None
+            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))):  # no backward
+        return run_kernel(kernel, x, layer.weight, layer.bias)
     # both sides contiguous row-major: a (rows, K) input laid out column-major (the transposed
     # output of the previous W·xᵀ, carried through an elementwise op) sends MKL down a 3× slower path
     out = (layer.weight @ x.reshape(rows, -1).contiguous().t()).t().contiguous()
@@ -64,7 +64,7 @@ def decoding_kernels(llm: nn.Module):
 
     ``F.linear`` computes x·Wᵀ; for a couple of rows MKL then streams the weights at a fraction
     of the memory bandwidth. The path is the streaming kernel of :mod:`.cpu_kernel` (fp32, AVX2;
-    ~90 % of a plain read) where it can be built, else W·xᵀ through PyTorch (same maths, a
+    80–90 % of a plain read) where it can be built, else W·xᵀ through PyTorch (same maths, a
     GEMV-like MKL kernel; bench/README.md has the figures). Weights are only read; outside the
     block nothing is changed.
     """
