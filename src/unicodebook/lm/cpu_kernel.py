@@ -1,9 +1,10 @@
-"""A streaming fp32 kernel for the few-row linear layers of token-by-token decoding on a CPU.
+"""Compiled fp32 kernels for token-by-token decoding on a CPU: a streaming few-row linear layer
+and, built on it, a whole Llama-family decoder layer (used by :mod:`.cpu_decoder`).
 
 Decoding one token reads every weight of the LLM once for one to a few dozen rows, so the
 step is bound by how fast the weights stream from memory. The BLAS paths PyTorch offers for
 such shapes stream them at 30–70 % of a plain read on the 2-core machines this project runs on
-(bench/README.md); ``csrc/small_linear.c`` (AVX2 + FMA, OpenMP) reaches 80–90 %.
+(bench/README.md); ``csrc/decode.c`` (AVX2 + FMA, OpenMP) reaches 80–90 %.
 
 The C file is compiled on first use with the system C compiler into the user cache
 (``$UNICODEBOOK_CACHE`` or ``~/.cache/unicodebook``), written atomically, and loaded with
@@ -31,8 +32,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "small_linear.c"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm"]
 
 
 def cache_dir() -> Path:
@@ -51,14 +52,14 @@ def _unavailable_reason() -> str | None:
 
 
 def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
-    """Compile ``csrc/small_linear.c`` (once per source and compiler) and return the library path.
+    """Compile ``csrc/decode.c`` (once per source and compiler) and return the library path.
 
     Raises ``RuntimeError`` with the compiler's message when it cannot be built.
     """
     cc = compiler or os.environ.get("CC") or "cc"
     tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
-    lib = out_dir / f"small_linear-{tag}.so"
+    lib = out_dir / f"decode-{tag}.so"
     if lib.exists():  # built before: no compiler needed now
         return lib
     if shutil.which(cc) is None:
@@ -85,10 +86,11 @@ def _load():
     if reason is None:
         try:
             lib = ctypes.CDLL(str(build()))
-            fn = lib.small_linear
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-            fn.restype = None
-            return fn
+            lib.small_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+            lib.decode_layer.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_float,
+                                                                 ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+            lib.small_linear.restype = lib.decode_layer.restype = None
+            return lib
         except (OSError, RuntimeError) as e:
             reason = str(e)
     log.info("decoding uses PyTorch's linear kernels: %s", reason)
@@ -96,8 +98,15 @@ def _load():
 
 
 def small_linear_kernel():
-    """The compiled kernel, or ``None`` where it is unavailable (see the module docstring)."""
-    return _load()
+    """The compiled linear kernel, or ``None`` where it is unavailable (see the module docstring)."""
+    lib = _load()
+    return None if lib is None else lib.small_linear
+
+
+def decode_layer_kernel():
+    """The compiled decoder layer (``decode_layer`` in ``csrc/decode.c``), or ``None``."""
+    lib = _load()
+    return None if lib is None else lib.decode_layer
 
 
 def unsupported(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:

@@ -29,6 +29,8 @@ from ..config import Config, config_from_dict, read_yaml, save_config
 from ..errors import UnicodebookError
 from ..utils.io import atomic_dir, atomic_save_tensors, atomic_write_json
 from .cache import reserve_cache
+from .cpu_decoder import CPUDecoder
+from .cpu_decoder import unsupported as cpu_decoder_unsupported
 from .cpu_kernel import run_kernel, small_linear_kernel, unsupported
 from .llm import cache_argument, input_embedding, kv_cache, quiet_transformers
 from .sequence import IGNORE, Batch, SequenceFormat
@@ -222,16 +224,30 @@ class UniCodeLM(nn.Module):
         out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
         return out.logits[:, -1].float(), reserve_cache(kv_cache(out), extra), mask, pos[:, -1] + 1
 
-    def _step(self, token_ids: Tensor, cache, mask: Tensor, pos: Tensor, code_index: int | None = None):
-        """One decoding step; ``code_index``: the new tokens are codes at that index of an image."""
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        if code_index is None:
-            emb = input_embedding(self.llm)(token_ids[:, None])
-        else:
-            emb = self.code_embedding(token_ids, code_index)
-        out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos[:, None], use_cache=True,
-                       **{cache_argument(self.llm): cache})
-        return out.logits[:, -1].float(), kv_cache(out), mask, pos + 1
+    @contextmanager
+    def _decoder(self, cache, mask: Tensor, pos: Tensor, extra: int, out_rows: Tensor | None = None):
+        """Decoding from a prefill's state, for up to ``extra`` tokens: yields ``step(emb (B, 1, d))
+        → logits (B, rows) fp32`` over the output rows ``out_rows`` (all by default).
+
+        On a CPU, a Llama-family LLM in fp32 decodes through :class:`.cpu_decoder.CPUDecoder`
+        (one compiled call per layer); any other LLM through its own ``forward`` with the KV
+        cache, its linear layers on the small-batch path (:func:`decoding_kernels`)."""
+        if self.device.type == "cpu" and cpu_decoder_unsupported(self.llm, mask.shape[1] + extra) is None:
+            yield CPUDecoder(self.llm, cache, mask, pos, extra, out_rows).step
+            return
+        state = [cache, mask, pos]
+
+        def step(emb: Tensor) -> Tensor:
+            cache, mask, pos = state
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                           **{cache_argument(self.llm): cache})
+            state[:] = kv_cache(out), mask, pos + 1
+            logits = out.logits[:, -1].float()
+            return logits if out_rows is None else logits[:, out_rows]
+
+        with decoding_kernels(self.llm):
+            yield step
 
     @torch.inference_mode()
     def generate_codes(self, prompts: list[str | None], cfg_scale: float = 3.0, temperature: float = 1.0,
@@ -248,20 +264,21 @@ class UniCodeLM(nn.Module):
         guided = cfg_scale != 1.0
         if guided:
             rows += [self.fmt.t2i_prefix(None)] * b
-        logits, cache, mask, pos = self._prefill(rows, [-1] * len(rows), None, self.codes_per_image + 2)
+        extra = self.codes_per_image + 2
+        logits, cache, mask, pos = self._prefill(rows, [-1] * len(rows), None, extra)
         codes = torch.empty((b, self.codes_per_image), dtype=torch.long, device=self.device)
         from tqdm.auto import tqdm
 
-        with decoding_kernels(self.llm):
+        sub = logits[:, self.code_token_ids]  # only code ids are allowed between the markers
+        with self._decoder(cache, mask, pos, extra, out_rows=self.code_token_ids) as step:
             for t in tqdm(range(self.codes_per_image), desc="codes", disable=not progress, leave=False):
-                sub = logits[:, self.code_token_ids]  # only code ids are allowed between the markers
                 if guided:
                     sub = sub[b:] + cfg_scale * (sub[:b] - sub[b:])
                 codes[:, t] = _sample(sub, temperature, top_k, generator)
                 if t == self.codes_per_image - 1:
                     break
                 nxt = self.code_token_ids[codes[:, t]]
-                logits, cache, mask, pos = self._step(torch.cat([nxt, nxt]) if guided else nxt, cache, mask, pos, t)
+                sub = step(self.code_embedding(torch.cat([nxt, nxt]) if guided else nxt, t))
         self.train(was)
         return self.fmt.ids_to_codes(codes)
 
@@ -286,7 +303,7 @@ class UniCodeLM(nn.Module):
         eos = self.fmt.eos_id
         out = [[] for _ in questions]
         done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
-        with decoding_kernels(self.llm):
+        with self._decoder(cache, mask, pos, max_new_tokens) as step:
             for _ in range(max_new_tokens):
                 nxt = logits.masked_fill(~self.text_allowed, float("-inf")).argmax(-1)
                 for i in (~done).nonzero().flatten().tolist():
@@ -295,7 +312,7 @@ class UniCodeLM(nn.Module):
                 done |= nxt == eos
                 if bool(done.all()):
                     break
-                logits, cache, mask, pos = self._step(nxt, cache, mask, pos)
+                logits = step(input_embedding(self.llm)(nxt[:, None]))
         self.train(was)
         return [self.text_tok.decode(o, skip_special_tokens=True).strip() for o in out]
 
