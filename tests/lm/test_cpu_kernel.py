@@ -25,13 +25,21 @@ def _own_cache(tmp_path_factory, monkeypatch):
     cpu_kernel._load.cache_clear()
 
 
+TARGETS = ["avx2"] + (["avx512"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else [])
+
+
+@pytest.fixture(scope="module", params=TARGETS)
+def kernel(request, tmp_path_factory):
+    """The linear kernel of each build this CPU runs (AVX2, and AVX-512 where it has it)."""
+    return cpu_kernel.load(build(tmp_path_factory.mktemp("kernels"), target=request.param)).small_linear
+
+
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17])
-@pytest.mark.parametrize("out_features,in_features", [(96, 48), (13, 21), (5, 3), (8, 1024)])
-def test_kernel_computes_f_linear(rows, out_features, in_features):
-    """Every tile and tail: output rows not a multiple of 4, K not a multiple of 8, 1–17 rows."""
-    kernel = small_linear_kernel()
-    assert kernel is not None
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 16, 17])
+@pytest.mark.parametrize("out_features,in_features", [(96, 48), (13, 21), (5, 3), (8, 1024), (9, 40)])
+def test_kernel_computes_f_linear(kernel, rows, out_features, in_features):
+    """Every tile and tail: output rows not a multiple of 4, K not a multiple of the vector
+    width, 1–17 rows (every remainder of both builds' row tiles)."""
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
     w = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g)

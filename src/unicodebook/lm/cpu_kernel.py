@@ -4,7 +4,7 @@ and, built on it, a whole Llama-family decoder layer (used by :mod:`.cpu_decoder
 Decoding one token reads every weight of the LLM once for one to a few dozen rows, so the
 step is bound by how fast the weights stream from memory. The BLAS paths PyTorch offers for
 such shapes stream them at 30–70 % of a plain read on the 2-core machines this project runs on
-(bench/README.md); ``csrc/decode.c`` (AVX2 + FMA, OpenMP) reaches 80–90 %.
+(bench/README.md); ``csrc/decode.c`` (AVX2 or AVX-512 with FMA, OpenMP) reaches 80–90 %.
 
 The C file is compiled on first use with the system C compiler into the user cache
 (``$UNICODEBOOK_CACHE`` or ``~/.cache/unicodebook``), written atomically, and loaded with
@@ -34,11 +34,20 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm"]
+ISA_FLAGS = {"avx2": [], "avx512": ["-mavx512f", "-DUB_AVX512"]}  # the linear kernel's vector width
 
 
 def cache_dir() -> Path:
     root = os.environ.get("UNICODEBOOK_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unicodebook"
     return Path(root) / "kernels"
+
+
+def isa() -> str:
+    """``avx512`` where PyTorch's own dispatch uses AVX-512, else ``avx2``;
+    ``UNICODEBOOK_CPU_KERNEL=avx2`` keeps the AVX2 build on any CPU."""
+    if os.environ.get("UNICODEBOOK_CPU_KERNEL", "") == "avx2":
+        return "avx2"
+    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
 
 
 def _unavailable_reason() -> str | None:
@@ -51,15 +60,18 @@ def _unavailable_reason() -> str | None:
     return None
 
 
-def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
-    """Compile ``csrc/decode.c`` (once per source and compiler) and return the library path.
+def build(out_dir: Path | None = None, compiler: str | None = None, target: str | None = None) -> Path:
+    """Compile ``csrc/decode.c`` (once per source, compiler and ``target``: ``avx2`` or
+    ``avx512``, by default :func:`isa`) and return the library path.
 
     Raises ``RuntimeError`` with the compiler's message when it cannot be built.
     """
     cc = compiler or os.environ.get("CC") or "cc"
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    target = target or isa()
+    flags = FLAGS + ISA_FLAGS[target]
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
-    lib = out_dir / f"decode-{tag}.so"
+    lib = out_dir / f"decode-{target}-{tag}.so"
     if lib.exists():  # built before: no compiler needed now
         return lib
     if shutil.which(cc) is None:
@@ -68,7 +80,7 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if res.returncode != 0:
             lines = res.stderr.strip().splitlines()
             first_error = next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit status {res.returncode}")
@@ -80,17 +92,22 @@ def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
     return lib
 
 
+def load(path: Path):
+    """The built library at ``path`` with its two functions' signatures declared."""
+    lib = ctypes.CDLL(str(path))
+    lib.small_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.decode_layer.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_float,
+                                                         ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    lib.small_linear.restype = lib.decode_layer.restype = None
+    return lib
+
+
 @lru_cache(maxsize=1)
 def _load():
     reason = _unavailable_reason()
     if reason is None:
         try:
-            lib = ctypes.CDLL(str(build()))
-            lib.small_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-            lib.decode_layer.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_float,
-                                                                 ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-            lib.small_linear.restype = lib.decode_layer.restype = None
-            return lib
+            return load(build())
         except (OSError, RuntimeError) as e:
             reason = str(e)
     log.info("decoding uses PyTorch's linear kernels: %s", reason)

@@ -12,8 +12,9 @@
  * matrix streamed at 16–18 GB/s against 22–23 with the prefetch (27 for one 256 MiB matrix,
  * Xeon 2-core host). fp32 throughout (FMA, the same maths as F.linear up to summation order).
  *
- * Built on first use by unicodebook/lm/cpu_kernel.py (cc -O3 -mavx2 -mfma -fopenmp) and
- * linked against the OpenMP runtime PyTorch has already loaded.
+ * Built on first use by unicodebook/lm/cpu_kernel.py (cc -O3 -mavx2 -mfma -fopenmp, plus
+ * -mavx512f -DUB_AVX512 on AVX-512 CPUs) and linked against the OpenMP runtime PyTorch has
+ * already loaded.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -27,48 +28,81 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* OT output rows × RT input rows over the whole of K; K8 = K rounded down to a multiple of 8 */
+/* the linear kernel's vectors: AVX2 (8 floats, tiles of 4 × 3 rows = 12 of the 16 registers)
+ * or, built with -DUB_AVX512, AVX-512 (16 floats, 4 × 6 = 24 of 32): twice the FMAs per
+ * instruction, which the many-row steps of batched decoding are bound by */
+#ifdef UB_AVX512
+typedef __m512 vec;
+#define VW 16
+#define RT_MAX 6
+#define vload _mm512_loadu_ps
+#define vzero _mm512_setzero_ps
+#define vfma _mm512_fmadd_ps
+#define vsum _mm512_reduce_add_ps
+#else
+typedef __m256 vec;
+#define VW 8
+#define RT_MAX 3
+#define vload _mm256_loadu_ps
+#define vzero _mm256_setzero_ps
+#define vfma _mm256_fmadd_ps
+#define vsum hsum
+#endif
+
+/* OT output rows × RT input rows over the whole of K; KV = K rounded down to a multiple of VW */
 #define TILE(OT, RT)                                                                            \
     static inline void tile_##OT##_##RT(const float *W, const float *x, float *y, const float *b, \
                                         long o, long r, long O, long K) {                      \
-        __m256 acc[OT][RT];                                                                     \
+        vec acc[OT][RT];                                                                        \
         for (int i = 0; i < OT; i++)                                                            \
-            for (int j = 0; j < RT; j++) acc[i][j] = _mm256_setzero_ps();                       \
-        long K8 = K & ~7L, k = 0;                                                               \
+            for (int j = 0; j < RT; j++) acc[i][j] = vzero();                                   \
+        long KV = K & ~(long)(VW - 1), k = 0;                                                   \
         const int pf = o + 2 * OT <= O;                                                         \
-        for (; k < K8; k += 8) {                                                                \
-            __m256 xv[RT];                                                                      \
-            for (int j = 0; j < RT; j++) xv[j] = _mm256_loadu_ps(x + (r + j) * K + k);          \
+        for (; k < KV; k += VW) {                                                               \
+            vec xv[RT];                                                                         \
+            for (int j = 0; j < RT; j++) xv[j] = vload(x + (r + j) * K + k);                    \
             if (pf && (k & 15) == 0) /* the next tile's rows, one cache line per row */         \
                 for (int i = 0; i < OT; i++) _mm_prefetch((const char *)(W + (o + OT + i) * K + k), _MM_HINT_T1); \
             for (int i = 0; i < OT; i++) {                                                      \
-                __m256 wv = _mm256_loadu_ps(W + (o + i) * K + k);                               \
-                for (int j = 0; j < RT; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]); \
+                vec wv = vload(W + (o + i) * K + k);                                            \
+                for (int j = 0; j < RT; j++) acc[i][j] = vfma(wv, xv[j], acc[i][j]);            \
             }                                                                                   \
         }                                                                                       \
         for (int i = 0; i < OT; i++)                                                            \
             for (int j = 0; j < RT; j++) {                                                      \
-                float s = hsum(acc[i][j]);                                                      \
+                float s = vsum(acc[i][j]);                                                      \
                 for (long kk = k; kk < K; kk++) s += W[(o + i) * K + kk] * x[(r + j) * K + kk]; \
                 y[(r + j) * O + o + i] = s + (b ? b[o + i] : 0.0f);                             \
             }                                                                                   \
     }
 
+#define ROWS(OT)                                                                                \
+    static inline void rows_##OT(const float *W, const float *x, float *y, const float *b,     \
+                                 long o, long R, long O, long K) {                             \
+        long r = 0;                                                                             \
+        for (; r + RT_MAX <= R; r += RT_MAX) TILE_MAX(OT)(W, x, y, b, o, r, O, K);              \
+        switch (R - r) {                                                                        \
+        case 1: tile_##OT##_1(W, x, y, b, o, r, O, K); break;                                   \
+        case 2: tile_##OT##_2(W, x, y, b, o, r, O, K); break;                                   \
+        REST(OT)                                                                                \
+        }                                                                                       \
+    }
+
+#ifdef UB_AVX512
+TILE(4, 1) TILE(4, 2) TILE(4, 3) TILE(4, 4) TILE(4, 5) TILE(4, 6)
+TILE(1, 1) TILE(1, 2) TILE(1, 3) TILE(1, 4) TILE(1, 5) TILE(1, 6)
+#define TILE_MAX(OT) tile_##OT##_6
+#define REST(OT)                                                                                \
+    case 3: tile_##OT##_3(W, x, y, b, o, r, O, K); break;                                       \
+    case 4: tile_##OT##_4(W, x, y, b, o, r, O, K); break;                                       \
+    case 5: tile_##OT##_5(W, x, y, b, o, r, O, K); break;
+#else
 TILE(4, 1) TILE(4, 2) TILE(4, 3) TILE(1, 1) TILE(1, 2) TILE(1, 3)
+#define TILE_MAX(OT) tile_##OT##_3
+#define REST(OT)
+#endif
 
-static inline void rows_4(const float *W, const float *x, float *y, const float *b, long o, long R, long O, long K) {
-    long r = 0;
-    for (; r + 3 <= R; r += 3) tile_4_3(W, x, y, b, o, r, O, K);
-    if (R - r == 2) tile_4_2(W, x, y, b, o, r, O, K);
-    else if (R - r == 1) tile_4_1(W, x, y, b, o, r, O, K);
-}
-
-static inline void rows_1(const float *W, const float *x, float *y, const float *b, long o, long R, long O, long K) {
-    long r = 0;
-    for (; r + 3 <= R; r += 3) tile_1_3(W, x, y, b, o, r, O, K);
-    if (R - r == 2) tile_1_2(W, x, y, b, o, r, O, K);
-    else if (R - r == 1) tile_1_1(W, x, y, b, o, r, O, K);
-}
+ROWS(4) ROWS(1)
 
 /* all pointers row-major and contiguous; b may be NULL */
 void small_linear(const float *W, const float *x, const float *b, float *y, long R, long O, long K, int threads) {
@@ -123,6 +157,22 @@ static void rope(float *t, const float *cos, const float *sin, long R, long head
         }
 }
 
+/* q·k over hd floats: four 8-wide accumulators (a scalar loop is one dependent add per element) */
+static inline float dot(const float *a, const float *b, long n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 void decode_layer(float *x, const float *const *w, float *kc, float *vc, const float *cos, const float *sin,
                   const long *start, long n, const long *dims, float eps, float scale, float *scratch, int threads) {
     const long R = dims[0], D = dims[1], H = dims[2], KVH = dims[3], hd = dims[4], F = dims[5], T = dims[6];
@@ -152,9 +202,7 @@ void decode_layer(float *x, const float *const *w, float *kc, float *vc, const f
             float *pr = p + (r * H + hh) * T, *ar = a + (r * H + hh) * hd;
             float m = -INFINITY, z = 0.0f;
             for (long t = start[r]; t <= n; t++) {
-                float s = 0.0f;
-                for (long i = 0; i < hd; i++) s += qr[i] * K[t * hd + i];
-                pr[t] = s * scale;
+                pr[t] = dot(qr, K + t * hd, hd) * scale;
                 if (pr[t] > m) m = pr[t];
             }
             for (long t = start[r]; t <= n; t++) z += (pr[t] = expf(pr[t] - m));
