@@ -173,6 +173,24 @@ static inline float dot(const float *a, const float *b, long n) {
     return s;
 }
 
+/* e^x for 8 floats (Cephes' expf: range reduction by ln 2 in two parts, degree-5 polynomial;
+ * ~1 ulp over the softmax's range, x ≤ 0; below −87.3 it gives ~1e-38 instead of a subnormal) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
 void decode_layer(float *x, const float *const *w, float *kc, float *vc, const float *cos, const float *sin,
                   const long *start, long n, const long *dims, float eps, float scale, float *scratch, int threads) {
     const long R = dims[0], D = dims[1], H = dims[2], KVH = dims[3], hd = dims[4], F = dims[5], T = dims[6];
@@ -205,12 +223,22 @@ void decode_layer(float *x, const float *const *w, float *kc, float *vc, const f
                 pr[t] = dot(qr, K + t * hd, hd) * scale;
                 if (pr[t] > m) m = pr[t];
             }
-            for (long t = start[r]; t <= n; t++) z += (pr[t] = expf(pr[t] - m));
+            long t = start[r];
+            __m256 zv = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
+            for (; t + 8 <= n + 1; t += 8) {
+                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + t), mv));
+                _mm256_storeu_ps(pr + t, e);
+                zv = _mm256_add_ps(zv, e);
+            }
+            z = hsum(zv);
+            for (; t <= n; t++) z += (pr[t] = expf(pr[t] - m));
             for (long i = 0; i < hd; i++) ar[i] = 0.0f;
-            for (long t = start[r]; t <= n; t++) {
-                float c = pr[t] / z;
+            for (t = start[r]; t <= n; t++) {
+                const float c = pr[t];
                 for (long i = 0; i < hd; i++) ar[i] += c * V[t * hd + i];
             }
+            const float inv = 1.0f / z;
+            for (long i = 0; i < hd; i++) ar[i] *= inv;
         }
 
     small_linear(wo, a, bo, o, R, D, H * hd, threads);
