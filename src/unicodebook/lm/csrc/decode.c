@@ -20,6 +20,10 @@
 #include <math.h>
 #include <stddef.h>
 
+#ifndef PF_TILES
+#define PF_TILES 1 /* prefetch distance, in tiles */
+#endif
+
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     lo = _mm_add_ps(lo, hi);
@@ -49,41 +53,58 @@ typedef __m256 vec;
 #define vsum hsum
 #endif
 
+/* the four sums of four vectors, in order: one reduction tree instead of four */
+static inline __m128 reduce4(vec a, vec b, vec c, vec d) {
+#ifdef UB_AVX512
+#define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+    __m256 a8 = HALVES(a), b8 = HALVES(b), c8 = HALVES(c), d8 = HALVES(d);
+#undef HALVES
+#else
+    __m256 a8 = a, b8 = b, c8 = c, d8 = d;
+#endif
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 /* OT output rows × RT input rows over the whole of K; KV = K rounded down to a multiple of VW */
 #define TILE(OT, RT)                                                                            \
     static inline void tile_##OT##_##RT(const float *W, const float *x, float *y, const float *b, \
-                                        long o, long r, long O, long K) {                      \
+                                        long o, long r, long O, long K, long p, long P) {      \
         vec acc[OT][RT];                                                                        \
         for (int i = 0; i < OT; i++)                                                            \
             for (int j = 0; j < RT; j++) acc[i][j] = vzero();                                   \
         long KV = K & ~(long)(VW - 1), k = 0;                                                   \
-        const int pf = o + 2 * OT <= O;                                                         \
+        const int pf = o + (PF_TILES + 1) * OT <= O;                                            \
         for (; k < KV; k += VW) {                                                               \
             vec xv[RT];                                                                         \
             for (int j = 0; j < RT; j++) xv[j] = vload(x + (r + j) * K + k);                    \
-            if (pf && (k & 15) == 0) /* the next tile's rows, one cache line per row */         \
-                for (int i = 0; i < OT; i++) _mm_prefetch((const char *)(W + (o + OT + i) * K + k), _MM_HINT_T1); \
+            if (pf && (k & 15) == 0 && (k >> 4) % P == p) /* a later tile's lines, 1/P per pass */ \
+                for (int i = 0; i < OT; i++) _mm_prefetch((const char *)(W + (o + PF_TILES * OT + i) * K + k), _MM_HINT_T1); \
             for (int i = 0; i < OT; i++) {                                                      \
                 vec wv = vload(W + (o + i) * K + k);                                            \
                 for (int j = 0; j < RT; j++) acc[i][j] = vfma(wv, xv[j], acc[i][j]);            \
             }                                                                                   \
         }                                                                                       \
-        for (int i = 0; i < OT; i++)                                                            \
-            for (int j = 0; j < RT; j++) {                                                      \
-                float s = vsum(acc[i][j]);                                                      \
+        for (int j = 0; j < RT; j++) {                                                          \
+            float sums[OT];                                                                     \
+            if (OT == 4) _mm_storeu_ps(sums, reduce4(acc[0][j], acc[OT > 1 ? 1 : 0][j], acc[OT > 2 ? 2 : 0][j], acc[OT > 3 ? 3 : 0][j])); \
+            else sums[0] = vsum(acc[0][j]);                                                     \
+            for (int i = 0; i < OT; i++) {                                                      \
+                float s = sums[i];                                                              \
                 for (long kk = k; kk < K; kk++) s += W[(o + i) * K + kk] * x[(r + j) * K + kk]; \
                 y[(r + j) * O + o + i] = s + (b ? b[o + i] : 0.0f);                             \
             }                                                                                   \
+        }                                                                                       \
     }
 
 #define ROWS(OT)                                                                                \
     static inline void rows_##OT(const float *W, const float *x, float *y, const float *b,     \
                                  long o, long R, long O, long K) {                             \
-        long r = 0;                                                                             \
-        for (; r + RT_MAX <= R; r += RT_MAX) TILE_MAX(OT)(W, x, y, b, o, r, O, K);              \
+        long r = 0, p = 0, P = (R + RT_MAX - 1) / RT_MAX;                                       \
+        for (; r + RT_MAX <= R; r += RT_MAX, p++) TILE_MAX(OT)(W, x, y, b, o, r, O, K, p, P);   \
         switch (R - r) {                                                                        \
-        case 1: tile_##OT##_1(W, x, y, b, o, r, O, K); break;                                   \
-        case 2: tile_##OT##_2(W, x, y, b, o, r, O, K); break;                                   \
+        case 1: tile_##OT##_1(W, x, y, b, o, r, O, K, p, P); break;                             \
+        case 2: tile_##OT##_2(W, x, y, b, o, r, O, K, p, P); break;                             \
         REST(OT)                                                                                \
         }                                                                                       \
     }
@@ -93,9 +114,9 @@ TILE(4, 1) TILE(4, 2) TILE(4, 3) TILE(4, 4) TILE(4, 5) TILE(4, 6)
 TILE(1, 1) TILE(1, 2) TILE(1, 3) TILE(1, 4) TILE(1, 5) TILE(1, 6)
 #define TILE_MAX(OT) tile_##OT##_6
 #define REST(OT)                                                                                \
-    case 3: tile_##OT##_3(W, x, y, b, o, r, O, K); break;                                       \
-    case 4: tile_##OT##_4(W, x, y, b, o, r, O, K); break;                                       \
-    case 5: tile_##OT##_5(W, x, y, b, o, r, O, K); break;
+    case 3: tile_##OT##_3(W, x, y, b, o, r, O, K, p, P); break;                                 \
+    case 4: tile_##OT##_4(W, x, y, b, o, r, O, K, p, P); break;                                 \
+    case 5: tile_##OT##_5(W, x, y, b, o, r, O, K, p, P); break;
 #else
 TILE(4, 1) TILE(4, 2) TILE(4, 3) TILE(1, 1) TILE(1, 2) TILE(1, 3)
 #define TILE_MAX(OT) tile_##OT##_3
