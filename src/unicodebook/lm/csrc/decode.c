@@ -195,9 +195,9 @@ static inline float dot(const float *a, const float *b, long n) {
 }
 
 /* e^x for 8 floats (Cephes' expf: range reduction by ln 2 in two parts, degree-5 polynomial;
- * ~1 ulp over the softmax's range, x ≤ 0; below −87.3 it gives ~1e-38 instead of a subnormal) */
+ * ~1 ulp; x is clamped to [−87.3, 88]: ~1e-38 instead of a subnormal, 1.7e38 instead of inf) */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.0f));
     __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
     x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
@@ -210,6 +210,61 @@ static inline __m256 exp8(__m256 x) {
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
     __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+/* s[t] = q·K[t]·scale for t in [t0, t1): four positions at a time, their four products
+ * reduced together (hd a multiple of 8; any other hd one position at a time) */
+static void scores(const float *q, const float *K, float *s, long t0, long t1, long hd, float scale) {
+    long t = t0;
+    if (hd % 8 == 0) {
+        const __m128 sc = _mm_set1_ps(scale);
+        for (; t + 4 <= t1; t += 4) {
+            const float *k0 = K + t * hd;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (long i = 0; i < hd; i += 8) {
+                __m256 qv = _mm256_loadu_ps(q + i);
+                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + hd + i), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * hd + i), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * hd + i), a3);
+            }
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            _mm_storeu_ps(s + t, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), sc));
+        }
+    }
+    for (; t < t1; t++) s[t] = dot(q, K + t * hd, hd) * scale;
+}
+
+/* out = inv · Σ_t p[t]·V[t] for t in [t0, t1): 32 output floats at a time held in registers
+ * across all positions, then 8, then single floats */
+static void weighted_sum(const float *p, const float *V, float *out, long t0, long t1, long hd, float inv) {
+    long i = 0;
+    for (; i + 32 <= hd; i += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (long t = t0; t < t1; t++) {
+            const __m256 c = _mm256_set1_ps(p[t]);
+            const float *v = V + t * hd + i;
+            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(c, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(c, _mm256_loadu_ps(v + 24), a3);
+        }
+        const __m256 iv = _mm256_set1_ps(inv);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(a0, iv));
+        _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(a1, iv));
+        _mm256_storeu_ps(out + i + 16, _mm256_mul_ps(a2, iv));
+        _mm256_storeu_ps(out + i + 24, _mm256_mul_ps(a3, iv));
+    }
+    for (; i + 8 <= hd; i += 8) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (long t = t0; t < t1; t++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(V + t * hd + i), a0);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(a0, _mm256_set1_ps(inv)));
+    }
+    for (; i < hd; i++) {
+        float a = 0.0f;
+        for (long t = t0; t < t1; t++) a += p[t] * V[t * hd + i];
+        out[i] = a * inv;
+    }
 }
 
 void decode_layer(float *x, const float *const *w, float *kc, float *vc, const float *cos, const float *sin,
@@ -240,10 +295,8 @@ void decode_layer(float *x, const float *const *w, float *kc, float *vc, const f
             const float *K = kc + (r * KVH + hh / group) * T * hd, *V = vc + (r * KVH + hh / group) * T * hd;
             float *pr = p + (r * H + hh) * T, *ar = a + (r * H + hh) * hd;
             float m = -INFINITY, z = 0.0f;
-            for (long t = start[r]; t <= n; t++) {
-                pr[t] = dot(qr, K + t * hd, hd) * scale;
-                if (pr[t] > m) m = pr[t];
-            }
+            scores(qr, K, pr, start[r], n + 1, hd, scale);
+            for (long t = start[r]; t <= n; t++) m = pr[t] > m ? pr[t] : m;
             long t = start[r];
             __m256 zv = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
             for (; t + 8 <= n + 1; t += 8) {
@@ -253,13 +306,7 @@ void decode_layer(float *x, const float *const *w, float *kc, float *vc, const f
             }
             z = hsum(zv);
             for (; t <= n; t++) z += (pr[t] = expf(pr[t] - m));
-            for (long i = 0; i < hd; i++) ar[i] = 0.0f;
-            for (t = start[r]; t <= n; t++) {
-                const float c = pr[t];
-                for (long i = 0; i < hd; i++) ar[i] += c * V[t * hd + i];
-            }
-            const float inv = 1.0f / z;
-            for (long i = 0; i < hd; i++) ar[i] *= inv;
+            weighted_sum(pr, V, ar, start[r], n + 1, hd, 1.0f / z);
         }
 
     small_linear(wo, a, bo, o, R, D, H * hd, threads);
@@ -267,7 +314,13 @@ void decode_layer(float *x, const float *const *w, float *kc, float *vc, const f
     rms_norm(x, ln2, h, R, D, eps);
     small_linear(wg, h, bg, g, R, F, D, threads);
     small_linear(wu, h, bu, u, R, F, D, threads);
-    for (long i = 0; i < R * F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    long i = 0;  /* SiLU(g) ⊙ u, 8 at a time */
+    for (; i + 8 <= R * F; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < R * F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     small_linear(wd, g, bd, o, R, D, F, threads);
-    for (long i = 0; i < R * D; i++) x[i] += o[i];
+    for (i = 0; i < R * D; i++) x[i] += o[i];
 }
