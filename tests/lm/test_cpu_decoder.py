@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 
-from unicodebook.lm import cpu_kernel
 from unicodebook.lm.cpu_decoder import CPUDecoder, unsupported
 from unicodebook.lm.llm import cache_argument, kv_cache
 
@@ -16,13 +15,7 @@ needs_kernel = pytest.mark.skipif(
     reason="needs a C compiler and an AVX2 CPU",
 )
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("UNICODEBOOK_CACHE", str(tmp_path_factory.getbasetemp() / "unicodebook-cache"))
-    cpu_kernel._load.cache_clear()
-    yield
-    cpu_kernel._load.cache_clear()
+pytestmark = pytest.mark.usefixtures("own_kernel_cache")
 
 
 def tiny(family: str, **over):

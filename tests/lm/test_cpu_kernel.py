@@ -16,13 +16,7 @@ needs_kernel = pytest.mark.skipif(
     reason="needs a C compiler and an AVX2 CPU",
 )
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("UNICODEBOOK_CACHE", str(tmp_path_factory.getbasetemp() / "unicodebook-cache"))
-    cpu_kernel._load.cache_clear()
-    yield
-    cpu_kernel._load.cache_clear()
+pytestmark = pytest.mark.usefixtures("own_kernel_cache")
 
 
 TARGETS = ["avx2"] + (["avx512"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else [])
