@@ -68,3 +68,15 @@ def model_run(tokenizer_run, shapes_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("stage2") / "run"
     train_lm(tiny_config(), tokenizer_run, shapes_dir, run, progress=False)
     return run
+
+
+@pytest.fixture
+def own_kernel_cache(tmp_path_factory, monkeypatch):
+    """The compiled CPU kernels (lm/cpu_kernel.py) built into this session's temporary cache and
+    loaded afresh by the test (the kernel and decoder tests)."""
+    from unicodebook.lm import cpu_kernel
+
+    monkeypatch.setenv("UNICODEBOOK_CACHE", str(tmp_path_factory.getbasetemp() / "unicodebook-cache"))
+    cpu_kernel._load.cache_clear()
+    yield
+    cpu_kernel._load.cache_clear()
