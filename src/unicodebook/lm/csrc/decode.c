@@ -85,6 +85,13 @@ static inline __m128 reduce4(vec a, vec b, vec c, vec d) {
                 for (int j = 0; j < RT; j++) acc[i][j] = vfma(wv, xv[j], acc[i][j]);            \
             }                                                                                   \
         }                                                                                       \
+        if (OT == 4 && k == K) { /* no tail: the four outputs of each row in one store */        \
+            const __m128 bias = b ? _mm_loadu_ps(b + o) : _mm_setzero_ps();                     \
+            for (int j = 0; j < RT; j++)                                                        \
+                _mm_storeu_ps(y + (r + j) * O + o, _mm_add_ps(bias, reduce4(acc[0][j], acc[OT > 1 ? 1 : 0][j], \
+                                                                            acc[OT > 2 ? 2 : 0][j], acc[OT > 3 ? 3 : 0][j]))); \
+            return;                                                                             \
+        }                                                                                       \
         for (int j = 0; j < RT; j++) {                                                          \
             float sums[OT];                                                                     \
             if (OT == 4) _mm_storeu_ps(sums, reduce4(acc[0][j], acc[OT > 1 ? 1 : 0][j], acc[OT > 2 ? 2 : 0][j], acc[OT > 3 ? 3 : 0][j])); \
