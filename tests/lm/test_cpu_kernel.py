@@ -62,6 +62,15 @@ def test_the_library_is_built_once_and_atomically(tmp_path):
     assert lib.exists() and lib.parent == tmp_path
     mtime = lib.stat().st_mtime_ns
     assert build(tmp_path) == lib and lib.stat().st_mtime_ns == mtime  # cached, not rebuilt
+
+
+@needs_kernel
+def test_the_build_follows_the_cpu_and_can_be_held_to_avx2(tmp_path, monkeypatch):
+    expected = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+    assert cpu_kernel.isa() == expected
+    assert build(tmp_path).name.startswith(f"decode-{expected}-")
+    monkeypatch.setenv("UNICODEBOOK_CPU_KERNEL", "avx2")
+    assert build(tmp_path).name.startswith("decode-avx2-")
     assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temporary file left behind
 
 

@@ -5,12 +5,14 @@
  *
  * Decoding reads every weight once per token for one to a few dozen rows, so the product is
  * bound by how fast W streams from memory. Each thread walks its own contiguous band of W,
- * four output rows at a time, and applies them to up to three input rows per pass: 12 AVX2
- * accumulators, the four W rows stay in L1/L2 between passes, so W is read from memory once
- * whatever R is. While a tile streams, the next tile's rows are prefetched into L2: with short
- * rows (K = 768: 3 KB) the hardware prefetcher would start each new tile cold, and a 768 × 768
- * matrix streamed at 16–18 GB/s against 22–23 with the prefetch (27 for one 256 MiB matrix,
- * Xeon 2-core host). fp32 throughout (FMA, the same maths as F.linear up to summation order).
+ * four output rows at a time, and applies them to up to three input rows per pass (AVX2: 12
+ * accumulators; six with AVX-512, 24 of its 32 registers); the four W rows stay in L1/L2
+ * between passes, so W is read from memory once whatever R is. While a tile computes, the next
+ * tile's rows are prefetched into L2, a 1/P share of its lines in each of the P passes: with
+ * short rows (K = 768: 3 KB) the hardware prefetcher would start each new tile cold, and a
+ * 768 × 768 matrix streamed at 16–18 GB/s against 22–23 with the prefetch (27 for one 256 MiB
+ * matrix, Xeon 2-core host; prefetching 2–8 tiles ahead gained nothing more). fp32 throughout
+ * (FMA, the same maths as F.linear up to summation order).
  *
  * Built on first use by unicodebook/lm/cpu_kernel.py (cc -O3 -mavx2 -mfma -fopenmp, plus
  * -mavx512f -DUB_AVX512 on AVX-512 CPUs) and linked against the OpenMP runtime PyTorch has
@@ -19,10 +21,6 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stddef.h>
-
-#ifndef PF_TILES
-#define PF_TILES 1 /* prefetch distance, in tiles */
-#endif
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -74,12 +72,12 @@ static inline __m128 reduce4(vec a, vec b, vec c, vec d) {
         for (int i = 0; i < OT; i++)                                                            \
             for (int j = 0; j < RT; j++) acc[i][j] = vzero();                                   \
         long KV = K & ~(long)(VW - 1), k = 0;                                                   \
-        const int pf = o + (PF_TILES + 1) * OT <= O;                                            \
+        const int pf = o + 2 * OT <= O;                                                     \
         for (; k < KV; k += VW) {                                                               \
             vec xv[RT];                                                                         \
             for (int j = 0; j < RT; j++) xv[j] = vload(x + (r + j) * K + k);                    \
             if (pf && (k & 15) == 0 && (k >> 4) % P == p) /* a later tile's lines, 1/P per pass */ \
-                for (int i = 0; i < OT; i++) _mm_prefetch((const char *)(W + (o + PF_TILES * OT + i) * K + k), _MM_HINT_T1); \
+                for (int i = 0; i < OT; i++) _mm_prefetch((const char *)(W + (o + OT + i) * K + k), _MM_HINT_T1); \
             for (int i = 0; i < OT; i++) {                                                      \
                 vec wv = vload(W + (o + i) * K + k);                                            \
                 for (int j = 0; j < RT; j++) acc[i][j] = vfma(wv, xv[j], acc[i][j]);            \
