@@ -52,11 +52,13 @@ def prefill(model, lengths=(5, 9, 2)):
 @needs_kernel
 @pytest.mark.parametrize("family,over", [("Llama", {}), ("Qwen2", {}), ("Mistral", {"sliding_window": None}),
                                          ("Llama", {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}),
-                                         ("Llama", {"head_dim": 40}), ("Llama", {"head_dim": 12})])
+                                         ("Llama", {"head_dim": 40}), ("Llama", {"head_dim": 72}),
+                                         ("Llama", {"head_dim": 12})])
 @torch.inference_mode()
 def test_each_step_gives_transformers_logits(family, over):
     """Left padding, grouped-query heads, biases, the model's rotary tables and head sizes that
-    take each of attention's vector paths (16; 40: not a multiple of 32; 12: not of 8): the
+    take each of attention's vector paths (16, 40: eight floats at a time; 72: a block of 64,
+    then 8; 12: not a multiple of 8): the
     logits of every step match transformers' own decoding (its KV cache, its masks) to fp32
     rounding."""
     model = tiny(family, **over)

@@ -217,14 +217,23 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
 
+/* the lines of rows [t0, t1) of a (·, hd) array into L2: the next stream's bytes requested while
+ * the current one computes, so two streams are in flight instead of one ramping up after the other */
+static inline void prefetch_rows(const float *A, long t0, long t1, long hd) {
+    for (const char *c = (const char *)(A + t0 * hd), *e = (const char *)(A + t1 * hd); c < e; c += 64)
+        _mm_prefetch(c, _MM_HINT_T1);
+}
+
 /* s[t] = q·K[t]·scale for t in [t0, t1): four positions at a time, their four products
- * reduced together (hd a multiple of 8; any other hd one position at a time) */
-static void scores(const float *q, const float *K, float *s, long t0, long t1, long hd, float scale) {
+ * reduced together (hd a multiple of 8; any other hd one position at a time); meanwhile the
+ * same positions of pf (the values the weighted sum reads next) are prefetched */
+static void scores(const float *q, const float *K, float *s, long t0, long t1, long hd, float scale, const float *pf) {
     long t = t0;
     if (hd % 8 == 0) {
         const __m128 sc = _mm_set1_ps(scale);
         for (; t + 4 <= t1; t += 4) {
             const float *k0 = K + t * hd;
+            prefetch_rows(pf, t, t + 4, hd);
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (long i = 0; i < hd; i += 8) {
                 __m256 qv = _mm256_loadu_ps(q + i);
@@ -240,25 +249,23 @@ static void scores(const float *q, const float *K, float *s, long t0, long t1, l
     for (; t < t1; t++) s[t] = dot(q, K + t * hd, hd) * scale;
 }
 
-/* out = inv · Σ_t p[t]·V[t] for t in [t0, t1): 32 output floats at a time held in registers
- * across all positions, then 8, then single floats */
-static void weighted_sum(const float *p, const float *V, float *out, long t0, long t1, long hd, float inv) {
+/* out = inv · Σ_t p[t]·V[t] for t in [t0, t1): 64 output floats at a time held in eight
+ * registers across all positions (one pass over V for the usual head size of 64), then 8, then
+ * single floats; meanwhile rows [pf0, pf0 + t1 − t0) of pf (the next head's keys) are prefetched */
+static void weighted_sum(const float *p, const float *V, float *out, long t0, long t1, long hd, float inv,
+                         const float *pf, long pf0) {
     long i = 0;
-    for (; i + 32 <= hd; i += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 64 <= hd; i += 64) {
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
         for (long t = t0; t < t1; t++) {
+            if (pf && i == 0) prefetch_rows(pf, pf0 + t - t0, pf0 + t - t0 + 1, hd);
             const __m256 c = _mm256_set1_ps(p[t]);
             const float *v = V + t * hd + i;
-            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(v), a0);
-            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(v + 8), a1);
-            a2 = _mm256_fmadd_ps(c, _mm256_loadu_ps(v + 16), a2);
-            a3 = _mm256_fmadd_ps(c, _mm256_loadu_ps(v + 24), a3);
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(c, _mm256_loadu_ps(v + 8 * j), a[j]);
         }
         const __m256 iv = _mm256_set1_ps(inv);
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(a0, iv));
-        _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(a1, iv));
-        _mm256_storeu_ps(out + i + 16, _mm256_mul_ps(a2, iv));
-        _mm256_storeu_ps(out + i + 24, _mm256_mul_ps(a3, iv));
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + i + 8 * j, _mm256_mul_ps(a[j], iv));
     }
     for (; i + 8 <= hd; i += 8) {
         __m256 a0 = _mm256_setzero_ps();
@@ -293,26 +300,29 @@ void decode_layer(float *x, const float *const *w, float *kc, float *vc, const f
         }
 
     const long group = H / KVH;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (long r = 0; r < R; r++)
-        for (long hh = 0; hh < H; hh++) {
-            const float *qr = q + (r * H + hh) * hd;
-            const float *K = kc + (r * KVH + hh / group) * T * hd, *V = vc + (r * KVH + hh / group) * T * hd;
-            float *pr = p + (r * H + hh) * T, *ar = a + (r * H + hh) * hd;
-            float m = -INFINITY, z = 0.0f;
-            scores(qr, K, pr, start[r], n + 1, hd, scale);
-            for (long t = start[r]; t <= n; t++) m = pr[t] > m ? pr[t] : m;
-            long t = start[r];
-            __m256 zv = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
-            for (; t + 8 <= n + 1; t += 8) {
-                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + t), mv));
-                _mm256_storeu_ps(pr + t, e);
-                zv = _mm256_add_ps(zv, e);
-            }
-            z = hsum(zv);
-            for (; t <= n; t++) z += (pr[t] = expf(pr[t] - m));
-            weighted_sum(pr, V, ar, start[r], n + 1, hd, 1.0f / z);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long rh = 0; rh < R * H; rh++) {
+        const long r = rh / H, hh = rh % H;
+        const float *qr = q + rh * hd;
+        const float *K = kc + (r * KVH + hh / group) * T * hd, *V = vc + (r * KVH + hh / group) * T * hd;
+        /* the keys of the next (row, head) this thread takes, prefetched during this one's values */
+        const long nr = (rh + 1) / H, nh = (rh + 1) % H;
+        const float *nextK = rh + 1 < R * H && (hh + 1) % group == 0 ? kc + (nr * KVH + nh / group) * T * hd : NULL;
+        float *pr = p + rh * T, *ar = a + rh * hd;
+        float m = -INFINITY, z = 0.0f;
+        scores(qr, K, pr, start[r], n + 1, hd, scale, V);
+        for (long t = start[r]; t <= n; t++) m = pr[t] > m ? pr[t] : m;
+        long t = start[r];
+        __m256 zv = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
+        for (; t + 8 <= n + 1; t += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pr + t), mv));
+            _mm256_storeu_ps(pr + t, e);
+            zv = _mm256_add_ps(zv, e);
         }
+        z = hsum(zv);
+        for (; t <= n; t++) z += (pr[t] = expf(pr[t] - m));
+        weighted_sum(pr, V, ar, start[r], n + 1, hd, 1.0f / z, nextK, nextK ? start[nr] : 0);
+    }
 
     small_linear(wo, a, bo, o, R, D, H * hd, threads);
     for (long i = 0; i < R * D; i++) x[i] += o[i];
