@@ -249,29 +249,33 @@ static void scores(const float *q, const float *K, float *s, long t0, long t1, l
     for (; t < t1; t++) s[t] = dot(q, K + t * hd, hd) * scale;
 }
 
-/* out = inv · Σ_t p[t]·V[t] for t in [t0, t1): 64 output floats at a time held in eight
- * registers across all positions (one pass over V for the usual head size of 64), then 8, then
- * single floats; meanwhile rows [pf0, pf0 + t1 − t0) of pf (the next head's keys) are prefetched */
+/* acc (NV·8 floats) = Σ_t p[t]·V[t][i : i + 8·NV] for t in [t0, t1), held in registers across all
+ * positions; in the first block (i = 0) the rows [pf0, pf0 + t1 − t0) of pf are prefetched */
+#define VBLOCK(NV)                                                                              \
+    static inline void vblock_##NV(const float *p, const float *V, float *out, long i, long t0, long t1, long hd, \
+                                   float inv, const float *pf, long pf0) {                       \
+        __m256 a[NV];                                                                           \
+        for (int j = 0; j < NV; j++) a[j] = _mm256_setzero_ps();                                \
+        for (long t = t0; t < t1; t++) {                                                        \
+            if (pf && i == 0) prefetch_rows(pf, pf0 + t - t0, pf0 + t - t0 + 1, hd);            \
+            const __m256 c = _mm256_set1_ps(p[t]);                                              \
+            const float *v = V + t * hd + i;                                                    \
+            for (int j = 0; j < NV; j++) a[j] = _mm256_fmadd_ps(c, _mm256_loadu_ps(v + 8 * j), a[j]); \
+        }                                                                                       \
+        const __m256 iv = _mm256_set1_ps(inv);                                                  \
+        for (int j = 0; j < NV; j++) _mm256_storeu_ps(out + i + 8 * j, _mm256_mul_ps(a[j], iv)); \
+    }
+VBLOCK(8) VBLOCK(4) VBLOCK(1)
+
+/* out = inv · Σ_t p[t]·V[t] for t in [t0, t1): 64 output floats at a time in eight registers
+ * (one pass over V for the usual head size of 64), then 32, then 8, then single floats;
+ * meanwhile rows [pf0, pf0 + t1 − t0) of pf (the next head's keys) are prefetched */
 static void weighted_sum(const float *p, const float *V, float *out, long t0, long t1, long hd, float inv,
                          const float *pf, long pf0) {
     long i = 0;
-    for (; i + 64 <= hd; i += 64) {
-        __m256 a[8];
-        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-        for (long t = t0; t < t1; t++) {
-            if (pf && i == 0) prefetch_rows(pf, pf0 + t - t0, pf0 + t - t0 + 1, hd);
-            const __m256 c = _mm256_set1_ps(p[t]);
-            const float *v = V + t * hd + i;
-            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(c, _mm256_loadu_ps(v + 8 * j), a[j]);
-        }
-        const __m256 iv = _mm256_set1_ps(inv);
-        for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + i + 8 * j, _mm256_mul_ps(a[j], iv));
-    }
-    for (; i + 8 <= hd; i += 8) {
-        __m256 a0 = _mm256_setzero_ps();
-        for (long t = t0; t < t1; t++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(V + t * hd + i), a0);
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(a0, _mm256_set1_ps(inv)));
-    }
+    for (; i + 64 <= hd; i += 64) vblock_8(p, V, out, i, t0, t1, hd, inv, pf, pf0);
+    for (; i + 32 <= hd; i += 32) vblock_4(p, V, out, i, t0, t1, hd, inv, pf, pf0);
+    for (; i + 8 <= hd; i += 8) vblock_1(p, V, out, i, t0, t1, hd, inv, pf, pf0);
     for (; i < hd; i++) {
         float a = 0.0f;
         for (long t = t0; t < t1; t++) a += p[t] * V[t * hd + i];
