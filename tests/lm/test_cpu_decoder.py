@@ -57,8 +57,8 @@ def prefill(model, lengths=(5, 9, 2)):
 @torch.inference_mode()
 def test_each_step_gives_transformers_logits(family, over):
     """Left padding, grouped-query heads, biases, the model's rotary tables and head sizes that
-    take each of attention's vector paths (16, 40: eight floats at a time; 72: a block of 64,
-    then 8; 12: not a multiple of 8): the
+    take each of attention's vector paths (16: eight floats at a time; 40: a block of 32, then 8;
+    72: a block of 64, then 8; 12: not a multiple of 8): the
     logits of every step match transformers' own decoding (its KV cache, its masks) to fp32
     rounding."""
     model = tiny(family, **over)
