@@ -309,7 +309,9 @@ void decode_layer(float *x, const float *const *w, float *kc, float *vc, const f
         const long r = rh / H, hh = rh % H;
         const float *qr = q + rh * hd;
         const float *K = kc + (r * KVH + hh / group) * T * hd, *V = vc + (r * KVH + hh / group) * T * hd;
-        /* the keys of the next (row, head) this thread takes, prefetched during this one's values */
+        /* the keys of the next (row, head) this thread takes, prefetched during this one's values
+         * (as many rows as this one has: with other left padding a few rows more or fewer — a
+         * prefetch is only a hint and never faults) */
         const long nr = (rh + 1) / H, nh = (rh + 1) % H;
         const float *nextK = rh + 1 < R * H && (hh + 1) % group == 0 ? kc + (nr * KVH + nh / group) * T * hd : NULL;
         float *pr = p + rh * T, *ar = a + rh * hd;
