@@ -81,6 +81,32 @@ def test_each_step_gives_transformers_logits(family, over):
 
 @needs_kernel
 @torch.inference_mode()
+def test_decodes_in_the_buffers_reserve_cache_made():
+    """After the model's prefill (``reserve_cache``) the decoder writes into the cache's own
+    reserved buffers instead of a second copy of the whole cache, and still gives
+    transformers' logits."""
+    from unicodebook.lm.cache import reserve_cache
+
+    model = tiny("Llama")
+    steps = 4
+    _, reserved, mask, pos = prefill(model)
+    reserved = reserve_cache(reserved, steps)
+    ours = CPUDecoder(model, reserved, mask, pos, steps)
+    for i, layer in enumerate(reserved.layers):
+        k, v = layer.reserved()
+        assert ours.k[i].data_ptr() == k.data_ptr() and ours.v[i].data_ptr() == v.data_ptr()
+    _, cache, mask, pos = prefill(model)  # transformers' own, separate
+    for tok in torch.tensor([[7, 8, 9], [10, 11, 12], [3, 4, 5], [60, 61, 62]]):
+        tok = tok[:, None]
+        mask = torch.cat([mask, torch.ones_like(tok)], 1)
+        out = model(input_ids=tok, attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                    **{cache_argument(model): cache})
+        cache, pos = kv_cache(out), pos + 1
+        torch.testing.assert_close(ours.step(model.get_input_embeddings()(tok)), out.logits[:, -1], atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+@torch.inference_mode()
 def test_logits_restricted_to_rows_are_those_rows():
     """Image generation only reads the code ids' logits: a contiguous run (a view of the output
     layer) or any index set (a gathered copy) gives exactly those columns of the full logits."""

@@ -44,6 +44,11 @@ if DynamicLayer is not None:
             self._k[:, :, :n], self._v[:, :, :n] = layer.keys, layer.values
             self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
+        def reserved(self) -> tuple[torch.Tensor, torch.Tensor]:
+            """The whole key and value buffers (B, H, filled + room, head_dim); the filled part is
+            ``keys`` / ``values``. For decoders that write the next positions themselves."""
+            return self._k, self._v
+
         def update(self, key_states, value_states, *args, **kwargs):
             n, m = self.keys.shape[-2], key_states.shape[-2]
             if n + m > self._k.shape[-2]:  # past the reservation: grow as the default layer does

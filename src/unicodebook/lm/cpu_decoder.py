@@ -85,14 +85,7 @@ class CPUDecoder:
         self.dims = torch.tensor([b, cfg.hidden_size, heads, kv_heads, hd, width, total], dtype=torch.long)
         self.start = (n - mask.sum(-1)).to(torch.long).contiguous()
         # the caches: the prefill's keys (rotated) and values, with room for what is to come
-        self.k, self.v = [], []
-        for i in range(len(self.layers)):
-            keys, values = _layer_cache(cache, i)
-            k = keys.new_empty(b, kv_heads, total, hd)
-            v = keys.new_empty(b, kv_heads, total, hd)
-            k[:, :, :n], v[:, :, :n] = keys, values
-            self.k.append(k)
-            self.v.append(v)
+        self.k, self.v = map(list, zip(*(_room(cache, i, total) for i in range(len(self.layers)))))
         # the model's own rotary tables for every position still to come: (extra, B, hd) each
         ahead = pos[:, None].cpu() + torch.arange(extra)
         cos, sin = llm.model.rotary_emb(self.k[0], ahead)
@@ -117,10 +110,23 @@ class CPUDecoder:
         return run_kernel(self.linear, self.norm(x), self.head, None)
 
 
-def _layer_cache(cache, i: int) -> tuple[Tensor, Tensor]:
+def _room(cache, i: int, total: int) -> tuple[Tensor, Tensor]:
+    """Layer ``i``'s key and value buffers (B, KVH, total, hd), positions [0, n) the prefill's:
+    the buffers :func:`.cache.reserve_cache` made where they have that shape (no second copy of
+    the cache), else new ones."""
     if hasattr(cache, "layers"):  # transformers ≥ 4.56
-        return cache.layers[i].keys, cache.layers[i].values
-    return cache.key_cache[i], cache.value_cache[i]
+        layer = cache.layers[i]
+        keys, values = layer.keys, layer.values
+        if hasattr(layer, "reserved"):
+            k, v = layer.reserved()
+            if k.shape[-2] == total and k.is_contiguous() and v.is_contiguous():
+                return k, v
+    else:
+        keys, values = cache.key_cache[i], cache.value_cache[i]
+    b, kv_heads, n, hd = keys.shape
+    k, v = keys.new_empty(b, kv_heads, total, hd), values.new_empty(b, kv_heads, total, hd)
+    k[:, :, :n], v[:, :, :n] = keys, values
+    return k, v
 
 
 def _pointers(layer: nn.Module):
