@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PeakMemory, machine, table, timeit, worker_env, write_json
 
-from unicodebook.utils.device import native_bf16
+from unicodebook.utils.device import onednn_bf16
 
 METHODS = ("ours-fp32", "ours-bf16", "vector-quantize-pytorch")
 
@@ -122,7 +122,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    methods = args.methods or [m for m in METHODS if m != "ours-bf16" or native_bf16(torch.device(args.device))]
+    methods = args.methods or [m for m in METHODS if m != "ours-bf16" or onednn_bf16(torch.device(args.device))]
     if "ours-bf16" not in methods and not args.methods:
         print("no native bf16 kernels on this device: ours-bf16 skipped (search: auto takes fp32 here)")
     flops = 2 * args.n * args.v * args.d * args.depth  # the D distance GEMMs

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..utils.device import native_bf16
+from ..utils.device import onednn_bf16
 
 SEARCH_MODES = ("fp32", "bf16", "auto")
 _BF16_U = 2.0**-8  # unit round-off of bf16 (8 significant bits)
@@ -162,7 +162,7 @@ def nearest_code_certified(z: Tensor, index: SearchIndex, chunk_size: int = 4096
 def prefer_bf16(dim: int, device: torch.device) -> bool:
     """``search: auto``: the certified bf16 search wins from d ≈ 1024 where bf16 GEMMs are fast
     (measured: 0.4× the fp32 time at d = 4096, 0.75× at 1024, about equal at 768, 1.5× at 128)."""
-    return dim >= 1024 and native_bf16(device)
+    return dim >= 1024 and onednn_bf16(device)
 
 
 class _fp32_accumulation:
