@@ -21,6 +21,7 @@ TINY_OVERRIDES = [
     "train_tokenizer.lr=3e-3",
     "train_lm.steps=8", "train_lm.batch_size=8", "train_lm.warmup_steps=2", "train_lm.log_every=2",
     "train_lm.save_every=4", "train_lm.sample_every=0",
+    "train_lm.image_layout=flat",  # the paper's layout; the depth layout's tests ask for it by name
 ]
 
 
@@ -67,6 +68,17 @@ def model_run(tokenizer_run, shapes_dir, tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("stage2") / "run"
     train_lm(tiny_config(), tokenizer_run, shapes_dir, run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def depth_model_run(tokenizer_run, shapes_dir, tmp_path_factory) -> Path:
+    """A stage II run (8 steps) of the depth layout on top of ``tokenizer_run``."""
+    from unicodebook.train.stage2 import train_lm
+
+    run = tmp_path_factory.mktemp("stage2_depth") / "run"
+    train_lm(tiny_config("train_lm.image_layout=depth", "train_lm.depth_head.heads=2"), tokenizer_run, shapes_dir, run,
+             progress=False)
     return run
 
 

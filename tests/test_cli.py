@@ -164,6 +164,17 @@ def trained_lm(trained, tmp_path_factory):
         (["train-lm", "--tokenizer", "{tmp}/empty", "--data", "{data}", "--out", "{tmp}/m"], "error: {tmp}/empty: not a tokenizer folder"),
         (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "train_lm.init_from={tmp}/empty"],
          "error: train_lm.init_from: {tmp}/empty: not a model folder"),
+        # a curriculum that cannot run is refused before any training starts
+        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "train_lm.phases=[{{steps: 8, lr_max: 1}}]"],
+         "error: unknown config key 'train_lm.phases[0].lr_max'"),
+        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m",
+          "train_lm.phases=[{{steps: 8, name: warm}}, {{steps: 0, name: cool}}]"],
+         "error: train_lm.phases[1]: phase 'cool' has 0 steps (each phase needs >= 1)"),
+        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "train_lm.phases=[{{steps: 3}}, {{steps: 3}}]"],
+         "error: train_lm: the phases' steps add up to 6, not to steps=8"),
+        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "train_lm.image_layout=depth",
+          "train_lm.decompress_segments=2"],
+         "error: train_lm: decompress_segments > 1 is a flat-layout option"),
     ],
 )
 def test_stage2_bad_input_gets_one_error_line_and_exit_2(trained, trained_lm, capsys, tmp_path, args, message):
@@ -184,6 +195,8 @@ def test_stage2_bad_input_gets_one_error_line_and_exit_2(trained, trained_lm, ca
     assert rc == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(fill(message)), err
+    if args[0] == "train-lm":
+        assert not (tmp_path / "m" / "checkpoints").exists()  # refused before training
 
 
 def test_a_sharding_backend_accelerate_cannot_run_here_is_reported(trained, capsys, tmp_path, monkeypatch):

@@ -173,6 +173,40 @@ class LoraConfig:
 
 
 @dataclass
+class DepthHeadConfig:
+    """The small causal transformer that writes one code position's G codes (depth layout)."""
+
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: int = 4
+    width: int = 0  # the head's own width (0: the LLM's hidden size); narrower reads fewer weights per code
+
+    def __post_init__(self) -> None:
+        if min(self.layers, self.heads, self.mlp_ratio) < 1 or self.width < 0:
+            raise ValueError("depth_head layers, heads and mlp_ratio must be >= 1, width >= 0")
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of a stage II run: its steps and what it changes; a field left out (null) keeps
+    the run's own value (``train_lm.lr``, ``train_lm.tasks``, …). Each phase has its own
+    warm-up and cosine decay of the learning rate."""
+
+    steps: int = 0
+    name: str = ""
+    tasks: Optional[TaskMix] = None
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    min_lr_ratio: Optional[float] = None
+    code_noise: Optional[float] = None
+    caption_dropout: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"phase '{self.name or '?'}' has {self.steps} steps (each phase needs >= 1)")
+
+
+@dataclass
 class LMTrainConfig(TrainLoopConfig):
     """Stage II: the LLM learns to read and write images through the unified codebook."""
 
@@ -187,6 +221,12 @@ class LMTrainConfig(TrainLoopConfig):
     # learned image position embeddings added to the Ẑ slots and the code tokens (a (row, col)
     # table shared by both, plus a depth table for codes); false: the paper's plain sequence
     image_positions: bool = True
+    # how the LLM writes an image: flat (the paper's: h·w·D code tokens) or depth (one LLM step per
+    # code position, a small depth transformer emitting its G codes against the same codebook rows)
+    image_layout: Literal["flat", "depth"] = "flat"
+    depth_head: DepthHeadConfig = field(default_factory=DepthHeadConfig)
+    # a curriculum in one run: consecutive phases whose steps add up to ``steps`` (empty: one phase)
+    phases: list[PhaseConfig] = field(default_factory=list)
     sample_every: int = 500  # image samples written to RUN/samples (0: only at the end)
     # a stage II model folder this run starts from: its LLM weights, image positions and text
     # tokenizer (not its optimizer or step), e.g. text-to-image alone first, then the mix; it must
@@ -201,6 +241,29 @@ class LMTrainConfig(TrainLoopConfig):
             raise ValueError("caption_dropout must be in [0, 1)")
         if not 0 <= self.code_noise < 1:
             raise ValueError("code_noise must be in [0, 1)")
+        for p in self.phases:
+            for name in ("code_noise", "caption_dropout"):
+                v = getattr(p, name)
+                if v is not None and not 0 <= v < 1:
+                    raise ValueError(f"phase '{p.name or '?'}': {name} must be in [0, 1)")
+        if self.phases and sum(p.steps for p in self.phases) != self.steps:
+            raise ValueError(f"the phases' steps add up to {sum(p.steps for p in self.phases)}, "
+                             f"not to steps={self.steps}")
+        if self.image_layout == "depth" and self.decompress_segments > 1:
+            raise ValueError("decompress_segments > 1 is a flat-layout option (the depth layout writes whole images)")
+
+    def phase_list(self) -> list[tuple[int, "LMTrainConfig"]]:
+        """The run as (start step, settings) phases: each a copy of this config with the phase's
+        values filled in and ``steps`` its own length."""
+        if not self.phases:
+            return [(0, self)]
+        out, at = [], 0
+        for p in self.phases:
+            over = {k: getattr(p, k) for k in ("tasks", "lr", "warmup_steps", "min_lr_ratio", "code_noise",
+                                                "caption_dropout") if getattr(p, k) is not None}
+            out.append((at, dataclasses.replace(self, steps=p.steps, phases=[], **over)))
+            at += p.steps
+        return out
 
 
 @dataclass

@@ -174,8 +174,16 @@ def _timed(args):
     return out, time.perf_counter() - t
 
 
-def test_stage2_resume_after_sigkill_matches_an_uninterrupted_run(tokenizer_run, shapes_dir, tmp_path):
-    steps = ["train_lm.steps=24", "train_lm.save_every=4"]
+# the flat layout as one phase; the depth layout as a two-phase curriculum (killed in the middle of
+# the first phase, the resumed run crosses into the second)
+CURRICULUM = ["train_lm.image_layout=depth", "train_lm.depth_head.heads=2",
+              "train_lm.phases=[{steps: 10, name: draw, tasks: {decompress: 0, instruct: 0, t2i: 1}, code_noise: 0.5}, "
+              "{steps: 14, name: mix, lr: 1e-3, warmup_steps: 3, caption_dropout: 0.3}]"]
+
+
+@pytest.mark.parametrize("extra", [[], CURRICULUM], ids=["flat", "depth-phases"])
+def test_stage2_resume_after_sigkill_matches_an_uninterrupted_run(tokenizer_run, shapes_dir, tmp_path, extra):
+    steps = ["train_lm.steps=24", "train_lm.save_every=4", *extra]
 
     def args(run):
         return _cli("train-lm", "--tokenizer", str(tokenizer_run), "--data", str(shapes_dir), "--out", str(run),
@@ -202,7 +210,7 @@ def test_stage2_resume_after_sigkill_matches_an_uninterrupted_run(tokenizer_run,
     resumed_from = int(done[-1].split("_")[1])
     print(f"\nstage II, 24 steps: uninterrupted run {ref_s:.1f} s; resumed from step {resumed_from} in {resume_s:.1f} s "
           f"(wall seconds of each subprocess)")
-    for name in ("llm/model.safetensors", "image_positions.safetensors"):
+    for name in ("llm/model.safetensors", "image_positions.safetensors") + (("depth_head.safetensors",) if extra else ()):
         assert _same_tensors(load_file(ref / name), load_file(run / name)), f"{name} differs from the uninterrupted run"
     # the log reads as one run: every step once, the same losses
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
@@ -337,6 +345,25 @@ def test_precision_auto_autocasts_only_where_bf16_is_native(native, monkeypatch,
     warned = [r.getMessage() for r in caplog.records if "native bf16" in r.getMessage()]
     assert warned == ([] if native else ["precision bf16 on a CPU without native bf16 kernels: expect it to be "
                                          "several times slower than fp32 (precision=auto picks fp32 here)"])
+
+
+def test_native_bf16_needs_the_cpu_instructions_not_only_onednn(monkeypatch):
+    """oneDNN reports bf16 on any AVX-512 CPU; without AVX512-BF16 / AMX it emulates it, and the
+    tiny stage II step ran 2.5× slower under bf16 autocast there: ``auto`` must pick fp32."""
+    from unicodebook.utils import device as dev
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "onednn_bf16", lambda d: True)
+    monkeypatch.setattr(dev, "cpu_flags", lambda: {"avx2", "avx512f", "avx512bw", "avx512vl"})
+    assert dev.native_bf16(cpu) is False
+    monkeypatch.setattr(dev, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert dev.native_bf16(cpu) is True
+    monkeypatch.setattr(dev, "cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
+    assert dev.native_bf16(cpu) is True
+    monkeypatch.setattr(dev, "cpu_flags", lambda: None)  # flags unreadable: oneDNN's word
+    assert dev.native_bf16(cpu) is True
+    monkeypatch.setattr(dev, "onednn_bf16", lambda d: False)
+    assert dev.native_bf16(cpu) is False
 
 
 def _val_images(shapes_dir, size):

@@ -148,3 +148,23 @@ def test_a_start_model_on_another_visual_tokenizer_is_refused(model_run, tokeniz
     with pytest.raises(UnicodebookError, match=r"^train_lm.init_from: .*other was trained on another visual tokenizer than this run's$"):
         train_lm(tiny_config("train_lm.steps=1", f"train_lm.init_from={other}"), tokenizer_run, shapes_dir,
                  tmp_path / "run", progress=False)
+
+
+def test_phases_declared_in_the_config_set_each_steps_tasks_and_learning_rate(tokenizer_run, shapes_dir, tmp_path):
+    """Two phases in one run: the first draws only (its own warm-up and cosine from lr 1e-3), the
+    second only reads (from 5e-4); the log shows each step under its phase's settings."""
+    from unicodebook.train.stage1 import lr_at
+
+    cfg = tiny_config("train_lm.log_every=1", "train_lm.save_every=0",
+                      "train_lm.phases=[{steps: 4, name: draw, lr: 1e-3, warmup_steps: 2, tasks: {decompress: 0, instruct: 0, t2i: 1}},"
+                      " {steps: 4, name: read, lr: 5e-4, warmup_steps: 1, tasks: {decompress: 0, instruct: 1, t2i: 0}}]")
+    train_lm(cfg, tokenizer_run, shapes_dir, tmp_path / "run", progress=False)
+    rows = _metrics(tmp_path / "run")[:-1] if "seconds" in _metrics(tmp_path / "run")[-1] else _metrics(tmp_path / "run")
+    rows = [r for r in rows if "step" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all("loss_t2i" in r and "loss_instruct" not in r for r in rows[:4])
+    assert all("loss_instruct" in r and "loss_t2i" not in r for r in rows[4:])
+    first, second = (p for _, p in cfg.train_lm.phase_list())
+    want = [lr_at(s, first) for s in range(4)] + [lr_at(s, second) for s in range(4)]
+    assert [r["lr"] for r in rows] == pytest.approx(want)
+    assert rows[0]["lr"] == pytest.approx(5e-4) and rows[4]["lr"] == pytest.approx(5e-4)  # each warms up anew

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..data.multimodal import cached_codes, read_llava, read_pairs, split_folder
 from ..data.shapes import DESCRIBE_TYPE, read_scenes
 from ..errors import UnicodebookError
-from ..lm.sequence import IGNORE, collate
+from ..lm.sequence import collate
 
 _ARTICLES = {"a", "an", "the"}
 
@@ -146,22 +146,18 @@ def _vqa_picture(model, cache, examples, path: Path) -> None:
 
 
 def _decompression(model, cache, images: list[str], batch_size: int) -> float:
+    """Teacher-forced: the fraction of the images' codes the model predicts exactly (the flat
+    layout's code tokens, or the depth head's codes of every position)."""
     fmt = model.fmt
-    right = total = 0
+    right = total = 0.0
     for s in range(0, len(images), batch_size):
-        keys = [cache.index[i] for i in images[s:s + batch_size]]
-        samples = [fmt.decompression(cache.codes[k].long()) for k in keys]
-        batch = collate(samples, fmt.pad_id if fmt.pad_id is not None else 0)
-        dev = model.device
-        emb = model.embed_inputs(batch.input_ids.to(dev), batch.image_at.to(dev), model.latents(cache.codes[keys].long()),
-                                 batch.codes_at.to(dev), batch.n_codes.to(dev))
-        logits = model.llm(inputs_embeds=emb, attention_mask=batch.attention_mask.to(dev)).logits
-        pred, target = logits[:, :-1].argmax(-1), batch.labels[:, 1:].to(dev)
-        is_code = (target != IGNORE) & torch.isin(target, model.code_token_ids)
-        # the first position after <img> … the h·w·D positions whose label is a code
-        right += int((pred[is_code] == target[is_code]).sum())
-        total += int(is_code.sum())
-    return right / max(1, total)
+        codes = cache.codes[[cache.index[i] for i in images[s:s + batch_size]]].long()
+        batch = collate([fmt.decompression(c) for c in codes], fmt.pad_id if fmt.pad_id is not None else 0)
+        out = model(batch, model.latents(codes))
+        n = codes.shape[0] * model.codes_per_image
+        right += float(out.code_accuracy) * n
+        total += n
+    return right / max(1.0, total)
 
 
 def _judge(images: torch.Tensor, captions: list[str]) -> list[bool]:

@@ -67,9 +67,11 @@ class CPUDecoder:
     """Decode from the state a ``transformers`` prefill left: ``cache`` (its key/value cache),
     ``mask`` (B, n) (left padding: each row's ones are a suffix) and ``pos`` (B,) the next
     positions; room for ``extra`` more tokens. ``out_rows``: the output-layer rows whose logits
-    :meth:`step` returns (all of them by default). Check :func:`unsupported` first."""
+    :meth:`step` returns (all of them by default); ``hidden``: it returns the last normed hidden
+    states instead (the depth layout scores them with its own head). Check :func:`unsupported` first."""
 
-    def __init__(self, llm: nn.Module, cache, mask: Tensor, pos: Tensor, extra: int, out_rows: Tensor | None = None):
+    def __init__(self, llm: nn.Module, cache, mask: Tensor, pos: Tensor, extra: int, out_rows: Tensor | None = None,
+                 hidden: bool = False):
         self.kernel, self.linear = decode_layer_kernel(), small_linear_kernel()
         cfg = llm.config
         self.layers = llm.model.layers
@@ -92,12 +94,13 @@ class CPUDecoder:
         self.cos, self.sin = cos.transpose(0, 1).contiguous(), sin.transpose(0, 1).contiguous()
         self.weights = [_pointers(layer) for layer in self.layers]
         self.scratch = torch.empty(b * (2 * cfg.hidden_size + 2 * heads * hd + 2 * kv_heads * hd + 2 * width + heads * total))
-        self.head = _rows(llm.get_output_embeddings().weight, out_rows)
+        self.head = None if hidden else _rows(llm.get_output_embeddings().weight, out_rows)
         self.t = 0
         self.threads = torch.get_num_threads()
 
     def step(self, emb: Tensor) -> Tensor:
-        """emb (B, 1, d) or (B, d): the new tokens' input embeddings → logits (B, rows) fp32."""
+        """emb (B, 1, d) or (B, d): the new tokens' input embeddings → logits (B, rows) fp32, or
+        (made with ``hidden``) the last normed hidden states (B, d)."""
         if self.n + self.t >= self.total:
             raise RuntimeError(f"the decoder was made for {self.total} positions")
         x = emb.reshape(self.b, -1).to(torch.float32, copy=True).contiguous()
@@ -107,6 +110,8 @@ class CPUDecoder:
                         self.start.data_ptr(), n, self.dims.data_ptr(), self.eps, self.scale,
                         self.scratch.data_ptr(), self.threads)
         self.t += 1
+        if self.head is None:
+            return self.norm(x)
         return run_kernel(self.linear, self.norm(x), self.head, None)
 
 

@@ -1,14 +1,18 @@
 """UniCode multimodal LLM: a causal LM that reads Ẑ and writes code ids, plus the frozen tokenizer.
 
 Reading: the h·w rows of Ẑ = F(e(M)) replace the input embeddings at the ``<image>`` slots
-(no projector: Ẑ already lives in the LLM's embedding space). Writing: between ``<img>`` and
-``</img>`` the model emits exactly h·w·D code token ids (constrained decoding with a KV cache);
-codebook → F → decoder turns them into a picture.
+(no projector: Ẑ already lives in the LLM's embedding space). Writing, in one of two layouts:
+``flat`` (the paper's) — between ``<img>`` and ``</img>`` the model emits exactly h·w·D code
+token ids (constrained decoding with a KV cache); ``depth`` — the LLM steps once per code
+position and a small depth transformer (:mod:`.depth`) emits that position's codes, scored
+against the same codebook rows, the LLM reading back each position's aggregated Ẑ. Either way
+codebook → F → decoder turns the codes into a picture.
 
 A model folder (the stage II run folder) holds::
 
     config.yaml                  the run config
-    model.json                   format, geometry and where the tokenizer came from
+    model.json                   format, geometry, layout and where the tokenizer came from
+    depth_head.safetensors       the depth head (depth layout only)
     visual_tokenizer.safetensors the frozen stage I tokenizer (its visual codebook included)
     llm/                         the trained LLM (``save_pretrained``; LoRA merged)
     text_tokenizer/              the text tokenizer with the image markers
@@ -32,6 +36,7 @@ from .cache import reserve_cache
 from .cpu_decoder import CPUDecoder
 from .cpu_decoder import unsupported as cpu_decoder_unsupported
 from .cpu_kernel import run_kernel, small_linear_kernel, unsupported
+from .depth import DepthHead, depth_loss, position_latents
 from .llm import cache_argument, input_embedding, kv_cache, quiet_transformers
 from .sequence import IGNORE, Batch, SequenceFormat
 from .text import allowed_text_ids, load_text_tokenizer
@@ -86,8 +91,9 @@ def decoding_kernels(llm: nn.Module):
 @dataclass
 class LMOutput:
     loss: Tensor
-    accuracy: Tensor  # next-token accuracy on the labelled positions
-    n_tokens: int
+    accuracy: Tensor  # next-token accuracy on the labelled positions (text and codes)
+    n_tokens: int  # labelled targets: text tokens and codes
+    code_accuracy: Tensor | None = None  # the codes' share of it (None: no code target in the batch)
 
 
 class ImagePositions(nn.Module):
@@ -120,19 +126,41 @@ class ImagePositions(nn.Module):
         return F.embedding(index // self.g, self.cell) + F.embedding(index % self.g, self.depth)
 
 
-class UniCodeLM(nn.Module):
-    """The LLM (trainable) and the visual tokenizer (frozen, kept out of ``parameters()``)."""
+LAYOUTS = ("flat", "depth")
 
-    def __init__(self, llm, tokenizer, text_tok, image_positions: bool = True):
+
+class UniCodeLM(nn.Module):
+    """The LLM (trainable), the depth head (depth layout) and the visual tokenizer (frozen, kept
+    out of ``parameters()``).
+
+    ``layout``: ``flat`` writes h·w·D code tokens; ``depth`` one LLM position per code position,
+    decoded by a :class:`~.depth.DepthHead` built from ``depth_head`` (its keyword arguments:
+    layers, heads, mlp_ratio). With the depth layout the image slots an LLM reads are the code
+    positions too (for RQ exactly Ẑ; for HQ Ẑ averaged over each position's 2×2 cells)."""
+
+    def __init__(self, llm, tokenizer, text_tok, image_positions: bool = True, layout: str = "flat",
+                 depth_head: dict | None = None):
         super().__init__()
+        if layout not in LAYOUTS:
+            raise UnicodebookError(f"image layout '{layout}' is not one of {', '.join(LAYOUTS)}")
         self.llm = llm
+        self.layout = layout
         dim = input_embedding(llm).weight.shape[1]
         std = float(getattr(llm.config, "initializer_range", 0.02))
-        self.image_pos = ImagePositions(tokenizer.grid_shape, tokenizer.latent_size, dim, std) if image_positions else None
+        gh, gw, g = tokenizer.grid_shape
+        depth = layout == "depth"
+        if depth and g < 2:
+            raise UnicodebookError(f"a depth head needs several codes per position; this tokenizer's grid "
+                                   f"{gh}×{gw}×{g} has {g}")
+        self.depth_head_args = dict(depth_head or {})
+        self.depth_head = DepthHead(dim, g, std=std, **self.depth_head_args) if depth else None
+        slots = gh * gw if depth else tokenizer.num_latents
+        self.image_pos = ImagePositions(tokenizer.grid_shape, gh if depth else tokenizer.latent_size, dim, std) \
+            if image_positions else None
         self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False)
         self.text_tok = text_tok
         cb = tokenizer.codebook
-        self.fmt = SequenceFormat(text_tok, cb.token_ids, tokenizer.num_latents, tokenizer.grid_shape)
+        self.fmt = SequenceFormat(text_tok, cb.token_ids, slots, tokenizer.grid_shape, layout)
         vocab = input_embedding(llm).weight.shape[0]
         if int(cb.token_ids.max()) >= vocab:
             raise UnicodebookError(f"codebook token ids reach {int(cb.token_ids.max())} but the LLM has {vocab} rows")
@@ -145,6 +173,11 @@ class UniCodeLM(nn.Module):
         return self.fmt.codes_per_image
 
     @property
+    def steps_per_image(self) -> int:
+        """LLM decoding steps to write one image: h·w·D (flat) or gh·gw (depth)."""
+        return self.fmt.positions if self.layout == "depth" else self.fmt.codes_per_image
+
+    @property
     def device(self) -> torch.device:
         return input_embedding(self.llm).weight.device
 
@@ -154,25 +187,37 @@ class UniCodeLM(nn.Module):
 
     # ---------------------------------------------------------------- inputs
     def latents(self, codes: Tensor) -> Tensor:
-        """codes (B, gh, gw, G) → Ẑ (B, h·w, d) from the frozen visual codebook."""
+        """codes (B, gh, gw, G) → what the LLM reads for the images, from the frozen visual
+        codebook: Ẑ (B, h·w, d) (flat layout) or each code position's aggregate (B, gh·gw, d)."""
         with torch.no_grad():
+            if self.layout == "depth":
+                return position_latents(self.tokenizer.quantizer, codes.long().flatten(1, 2))
             return self.tokenizer.embed(codes.long())
 
+    def _put_image(self, emb: Tensor, at: Tensor, latents: Tensor | None) -> Tensor:
+        """``latents`` (R, n, d) (plus the slots' position embeddings) over the n slots from
+        ``at`` in the R rows where ``at`` ≥ 0."""
+        rows = (at >= 0).nonzero().flatten()
+        if not rows.numel():
+            return emb
+        if latents is None or latents.shape[0] != rows.numel():
+            raise ValueError("one Ẑ per row with an image is needed")
+        latents = latents.to(emb.device, emb.dtype)
+        if self.image_pos is not None:
+            latents = latents + self.image_pos.latents().to(emb.dtype)
+        pos = at[rows, None] + torch.arange(latents.shape[1], device=emb.device)
+        return emb.index_put((rows[:, None], pos), latents)
+
     def embed_inputs(self, input_ids: Tensor, image_at: Tensor, latents: Tensor | None,
-                     codes_at: Tensor | None = None, n_codes: Tensor | None = None) -> Tensor:
+                     codes_at: Tensor | None = None, n_codes: Tensor | None = None,
+                     written: Tensor | None = None) -> Tensor:
         """Token embeddings with Ẑ written over the h·w slots starting at ``image_at`` (rows ≥ 0),
         and (with image positions) the position embeddings of those slots and of the ``n_codes``
-        code tokens starting at ``codes_at``."""
-        emb = input_embedding(self.llm)(input_ids)
-        rows = (image_at >= 0).nonzero().flatten()
-        if rows.numel():
-            if latents is None or latents.shape[0] != rows.numel():
-                raise ValueError("one Ẑ per row with an image is needed")
-            latents = latents.to(emb.device, emb.dtype)
-            if self.image_pos is not None:
-                latents = latents + self.image_pos.latents().to(emb.dtype)
-            pos = image_at[rows, None] + torch.arange(latents.shape[1], device=emb.device)
-            emb = emb.index_put((rows[:, None], pos), latents)
+        code tokens starting at ``codes_at``. Depth layout: ``written`` (R, gh·gw, d), the
+        aggregates of the written image's positions, over the slots from ``codes_at``."""
+        emb = self._put_image(input_embedding(self.llm)(input_ids), image_at, latents)
+        if self.layout == "depth":
+            return emb if codes_at is None else self._put_image(emb, codes_at, written)
         if self.image_pos is not None and codes_at is not None:
             offs = torch.arange(input_ids.shape[1], device=emb.device) - codes_at[:, None]
             inside = (codes_at[:, None] >= 0) & (offs >= 0) & (offs < n_codes[:, None])
@@ -188,6 +233,8 @@ class UniCodeLM(nn.Module):
         return emb
 
     def forward(self, batch: Batch, latents: Tensor | None) -> LMOutput:
+        if self.layout == "depth":
+            return self._forward_depth(batch, latents)
         dev = self.device
         ids, labels, mask = batch.input_ids.to(dev), batch.labels.to(dev), batch.attention_mask.to(dev)
         emb = self.embed_inputs(ids, batch.image_at.to(dev), latents, batch.codes_at.to(dev), batch.n_codes.to(dev))
@@ -197,16 +244,59 @@ class UniCodeLM(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE)
         keep = target != IGNORE
         with torch.no_grad():
-            acc = (logits.argmax(-1)[keep] == target[keep]).float().mean()
-        return LMOutput(loss, acc, int(keep.sum()))
+            hit = logits.argmax(-1) == target
+            acc = hit[keep].float().mean()
+            is_code = keep & torch.isin(target, self.code_token_ids)
+            code_acc = hit[is_code].float().mean() if bool(is_code.any()) else None
+        return LMOutput(loss, acc, int(keep.sum()), code_acc)
+
+    def _hidden(self, emb: Tensor, mask: Tensor, cache=None, **kw):
+        """The LLM's last (normed) hidden states, through its decoder (the output layer apart);
+        ``cache``: a KV cache to extend."""
+        decoder = self.llm.get_decoder()
+        if cache is not None:
+            kw[cache_argument(decoder)] = cache
+        return decoder(inputs_embeds=emb, attention_mask=mask, **kw)
+
+    def _forward_depth(self, batch: Batch, latents: Tensor | None) -> LMOutput:
+        """Text targets through the LM head; each written position's codes through the depth
+        head from the hidden state one slot earlier; the loss is the mean over both."""
+        dev = self.device
+        ids, labels, mask = batch.input_ids.to(dev), batch.labels.to(dev), batch.attention_mask.to(dev)
+        codes_at = batch.codes_at.to(dev)
+        codes = batch.codes.to(dev) if batch.codes is not None else None
+        codes_in = batch.codes_in.to(dev) if batch.codes_in is not None else codes
+        written = position_latents(self.tokenizer.quantizer, codes_in) if codes is not None else None
+        emb = self.embed_inputs(ids, batch.image_at.to(dev), latents, codes_at, written=written)
+        hidden = self._hidden(emb, mask).last_hidden_state
+        logits = self.llm.get_output_embeddings()(hidden)
+        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+        keep = target != IGNORE
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="sum")
+        right = (logits.argmax(-1)[keep] == target[keep]).sum()
+        n_text, n_codes, code_acc = int(keep.sum()), 0, None
+        if codes is not None:
+            rows = (codes_at >= 0).nonzero().flatten()
+            n, g = codes.shape[1:]
+            at = codes_at[rows, None] - 1 + torch.arange(n, device=dev)  # <img> and every slot but the last
+            h = hidden[rows[:, None], at].flatten(0, 1)
+            table = input_embedding(self.llm)
+            code_emb = table(self.code_token_ids[codes_in[..., :g - 1]]).flatten(0, 1)
+            d_loss, d_right = depth_loss(self.depth_head(h, code_emb, table.weight[self.code_token_ids]), codes.flatten(0, 1))
+            loss, right, n_codes = loss + d_loss, right + d_right, codes.numel()
+            code_acc = d_right.float() / n_codes
+        total = max(n_text + n_codes, 1)
+        return LMOutput(loss / total, right.float() / total, n_text + n_codes, code_acc)
 
     # ---------------------------------------------------------------- decoding
     def _check_length(self, n: int, what: str) -> None:
         if n > self.max_positions:
             raise UnicodebookError(f"{what} needs {n} positions but the model's context is {self.max_positions}")
 
-    def _prefill(self, rows: list[list[int]], image_at: list[int], latents: Tensor | None, extra: int):
-        """Left-pad ``rows``, run them through the LLM once; → (last logits, cache, mask, next positions)."""
+    def _prefill(self, rows: list[list[int]], image_at: list[int], latents: Tensor | None, extra: int,
+                 hidden: bool = False):
+        """Left-pad ``rows``, run them through the LLM once; → (last logits — or with ``hidden``
+        the last normed hidden states —, cache, mask, next positions)."""
         dev = self.device
         n = max(len(r) for r in rows)
         self._check_length(n + extra, "this input")
@@ -221,25 +311,36 @@ class UniCodeLM(nn.Module):
                 at[i] = image_at[i] + n - len(r)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         emb = self.embed_inputs(ids, at, latents)
-        out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
-        return out.logits[:, -1].float(), reserve_cache(kv_cache(out), extra), mask, pos[:, -1] + 1
+        if hidden:
+            out = self._hidden(emb, mask, position_ids=pos, use_cache=True)
+            last = out.last_hidden_state[:, -1]
+        else:
+            out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+            last = out.logits[:, -1].float()
+        return last, reserve_cache(kv_cache(out), extra), mask, pos[:, -1] + 1
 
     @contextmanager
-    def _decoder(self, cache, mask: Tensor, pos: Tensor, extra: int, out_rows: Tensor | None = None):
+    def _decoder(self, cache, mask: Tensor, pos: Tensor, extra: int, out_rows: Tensor | None = None,
+                 hidden: bool = False):
         """Decoding from a prefill's state, for up to ``extra`` tokens: yields ``step(emb (B, 1, d))
-        → logits (B, rows) fp32`` over the output rows ``out_rows`` (all by default).
+        → logits (B, rows) fp32`` over the output rows ``out_rows`` (all by default), or with
+        ``hidden`` the last normed hidden states (B, d).
 
         On a CPU, a Llama-family LLM in fp32 decodes through :class:`.cpu_decoder.CPUDecoder`
         (one compiled call per layer); any other LLM through its own ``forward`` with the KV
         cache, its linear layers on the small-batch path (:func:`decoding_kernels`)."""
         if self.device.type == "cpu" and cpu_decoder_unsupported(self.llm, mask.shape[1] + extra) is None:
-            yield CPUDecoder(self.llm, cache, mask, pos, extra, out_rows).step
+            yield CPUDecoder(self.llm, cache, mask, pos, extra, out_rows, hidden=hidden).step
             return
         state = [cache, mask, pos]
 
         def step(emb: Tensor) -> Tensor:
             cache, mask, pos = state
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            if hidden:
+                out = self._hidden(emb, mask, cache, position_ids=pos[:, None], use_cache=True)
+                state[:] = kv_cache(out), mask, pos + 1
+                return out.last_hidden_state[:, -1]
             out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos[:, None], use_cache=True,
                            **{cache_argument(self.llm): cache})
             state[:] = kv_cache(out), mask, pos + 1
@@ -264,6 +365,10 @@ class UniCodeLM(nn.Module):
         guided = cfg_scale != 1.0
         if guided:
             rows += [self.fmt.t2i_prefix(None)] * b
+        if self.layout == "depth":
+            codes = self._generate_depth(rows, b, cfg_scale, temperature, top_k, generator, progress)
+            self.train(was)
+            return codes
         extra = self.codes_per_image + 2
         logits, cache, mask, pos = self._prefill(rows, [-1] * len(rows), None, extra)
         codes = torch.empty((b, self.codes_per_image), dtype=torch.long, device=self.device)
@@ -281,6 +386,46 @@ class UniCodeLM(nn.Module):
                 sub = step(self.code_embedding(torch.cat([nxt, nxt]) if guided else nxt, t))
         self.train(was)
         return self.fmt.ids_to_codes(codes)
+
+    def _generate_depth(self, rows: list[list[int]], b: int, cfg_scale: float, temperature: float, top_k: int,
+                        generator: torch.Generator | None, progress: bool) -> Tensor:
+        """Depth layout: one LLM step per code position, its codes from the depth head, the
+        position's aggregate (and its image position) fed back. → (B, gh, gw, G)."""
+        from tqdm.auto import tqdm
+
+        guided = len(rows) > b
+        n = self.fmt.positions
+        extra = n + 2
+        h, cache, mask, pos = self._prefill(rows, [-1] * len(rows), None, extra, hidden=True)
+        table = input_embedding(self.llm)
+        code_rows = table.weight[self.code_token_ids]
+        cells = self.image_pos.latents() if self.image_pos is not None else None
+        codes = torch.empty((b, n, self.fmt.grid_shape[2]), dtype=torch.long, device=self.device)
+
+        def pick(logits: Tensor) -> Tensor:
+            return _sample(logits, temperature, top_k, generator)
+
+        def embed(code: Tensor) -> Tensor:
+            return table(self.code_token_ids[code])
+
+        kernel = small_linear_kernel() if self.device.type == "cpu" else None
+
+        def score(x: Tensor, rows: Tensor) -> Tensor:  # x·rowsᵀ for a couple of rows: the streaming kernel
+            if kernel is not None and unsupported(x, rows, None) is None:
+                return run_kernel(kernel, x, rows, None)
+            return F.linear(x, rows)
+
+        code_rows = code_rows.contiguous()
+        with self._decoder(cache, mask, pos, extra, hidden=True) as step, decoding_kernels(self.depth_head):
+            for t in tqdm(range(n), desc="positions", disable=not progress, leave=False):
+                codes[:, t] = self.depth_head.sample(h, code_rows, embed, pick, b if guided else 0, cfg_scale, score)
+                if t == n - 1:
+                    break
+                x = position_latents(self.tokenizer.quantizer, codes[:, t:t + 1])[:, 0]
+                if cells is not None:
+                    x = x + cells[t]
+                h = step((torch.cat([x, x]) if guided else x)[:, None].to(table.weight.dtype))
+        return codes.reshape(b, *self.fmt.grid_shape)
 
     @torch.no_grad()
     def generate_image(self, prompt: str | list[str], n: int = 1, cfg_scale: float = 3.0, temperature: float = 1.0,
@@ -349,6 +494,8 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, 
     if model.image_pos is not None:
         atomic_save_tensors(states.get("image_positions") or model.image_pos.state_dict(),
                             folder / "image_positions.safetensors")
+    if model.depth_head is not None:
+        atomic_save_tensors(states.get("depth_head") or model.depth_head.state_dict(), folder / "depth_head.safetensors")
     llm = model.llm
     if hasattr(llm, "merge_and_unload") and "llm" not in states:  # LoRA: save the merged weights, keep training the adapter
         import copy
@@ -363,7 +510,8 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, 
         "format": MODEL_FORMAT, "version": MODEL_VERSION, "tokenizer_run": str(tokenizer_run),
         "image_size": tok.image_size, "grid_shape": list(tok.grid_shape), "codes_per_image": tok.codes_per_image,
         "num_latents": tok.num_latents, "num_codes": tok.codebook.num_codes,
-        "image_positions": model.image_pos is not None,
+        "image_positions": model.image_pos is not None, "layout": model.layout,
+        **({"depth_head": model.depth_head_args} if model.depth_head is not None else {}),
     })
 
 
@@ -397,12 +545,15 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
     except (OSError, ValueError) as e:
         raise UnicodebookError(f"cannot load the LLM in {folder}/llm: {str(e).splitlines()[0]}") from None
     text_tok = load_text_tokenizer(folder / "text_tokenizer")
-    model = UniCodeLM(llm, tok, text_tok, image_positions=bool(meta.get("image_positions"))).eval()
-    if model.image_pos is not None:
+    model = UniCodeLM(llm, tok, text_tok, image_positions=bool(meta.get("image_positions")),
+                      layout=meta.get("layout", "flat"), depth_head=meta.get("depth_head")).eval()
+    for part, name in ((model.image_pos, "image_positions"), (model.depth_head, "depth_head")):
+        if part is None:
+            continue
         try:
-            model.image_pos.load_state_dict(load_file(folder / "image_positions.safetensors"))
+            part.load_state_dict(load_file(folder / f"{name}.safetensors"))
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise UnicodebookError(f"{folder}/image_positions.safetensors is missing or does not fit ({str(e).splitlines()[0]})") from None
+            raise UnicodebookError(f"{folder}/{name}.safetensors is missing or does not fit ({str(e).splitlines()[0]})") from None
     model.to(device)
     model.tokenizer.to(device)
     model.__dict__["config"] = cfg

@@ -16,6 +16,12 @@ raster order, and at each position its G codes in depth order (RQ: layer 0 first
 top code, then the four bottom codes, each in residual depth order). ``codes_to_ids`` and
 ``ids_to_codes`` are the two directions of that order.
 
+Depth layout (a depth head decodes each position's G codes, :mod:`.depth`): an image written
+by the model is one slot per code position, ``<img> [P] </img>``, the gh·gw slots holding the
+aggregated embeddings of the (teacher-forced) codes of the positions; the codes themselves ride
+along in ``Sample.codes`` as the depth head's targets. The hidden state at ``<img>`` and at each
+slot but the last predicts the next position's codes; the last slot predicts ``</img>``.
+
 Decompression in segments: with S > 1 segments a sample teaches one segment of the code
 sequence (chosen at random), the earlier segments given as unlabelled context, so the mean
 sequence is shorter.
@@ -23,6 +29,7 @@ sequence is shorter.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,13 +46,15 @@ class Sample:
     labels: list[int]
     image_at: int = -1  # index of the first of the h·w Ẑ positions, -1: no image input
     codes_at: int = -1  # index of the first code token after <img>, -1: none
-    n_codes: int = 0  # how many code tokens follow (fewer than h·w·D in a decompression segment)
+    n_codes: int = 0  # how many code tokens follow (fewer than h·w·D in a decompression segment); depth: slots
+    codes: torch.Tensor | None = None  # depth layout: the (gh·gw, G) codes the slots after codes_at stand for
 
 
 class SequenceFormat:
     """Turns conversations, captions and code grids into token sequences for one model."""
 
-    def __init__(self, text_tok, code_token_ids: torch.Tensor, num_latents: int, grid_shape: tuple[int, int, int]):
+    def __init__(self, text_tok, code_token_ids: torch.Tensor, num_latents: int, grid_shape: tuple[int, int, int],
+                 layout: str = "flat"):
         self.tok = text_tok
         ids = marker_ids(text_tok)
         self.image_id, self.start_id, self.end_id = ids[IMAGE_TOKEN], ids[IMG_START], ids[IMG_END]
@@ -56,6 +65,8 @@ class SequenceFormat:
         self.num_latents = num_latents
         self.grid_shape = tuple(grid_shape)
         self.codes_per_image = grid_shape[0] * grid_shape[1] * grid_shape[2]
+        self.layout = layout
+        self.positions = grid_shape[0] * grid_shape[1]  # depth layout: LLM steps per written image
 
     # ---------------------------------------------------------------- pieces
     def _bos(self) -> list[int]:
@@ -110,8 +121,18 @@ class SequenceFormat:
         bos = self._bos()
         return bos + part, (len(bos) + at if at >= 0 else -1)
 
+    def _written(self, prefix: list[int], codes: torch.Tensor, image_at: int = -1) -> Sample:
+        """Depth layout: ``prefix <img> [P] </img></s>`` with the codes as the slots' targets."""
+        slots = [self.image_id] * self.positions
+        ids = prefix + [self.start_id] + slots + [self.end_id, self.eos_id]
+        labels = [IGNORE] * len(prefix) + [self.start_id] + [IGNORE] * len(slots) + [self.end_id, self.eos_id]
+        return Sample(ids, labels, image_at, len(prefix) + 1, self.positions,
+                      codes.reshape(self.positions, self.grid_shape[2]).long())
+
     def decompression(self, codes: torch.Tensor, segments: int = 1, segment: int = 0) -> Sample:
         prefix, at = self.prompt("", with_image=True)
+        if self.layout == "depth":
+            return self._written(prefix, codes, at)
         code_ids = self.codes_to_ids(codes)
         n = len(code_ids)
         bounds = [round(n * i / segments) for i in range(segments + 1)]
@@ -129,6 +150,8 @@ class SequenceFormat:
 
     def text_to_image(self, caption: str | None, codes: torch.Tensor) -> Sample:
         prefix = self.t2i_prefix(caption)
+        if self.layout == "depth":
+            return self._written(prefix[:-1], codes)
         tail = self.codes_to_ids(codes) + [self.end_id, self.eos_id]
         labels = [IGNORE] * (len(prefix) - 1) + [self.start_id] + tail
         return Sample(prefix + tail, labels, codes_at=len(prefix), n_codes=self.codes_per_image)
@@ -142,6 +165,8 @@ class Batch:
     image_at: torch.Tensor  # (B,), -1 where no image
     codes_at: torch.Tensor  # (B,), -1 where no codes
     n_codes: torch.Tensor  # (B,)
+    codes: torch.Tensor | None = None  # depth layout: (R, gh·gw, G) targets of the R rows with codes_at >= 0
+    codes_in: torch.Tensor | None = None  # the same codes as fed in (noisy teacher forcing); None: ``codes``
 
 
 def collate(samples: list[Sample], pad_id: int) -> Batch:
@@ -158,19 +183,27 @@ def collate(samples: list[Sample], pad_id: int) -> Batch:
     def col(name: str) -> torch.Tensor:
         return torch.tensor([getattr(s, name) for s in samples])
 
-    return Batch(ids, labels, mask, col("image_at"), col("codes_at"), col("n_codes"))
+    written = [s.codes for s in samples if s.codes is not None]
+    return Batch(ids, labels, mask, col("image_at"), col("codes_at"), col("n_codes"),
+                 torch.stack(written) if written else None)
 
 
 def corrupt_codes(batch: Batch, code_token_ids: torch.Tensor, rate: float, generator: torch.Generator) -> Batch:
     """Noisy teacher forcing: each code token fed in (the ``n_codes`` after ``codes_at``) is
     replaced by a uniformly random code id with probability ``rate``; the labels keep the true
-    codes, so every target is still the clean sequence (``<img>`` and the text stay clean)."""
+    codes, so every target is still the clean sequence (``<img>`` and the text stay clean).
+    Depth layout: the written codes (``batch.codes``) are corrupted the same way into ``codes_in``."""
     if rate <= 0:
         return batch
+    if batch.codes is not None:
+        hit = torch.rand(batch.codes.shape, generator=generator) < rate
+        noisy = batch.codes.clone()
+        noisy[hit] = torch.randint(len(code_token_ids), (int(hit.sum()),), generator=generator)
+        return dataclasses.replace(batch, codes_in=noisy)
     pos = torch.arange(batch.input_ids.shape[1])
     inside = (batch.codes_at[:, None] >= 0) & (pos >= batch.codes_at[:, None]) \
         & (pos < (batch.codes_at + batch.n_codes)[:, None])
     hit = inside & (torch.rand(batch.input_ids.shape, generator=generator) < rate)
     ids = batch.input_ids.clone()
     ids[hit] = code_token_ids[torch.randint(len(code_token_ids), (int(hit.sum()),), generator=generator)]
-    return Batch(ids, batch.labels, batch.attention_mask, batch.image_at, batch.codes_at, batch.n_codes)
+    return dataclasses.replace(batch, input_ids=ids)

@@ -4,8 +4,13 @@ Life cycle: setup (run folder, text tokenizer with the image markers, LLM — fu
 records, cached codes) → train (one task per step, drawn by ``train_lm.tasks`` weights; tqdm,
 metrics.jsonl, TensorBoard, sample grids, atomic checkpoints) → save the model folder.
 
+A run may be a curriculum: ``train_lm.phases`` lists consecutive phases, each with its own task
+weights, learning-rate schedule, code noise and caption dropout (the run's values where a phase
+says nothing); the phase of a step is a function of the step.
+
 Everything random is a function of (seed, step): the task of a step, the batch of that task,
-caption dropout and decompression segments — so ``--resume`` continues the same run exactly.
+caption dropout and decompression segments — so ``--resume`` continues the same run exactly,
+from any step of any phase.
 The tokenizer's encoder, decoder and visual codebook stay frozen.
 """
 
@@ -46,21 +51,47 @@ class Stage2Result:
     main: bool = True  # the main process of the run (the one that reports)
 
 
-class TaskSchedule:
-    """Which task and which of its examples each global step trains on, from (seed, step) alone."""
+class Phases:
+    """The phase settings of each step of a run (``train_lm.phases``, or the run as one phase)."""
 
-    def __init__(self, sizes: dict[str, int], weights: dict[str, float], batch_size: int, seed: int):
-        self.names = [t for t in TASKS if sizes.get(t, 0) > 0 and weights[t] > 0]
+    def __init__(self, lc: LMTrainConfig):
+        self.phases = lc.phase_list()
+
+    def at(self, step: int) -> tuple[int, LMTrainConfig]:
+        """(the phase's first step, its settings) for a global step."""
+        for start, p in reversed(self.phases):
+            if step >= start:
+                return start, p
+        raise IndexError(step)  # pragma: no cover
+
+    def lr(self, step: int) -> float:
+        start, p = self.at(step)
+        return lr_at(step - start, p)
+
+    def weights(self, step: int) -> dict[str, float]:
+        return {t: getattr(self.at(step)[1].tasks, t) for t in TASKS}
+
+
+class TaskSchedule:
+    """Which task and which of its examples each global step trains on, from (seed, step) alone;
+    the task weights are those of the step's phase."""
+
+    def __init__(self, sizes: dict[str, int], phases: Phases, batch_size: int, seed: int):
+        self.names = [t for t in TASKS if sizes.get(t, 0) > 0 and any(getattr(p.tasks, t) > 0 for _, p in phases.phases)]
         if not self.names:
             raise UnicodebookError("no stage II task has both data and a weight > 0")
-        self.sizes, self.seed = sizes, seed
+        for start, p in phases.phases:
+            if not any(getattr(p.tasks, t) > 0 for t in self.names):
+                raise UnicodebookError(f"stage II phase from step {start}: no task with data has a weight > 0")
+        self.sizes, self.seed, self.phases = sizes, seed, phases
         self.bs = {t: min(batch_size, sizes[t]) for t in self.names}
-        self.weights = torch.tensor([weights[t] for t in self.names], dtype=torch.float64)
         self.cursor = {t: 0 for t in self.names}
 
     def task_at(self, step: int) -> str:
+        w = self.phases.weights(step)
+        weights = torch.tensor([w[t] for t in self.names], dtype=torch.float64)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return self.names[int(torch.multinomial(self.weights, 1, generator=g))]
+        return self.names[int(torch.multinomial(weights, 1, generator=g))]
 
     def skip_to(self, step: int) -> None:
         for s in range(step):
@@ -100,9 +131,9 @@ def build_text_tokenizer(cfg: Config, llm, texts, run: Path, resume: bool, start
     return text_tok
 
 
-def load_start(folder: str | Path, tok, image_positions: bool) -> UniCodeLM:
+def load_start(folder: str | Path, tok, image_positions: bool, layout: str = "flat") -> UniCodeLM:
     """The stage II model a run starts from (``train_lm.init_from``), checked to fit this run:
-    the same frozen visual tokenizer (bit for bit) and the same image-position switch."""
+    the same frozen visual tokenizer (bit for bit), the same image-position switch and layout."""
     try:
         start = load_model(folder)
     except UnicodebookError as e:
@@ -114,6 +145,8 @@ def load_start(folder: str | Path, tok, image_positions: bool) -> UniCodeLM:
     if (start.image_pos is not None) != image_positions:
         raise UnicodebookError(f"train_lm.init_from: {folder} has image_positions={start.image_pos is not None}, "
                                f"this run {image_positions}")
+    if start.layout != layout:
+        raise UnicodebookError(f"train_lm.init_from: {folder} writes images in the {start.layout} layout, this run {layout}")
     return start
 
 
@@ -139,7 +172,9 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     run = Path(out)
     if lc.threads:
         torch.set_num_threads(lc.threads)
-    engine = Engine(find_unused_parameters=lc.image_positions)  # a task may leave the depth table unused
+    # a task may leave the depth table or the depth head unused
+    engine = Engine(find_unused_parameters=lc.image_positions or lc.image_layout == "depth")
+    phases = Phases(lc)
     main = engine.is_main
     if engine.shards_parameters and lc.lora.enabled:
         raise UnicodebookError("LoRA under FSDP is not supported: launch LoRA runs with a DDP config "
@@ -151,7 +186,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     # the tokenizer run defines the model and its LLM; stage II settings come from cfg
     cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
     ckpts = check_resume(run, cfg, resume)
-    start = load_start(lc.init_from, tok, lc.image_positions) if lc.init_from and not resume else None
+    start = load_start(lc.init_from, tok, lc.image_positions, lc.image_layout) if lc.init_from and not resume else None
     streaming = is_shard_spec(data)
     if streaming:
         stream = ShardRecords(data, tok.image_size, cfg.data.odd_size, engine, lc.seed, cfg.data.num_workers)
@@ -186,9 +221,16 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         enable_checkpointing(llm)
     if lc.lora.enabled:
         llm = wrap_lora(llm, lc)
-    umodel = UniCodeLM(llm, tok, text_tok, image_positions=lc.image_positions)
-    if start is not None and umodel.image_pos is not None:
-        umodel.image_pos.load_state_dict(start.image_pos.state_dict())
+    umodel = UniCodeLM(llm, tok, text_tok, image_positions=lc.image_positions, layout=lc.image_layout,
+                       depth_head=dataclasses.asdict(lc.depth_head))
+    if start is not None:
+        for mine, theirs in ((umodel.image_pos, start.image_pos), (umodel.depth_head, start.depth_head)):
+            if mine is not None:
+                try:
+                    mine.load_state_dict(theirs.state_dict())
+                except RuntimeError as e:
+                    raise UnicodebookError(f"train_lm.init_from: {lc.init_from} does not fit this run's model "
+                                           f"({str(e).splitlines()[0]})") from None
     del start
     umodel.train()
 
@@ -204,8 +246,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         skipped = records.bad + (len(records.conversations) - len(convs)) + (len(records.captions) - len(caps))
         bad_images = len(cache.bad)
         sizes = {"decompress": len(decomp), "instruct": len(convs), "t2i": len(caps)}
-        weights = {t: getattr(lc.tasks, t) for t in TASKS}
-        schedule = TaskSchedule(sizes, weights, lc.batch_size, lc.seed)
+        schedule = TaskSchedule(sizes, phases, lc.batch_size, lc.seed)
         for t, bs in schedule.bs.items():
             engine.local_batch_size(bs)  # fail early on an uneven split
         preview = [c.caption for c in caps[:8]]
@@ -219,6 +260,8 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     modules = {"llm": umodel.llm}
     if umodel.image_pos is not None:
         modules["image_positions"] = umodel.image_pos
+    if umodel.depth_head is not None:
+        modules["depth_head"] = umodel.depth_head
     start, opt_state = 0, None
     if resume:  # weights now (prepare shards them); the optimizer once it is wrapped
         state = load_checkpoint(ckpts[-1], modules, {"llm": None}, kind="lm", rank=engine.rank)
@@ -243,6 +286,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     def make_batch(task: str, idx: list[int], step: int):
         """This rank's share of the global batch ``idx`` (random choices drawn for all of it)."""
         g = torch.Generator().manual_seed(lc.seed * 48_271 + step)
+        pc = phases.at(step)[1]
         if task == "instruct":
             items = engine.shard([convs[i] for i in idx])
             samples = [fmt.conversation(c.turns) for c in items]
@@ -252,16 +296,16 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
             keys = [cache.index[decomp[i]] for i in engine.shard(idx)]
             samples = [fmt.decompression(cache.codes[k].long(), lc.decompress_segments, s) for k, s in zip(keys, segs)]
         else:
-            drop = engine.shard((torch.rand(len(idx), generator=g) < lc.caption_dropout).tolist())
+            drop = engine.shard((torch.rand(len(idx), generator=g) < pc.caption_dropout).tolist())
             items = engine.shard([caps[i] for i in idx])
             samples = [fmt.text_to_image(None if d else c.caption, cache.codes[cache.index[c.image]].long())
                        for c, d in zip(items, drop)]
             keys = []
-        batch = corrupt_codes(collate(samples, fmt.pad_id if fmt.pad_id is not None else 0), code_ids, lc.code_noise, g)
+        batch = corrupt_codes(collate(samples, fmt.pad_id if fmt.pad_id is not None else 0), code_ids, pc.code_noise, g)
         latents = umodel.latents(cache.codes[keys].long()) if keys else None
         return batch, latents
 
-    task_names = [t for t in TASKS if getattr(lc.tasks, t) > 0]
+    task_names = [t for t in TASKS if any(getattr(p.tasks, t) > 0 for _, p in phases.phases)]
     bad_here = 0  # bad streamed samples this process met (summed over ranks when logged)
 
     def stream_batch(step: int):
@@ -273,12 +317,15 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         bad_here += int(n_bad)
         codes = umodel.tokenizer.encode(recs["image"]) if len(recs["key"]) else None
         g = torch.Generator().manual_seed((lc.seed * 48_271 + step) * 1_000 + engine.rank)
+        pc = phases.at(step)[1]
         samples, with_image = [], []
         for i, (conv, cap) in enumerate(zip(recs["conversation"], recs["caption"])):
             allowed = [t for t in task_names if t == "decompress" or (t == "instruct" and conv) or (t == "t2i" and cap)]
             if not allowed:
                 continue
-            w = torch.tensor([getattr(lc.tasks, t) for t in allowed], dtype=torch.float64)
+            w = torch.tensor([getattr(pc.tasks, t) for t in allowed], dtype=torch.float64)
+            if not bool(w.sum() > 0):
+                continue
             task = allowed[int(torch.multinomial(w, 1, generator=g))]
             if task == "instruct":
                 samples.append(fmt.conversation(conv))
@@ -288,11 +335,11 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
                 samples.append(fmt.decompression(codes[i], lc.decompress_segments, seg))
                 with_image.append(i)
             else:
-                drop = bool(torch.rand(1, generator=g) < lc.caption_dropout)
+                drop = bool(torch.rand(1, generator=g) < pc.caption_dropout)
                 samples.append(fmt.text_to_image(None if drop else cap, codes[i]))
         if not samples:
             raise UnicodebookError(f"step {step}: no usable sample in this rank's batch (all bad, or no task applies)")
-        batch = corrupt_codes(collate(samples, fmt.pad_id if fmt.pad_id is not None else 0), code_ids, lc.code_noise, g)
+        batch = corrupt_codes(collate(samples, fmt.pad_id if fmt.pad_id is not None else 0), code_ids, pc.code_noise, g)
         return "mixed", batch, umodel.latents(codes[with_image]) if with_image else None
 
     def folder_batch(step: int):
@@ -304,7 +351,8 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     def checkpoint(at: int) -> dict:
         full = engine.state_dict(model)
         states = {name: {k[len(name_) + 1:]: v for k, v in full.items() if k.startswith(name_ + ".")}
-                  for name, name_ in (("llm", "llm"), ("image_positions", "image_pos")) if name in modules}
+                  for name, name_ in (("llm", "llm"), ("image_positions", "image_pos"), ("depth_head", "depth_head"))
+                  if name in modules}
         save_training_checkpoint(engine, run, at, states, optimizers, {"skipped_steps": guard.total}, lc.keep_last,
                                  "lm", model)
         return states
@@ -320,7 +368,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         task, batch, latents = next_batch(step)
         if batch.input_ids.shape[1] > umodel.max_positions:
             raise UnicodebookError(f"a {task} sequence has {batch.input_ids.shape[1]} tokens; the LLM's context is {umodel.max_positions}")
-        lr = lr_at(step, lc)
+        lr = phases.lr(step)
         for g in opt.param_groups:
             g["lr"] = lr
         with engine.autocast(lc.precision):
