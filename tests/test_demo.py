@@ -11,7 +11,9 @@ from unicodebook.demo import run_demo
 
 @pytest.mark.slow
 def test_demo_writes_a_report_with_metrics_and_pictures(tmp_path):
-    report = run_demo(tmp_path / "demo", TINY_OVERRIDES, n_train=64, n_val=16, n_test=16)
+    """The demo as shipped (depth layout), at toy sizes."""
+    over = TINY_OVERRIDES + ["train_lm.image_layout=depth"]
+    report = run_demo(tmp_path / "demo", over, n_train=64, n_val=16, n_test=16)
     text = report.read_text()
     psnr = float(re.search(r"\| PSNR \| ([0-9.]+) dB \|", text).group(1))
     assert psnr > 10
@@ -19,4 +21,5 @@ def test_demo_writes_a_report_with_metrics_and_pictures(tmp_path):
         assert Image.open(report.parent / pic).size[0] > 0, pic
     assert (tmp_path / "demo" / "eval_tokenizer_test.json").exists()
     # running it again resumes the finished run instead of retraining or failing
-    assert run_demo(tmp_path / "demo", TINY_OVERRIDES, n_train=64, n_val=16, n_test=16) == report
+    assert "the depth head writing each position's 4 codes" in text
+    assert run_demo(tmp_path / "demo", over, n_train=64, n_val=16, n_test=16) == report

@@ -76,13 +76,26 @@ def _finished(run: Path, steps: int) -> bool:
 def _report_lm(cfg, r: dict, t_lm: float, model) -> str:
     lc = cfg.train_lm
     by_type = ", ".join(f"{t} {v:.0%}" for t, v in r.get("vqa_by_type", {}).items())
-    mix = ", ".join(f"{t} {getattr(lc.tasks, t):g}" for t in ("decompress", "instruct", "t2i"))
+
+    def mix(p) -> str:
+        return ", ".join(f"{t} {getattr(p.tasks, t):g}" for t in ("decompress", "instruct", "t2i"))
+
+    if lc.phases:
+        plan = "the phases " + "; ".join(f"{p.name or i + 1}: {q.steps} steps of {mix(q)} at lr {q.lr:g}"
+                                         for i, (p, (_, q)) in enumerate(zip(lc.phases, lc.phase_list())))
+    else:
+        plan = f"the task mix ({mix(lc)})"
+    if model.layout == "depth":
+        gh, gw, g = model.fmt.grid_shape
+        out = (f"`<img>` + {model.steps_per_image} positions + `</img>`, the depth head writing each position's {g} "
+               f"codes ({model.codes_per_image} in all)")
+    else:
+        out = f"`<img>` + {model.codes_per_image} code ids + `</img>`"
     return f"""
 ## Stage II — the LLM reads and writes images through the codebook (test split)
 
 The tiny LLM ({sum(p.numel() for p in model.llm.parameters()) / 1e6:.1f} M parameters) trained {lc.steps} steps on
-the task mix ({mix}); images enter as Ẑ at the `<image>` slots and leave as
-`<img>` + {model.codes_per_image} code ids + `</img>`, decoded by the frozen tokenizer.
+{plan}; images enter as Ẑ at the `<image>` slots and leave as {out}, decoded by the frozen tokenizer.
 
 | metric | value |
 |---|---|
