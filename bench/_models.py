@@ -1,7 +1,7 @@
 """The models the benchmarks time: the tiny preset and a ~100M-parameter configuration.
 
 Random weights (speed does not depend on training); the tokenizer geometry is the tiny preset's
-(32 px, an 8×8×4 code grid = 256 code tokens per image). Image position embeddings are off so
+(36 px, a 9×9×4 code grid = 324 code tokens per image). Image position embeddings are off so
 our decoding and ``transformers``' ``generate`` run exactly the same network.
 """
 

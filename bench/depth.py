@@ -2,7 +2,7 @@
 
 Flat: the LLM writes an image as h·w·D code tokens. Depth: it steps once per code position
 (h·w) and a depth head (2 layers; ``--depth-width`` narrower than the LLM if asked) emits that position's D codes. Same LLM weights, same
-tokenizer geometry (the bench models: 32 px, 8×8×4 codes), random weights (speed does not
+tokenizer geometry (the bench models: 36 px, 9×9×4 codes), random weights (speed does not
 depend on training). Two figures per preset:
 
 * generation: seconds per image at batch 1 and 8, CFG 3 (each batch runs 2b sequences), greedy;

@@ -83,18 +83,26 @@ def test_every_generated_depth_image_is_code_rows_and_decodes(model, cfg_scale, 
                                                top_k=top_k, seed=4))
 
 
-def test_depth_decompression_reads_z_and_predicts_every_code(model, shapes_dir):
-    """Decompression: Ẑ in, each position's G codes out, scored teacher-forced; a copy of the
-    true codes as the model's own prediction would be 100%."""
+def test_depth_decompression_reads_z_and_learns_to_copy_it(model, tokenizer_run, shapes_dir, tmp_path):
+    """Decompression: Ẑ in, then the written slots, each position's G codes out through the head.
+    120 steps of decompression alone raise the teacher-forced code accuracy of the test split above
+    the 8-step mixed model's."""
     from unicodebook.eval.model import evaluate_model
 
-    r = evaluate_model(model, shapes_dir, split="test", max_t2i=2, max_vqa=4, max_describe=2, max_decompress=6,
-                       progress=False)
-    assert 0.0 <= r["decompression_code_accuracy"] <= 1.0
     codes = torch.randint(0, model.tokenizer.codebook.num_codes, (1, *model.tokenizer.grid_shape))
     s = model.fmt.decompression(codes[0])
     assert s.input_ids.count(model.fmt.image_id) == 2 * model.fmt.positions  # Ẑ read, then the written slots
     assert torch.equal(s.codes, codes[0].flatten(0, 1))
+
+    def accuracy(m):
+        return evaluate_model(m, shapes_dir, split="test", max_t2i=0, max_vqa=1, max_describe=1, max_decompress=24,
+                              progress=False)["decompression_code_accuracy"]
+
+    cfg = tiny_config("train_lm.image_layout=depth", "train_lm.depth_head.heads=2", "train_lm.steps=120",
+                      "train_lm.lr=5e-3", "train_lm.tasks.instruct=0", "train_lm.tasks.t2i=0", "train_lm.save_every=0")
+    train_lm(cfg, tokenizer_run, shapes_dir, tmp_path / "run", progress=False)
+    before, after = accuracy(model), accuracy(load_model(tmp_path / "run"))
+    assert after > before + 0.05, (before, after)  # measured: 0.393 → 0.498
 
 
 def test_depth_training_lowers_the_text_to_image_loss(tokenizer_run, shapes_dir, tmp_path):

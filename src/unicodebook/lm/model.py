@@ -48,20 +48,25 @@ MODEL_VERSION = 1
 SMALL_ROWS = 64  # decoding batches up to this many rows take the small-batch path on CPU
 
 
-def _small_batch_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for decoding: the streaming kernel (or W·xᵀ) for ≤ 64 rows."""
     rows = x.numel() // x.shape[-1]
     if rows > SMALL_ROWS:
-        return F.linear(x, layer.weight, layer.bias)
+        return F.linear(x, weight, bias)
     kernel = small_linear_kernel()
-    if (kernel is not None and unsupported(x, layer.weight, layer.bias) is None
-            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))):  # no backward
-        return run_kernel(kernel, x, layer.weight, layer.bias)
+    if (kernel is not None and unsupported(x, weight, bias) is None
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):  # no backward
+        return run_kernel(kernel, x, weight, bias)
     # both sides contiguous row-major: a (rows, K) input laid out column-major (the transposed
     # output of the previous W·xᵀ, carried through an elementwise op) sends MKL down a 3× slower path
-    out = (layer.weight @ x.reshape(rows, -1).contiguous().t()).t().contiguous()
-    if layer.bias is not None:
-        out = out + layer.bias
-    return out.reshape(*x.shape[:-1], layer.weight.shape[0])
+    out = (weight @ x.reshape(rows, -1).contiguous().t()).t().contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _small_batch_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    return small_batch_linear(x, layer.weight, layer.bias)
 
 
 @contextmanager
@@ -408,14 +413,7 @@ class UniCodeLM(nn.Module):
         def embed(code: Tensor) -> Tensor:
             return table(self.code_token_ids[code])
 
-        kernel = small_linear_kernel() if self.device.type == "cpu" else None
-
-        def score(x: Tensor, rows: Tensor) -> Tensor:  # x·rowsᵀ for a couple of rows: the streaming kernel
-            if kernel is not None and unsupported(x, rows, None) is None:
-                return run_kernel(kernel, x, rows, None)
-            return F.linear(x, rows)
-
-        code_rows = code_rows.contiguous()
+        score = small_batch_linear if self.device.type == "cpu" else F.linear  # x·rowsᵀ for a couple of rows
         with self._decoder(cache, mask, pos, extra, hidden=True) as step, decoding_kernels(self.depth_head):
             for t in tqdm(range(n), desc="positions", disable=not progress, leave=False):
                 codes[:, t] = self.depth_head.sample(h, code_rows, embed, pick, b if guided else 0, cfg_scale, score)
@@ -483,7 +481,7 @@ def _sample(logits: Tensor, temperature: float, top_k: int, generator: torch.Gen
 # -------------------------------------------------------------------------------- save / load
 def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, states: dict | None = None) -> None:
     """Write the model folder (each part atomically; ``model.json`` last). ``states``: the
-    full ``llm`` / ``image_positions`` state dicts to write instead of the modules' own (a
+    full ``llm`` / ``image_positions`` / ``depth_head`` state dicts to write instead of the modules' own (a
     sharded FSDP run gathers them)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
