@@ -225,6 +225,10 @@ class LMTrainConfig(TrainLoopConfig):
     # code position, a small depth transformer emitting its G codes against the same codebook rows)
     image_layout: Literal["flat", "depth"] = "flat"
     depth_head: DepthHeadConfig = field(default_factory=DepthHeadConfig)
+    # how the Ẑ slots of an image the LLM reads attend: causal (the paper's: each slot sees the
+    # slots before it) or bidirectional (they all see each other, a prefix-LM over the image;
+    # the text after it and every image the LLM writes stay causal)
+    image_attention: Literal["causal", "bidirectional"] = "causal"
     # a curriculum in one run: consecutive phases whose steps add up to ``steps`` (empty: one phase)
     phases: list[PhaseConfig] = field(default_factory=list)
     sample_every: int = 500  # image samples written to RUN/samples (0: only at the end)

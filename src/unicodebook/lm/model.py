@@ -132,6 +132,25 @@ class ImagePositions(nn.Module):
 
 
 LAYOUTS = ("flat", "depth")
+IMAGE_ATTENTION = ("causal", "bidirectional")
+
+
+def image_block_mask(mask: Tensor, image_at: Tensor, slots: int, llm) -> Tensor:
+    """The LLM's attention mask (B, 1, L, L) for a right- or left-padded batch: causal over the
+    keys ``mask`` (B, L) keeps, except that the ``slots`` Ẑ positions from ``image_at`` (rows
+    ≥ 0) also see each other (a prefix-LM over the image it reads; what it writes stays causal).
+    Every position sees itself, so no row of a left-padded prefill is empty (an empty row is NaN
+    in SDPA, and a pad's NaN value would reach the real rows through a zero weight). Boolean
+    (True: attend) for SDPA-style kernels, additive for the eager one."""
+    length = mask.shape[1]
+    i = torch.arange(length, device=mask.device)
+    allowed = ((i[:, None] >= i[None, :])[None] & mask[:, None, :].bool()) | (i[:, None] == i[None, :])
+    inside = (image_at[:, None] >= 0) & (i[None] >= image_at[:, None]) & (i[None] < image_at[:, None] + slots)
+    allowed = (allowed | (inside[:, :, None] & inside[:, None, :]))[:, None]
+    if getattr(llm.config, "_attn_implementation", "sdpa") == "eager":
+        dtype = input_embedding(llm).weight.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
 
 
 class UniCodeLM(nn.Module):
@@ -144,10 +163,17 @@ class UniCodeLM(nn.Module):
     positions too (for RQ exactly Ẑ; for HQ Ẑ averaged over each position's 2×2 cells)."""
 
     def __init__(self, llm, tokenizer, text_tok, image_positions: bool = True, layout: str = "flat",
-                 depth_head: dict | None = None):
+                 depth_head: dict | None = None, image_attention: str = "causal"):
         super().__init__()
         if layout not in LAYOUTS:
             raise UnicodebookError(f"image layout '{layout}' is not one of {', '.join(LAYOUTS)}")
+        if image_attention not in IMAGE_ATTENTION:
+            raise UnicodebookError(f"image attention '{image_attention}' is not one of {', '.join(IMAGE_ATTENTION)}")
+        kernel = getattr(llm.config, "_attn_implementation", None) or "sdpa"
+        if image_attention == "bidirectional" and kernel not in ("sdpa", "eager"):
+            raise UnicodebookError(f"image attention 'bidirectional' needs a 4-D attention mask, which the LLM's "
+                                   f"'{kernel}' attention does not take (sdpa and eager do)")
+        self.image_attention = image_attention
         self.llm = llm
         self.layout = layout
         dim = input_embedding(llm).weight.shape[1]
@@ -230,6 +256,13 @@ class UniCodeLM(nn.Module):
                 emb = emb.index_put(inside.nonzero(as_tuple=True), emb[inside] + self.image_pos.codes(offs[inside]).to(emb.dtype))
         return emb
 
+    def attention_mask(self, mask: Tensor, image_at: Tensor) -> Tensor:
+        """What the LLM is given as its attention mask: the padding mask ``mask`` (B, L) as it is
+        (causal), or with ``image_attention: bidirectional`` the 4-D mask of :func:`image_block_mask`."""
+        if self.image_attention == "causal" or not bool((image_at >= 0).any()):
+            return mask
+        return image_block_mask(mask, image_at, self.fmt.num_latents, self.llm)
+
     def code_embedding(self, token_ids: Tensor, index: int) -> Tensor:
         """Input embedding (B, 1, d) of the code tokens at sequence index ``index`` of an image."""
         emb = input_embedding(self.llm)(token_ids[:, None])
@@ -243,7 +276,7 @@ class UniCodeLM(nn.Module):
         dev = self.device
         ids, labels, mask = batch.input_ids.to(dev), batch.labels.to(dev), batch.attention_mask.to(dev)
         emb = self.embed_inputs(ids, batch.image_at.to(dev), latents, batch.codes_at.to(dev), batch.n_codes.to(dev))
-        logits = self.llm(inputs_embeds=emb, attention_mask=mask).logits
+        logits = self.llm(inputs_embeds=emb, attention_mask=self.attention_mask(mask, batch.image_at.to(dev))).logits
         # shift the labels, not the logits: no copy of the (B, L, V) tensor
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE)
@@ -273,7 +306,7 @@ class UniCodeLM(nn.Module):
         codes_in = batch.codes_in.to(dev) if batch.codes_in is not None else codes
         written = position_latents(self.tokenizer.quantizer, codes_in) if codes is not None else None
         emb = self.embed_inputs(ids, batch.image_at.to(dev), latents, codes_at, written=written)
-        hidden = self._hidden(emb, mask).last_hidden_state
+        hidden = self._hidden(emb, self.attention_mask(mask, batch.image_at.to(dev))).last_hidden_state
         logits = self.llm.get_output_embeddings()(hidden)
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
         keep = target != IGNORE
@@ -316,11 +349,12 @@ class UniCodeLM(nn.Module):
                 at[i] = image_at[i] + n - len(r)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         emb = self.embed_inputs(ids, at, latents)
+        attend = self.attention_mask(mask, at)
         if hidden:
-            out = self._hidden(emb, mask, position_ids=pos, use_cache=True)
+            out = self._hidden(emb, attend, position_ids=pos, use_cache=True)
             last = out.last_hidden_state[:, -1]
         else:
-            out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+            out = self.llm(inputs_embeds=emb, attention_mask=attend, position_ids=pos, use_cache=True)
             last = out.logits[:, -1].float()
         return last, reserve_cache(kv_cache(out), extra), mask, pos[:, -1] + 1
 
@@ -509,6 +543,7 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, 
         "image_size": tok.image_size, "grid_shape": list(tok.grid_shape), "codes_per_image": tok.codes_per_image,
         "num_latents": tok.num_latents, "num_codes": tok.codebook.num_codes,
         "image_positions": model.image_pos is not None, "layout": model.layout,
+        "image_attention": model.image_attention,
         **({"depth_head": model.depth_head_args} if model.depth_head is not None else {}),
     })
 
@@ -544,7 +579,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
         raise UnicodebookError(f"cannot load the LLM in {folder}/llm: {str(e).splitlines()[0]}") from None
     text_tok = load_text_tokenizer(folder / "text_tokenizer")
     model = UniCodeLM(llm, tok, text_tok, image_positions=bool(meta.get("image_positions")),
-                      layout=meta.get("layout", "flat"), depth_head=meta.get("depth_head")).eval()
+                      layout=meta.get("layout", "flat"), depth_head=meta.get("depth_head"),
+                      image_attention=meta.get("image_attention", "causal")).eval()
     for part, name in ((model.image_pos, "image_positions"), (model.depth_head, "depth_head")):
         if part is None:
             continue

@@ -222,6 +222,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     if lc.lora.enabled:
         llm = wrap_lora(llm, lc)
     umodel = UniCodeLM(llm, tok, text_tok, image_positions=lc.image_positions, layout=lc.image_layout,
+                       image_attention=lc.image_attention,
                        depth_head=dataclasses.asdict(lc.depth_head))
     if start is not None:
         for mine, theirs in ((umodel.image_pos, start.image_pos), (umodel.depth_head, start.depth_head)):
