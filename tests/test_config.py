@@ -68,3 +68,34 @@ def test_the_accelerate_example_configs_are_valid_and_the_7b_preset_trains_in_bf
     cfg = load_config("7b")
     assert cfg.train_lm.precision == "bf16" and cfg.train_lm.gradient_checkpointing
     assert cfg.train_lm.batch_size % 8 == 0  # the global batch splits over 8 GPUs
+
+
+def test_a_config_extends_its_base_key_by_key(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: tiny\ntrain_lm:\n  steps: 7\n  phases: [{steps: 7, name: only}]\n")
+    (tmp_path / "more.yaml").write_text("base: mine.yaml\nllm:\n  num_layers: 2\n")  # relative to this file
+    cfg, tiny = load_config(tmp_path / "more.yaml"), load_config("tiny")
+    assert (cfg.train_lm.steps, cfg.llm.num_layers) == (7, 2)
+    assert [p.name for p in cfg.train_lm.phases] == ["only"]  # lists are replaced, not merged
+    assert cfg.train_lm.lr == tiny.train_lm.lr and cfg.model == tiny.model  # everything else is the base's
+    assert load_config(tmp_path / "more.yaml", ["train_lm.steps=9", "train_lm.phases=[]"]).train_lm.steps == 9
+
+
+def test_bad_bases_are_one_line_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: its bases form a cycle through .*a.yaml$"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere\n")
+    with pytest.raises(ConfigError, match=r"^config 'nowhere' not found \(a YAML path or a preset: 7b, tiny, tiny_full\)$"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [tiny]\n")
+    with pytest.raises(ConfigError, match=r"d.yaml: 'base' must be a preset name or a YAML path$"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_the_full_recipe_is_the_tiny_preset_with_three_declared_phases():
+    full, tiny = load_config("tiny_full"), load_config("tiny")
+    assert full.model == tiny.model and full.llm == tiny.llm  # the same tokenizer and LLM: only stage II differs
+    assert [(p.name, p.steps) for p in full.train_lm.phases] == [("draw", 800), ("mix", 2800), ("read", 1400)]
+    lrs = [q.lr for _, q in full.train_lm.phase_list()]
+    assert lrs == [2e-3, 2e-3, 1e-3] and full.train_lm.image_layout == "depth"

@@ -432,9 +432,27 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     return _build(Config, _merge(data, parse_overrides(overrides)))
 
 
+def read_config_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as one mapping: a top-level ``base:`` (a preset name, or a YAML path taken
+    relative to this file) is read first and this file's keys are merged over it, mappings key by
+    key, anything else (lists included) replaced; a base may have a base of its own."""
+    data = read_yaml(path)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: 'base' must be a preset name or a YAML path")
+    near = Path(path).parent / base
+    base_path = near if near.is_file() else resolve_config_path(base)
+    if base_path.resolve() in _seen + (Path(path).resolve(),):
+        raise ConfigError(f"{path}: its bases form a cycle through {base_path}")
+    return _merge(read_config_tree(base_path, _seen + (Path(path).resolve(),)), data)
+
+
 def load_config(name_or_path: str | Path | None = "tiny", overrides: list[str] | None = None) -> Config:
-    """Read a YAML file or preset, apply dotted overrides, and type-check everything."""
-    data = read_yaml(resolve_config_path(name_or_path)) if name_or_path else {}
+    """Read a YAML file or preset (with its ``base:``, if any), apply dotted overrides, and
+    type-check everything."""
+    data = read_config_tree(resolve_config_path(name_or_path)) if name_or_path else {}
     return config_from_dict(data, overrides)
 
 

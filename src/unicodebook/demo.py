@@ -1,9 +1,9 @@
 """``unicodebook demo``: the main job on the embedded shapes world, with a Markdown report.
 
 Makes the data, trains the unified-codebook tokenizer (stage I) and the LLM that reads and
-writes images through it (stage II) on the tiny preset, evaluates both on the test split and
-writes ``report.md`` with the metric tables and picture grids. Re-running it resumes or reuses
-finished runs.
+writes images through it (stage II) on the tiny preset (``--full``: the ``tiny_full`` recipe
+on ten times the images), evaluates both on the test split and writes ``report.md`` with the
+metric tables and picture grids. Re-running it resumes or reuses finished runs.
 """
 
 from __future__ import annotations
@@ -26,13 +26,18 @@ from .train.stage1 import train_tokenizer
 from .train.stage2 import train_lm
 
 
-def run_demo(out: Path, overrides: list[str] | None = None, n_train: int = 2000, n_val: int = 200, n_test: int = 500) -> Path:
+# ``demo --full``: the shipped full recipe (one run of declared phases) on ten times the images
+FULL = {"preset": "tiny_full", "n_train": 20_000}
+
+
+def run_demo(out: Path, overrides: list[str] | None = None, n_train: int = 2000, n_val: int = 200, n_test: int = 500,
+             preset: str = "tiny") -> Path:
     from .data.shapes import write_dataset
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    cfg = load_config("tiny", overrides)
+    cfg = load_config(preset, overrides)
     if not (data / "meta.json").exists():
         print(f"[demo] writing the shapes world to {data}")
         write_dataset(data, n_train=n_train, n_val=n_val, n_test=n_test, size=cfg.model.image_size, seed=0)
@@ -64,7 +69,7 @@ def run_demo(out: Path, overrides: list[str] | None = None, n_train: int = 2000,
     (out / "eval_model_test.json").write_text(json.dumps(lm_test, indent=2))
 
     report = out / "report.md"
-    report.write_text(_report(cfg, test, t_train, time.time() - t0, tok) + _report_lm(cfg, lm_test, t_lm, model))
+    report.write_text(_report(cfg, test, t_train, time.time() - t0, tok, preset) + _report_lm(cfg, lm_test, t_lm, model))
     return report
 
 
@@ -123,12 +128,12 @@ Stage II training curves:
 """
 
 
-def _report(cfg, test: dict, t_train: float, t_total: float, tok) -> str:
+def _report(cfg, test: dict, t_train: float, t_total: float, tok, preset: str = "tiny") -> str:
     cb = cfg.model.codebook
     layers = "; ".join(f"{n}: {u:.0%} / {p:.0f}" for n, u, p in zip(test["layers"], test["usage"], test["perplexity"]))
     return f"""# unicodebook demo report
 
-Shapes world at {tok.image_size} px, tiny preset: a {cfg.model.quantizer.kind.upper()} tokenizer
+Shapes world at {tok.image_size} px, `{preset}` preset: a {cfg.model.quantizer.kind.upper()} tokenizer
 ({'×'.join(map(str, tok.grid_shape))} = {tok.codes_per_image} codes per image) whose codebook is
 {tok.codebook.num_codes} rows of the tiny LLM's embedding table (mode `{cb.mode}`).
 
