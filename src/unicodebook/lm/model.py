@@ -135,6 +135,11 @@ LAYOUTS = ("flat", "depth")
 IMAGE_ATTENTION = ("causal", "bidirectional")
 
 
+def attention_kernel(llm) -> str:
+    """The attention implementation a ``transformers`` LLM runs (sdpa unless it says otherwise)."""
+    return getattr(llm.config, "_attn_implementation", None) or "sdpa"
+
+
 def image_block_mask(mask: Tensor, image_at: Tensor, slots: int, llm) -> Tensor:
     """The LLM's attention mask (B, 1, L, L) for a right- or left-padded batch: causal over the
     keys ``mask`` (B, L) keeps, except that the ``slots`` Ẑ positions from ``image_at`` (rows
@@ -147,7 +152,7 @@ def image_block_mask(mask: Tensor, image_at: Tensor, slots: int, llm) -> Tensor:
     allowed = ((i[:, None] >= i[None, :])[None] & mask[:, None, :].bool()) | (i[:, None] == i[None, :])
     inside = (image_at[:, None] >= 0) & (i[None] >= image_at[:, None]) & (i[None] < image_at[:, None] + slots)
     allowed = (allowed | (inside[:, :, None] & inside[:, None, :]))[:, None]
-    if getattr(llm.config, "_attn_implementation", "sdpa") == "eager":
+    if attention_kernel(llm) == "eager":
         dtype = input_embedding(llm).weight.dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed
@@ -169,7 +174,7 @@ class UniCodeLM(nn.Module):
             raise UnicodebookError(f"image layout '{layout}' is not one of {', '.join(LAYOUTS)}")
         if image_attention not in IMAGE_ATTENTION:
             raise UnicodebookError(f"image attention '{image_attention}' is not one of {', '.join(IMAGE_ATTENTION)}")
-        kernel = getattr(llm.config, "_attn_implementation", None) or "sdpa"
+        kernel = attention_kernel(llm)
         if image_attention == "bidirectional" and kernel not in ("sdpa", "eager"):
             raise UnicodebookError(f"image attention 'bidirectional' needs a 4-D attention mask, which the LLM's "
                                    f"'{kernel}' attention does not take (sdpa and eager do)")
@@ -275,8 +280,9 @@ class UniCodeLM(nn.Module):
             return self._forward_depth(batch, latents)
         dev = self.device
         ids, labels, mask = batch.input_ids.to(dev), batch.labels.to(dev), batch.attention_mask.to(dev)
-        emb = self.embed_inputs(ids, batch.image_at.to(dev), latents, batch.codes_at.to(dev), batch.n_codes.to(dev))
-        logits = self.llm(inputs_embeds=emb, attention_mask=self.attention_mask(mask, batch.image_at.to(dev))).logits
+        image_at = batch.image_at.to(dev)
+        emb = self.embed_inputs(ids, image_at, latents, batch.codes_at.to(dev), batch.n_codes.to(dev))
+        logits = self.llm(inputs_embeds=emb, attention_mask=self.attention_mask(mask, image_at)).logits
         # shift the labels, not the logits: no copy of the (B, L, V) tensor
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE)
@@ -305,8 +311,9 @@ class UniCodeLM(nn.Module):
         codes = batch.codes.to(dev) if batch.codes is not None else None
         codes_in = batch.codes_in.to(dev) if batch.codes_in is not None else codes
         written = position_latents(self.tokenizer.quantizer, codes_in) if codes is not None else None
-        emb = self.embed_inputs(ids, batch.image_at.to(dev), latents, codes_at, written=written)
-        hidden = self._hidden(emb, self.attention_mask(mask, batch.image_at.to(dev))).last_hidden_state
+        image_at = batch.image_at.to(dev)
+        emb = self.embed_inputs(ids, image_at, latents, codes_at, written=written)
+        hidden = self._hidden(emb, self.attention_mask(mask, image_at)).last_hidden_state
         logits = self.llm.get_output_embeddings()(hidden)
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
         keep = target != IGNORE
