@@ -41,7 +41,8 @@ def test_hq_position_aggregate_is_the_mean_of_its_latent_cells():
 
 
 def _slow_greedy(model, prompt: str) -> torch.Tensor:
-    """Greedy depth decoding with no cache: the whole sequence recomputed for every position."""
+    """Greedy depth decoding with no cache: the whole sequence recomputed for every position, and the
+    depth head's training forward rerun for every code."""
     ids = model.fmt.t2i_prefix(prompt)
     table = model.llm.get_input_embeddings()
     rows = table.weight[model.code_token_ids]
@@ -53,9 +54,40 @@ def _slow_greedy(model, prompt: str) -> torch.Tensor:
                 lat = position_latents(model.tokenizer.quantizer, torch.stack(written, 1))
                 emb[0, len(ids):] = lat[0] + model.image_pos.latents()[:t]
             h = model._hidden(emb, torch.ones(emb.shape[:2], dtype=torch.long)).last_hidden_state[:, -1]
-            codes = model.depth_head.sample(h, rows, lambda c: table(model.code_token_ids[c]), lambda l: l.argmax(-1))
+            codes = rows.new_zeros(1, 0, dtype=torch.long)
+            for _ in range(model.tokenizer.grid_shape[2]):  # the training forward, rerun for each code
+                logits = model.depth_head(h, rows[codes], rows)[:, -1]
+                codes = torch.cat([codes, logits.argmax(-1, keepdim=True)], 1)
             written.append(codes)
     return torch.stack(written, 1)[0]
+
+
+@pytest.mark.parametrize("width,guided", [(0, False), (16, True)])
+def test_cached_depth_head_scores_as_its_training_forward(width, guided):
+    """Decoding one code at a time with the head's key/value cache and the code rows folded into its
+    width gives the logits of the training forward over the whole prefix, guided or not."""
+    from unicodebook.lm.depth import DepthHead
+    from unicodebook.lm.model import small_batch_linear
+
+    torch.manual_seed(0)
+    head = DepthHead(32, 4, layers=2, heads=4, width=width).eval()
+    rows, hidden = torch.randn(50, 32), torch.randn(6 if guided else 3, 32)
+    target = torch.randint(0, 50, (3, 4))
+    seen = []
+
+    def pick(logits):  # teacher forcing: record the logits, return the target code
+        seen.append(logits)
+        return target[:, len(seen) - 1]
+
+    for linear in (torch.nn.functional.linear, small_batch_linear):
+        seen.clear()
+        codes = head.decoder(rows, linear).sample(hidden, pick, 3 if guided else 0, cfg_scale=2.0)
+        assert torch.equal(codes, target)
+        with torch.no_grad():
+            full = head(hidden, rows[torch.cat([target, target]) if guided else target][:, :3], rows)
+        if guided:
+            full = full[3:] + 2.0 * (full[:3] - full[3:])
+        torch.testing.assert_close(torch.stack(seen, 1), full, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("decoder", ["compiled", "transformers"])

@@ -57,26 +57,70 @@ class DepthHead(nn.Module):
     def forward(self, hidden: Tensor, code_emb: Tensor, rows: Tensor) -> Tensor:
         return self.out(self.features(hidden, code_emb)) @ rows.to(hidden.dtype).t()
 
+    def decoder(self, rows: Tensor, linear=F.linear) -> "HeadDecoder":
+        """What decoding against the code rows ``rows`` (K, d) needs, computed once per image batch."""
+        return HeadDecoder(self, rows, linear)
+
+
+class HeadDecoder:
+    """Depth-head decoding of one position at a time, with a key/value cache over its G steps.
+
+    The same arithmetic as :meth:`DepthHead.forward` (pre-norm blocks, causal attention, exact
+    GELU), restated for one new input per step so each step reads the head's weights once. The
+    code rows are folded into the head's width once per image batch: inputs ``down(rows)`` and
+    scores ``(rows · W_out)`` (K, width), so a step reads K × width floats to score the codes
+    instead of projecting up to d first. ``linear(x, weight, bias)``: decoding passes the
+    small-batch kernel on CPU.
+    """
+
+    def __init__(self, head: DepthHead, rows: Tensor, linear=F.linear):
+        self.head, self.linear = head, linear
+        rows = rows.to(head.pos.dtype)
+        self.in_rows = head.down(rows).contiguous()            # (K, width): a code's input before its depth embedding
+        self.out_rows = (rows @ head.out.weight).contiguous()  # (K, width): f·out_rowsᵀ = out(f)·rowsᵀ
+        self.layers = []
+        for blk in head.blocks:
+            attn = blk.self_attn
+            self.layers.append((blk.norm1, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight,
+                                attn.out_proj.bias, blk.norm2, blk.linear1, blk.linear2, attn.num_heads))
+
+    def _step(self, x: Tensor, k: int, keys: list[Tensor], values: list[Tensor]) -> Tensor:
+        """Input ``x`` (B, width) at depth step ``k`` → the normed output there; fills the caches."""
+        lin = self.linear
+        for i, (n1, w_qkv, b_qkv, w_o, b_o, n2, fc1, fc2, heads) in enumerate(self.layers):
+            b, w = x.shape
+            q, key, value = lin(F.layer_norm(x, (w,), n1.weight, n1.bias, n1.eps), w_qkv, b_qkv).view(b, 3, heads, 1, -1).unbind(1)
+            keys[i][:, :, k:k + 1], values[i][:, :, k:k + 1] = key, value
+            o = F.scaled_dot_product_attention(q, keys[i][:, :, :k + 1], values[i][:, :, :k + 1])  # (B, heads, 1, e)
+            x = x + lin(o.reshape(b, w), w_o, b_o)
+            x = x + lin(F.gelu(lin(F.layer_norm(x, (w,), n2.weight, n2.bias, n2.eps), fc1.weight, fc1.bias)),
+                        fc2.weight, fc2.bias)
+        norm = self.head.norm
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
     @torch.no_grad()
-    def sample(self, hidden: Tensor, rows: Tensor, embed, pick, guided_rows: int = 0, cfg_scale: float = 1.0,
-               score=F.linear) -> Tensor:
+    def sample(self, hidden: Tensor, pick, guided_rows: int = 0, cfg_scale: float = 1.0) -> Tensor:
         """Codes (B, G) of one position, in depth order. ``hidden`` (B', d) — with guidance the
-        conditional rows first, then ``guided_rows`` unconditional ones; ``embed(codes (B,)) →
-        (B, d)``; ``pick(logits (B, K)) → codes (B,)``; ``score(x, rows)`` = x·rowsᵀ (decoding
-        passes a small-batch kernel)."""
-        b = hidden.shape[0] - guided_rows
+        conditional rows first, then ``guided_rows`` unconditional ones; ``pick(logits (B, K)) →
+        codes (B,)``."""
+        head = self.head
+        n, b = hidden.shape[0], hidden.shape[0] - guided_rows
+        width, g = self.in_rows.shape[1], head.depth
+        heads = self.layers[0][-1] if self.layers else 1
+        keys = [hidden.new_empty(n, heads, g, width // heads) for _ in self.layers]
+        values = [torch.empty_like(t) for t in keys]
+        x = hidden.to(self.in_rows.dtype)
+        if isinstance(head.down, nn.Linear):
+            x = self.linear(x, head.down.weight, None)
         chosen: list[Tensor] = []
-        emb = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[1])
-        for _ in range(self.depth):
-            logits = score(self.out(self.features(hidden, emb)[:, -1]), rows).float()  # the last step's only
+        for k in range(g):
+            logits = self.linear(self._step(x + head.pos[k], k, keys, values), self.out_rows, None).float()
             if guided_rows:
                 logits = logits[b:] + cfg_scale * (logits[:b] - logits[b:])
             code = pick(logits)
             chosen.append(code)
-            e = embed(code)
-            if guided_rows:
-                e = torch.cat([e, e])
-            emb = torch.cat([emb, e[:, None]], 1)
+            if k + 1 < g:
+                x = self.in_rows[torch.cat([code, code]) if guided_rows else code]
         return torch.stack(chosen, 1)
 
 

@@ -451,13 +451,10 @@ class UniCodeLM(nn.Module):
         def pick(logits: Tensor) -> Tensor:
             return _sample(logits, temperature, top_k, generator)
 
-        def embed(code: Tensor) -> Tensor:
-            return table(self.code_token_ids[code])
-
-        score = small_batch_linear if self.device.type == "cpu" else F.linear  # x·rowsᵀ for a couple of rows
-        with self._decoder(cache, mask, pos, extra, hidden=True) as step, decoding_kernels(self.depth_head):
+        head = self.depth_head.decoder(code_rows, small_batch_linear if self.device.type == "cpu" else F.linear)
+        with self._decoder(cache, mask, pos, extra, hidden=True) as step:
             for t in tqdm(range(n), desc="positions", disable=not progress, leave=False):
-                codes[:, t] = self.depth_head.sample(h, code_rows, embed, pick, b if guided else 0, cfg_scale, score)
+                codes[:, t] = head.sample(h, pick, b if guided else 0, cfg_scale)
                 if t == n - 1:
                     break
                 x = position_latents(self.tokenizer.quantizer, codes[:, t:t + 1])[:, 0]
