@@ -106,7 +106,7 @@ def test_tokenize_skips_a_bad_image_reports_it_and_exits_nonzero(trained, capsys
         (["train-tokenizer", "--data", "{tmp}/nowhere", "--out", "{tmp}/r"], "error: image folder '{tmp}/nowhere' does not exist"),
         (["train-tokenizer", "--data", "{tmp}/empty", "--out", "{tmp}/r"], "error: image folder '{tmp}/empty' holds no images"),
         (["reconstruct", "--tokenizer", "{run}", "{tmp}/notes.txt", "--out", "{tmp}/o.png"], "error: {tmp}/notes.txt: not an image file"),
-        (["tokenize", "--tokenizer", "{tmp}", "{tmp}/notes.txt"], "error: {tmp}: not a tokenizer folder (missing config.yaml)"),
+        (["tokenize", "--tokenizer", "{tmp}", "{tmp}/notes.txt"], "error: {tmp}: not a tokenizer folder (no visual_tokenizer.json: not written, or torn before its save finished)"),
         (["eval", "tokenizer", "--tokenizer", "{run}", "--data", "{data}", "--split", "nosplit"], "error: '{data}' has no split 'nosplit'"),
         (["train-tokenizer", "--config", "{tmp}/bad.yaml", "--data", "{data}", "--out", "{tmp}/r"], "error: {tmp}/bad.yaml: not valid YAML"),
         (["data", "shapes", "--out", "{tmp}/d", "--size", "16"], "error: --size must be within 32..64, got 16"),

@@ -3,7 +3,7 @@
 Python API (mirrors the CLI)::
 
     from unicodebook import load_tokenizer
-    tok = load_tokenizer("runs/tok")          # a stage-I run folder
+    tok = load_tokenizer("runs/tok")          # a stage-I run folder, of any tokenizer family
     codes = tok.encode(images)                # (B, 3, H, W) in [0, 1] → (B, gh, gw, G)
     recon = tok.decode(codes)                 # → (B, 3, H, W)
     z_hat = tok.embed(codes)                  # → (B, h·w, d), what the LLM reads
@@ -11,7 +11,8 @@ Python API (mirrors the CLI)::
 
 from .config import Config, load_config
 from .errors import UnicodebookError
-from .tokenizers.unicode import build_tokenizer, load_tokenizer, save_tokenizer
+from .tokenizers.base import load_tokenizer
+from .tokenizers.unicode import build_tokenizer, save_tokenizer
 
 __version__ = "0.1.0"
 

@@ -59,26 +59,34 @@ def cmd_train_tokenizer(config: str | None, data: Path, out: Path, resume: bool,
     return 0
 
 
+def _odd_size(tok) -> str:
+    """What to do with an image not at the tokenizer's size: its stage I run's setting."""
+    return tok.config.data.odd_size if tok.config is not None else "resize"
+
+
 def cmd_tokenize(tokenizer: Path, images: list[Path], device: str = "auto") -> int:
     import torch
 
     from .data.images import load_image
     from .errors import BadImageError
-    from .tokenizers.unicode import load_tokenizer
+    from .tokenizers.base import PAD_CODE, load_tokenizer
 
     tok = load_tokenizer(tokenizer, device=_device(device))
     bad = 0
     for path in images:
         try:
-            x = load_image(path, tok.image_size, tok.config.data.odd_size)
+            x = load_image(path, tok.image_size, _odd_size(tok))
         except BadImageError as e:
             print(f"error: {e}", file=sys.stderr)
             bad += 1
             continue
         with torch.no_grad():
             codes = tok.encode(x[None])[0].cpu()
-        print(json.dumps({"image": str(path), "shape": list(codes.shape), "codes": codes.tolist(),
-                          "token_ids": tok.token_ids(codes).flatten().tolist()}))
+        codes = codes[codes != PAD_CODE] if not tok.layout.fixed else codes  # a variable layout: its own length
+        line = {"image": str(path), "shape": list(codes.shape), "codes": codes.tolist()}
+        if hasattr(tok, "token_ids"):  # codes that are LLM token ids (UniCode)
+            line["token_ids"] = tok.token_ids(codes).flatten().tolist()
+        print(json.dumps(line))
     return EXIT_PARTIAL if bad else 0
 
 
@@ -87,23 +95,23 @@ def cmd_reconstruct(tokenizer: Path, image: Path, out: Path, device: str = "auto
 
     from .data.images import load_image, tensor_to_pil
     from .eval.metrics import psnr
-    from .tokenizers.unicode import load_tokenizer
+    from .tokenizers.base import load_tokenizer
 
     tok = load_tokenizer(tokenizer, device=_device(device))
-    x = load_image(image, tok.image_size, tok.config.data.odd_size)
+    x = load_image(image, tok.image_size, _odd_size(tok))
     with torch.no_grad():
         recon = tok.decode(tok.encode(x[None])).cpu()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensor_to_pil(recon[0]).save(out)
     print(json.dumps({"image": str(image), "out": str(out), "psnr": round(float(psnr(recon, x[None])[0]), 3),
-                      "codes_per_image": tok.codes_per_image}))
+                      "codes_per_image": tok.layout.length}))
     return 0
 
 
 def cmd_eval_tokenizer(tokenizer: Path, data: Path, split: str, device: str = "auto") -> int:
     from .eval.tokenizer import evaluate_tokenizer
-    from .tokenizers.unicode import load_tokenizer
+    from .tokenizers.base import load_tokenizer
 
     tok = load_tokenizer(tokenizer, device=_device(device))
     res = evaluate_tokenizer(tok, data, split=split)

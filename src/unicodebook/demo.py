@@ -18,7 +18,7 @@ from .config import load_config
 from .data.images import ImageFolder, resolve_image_folder
 from .eval.plots import image_grid
 from .eval.tokenizer import evaluate_tokenizer
-from .tokenizers.unicode import load_tokenizer
+from .tokenizers.base import load_tokenizer
 from .eval.model import evaluate_model
 from .lm.model import load_model
 from .train.checkpoint import list_checkpoints

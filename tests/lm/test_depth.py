@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_config
 from unicodebook.errors import UnicodebookError
-from unicodebook.lm.depth import position_latents
+from unicodebook.quantize import position_embeddings
 from unicodebook.lm.model import load_model
 from unicodebook.train.stage2 import train_lm
 
@@ -22,7 +22,7 @@ def test_reading_and_writing_share_one_representation(model):
     tok = model.tokenizer
     codes = torch.randint(0, tok.codebook.num_codes, (2, *tok.grid_shape))
     torch.testing.assert_close(model.latents(codes), tok.embed(codes))
-    one = position_latents(tok.quantizer, codes.flatten(1, 2)[:, 5:6])
+    one = tok.position_latents(codes.flatten(1, 2)[:, 5:6])
     torch.testing.assert_close(one[:, 0], tok.embed(codes)[:, 5])
     gh, gw, g = tok.grid_shape
     assert model.steps_per_image == gh * gw and model.codes_per_image == gh * gw * g
@@ -37,7 +37,7 @@ def test_hq_position_aggregate_is_the_mean_of_its_latent_cells():
     codes = torch.randint(0, 64, (3, 2, 2, 10))  # a 4×4 latent: 2×2 positions of 1 top + 4 bottom codes × depth 2
     z = hq.codes_to_embeddings(codes)  # (3, 4, 4, 16)
     cells = z.reshape(3, 2, 2, 2, 2, 16).mean((2, 4))  # average each position's 2×2 cells
-    torch.testing.assert_close(position_latents(hq, codes.flatten(1, 2)), cells.reshape(3, 4, 16))
+    torch.testing.assert_close(position_embeddings(hq, codes.flatten(1, 2)), cells.reshape(3, 4, 16))
 
 
 def _slow_greedy(model, prompt: str) -> torch.Tensor:
@@ -51,7 +51,7 @@ def _slow_greedy(model, prompt: str) -> torch.Tensor:
         for t in range(model.fmt.positions):
             emb = table(torch.tensor([ids + [model.fmt.image_id] * t]))
             if t:
-                lat = position_latents(model.tokenizer.quantizer, torch.stack(written, 1))
+                lat = model.tokenizer.position_latents(torch.stack(written, 1))
                 emb[0, len(ids):] = lat[0] + model.image_pos.latents()[:t]
             h = model._hidden(emb, torch.ones(emb.shape[:2], dtype=torch.long)).last_hidden_state[:, -1]
             codes = rows.new_zeros(1, 0, dtype=torch.long)

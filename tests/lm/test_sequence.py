@@ -4,6 +4,7 @@ import torch
 
 from unicodebook.lm.sequence import IGNORE, SequenceFormat, collate, corrupt_codes
 from unicodebook.lm.text import train_word_tokenizer
+from unicodebook.tokenizers.base import CodeLayout
 
 TEXTS = ["USER: what colour is the object at the top left ? ASSISTANT:", "red", "draw a small red circle at the top left"]
 
@@ -12,7 +13,7 @@ def make_format(grid=(2, 2, 3), offset=100):
     tok = train_word_tokenizer(TEXTS, max_vocab=100)
     n = grid[0] * grid[1]
     token_ids = torch.arange(offset, offset + 16)
-    return SequenceFormat(tok, token_ids, n, grid), tok
+    return SequenceFormat(tok, token_ids, CodeLayout(grid[0] * grid[1] * grid[2], grid), n), tok
 
 
 def test_conversation_labels_only_the_assistant_turns_and_places_the_image_slots():

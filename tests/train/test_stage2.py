@@ -141,10 +141,10 @@ def test_a_start_model_on_another_visual_tokenizer_is_refused(model_run, tokeniz
 
     other = tmp_path / "other"
     shutil.copytree(model_run, other)
-    vt = load_file(other / "visual_tokenizer.safetensors")
+    vt = load_file(other / "visual_tokenizer" / "model.safetensors")
     k = next(k for k, v in vt.items() if v.is_floating_point())
     vt[k] = vt[k] + 1
-    save_file(vt, other / "visual_tokenizer.safetensors")
+    save_file(vt, other / "visual_tokenizer" / "model.safetensors")
     with pytest.raises(UnicodebookError, match=r"^train_lm.init_from: .*other was trained on another visual tokenizer than this run's$"):
         train_lm(tiny_config("train_lm.steps=1", f"train_lm.init_from={other}"), tokenizer_run, shapes_dir,
                  tmp_path / "run", progress=False)

@@ -4,7 +4,8 @@ Readers are forgiving per record and strict per file: a malformed JSON line or c
 reported (logger ``unicodebook.data``), counted and skipped; a missing or unreadable file is an
 error. Images are encoded once by the frozen tokenizer and the codes cached beside the data
 (``SPLIT/.codes/<tokenizer hash>-<image list hash>.safetensors``), so the LLM stage never
-re-encodes an image.
+re-encodes an image. The cache holds each image's codes in its tokenizer's layout; a
+variable-length tokenizer's shorter images are padded with ``PAD_CODE`` (``CodeCache.lengths``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import BadImageError, UnicodebookError
+from ..tokenizers.base import PAD_CODE
 from .images import load_image
 
 log = logging.getLogger("unicodebook.data")
@@ -138,14 +140,20 @@ def tokenizer_hash(tok) -> str:
 
 @dataclass
 class CodeCache:
-    codes: torch.Tensor  # (N, gh, gw, G) int16/int32 code indices
+    codes: torch.Tensor  # (N, *layout.shape) int32 code indices, PAD_CODE after a shorter image's end
     index: dict[str, int]  # image path → row
     bad: list[str]  # images that could not be read
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(N,) the number of codes of each image."""
+        return (self.codes.reshape(self.codes.shape[0], -1) != PAD_CODE).sum(1)
+
 
 def cached_codes(tok, folder: Path, images: list[str], fallback: Path | None = None, batch_size: int = 256,
-                 progress: bool = True) -> CodeCache:
-    """Codes of ``images`` (paths relative to ``folder``), encoded once and cached on disk."""
+                 progress: bool = True, odd_size: str = "resize") -> CodeCache:
+    """Codes of ``images`` (paths relative to ``folder``), encoded once by the visual tokenizer
+    ``tok`` and cached on disk; ``odd_size``: what to do with images not at its size."""
     from safetensors.torch import load_file
 
     from ..utils.io import atomic_save_tensors
@@ -175,7 +183,7 @@ def cached_codes(tok, folder: Path, images: list[str], fallback: Path | None = N
     tok.eval()
     for p in tqdm(images, desc="encoding images", disable=not progress, leave=False):
         try:
-            pending.append((p, load_image(folder / p, tok.image_size, tok.config.data.odd_size)))
+            pending.append((p, load_image(folder / p, tok.image_size, odd_size)))
         except BadImageError as e:
             log.warning("skipping bad image %s", e)
             bad.append(p)

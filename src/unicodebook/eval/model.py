@@ -65,7 +65,8 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
         raise UnicodebookError(f"{folder}: nothing to evaluate (no instruct.json or t2i.jsonl records)")
     res["bad_records"] = bad + bad2
     tok = model.tokenizer
-    cache = cached_codes(tok, folder, [c.image for c in convs] + [p.image for p in pairs], progress=progress)
+    cache = cached_codes(tok, folder, [c.image for c in convs] + [p.image for p in pairs], progress=progress,
+                         odd_size=model.config.data.odd_size)
     res["bad_images"] = len(cache.bad)
     was = model.training
     model.eval()
@@ -77,8 +78,9 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
         described = [q for q in qs if q[3] == DESCRIBE_TYPE][:max_describe]
         if described:
             res.update(_describe(model, cache, described, batch_size))
-        images = sorted({c.image for c in convs if c.image in cache.index})[:max_decompress]
-        res["decompression_code_accuracy"] = _decompression(model, cache, images, batch_size)
+        if "decompress" in tok.tasks:
+            images = sorted({c.image for c in convs if c.image in cache.index})[:max_decompress]
+            res["decompression_code_accuracy"] = _decompression(model, cache, images, batch_size)
     pairs = pairs[:max_t2i]
     if pairs:
         res.update(_t2i(model, pairs, batch_size, cfg_scale, temperature, top_k, seed, progress, pictures))

@@ -8,7 +8,7 @@ a causal transformer over G steps whose first input is that hidden state and who
 are the embeddings of the codes chosen so far; each step's output is scored against the unified
 codebook's rows — the LLM's own input embeddings of the code tokens, so there is no new
 vocabulary and no separate output table. What the LLM reads back for a written position is the
-aggregated embedding of its G codes (:func:`position_latents`), the same Ẑ it reads when it
+aggregated embedding of its G codes (the tokenizer's ``position_latents``), the same Ẑ it reads when it
 looks at an image.
 """
 
@@ -122,18 +122,6 @@ class HeadDecoder:
             if k + 1 < g:
                 x = self.in_rows[torch.cat([code, code]) if guided_rows else code]
         return torch.stack(chosen, 1)
-
-
-def position_latents(quantizer, codes: Tensor) -> Tensor:
-    """codes (B, n, G) of n code positions → (B, n, d): each position's aggregated code embedding.
-
-    RQ: the sum of its D codebook rows, i.e. Ẑ at that position. HQ: its top code and the 2×2
-    bottom codes under it fused as the tokenizer fuses them, averaged over the 2×2 latent cells
-    it covers. Computed position by position, so a generated position is read exactly as the
-    same position of an encoded image."""
-    b, n, g = codes.shape
-    z = quantizer.codes_to_embeddings(codes.reshape(b * n, 1, 1, g))  # (B·n, k, k, d)
-    return z.mean((1, 2)).reshape(b, n, -1)
 
 
 def depth_loss(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,19 +1,25 @@
-"""UniCode multimodal LLM: a causal LM that reads Ẑ and writes code ids, plus the frozen tokenizer.
+"""The multimodal LLM: a causal LM that reads and writes images through a frozen visual tokenizer.
 
-Reading: the h·w rows of Ẑ = F(e(M)) replace the input embeddings at the ``<image>`` slots
-(no projector: Ẑ already lives in the LLM's embedding space). Writing, in one of two layouts:
-``flat`` (the paper's) — between ``<img>`` and ``</img>`` the model emits exactly h·w·D code
-token ids (constrained decoding with a KV cache); ``depth`` — the LLM steps once per code
+It knows the tokenizer only through :class:`~unicodebook.tokenizers.base.VisualTokenizer`.
+Reading: a tokenizer that is read as latents (UniCode) has its h·w rows of Ẑ = F(e(M)) replace
+the input embeddings at the ``<image>`` slots (no projector: Ẑ already lives in the LLM's
+embedding space); one read through its codes has ``<img> codes </img>`` there. The code token
+ids come from ``tokenizer.attach`` (UniCode: rows the LLM already has; other families append
+theirs). Writing, in one of two layouts:
+``flat`` (the paper's) — between ``<img>`` and ``</img>`` the model emits the code token ids
+(constrained decoding with a KV cache: exactly h·w·D for a fixed layout; for a variable one
+``</img>`` ends the image, allowed from the layout's minimum, forced at its maximum); ``depth`` — the LLM steps once per code
 position and a small depth transformer (:mod:`.depth`) emits that position's codes, scored
-against the same codebook rows, the LLM reading back each position's aggregated Ẑ. Either way
-codebook → F → decoder turns the codes into a picture.
+against the same codebook rows, the LLM reading back each position's aggregated Ẑ (a tokenizer
+with a depth grid, read as latents). Either way the tokenizer's ``decode`` turns the codes into
+a picture.
 
 A model folder (the stage II run folder) holds::
 
     config.yaml                  the run config
     model.json                   format, geometry, layout and where the tokenizer came from
     depth_head.safetensors       the depth head (depth layout only)
-    visual_tokenizer.safetensors the frozen stage I tokenizer (its visual codebook included)
+    visual_tokenizer/            the frozen stage I tokenizer (``save_frozen``; tagged with its family)
     llm/                         the trained LLM (``save_pretrained``; LoRA merged)
     text_tokenizer/              the text tokenizer with the image markers
 """
@@ -21,6 +27,7 @@ A model folder (the stage II run folder) holds::
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,18 +38,19 @@ from torch import Tensor, nn
 
 from ..config import Config, config_from_dict, read_yaml, save_config
 from ..errors import UnicodebookError
+from ..tokenizers.base import PAD_CODE, load_frozen
 from ..utils.io import atomic_dir, atomic_save_tensors, atomic_write_json
 from .cache import reserve_cache
 from .cpu_decoder import CPUDecoder
 from .cpu_decoder import unsupported as cpu_decoder_unsupported
 from .cpu_kernel import run_kernel, small_linear_kernel, unsupported
-from .depth import DepthHead, depth_loss, position_latents
+from .depth import DepthHead, depth_loss
 from .llm import cache_argument, input_embedding, kv_cache, quiet_transformers
 from .sequence import IGNORE, Batch, SequenceFormat
 from .text import allowed_text_ids, load_text_tokenizer
 
 MODEL_FORMAT = "unicodebook-model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: the visual tokenizer in its own tagged folder
 
 
 SMALL_ROWS = 64  # decoding batches up to this many rows take the small-batch path on CPU
@@ -110,14 +118,15 @@ class ImagePositions(nn.Module):
     become lookups; codes add a depth table. Not a projector: Ẑ itself is unchanged.
     """
 
-    def __init__(self, grid_shape: tuple[int, int, int], latent_size: int, dim: int, std: float = 0.02):
+    def __init__(self, grid_shape: tuple[int, int, int], latent_size: int | None, dim: int, std: float = 0.02):
         super().__init__()
         gh, gw, g = grid_shape
         self.cell = nn.Parameter(torch.randn(gh * gw, dim) * std)
         self.depth = nn.Parameter(torch.randn(g, dim) * std)
-        r = torch.arange(latent_size) * gh // latent_size
-        c = torch.arange(latent_size) * gw // latent_size
-        self.register_buffer("latent_cell", (r[:, None] * gw + c[None, :]).flatten(), persistent=False)
+        if latent_size is not None:  # Ẑ slots of a latent map latent_size × latent_size
+            r = torch.arange(latent_size) * gh // latent_size
+            c = torch.arange(latent_size) * gw // latent_size
+            self.register_buffer("latent_cell", (r[:, None] * gw + c[None, :]).flatten(), persistent=False)
         self.g = g
 
     # F.embedding rather than advanced indexing: its CPU backward sums repeated rows in a fixed
@@ -140,16 +149,17 @@ def attention_kernel(llm) -> str:
     return getattr(llm.config, "_attn_implementation", None) or "sdpa"
 
 
-def image_block_mask(mask: Tensor, image_at: Tensor, slots: int, llm) -> Tensor:
+def image_block_mask(mask: Tensor, image_at: Tensor, slots: int | Tensor, llm) -> Tensor:
     """The LLM's attention mask (B, 1, L, L) for a right- or left-padded batch: causal over the
-    keys ``mask`` (B, L) keeps, except that the ``slots`` Ẑ positions from ``image_at`` (rows
-    ≥ 0) also see each other (a prefix-LM over the image it reads; what it writes stays causal).
+    keys ``mask`` (B, L) keeps, except that the ``slots`` (an int, or one per row) image input
+    positions from ``image_at`` (rows ≥ 0) also see each other (a prefix-LM over the image it reads; what it writes stays causal).
     Every position sees itself, so no row of a left-padded prefill is empty (an empty row is NaN
     in SDPA, and a pad's NaN value would reach the real rows through a zero weight). Boolean
     (True: attend) for SDPA-style kernels, additive for the eager one."""
     length = mask.shape[1]
     i = torch.arange(length, device=mask.device)
     allowed = ((i[:, None] >= i[None, :])[None] & mask[:, None, :].bool()) | (i[:, None] == i[None, :])
+    slots = torch.as_tensor(slots, device=mask.device).reshape(-1, 1)
     inside = (image_at[:, None] >= 0) & (i[None] >= image_at[:, None]) & (i[None] < image_at[:, None] + slots)
     allowed = (allowed | (inside[:, :, None] & inside[:, None, :]))[:, None]
     if attention_kernel(llm) == "eager":
@@ -160,7 +170,7 @@ def image_block_mask(mask: Tensor, image_at: Tensor, slots: int, llm) -> Tensor:
 
 class UniCodeLM(nn.Module):
     """The LLM (trainable), the depth head (depth layout) and the visual tokenizer (frozen, kept
-    out of ``parameters()``).
+    out of ``parameters()``; any :class:`~unicodebook.tokenizers.base.VisualTokenizer`).
 
     ``layout``: ``flat`` writes h·w·D code tokens; ``depth`` one LLM position per code position,
     decoded by a :class:`~.depth.DepthHead` built from ``depth_head`` (its keyword arguments:
@@ -183,30 +193,48 @@ class UniCodeLM(nn.Module):
         self.layout = layout
         dim = input_embedding(llm).weight.shape[1]
         std = float(getattr(llm.config, "initializer_range", 0.02))
-        gh, gw, g = tokenizer.grid_shape
+        codes = tokenizer.layout
+        reads_codes = tokenizer.reads == "codes"
         depth = layout == "depth"
-        if depth and g < 2:
+        if depth and codes.depth < 2:
             raise UnicodebookError(f"a depth head needs several codes per position; this tokenizer's grid "
-                                   f"{gh}×{gw}×{g} has {g}")
+                                   f"{'×'.join(map(str, codes.shape))} has {codes.depth}")
+        if depth and reads_codes:
+            raise UnicodebookError(f"a depth head feeds each written position back as latents; the {tokenizer.family} "
+                                   f"tokenizer is read through its codes")
+        if tokenizer.reads not in ("latents", "codes"):
+            raise UnicodebookError(f"a tokenizer is read as 'latents' or 'codes', not '{tokenizer.reads}'")
+        grid = codes.grid or (1, codes.length, 1)
         self.depth_head_args = dict(depth_head or {})
-        self.depth_head = DepthHead(dim, g, std=std, **self.depth_head_args) if depth else None
-        slots = gh * gw if depth else tokenizer.num_latents
-        self.image_pos = ImagePositions(tokenizer.grid_shape, gh if depth else tokenizer.latent_size, dim, std) \
-            if image_positions else None
+        self.depth_head = DepthHead(dim, grid[2], std=std, **self.depth_head_args) if depth else None
+        slots = None if reads_codes else codes.positions if depth else tokenizer.num_latents
+        side = None if slots is None else math.isqrt(slots)
+        if side is not None and side * side != slots:
+            raise UnicodebookError(f"the {tokenizer.family} tokenizer's {slots} latent slots are not a square map")
+        self.image_pos = ImagePositions(grid, side, dim, std) if image_positions else None
         self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False)
         self.text_tok = text_tok
-        cb = tokenizer.codebook
-        self.fmt = SequenceFormat(text_tok, cb.token_ids, slots, tokenizer.grid_shape, layout)
+        code_ids = tokenizer.attach(llm, text_tok)  # may append rows: read the vocabulary after it
+        self.fmt = SequenceFormat(text_tok, code_ids, codes, slots, layout)
         vocab = input_embedding(llm).weight.shape[0]
-        if int(cb.token_ids.max()) >= vocab:
-            raise UnicodebookError(f"codebook token ids reach {int(cb.token_ids.max())} but the LLM has {vocab} rows")
-        self.register_buffer("code_token_ids", cb.token_ids.clone(), persistent=False)
-        self.register_buffer("text_allowed", allowed_text_ids(text_tok, vocab), persistent=False)
+        if len(code_ids) != tokenizer.num_codes or int(code_ids.max()) >= vocab:
+            raise UnicodebookError(f"the {tokenizer.family} tokenizer's {tokenizer.num_codes} codes are not "
+                                   f"attached to the LLM's {vocab} rows")
+        allowed = allowed_text_ids(text_tok, vocab)
+        if not tokenizer.shares_text_rows:  # its codes are rows of their own: never part of an answer
+            allowed[code_ids] = False
+        self.register_buffer("code_token_ids", code_ids.clone(), persistent=False)
+        self.register_buffer("text_allowed", allowed, persistent=False)
 
     # ---------------------------------------------------------------- shapes
     @property
     def codes_per_image(self) -> int:
         return self.fmt.codes_per_image
+
+    @property
+    def reads_codes(self) -> bool:
+        """The LLM reads an image as its code tokens (not as latents spliced in)."""
+        return self.fmt.reads_codes
 
     @property
     def steps_per_image(self) -> int:
@@ -222,12 +250,15 @@ class UniCodeLM(nn.Module):
         return int(getattr(self.llm.config, "max_position_embeddings", 1 << 30))
 
     # ---------------------------------------------------------------- inputs
-    def latents(self, codes: Tensor) -> Tensor:
+    def latents(self, codes: Tensor) -> Tensor | None:
         """codes (B, gh, gw, G) → what the LLM reads for the images, from the frozen visual
-        codebook: Ẑ (B, h·w, d) (flat layout) or each code position's aggregate (B, gh·gw, d)."""
+        codebook: Ẑ (B, h·w, d) (flat layout) or each code position's aggregate (B, gh·gw, d);
+        None for a tokenizer read through its codes (they are in the sequence itself)."""
+        if self.reads_codes:
+            return None
         with torch.no_grad():
             if self.layout == "depth":
-                return position_latents(self.tokenizer.quantizer, codes.long().flatten(1, 2))
+                return self.tokenizer.position_latents(codes.long().flatten(1, 2))
             return self.tokenizer.embed(codes.long())
 
     def _put_image(self, emb: Tensor, at: Tensor, latents: Tensor | None) -> Tensor:
@@ -244,29 +275,43 @@ class UniCodeLM(nn.Module):
         pos = at[rows, None] + torch.arange(latents.shape[1], device=emb.device)
         return emb.index_put((rows[:, None], pos), latents)
 
-    def embed_inputs(self, input_ids: Tensor, image_at: Tensor, latents: Tensor | None,
-                     codes_at: Tensor | None = None, n_codes: Tensor | None = None,
-                     written: Tensor | None = None) -> Tensor:
-        """Token embeddings with Ẑ written over the h·w slots starting at ``image_at`` (rows ≥ 0),
-        and (with image positions) the position embeddings of those slots and of the ``n_codes``
-        code tokens starting at ``codes_at``. Depth layout: ``written`` (R, gh·gw, d), the
-        aggregates of the written image's positions, over the slots from ``codes_at``."""
-        emb = self._put_image(input_embedding(self.llm)(input_ids), image_at, latents)
-        if self.layout == "depth":
-            return emb if codes_at is None else self._put_image(emb, codes_at, written)
-        if self.image_pos is not None and codes_at is not None:
-            offs = torch.arange(input_ids.shape[1], device=emb.device) - codes_at[:, None]
-            inside = (codes_at[:, None] >= 0) & (offs >= 0) & (offs < n_codes[:, None])
-            if bool(inside.any()):
-                emb = emb.index_put(inside.nonzero(as_tuple=True), emb[inside] + self.image_pos.codes(offs[inside]).to(emb.dtype))
+    def _code_positions(self, emb: Tensor, at: Tensor, n: Tensor) -> Tensor:
+        """``emb`` plus the image-position embeddings of the ``n`` code tokens from ``at`` (rows ≥ 0)."""
+        if self.image_pos is None:
+            return emb
+        offs = torch.arange(emb.shape[1], device=emb.device) - at[:, None]
+        inside = (at[:, None] >= 0) & (offs >= 0) & (offs < n.to(emb.device)[:, None])
+        if bool(inside.any()):
+            emb = emb.index_put(inside.nonzero(as_tuple=True), emb[inside] + self.image_pos.codes(offs[inside]).to(emb.dtype))
         return emb
 
-    def attention_mask(self, mask: Tensor, image_at: Tensor) -> Tensor:
+    def embed_inputs(self, input_ids: Tensor, image_at: Tensor, latents: Tensor | None,
+                     codes_at: Tensor | None = None, n_codes: Tensor | None = None,
+                     written: Tensor | None = None, image_len: Tensor | None = None) -> Tensor:
+        """Token embeddings with Ẑ written over the h·w slots starting at ``image_at`` (rows ≥ 0)
+        — or, for a tokenizer read through its codes, the ``image_len`` code tokens there as they
+        are —, and (with image positions) the position embeddings of those slots and of the
+        ``n_codes`` code tokens starting at ``codes_at``. Depth layout: ``written`` (R, gh·gw, d),
+        the aggregates of the written image's positions, over the slots from ``codes_at``."""
+        emb = input_embedding(self.llm)(input_ids)
+        if self.reads_codes:
+            if image_len is None:
+                raise ValueError("the image's length is needed where the LLM reads its codes")
+            emb = self._code_positions(emb, image_at, image_len)
+        else:
+            emb = self._put_image(emb, image_at, latents)
+        if self.layout == "depth":
+            return emb if codes_at is None else self._put_image(emb, codes_at, written)
+        return emb if codes_at is None else self._code_positions(emb, codes_at, n_codes)
+
+    def attention_mask(self, mask: Tensor, image_at: Tensor, image_len: Tensor | None = None) -> Tensor:
         """What the LLM is given as its attention mask: the padding mask ``mask`` (B, L) as it is
-        (causal), or with ``image_attention: bidirectional`` the 4-D mask of :func:`image_block_mask`."""
+        (causal), or with ``image_attention: bidirectional`` the 4-D mask of :func:`image_block_mask`
+        over each row's ``image_len`` input slots (all: ``num_latents`` when read as latents)."""
         if self.image_attention == "causal" or not bool((image_at >= 0).any()):
             return mask
-        return image_block_mask(mask, image_at, self.fmt.num_latents, self.llm)
+        slots = self.fmt.num_latents if image_len is None or not self.reads_codes else image_len
+        return image_block_mask(mask, image_at, slots, self.llm)
 
     def code_embedding(self, token_ids: Tensor, index: int) -> Tensor:
         """Input embedding (B, 1, d) of the code tokens at sequence index ``index`` of an image."""
@@ -280,9 +325,10 @@ class UniCodeLM(nn.Module):
             return self._forward_depth(batch, latents)
         dev = self.device
         ids, labels, mask = batch.input_ids.to(dev), batch.labels.to(dev), batch.attention_mask.to(dev)
-        image_at = batch.image_at.to(dev)
-        emb = self.embed_inputs(ids, image_at, latents, batch.codes_at.to(dev), batch.n_codes.to(dev))
-        logits = self.llm(inputs_embeds=emb, attention_mask=self.attention_mask(mask, image_at)).logits
+        image_at, image_len = batch.image_at.to(dev), batch.image_len.to(dev)
+        emb = self.embed_inputs(ids, image_at, latents, batch.codes_at.to(dev), batch.n_codes.to(dev),
+                                image_len=image_len)
+        logits = self.llm(inputs_embeds=emb, attention_mask=self.attention_mask(mask, image_at, image_len)).logits
         # shift the labels, not the logits: no copy of the (B, L, V) tensor
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE)
@@ -310,7 +356,7 @@ class UniCodeLM(nn.Module):
         codes_at = batch.codes_at.to(dev)
         codes = batch.codes.to(dev) if batch.codes is not None else None
         codes_in = batch.codes_in.to(dev) if batch.codes_in is not None else codes
-        written = position_latents(self.tokenizer.quantizer, codes_in) if codes is not None else None
+        written = self.tokenizer.position_latents(codes_in) if codes is not None else None
         image_at = batch.image_at.to(dev)
         emb = self.embed_inputs(ids, image_at, latents, codes_at, written=written)
         hidden = self._hidden(emb, self.attention_mask(mask, image_at)).last_hidden_state
@@ -339,7 +385,7 @@ class UniCodeLM(nn.Module):
             raise UnicodebookError(f"{what} needs {n} positions but the model's context is {self.max_positions}")
 
     def _prefill(self, rows: list[list[int]], image_at: list[int], latents: Tensor | None, extra: int,
-                 hidden: bool = False):
+                 hidden: bool = False, image_len: list[int] | None = None):
         """Left-pad ``rows``, run them through the LLM once; → (last logits — or with ``hidden``
         the last normed hidden states —, cache, mask, next positions)."""
         dev = self.device
@@ -355,8 +401,9 @@ class UniCodeLM(nn.Module):
             if image_at[i] >= 0:
                 at[i] = image_at[i] + n - len(r)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        emb = self.embed_inputs(ids, at, latents)
-        attend = self.attention_mask(mask, at)
+        lens = torch.tensor(image_len or [0] * len(rows), dtype=torch.long, device=dev)
+        emb = self.embed_inputs(ids, at, latents, image_len=lens)
+        attend = self.attention_mask(mask, at, lens)
         if hidden:
             out = self._hidden(emb, attend, position_ids=pos, use_cache=True)
             last = out.last_hidden_state[:, -1]
@@ -399,10 +446,13 @@ class UniCodeLM(nn.Module):
     @torch.inference_mode()
     def generate_codes(self, prompts: list[str | None], cfg_scale: float = 3.0, temperature: float = 1.0,
                        top_k: int = 0, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-        """Constrained decoding: for each prompt exactly h·w·D code ids after ``<img>``.
+        """Constrained decoding: for each prompt the code ids after ``<img>`` — exactly the
+        layout's number for a fixed layout; for a variable one until ``</img>``, which is allowed
+        from the layout's minimum and forced at its maximum.
 
         ``cfg_scale`` != 1 adds the unconditional prefix ``<s> <img>`` as a second half of the
-        batch and samples from u + s·(c − u). Returns code indices (B, gh, gw, G).
+        batch and samples from u + s·(c − u). Returns code indices (B, *layout.shape), the
+        positions after a shorter image's end :data:`~unicodebook.tokenizers.base.PAD_CODE`.
         """
         was = self.training
         self.eval()
@@ -415,23 +465,42 @@ class UniCodeLM(nn.Module):
             codes = self._generate_depth(rows, b, cfg_scale, temperature, top_k, generator, progress)
             self.train(was)
             return codes
-        extra = self.codes_per_image + 2
-        logits, cache, mask, pos = self._prefill(rows, [-1] * len(rows), None, extra)
-        codes = torch.empty((b, self.codes_per_image), dtype=torch.long, device=self.device)
-        from tqdm.auto import tqdm
-
-        sub = logits[:, self.code_token_ids]  # only code ids are allowed between the markers
-        with self._decoder(cache, mask, pos, extra, out_rows=self.code_token_ids) as step:
-            for t in tqdm(range(self.codes_per_image), desc="codes", disable=not progress, leave=False):
-                if guided:
-                    sub = sub[b:] + cfg_scale * (sub[:b] - sub[b:])
-                codes[:, t] = _sample(sub, temperature, top_k, generator)
-                if t == self.codes_per_image - 1:
-                    break
-                nxt = self.code_token_ids[codes[:, t]]
-                sub = step(self.code_embedding(torch.cat([nxt, nxt]) if guided else nxt, t))
+        codes = self._generate_flat(rows, b, cfg_scale, temperature, top_k, generator, progress)
         self.train(was)
         return self.fmt.ids_to_codes(codes)
+
+    def _generate_flat(self, rows: list[list[int]], b: int, cfg_scale: float, temperature: float, top_k: int,
+                       generator: torch.Generator | None, progress: bool) -> Tensor:
+        """Flat layout: code ids one LLM step each (the output restricted to the code rows, and
+        ``</img>`` where the layout's length varies). → (B, length) code indices, padded."""
+        from tqdm.auto import tqdm
+
+        guided = len(rows) > b
+        layout = self.fmt.code_layout
+        n, shortest, end = layout.length, layout.shortest, len(self.code_token_ids)
+        out_rows = self.code_token_ids
+        if not layout.fixed:  # the last column stands for </img>
+            out_rows = torch.cat([out_rows, out_rows.new_tensor([self.fmt.end_id])])
+        extra = n + 2
+        logits, cache, mask, pos = self._prefill(rows, [-1] * len(rows), None, extra)
+        codes = torch.full((b, n), PAD_CODE, dtype=torch.long, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        sub = logits[:, out_rows]  # only code ids (and </img>) are allowed between the markers
+        with self._decoder(cache, mask, pos, extra, out_rows=out_rows) as step:
+            for t in tqdm(range(n), desc="codes", disable=not progress, leave=False):
+                if guided:
+                    sub = sub[b:] + cfg_scale * (sub[:b] - sub[b:])
+                if not layout.fixed and t < shortest:
+                    sub = sub.clone()
+                    sub[:, end] = float("-inf")
+                pick = _sample(sub, temperature, top_k, generator)
+                done |= pick == end
+                codes[:, t] = pick.masked_fill(done, PAD_CODE)
+                if t == n - 1 or bool(done.all()):
+                    break
+                nxt = out_rows[pick]
+                sub = step(self.code_embedding(torch.cat([nxt, nxt]) if guided else nxt, t))
+        return codes
 
     def _generate_depth(self, rows: list[list[int]], b: int, cfg_scale: float, temperature: float, top_k: int,
                         generator: torch.Generator | None, progress: bool) -> Tensor:
@@ -457,7 +526,7 @@ class UniCodeLM(nn.Module):
                 codes[:, t] = head.sample(h, pick, b if guided else 0, cfg_scale)
                 if t == n - 1:
                     break
-                x = position_latents(self.tokenizer.quantizer, codes[:, t:t + 1])[:, 0]
+                x = self.tokenizer.position_latents(codes[:, t:t + 1])[:, 0].to(table.weight.device)
                 if cells is not None:
                     x = x + cells[t]
                 h = step((torch.cat([x, x]) if guided else x)[:, None].to(table.weight.dtype))
@@ -475,12 +544,14 @@ class UniCodeLM(nn.Module):
 
     @torch.inference_mode()
     def answer(self, codes: Tensor, questions: list[str], max_new_tokens: int = 16) -> list[str]:
-        """Greedy answers to one question per image (codes (B, gh, gw, G)), text ids only."""
+        """Greedy answers to one question per image (codes (B, *layout.shape)), text ids only."""
         was = self.training
         self.eval()
-        prompts = [self.fmt.prompt(q) for q in questions]
+        codes = codes.cpu()
+        prompts = [self.fmt.prompt(q, codes=c) for q, c in zip(questions, codes)]
         latents = self.latents(codes)
-        logits, cache, mask, pos = self._prefill([p for p, _ in prompts], [a for _, a in prompts], latents, max_new_tokens)
+        logits, cache, mask, pos = self._prefill([p for p, _ in prompts], [a for _, a in prompts], latents, max_new_tokens,
+                                                 image_len=[self.fmt.read_length(c) for c in codes])
         eos = self.fmt.eos_id
         out = [[] for _ in questions]
         done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
@@ -524,8 +595,7 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
-    atomic_save_tensors(model.tokenizer.state_dict(), folder / "visual_tokenizer.safetensors",
-                        metadata={"format": "unicodebook-tokenizer"})
+    model.tokenizer.save_frozen(folder / "visual_tokenizer")
     states = states or {}
     if model.image_pos is not None:
         atomic_save_tensors(states.get("image_positions") or model.image_pos.state_dict(),
@@ -542,10 +612,11 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, 
     with atomic_dir(folder / "text_tokenizer") as tmp:
         model.text_tok.save_pretrained(str(tmp))
     tok = model.tokenizer
+    codes = tok.layout
     atomic_write_json(folder / "model.json", {
-        "format": MODEL_FORMAT, "version": MODEL_VERSION, "tokenizer_run": str(tokenizer_run),
-        "image_size": tok.image_size, "grid_shape": list(tok.grid_shape), "codes_per_image": tok.codes_per_image,
-        "num_latents": tok.num_latents, "num_codes": tok.codebook.num_codes,
+        "format": MODEL_FORMAT, "version": MODEL_VERSION, "tokenizer_run": str(tokenizer_run), "family": tok.family,
+        "image_size": tok.image_size, "code_shape": list(codes.shape), "codes_per_image": codes.length,
+        "min_codes_per_image": codes.shortest, "reads": tok.reads, "num_codes": tok.num_codes,
         "image_positions": model.image_pos is not None, "layout": model.layout,
         "image_attention": model.image_attention,
         **({"depth_head": model.depth_head_args} if model.depth_head is not None else {}),
@@ -557,8 +628,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..tokenizers.unicode.build import tokenizer_from_file
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UnicodebookError(f"model folder '{folder}' does not exist")
@@ -567,13 +636,15 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
     except (OSError, json.JSONDecodeError):
         raise UnicodebookError(f"{folder}: not a model folder (missing or unreadable model.json)") from None
     if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
-        raise UnicodebookError(f"{folder}: model.json is not a {MODEL_FORMAT} v{MODEL_VERSION} file")
-    for name, what in (("visual_tokenizer.safetensors", "visual tokenizer"), ("text_tokenizer", "text tokenizer"),
+        old = meta.get("format") == MODEL_FORMAT and isinstance(meta.get("version"), int) and meta["version"] < MODEL_VERSION
+        raise UnicodebookError(f"{folder}: model.json is not a {MODEL_FORMAT} v{MODEL_VERSION} file"
+                               + (f" (v{meta['version']}: written by an earlier unicodebook; train it again)" if old else ""))
+    for name, what in (("visual_tokenizer", "visual tokenizer"), ("text_tokenizer", "text tokenizer"),
                        ("llm/config.json", "LLM")):
         if not (folder / name).exists():
             raise UnicodebookError(f"{folder}: no bound {what} (missing {name})")
     cfg = config_from_dict(read_yaml(folder / "config.yaml"))
-    tok = tokenizer_from_file(folder / "visual_tokenizer.safetensors", cfg)
+    tok = load_frozen(folder / "visual_tokenizer")
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()

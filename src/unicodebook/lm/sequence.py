@@ -22,6 +22,11 @@ aggregated embeddings of the (teacher-forced) codes of the positions; the codes 
 along in ``Sample.codes`` as the depth head's targets. The hidden state at ``<img>`` and at each
 slot but the last predicts the next position's codes; the last slot predicts ``</img>``.
 
+A tokenizer the LLM reads through its codes (``reads == "codes"``: SEED-like families) has no
+``[Ẑ]``: an image it reads is ``<img> codes </img>`` at the ``<image>`` place, and its codes may
+be of variable length (a 1-D layout with a minimum and a maximum): every sequence is built per
+sample, with as many code tokens as that image has.
+
 Decompression in segments: with S > 1 segments a sample teaches one segment of the code
 sequence (chosen at random), the earlier segments given as unlabelled context, so the mean
 sequence is shorter.
@@ -34,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tokenizers.base import PAD_CODE, CodeLayout
 from .text import IMAGE_TOKEN, IMG_END, IMG_START, marker_ids, text_ids
 
 IGNORE = -100
@@ -44,16 +50,21 @@ USER, ASSISTANT = "USER:", "ASSISTANT:"
 class Sample:
     input_ids: list[int]
     labels: list[int]
-    image_at: int = -1  # index of the first of the h·w Ẑ positions, -1: no image input
+    image_at: int = -1  # index of the first of the image's input slots (Ẑ or code tokens), -1: no image input
+    image_len: int = 0  # how many input slots the image has
     codes_at: int = -1  # index of the first code token after <img>, -1: none
     n_codes: int = 0  # how many code tokens follow (fewer than h·w·D in a decompression segment); depth: slots
     codes: torch.Tensor | None = None  # depth layout: the (gh·gw, G) codes the slots after codes_at stand for
 
 
 class SequenceFormat:
-    """Turns conversations, captions and code grids into token sequences for one model."""
+    """Turns conversations, captions and codes into token sequences for one model.
 
-    def __init__(self, text_tok, code_token_ids: torch.Tensor, num_latents: int, grid_shape: tuple[int, int, int],
+    ``code_layout``: the tokenizer's :class:`~unicodebook.tokenizers.base.CodeLayout`;
+    ``num_latents``: the Ẑ slots of an image it reads, or None when it reads the image's codes;
+    ``layout``: how images are written (``flat`` or ``depth``)."""
+
+    def __init__(self, text_tok, code_token_ids: torch.Tensor, code_layout: CodeLayout, num_latents: int | None,
                  layout: str = "flat"):
         self.tok = text_tok
         ids = marker_ids(text_tok)
@@ -63,10 +74,12 @@ class SequenceFormat:
         self.pad_id = text_tok.pad_token_id
         self.code_token_ids = code_token_ids.cpu()
         self.num_latents = num_latents
-        self.grid_shape = tuple(grid_shape)
-        self.codes_per_image = grid_shape[0] * grid_shape[1] * grid_shape[2]
+        self.reads_codes = num_latents is None
+        self.code_layout = code_layout
+        self.grid_shape = code_layout.grid or (1, code_layout.length, 1)
+        self.codes_per_image = code_layout.length  # the most, when variable
         self.layout = layout
-        self.positions = grid_shape[0] * grid_shape[1]  # depth layout: LLM steps per written image
+        self.positions = code_layout.positions  # depth layout: LLM steps per written image
 
     # ---------------------------------------------------------------- pieces
     def _bos(self) -> list[int]:
@@ -75,8 +88,23 @@ class SequenceFormat:
     def text(self, s: str) -> list[int]:
         return text_ids(self.tok, s)
 
-    def _with_images(self, s: str) -> tuple[list[int], int]:
-        """Text that may contain one ``<image>``: ids with h·w placeholder slots there."""
+    def read_length(self, codes: torch.Tensor | None) -> int:
+        """Input slots of an image the LLM reads: h·w Ẑ slots, or as many as its codes."""
+        if not self.reads_codes:
+            return self.num_latents
+        if codes is None:
+            raise ValueError("this tokenizer is read through its codes: the image's codes are needed")
+        return len(self.codes_to_ids(codes))
+
+    def _image_slots(self, codes: torch.Tensor | None) -> tuple[list[int], int]:
+        """The ids standing for one read image and the index of its first slot among them:
+        h·w ``<image>`` placeholders (Ẑ goes there), or ``<img> code ids </img>``."""
+        if not self.reads_codes:
+            return [self.image_id] * self.num_latents, 0
+        return [self.start_id] + self.codes_to_ids(codes) + [self.end_id], 1
+
+    def _with_images(self, s: str, codes: torch.Tensor | None = None) -> tuple[list[int], int]:
+        """Text that may contain one ``<image>``: ids with the image's slots there → (ids, first slot)."""
         if IMAGE_TOKEN not in s:
             return self.text(s), -1
         before, after = s.split(IMAGE_TOKEN, 1)
@@ -84,24 +112,28 @@ class SequenceFormat:
             raise ValueError("one <image> per sample is supported")
         head = self.text(before.strip()) if before.strip() else []
         tail = self.text(after.strip()) if after.strip() else []
-        return head + [self.image_id] * self.num_latents + tail, len(head)
+        slots, first = self._image_slots(codes)
+        return head + slots + tail, len(head) + first
 
     def codes_to_ids(self, codes: torch.Tensor) -> list[int]:
-        """codes (gh, gw, G) code indices → the h·w·D token ids in sequence order."""
-        return self.code_token_ids[codes.reshape(-1).long()].tolist()
+        """One image's codes (its layout's shape; padding dropped) → their token ids in sequence order."""
+        flat = codes.reshape(-1).long()
+        return self.code_token_ids[flat[flat != PAD_CODE]].tolist()
 
     def ids_to_codes(self, code_indices: torch.Tensor) -> torch.Tensor:
-        """(B, h·w·D) code indices in sequence order → (B, gh, gw, G)."""
-        return code_indices.reshape(-1, *self.grid_shape)
+        """(B, length) code indices in sequence order (:data:`PAD_CODE` after a shorter image's end)
+        → (B, *layout.shape)."""
+        return self.code_layout.unflatten(code_indices)
 
     # ---------------------------------------------------------------- tasks
-    def conversation(self, turns: list[dict]) -> Sample:
-        """LLaVA turns ``[{"from": "human"|"gpt", "value": …}, …]``; loss on the gpt turns only."""
+    def conversation(self, turns: list[dict], codes: torch.Tensor | None = None) -> Sample:
+        """LLaVA turns ``[{"from": "human"|"gpt", "value": …}, …]``; loss on the gpt turns only.
+        ``codes``: the image's, where the LLM reads them."""
         ids, labels, image_at = self._bos(), [], -1
         labels = [IGNORE] * len(ids)
         for t in turns:
             if t["from"] == "human":
-                part, at = self._with_images(f"{USER} {t['value']} {ASSISTANT}")
+                part, at = self._with_images(f"{USER} {t['value']} {ASSISTANT}", codes)
                 if at >= 0:
                     if image_at >= 0:
                         raise ValueError("one <image> per conversation is supported")
@@ -112,12 +144,12 @@ class SequenceFormat:
                 part = self.text(t["value"]) + [self.eos_id]
                 ids += part
                 labels += part
-        return Sample(ids, labels, image_at)
+        return Sample(ids, labels, image_at, self.read_length(codes) if image_at >= 0 else 0)
 
-    def prompt(self, question: str, with_image: bool = True) -> tuple[list[int], int]:
-        """The input of one question: ``<s> USER: [Ẑ] question ASSISTANT:`` → (ids, image_at)."""
+    def prompt(self, question: str, with_image: bool = True, codes: torch.Tensor | None = None) -> tuple[list[int], int]:
+        """The input of one question: ``<s> USER: [image] question ASSISTANT:`` → (ids, image_at)."""
         body = f"{IMAGE_TOKEN}\n{question}" if with_image else question
-        part, at = self._with_images(f"{USER} {body} {ASSISTANT}")
+        part, at = self._with_images(f"{USER} {body} {ASSISTANT}", codes)
         bos = self._bos()
         return bos + part, (len(bos) + at if at >= 0 else -1)
 
@@ -126,10 +158,12 @@ class SequenceFormat:
         slots = [self.image_id] * self.positions
         ids = prefix + [self.start_id] + slots + [self.end_id, self.eos_id]
         labels = [IGNORE] * len(prefix) + [self.start_id] + [IGNORE] * len(slots) + [self.end_id, self.eos_id]
-        return Sample(ids, labels, image_at, len(prefix) + 1, self.positions,
-                      codes.reshape(self.positions, self.grid_shape[2]).long())
+        return Sample(ids, labels, image_at, self.num_latents if image_at >= 0 else 0, len(prefix) + 1,
+                      self.positions, codes.reshape(self.positions, self.grid_shape[2]).long())
 
     def decompression(self, codes: torch.Tensor, segments: int = 1, segment: int = 0) -> Sample:
+        if self.reads_codes:
+            raise ValueError("decompression needs an image read as Ẑ: this tokenizer is read through its codes")
         prefix, at = self.prompt("", with_image=True)
         if self.layout == "depth":
             return self._written(prefix, codes, at)
@@ -142,7 +176,7 @@ class SequenceFormat:
         labels = [IGNORE] * len(prefix)
         labels += [self.start_id] if segment == 0 else [IGNORE]
         labels += [IGNORE] * lo + code_ids[lo:hi] + ([self.end_id, self.eos_id] if last else [])
-        return Sample(ids, labels, at, len(prefix) + 1, hi)
+        return Sample(ids, labels, at, self.num_latents, len(prefix) + 1, hi)
 
     def t2i_prefix(self, caption: str | None) -> list[int]:
         """``<s> caption <img>`` (``caption=None``: the unconditional prefix ``<s> <img>``)."""
@@ -152,9 +186,10 @@ class SequenceFormat:
         prefix = self.t2i_prefix(caption)
         if self.layout == "depth":
             return self._written(prefix[:-1], codes)
-        tail = self.codes_to_ids(codes) + [self.end_id, self.eos_id]
+        code_ids = self.codes_to_ids(codes)
+        tail = code_ids + [self.end_id, self.eos_id]
         labels = [IGNORE] * (len(prefix) - 1) + [self.start_id] + tail
-        return Sample(prefix + tail, labels, codes_at=len(prefix), n_codes=self.codes_per_image)
+        return Sample(prefix + tail, labels, codes_at=len(prefix), n_codes=len(code_ids))
 
 
 @dataclass
@@ -163,6 +198,7 @@ class Batch:
     labels: torch.Tensor  # (B, L), IGNORE on padding and unlabelled positions
     attention_mask: torch.Tensor  # (B, L)
     image_at: torch.Tensor  # (B,), -1 where no image
+    image_len: torch.Tensor  # (B,) input slots of the image read
     codes_at: torch.Tensor  # (B,), -1 where no codes
     n_codes: torch.Tensor  # (B,)
     codes: torch.Tensor | None = None  # depth layout: (R, gh·gw, G) targets of the R rows with codes_at >= 0
@@ -184,7 +220,7 @@ def collate(samples: list[Sample], pad_id: int) -> Batch:
         return torch.tensor([getattr(s, name) for s in samples])
 
     written = [s.codes for s in samples if s.codes is not None]
-    return Batch(ids, labels, mask, col("image_at"), col("codes_at"), col("n_codes"),
+    return Batch(ids, labels, mask, col("image_at"), col("image_len"), col("codes_at"), col("n_codes"),
                  torch.stack(written) if written else None)
 
 

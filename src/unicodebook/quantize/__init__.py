@@ -2,7 +2,7 @@
 
 from .codebook import CodebookRule, UnifiedCodebook
 from .search import nearest_code
-from .stacked import HierarchicalQuantizer, QuantOutput, ResidualQuantizer, build_quantizer, code_grid_shape
+from .stacked import HierarchicalQuantizer, QuantOutput, ResidualQuantizer, build_quantizer, code_grid_shape, position_embeddings
 
 __all__ = [
     "CodebookRule",
@@ -13,4 +13,5 @@ __all__ = [
     "QuantOutput",
     "build_quantizer",
     "code_grid_shape",
+    "position_embeddings",
 ]

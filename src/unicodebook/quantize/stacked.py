@@ -216,3 +216,15 @@ def code_grid_shape(kind: str, latent_hw: int, depth: int) -> tuple[int, int, in
     if kind == "rq":
         return latent_hw, latent_hw, depth
     return latent_hw // 2, latent_hw // 2, 5 * depth
+
+
+def position_embeddings(quantizer, codes: Tensor) -> Tensor:
+    """codes (B, n, G) of n code positions → (B, n, d): each position's aggregated code embedding.
+
+    RQ: the sum of its D codebook rows, i.e. Ẑ at that position. HQ: its top code and the 2×2
+    bottom codes under it fused as the quantizer fuses them, averaged over the 2×2 latent cells
+    it covers. Computed position by position, so a generated position is read exactly as the
+    same position of an encoded image."""
+    b, n, g = codes.shape
+    z = quantizer.codes_to_embeddings(codes.reshape(b * n, 1, 1, g))  # (B·n, k, k, d)
+    return z.mean((1, 2)).reshape(b, n, -1)

@@ -1,4 +1,8 @@
-"""Stage II recipe: teach the LLM to read and write images through the unified codebook.
+"""Stage II recipe: teach the LLM to read and write images through a frozen visual tokenizer.
+
+The tokenizer is any registered family (``tokenizers.base``), known here only through its
+interface: stage II owns the LLM — UniCode's is the one its codebook is bound to, another family
+attaches its code rows to the configured one — and trains the tasks the family offers.
 
 Life cycle: setup (run folder, text tokenizer with the image markers, LLM — full or LoRA —,
 records, cached codes) → train (one task per step, drawn by ``train_lm.tasks`` weights; tqdm,
@@ -29,11 +33,11 @@ from ..config import Config, LMTrainConfig, load_config, save_config
 from ..data.multimodal import cached_codes, read_records, split_folder
 from ..data.sources import ShardRecords, is_shard_spec
 from ..errors import UnicodebookError
-from ..lm.llm import BUILTIN, enable_checkpointing
+from ..lm.llm import BUILTIN, enable_checkpointing, load_llm
 from ..lm.model import UniCodeLM, load_model, save_model
 from ..lm.sequence import ASSISTANT, USER, collate, corrupt_codes
 from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_word_tokenizer
-from ..tokenizers.unicode import load_tokenizer
+from ..tokenizers.base import load_tokenizer
 from .checkpoint import check_resume, load_checkpoint
 from .engine import Engine, NonFiniteError, NonFiniteGuard, save_training_checkpoint
 from .runlog import RunLog
@@ -138,6 +142,8 @@ def load_start(folder: str | Path, tok, image_positions: bool, layout: str = "fl
         start = load_model(folder)
     except UnicodebookError as e:
         raise UnicodebookError(f"train_lm.init_from: {e}") from None
+    if start.tokenizer.family != tok.family:
+        raise UnicodebookError(f"train_lm.init_from: {folder} reads {start.tokenizer.family} codes, this run {tok.family}")
     mine, theirs = tok.state_dict(), start.tokenizer.state_dict()
     if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape or not torch.equal(mine[k].cpu(), theirs[k])
                                            for k in mine):
@@ -182,9 +188,16 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
 
     # ------------------------------------------------------------------ setup
     tok = load_tokenizer(tokenizer_run, device=engine.device)  # frozen: encodes and embeds where the LLM trains
-    llm = tok.llm
-    # the tokenizer run defines the model and its LLM; stage II settings come from cfg
-    cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
+    for _, p in phases.phases:
+        for t in TASKS:
+            if getattr(p.tasks, t) > 0 and t not in tok.tasks:
+                raise UnicodebookError(f"the {tok.family} tokenizer offers no '{t}' task (it offers "
+                                       f"{', '.join(tok.tasks)}): set train_lm.tasks.{t}=0")
+    llm = tok.bound_llm()  # UniCode: the LLM whose rows are its codebook
+    if tok.config is not None:  # the tokenizer run defines the model and its LLM; stage II settings come from cfg
+        cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
+    if llm is None:
+        llm = load_llm(cfg.llm, seed=lc.seed)
     ckpts = check_resume(run, cfg, resume)
     start = load_start(lc.init_from, tok, lc.image_positions, lc.image_layout) if lc.init_from and not resume else None
     streaming = is_shard_spec(data)
@@ -239,7 +252,8 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         images = [c.image for c in records.conversations] + [c.image for c in records.captions]
         for turn in (True, False):  # the main process encodes and writes the cache; the others read it
             if turn == main:
-                cache = cached_codes(tok, folder, images, fallback=run / "codes_cache", progress=progress and main)
+                cache = cached_codes(tok, folder, images, fallback=run / "codes_cache", progress=progress and main,
+                                     odd_size=cfg.data.odd_size)
             engine.barrier()
         convs = [c for c in records.conversations if c.image in cache.index]
         caps = [c for c in records.captions if c.image in cache.index]
@@ -290,8 +304,8 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
         pc = phases.at(step)[1]
         if task == "instruct":
             items = engine.shard([convs[i] for i in idx])
-            samples = [fmt.conversation(c.turns) for c in items]
             keys = [cache.index[c.image] for c in items]
+            samples = [fmt.conversation(c.turns, cache.codes[k].long()) for c, k in zip(items, keys)]
         elif task == "decompress":
             segs = engine.shard(torch.randint(lc.decompress_segments, (len(idx),), generator=g).tolist())
             keys = [cache.index[decomp[i]] for i in engine.shard(idx)]
@@ -329,7 +343,7 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
                 continue
             task = allowed[int(torch.multinomial(w, 1, generator=g))]
             if task == "instruct":
-                samples.append(fmt.conversation(conv))
+                samples.append(fmt.conversation(conv, codes[i]))
                 with_image.append(i)
             elif task == "decompress":
                 seg = int(torch.randint(lc.decompress_segments, (1,), generator=g))

@@ -6,6 +6,7 @@ A tokenizer folder holds:
 * ``model.safetensors``  — encoder, decoder, projections, the visual codebook and its EMA
                            statistics and the code-index → token-id map;
 * ``binding.json``       — which LLM the codebook is bound to and a fingerprint of its rows;
+* ``visual_tokenizer.json`` — the family tag (``unicode``), written last;
 * ``llm/``               — the builtin LLM (``save_pretrained``), when that is the LLM;
 * ``llm_rows.safetensors`` — the rows written into an external LLM (``dual`` mode only).
 """
@@ -24,6 +25,7 @@ from ...errors import UnicodebookError
 from ...lm.llm import BUILTIN, quiet_transformers, embedding_fingerprint, input_embedding, load_llm
 from ...quantize import CodebookRule, UnifiedCodebook
 from ...utils.io import atomic_dir, atomic_save_tensors, atomic_write_text, first_state_mismatch
+from ..base import write_family
 from .model import UniCodeTokenizer
 
 BINDING_VERSION = 1
@@ -65,8 +67,8 @@ def build_tokenizer(cfg: Config, llm=None, seed: int = 0) -> UniCodeTokenizer:
 def save_tokenizer(tok: UniCodeTokenizer, folder: Path) -> None:
     """Write (or refresh) the tokenizer files in ``folder``; a run folder is a tokenizer folder.
 
-    Each file is written to a temporary name and renamed; ``binding.json`` goes last, so a
-    crash mid-save leaves a folder whose fingerprint check refuses the mismatch.
+    Each file is written to a temporary name and renamed; ``binding.json`` and the family tag go
+    last, so a crash mid-save leaves a folder whose fingerprint check refuses the mismatch.
     """
     cfg: Config = tok.config
     cb = tok.codebook
@@ -90,6 +92,26 @@ def save_tokenizer(tok: UniCodeTokenizer, folder: Path) -> None:
         "fingerprint": embedding_fingerprint(cb.llm_embedding.weight, cb.token_ids),
     }
     atomic_write_text(folder / "binding.json", json.dumps(binding, indent=2))
+    write_family(folder, UniCodeTokenizer.family)
+
+
+def save_frozen(tok: UniCodeTokenizer, folder: Path) -> None:
+    """The copy a stage II model folder keeps: config and weights (its visual codebook included),
+    no LLM — the model folder holds the trained one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(tok.config, folder / "config.yaml")
+    atomic_save_tensors(tok.state_dict(), folder / "model.safetensors", metadata={"format": "unicodebook-tokenizer"})
+    write_family(folder, UniCodeTokenizer.family)
+
+
+def load_frozen(folder: Path) -> UniCodeTokenizer:
+    """A :func:`save_frozen` copy (its codebook unbound: it encodes, embeds and decodes)."""
+    folder = Path(folder)
+    for name in ("config.yaml", "model.safetensors"):
+        if not (folder / name).exists():
+            raise UnicodebookError(f"{folder}: not a visual tokenizer copy (missing {name})")
+    return tokenizer_from_file(folder / "model.safetensors", config_from_dict(read_yaml(folder / "config.yaml"))).eval()
 
 
 def _read_binding(folder: Path) -> dict:
@@ -119,6 +141,11 @@ def tokenizer_from_file(path: Path, cfg: Config) -> UniCodeTokenizer:
     tok.load_state_dict(state)
     tok.__dict__["config"] = cfg
     return tok
+
+
+def load(folder: Path, device: str | torch.device = "cpu") -> UniCodeTokenizer:
+    """The registry's entry (``tokenizers.base.load_tokenizer``)."""
+    return load_tokenizer(folder, device)
 
 
 def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu", llm=None) -> UniCodeTokenizer:

@@ -17,7 +17,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ...config import ModelConfig
-from ...quantize import UnifiedCodebook, build_quantizer, code_grid_shape
+from ...errors import UnicodebookError
+from ...quantize import UnifiedCodebook, build_quantizer, code_grid_shape, position_embeddings
+from ..base import CodeLayout
 from .autoencoder import Decoder, Encoder
 
 
@@ -30,7 +32,15 @@ class TokenizerOutput:
 
 
 class UniCodeTokenizer(nn.Module):
-    """The stage-I visual tokenizer whose codebook is the LLM's embedding table."""
+    """The stage-I visual tokenizer whose codebook is the LLM's embedding table.
+
+    As a :class:`~unicodebook.tokenizers.base.VisualTokenizer`: a fixed (gh, gw, G) grid; the
+    LLM reads Ẑ at h·w slots; its codes are rows the LLM already has (the codebook *is* them)."""
+
+    family = "unicode"
+    reads = "latents"
+    tasks = ("decompress", "instruct", "t2i")
+    shares_text_rows = True
 
     def __init__(self, cfg: ModelConfig, codebook: UnifiedCodebook):
         super().__init__()
@@ -76,6 +86,41 @@ class UniCodeTokenizer(nn.Module):
     def num_latents(self) -> int:
         """Length of Ẑ = embed(codes): positions of the aggregated latent (h·w)."""
         return self.latent_size**2
+
+    @property
+    def layout(self) -> CodeLayout:
+        return CodeLayout(self.codes_per_image, self.grid_shape)
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook.num_codes
+
+    # ---------------------------------------------------------------- stage II
+    def bound_llm(self):
+        """The LLM the codebook is bound to (None for a frozen copy inside a model folder)."""
+        return self.__dict__.get("llm")
+
+    def attach(self, llm, text_tok) -> Tensor:
+        """The codes are the LLM's rows ``codebook.token_ids``: nothing is added, the LLM is checked."""
+        from ...lm.llm import input_embedding
+
+        vocab, dim = input_embedding(llm).weight.shape
+        if dim != self.codebook.dim:
+            raise UnicodebookError(f"the LLM's hidden size {dim} is not the codebook's {self.codebook.dim}")
+        if int(self.codebook.token_ids.max()) >= vocab:
+            raise UnicodebookError(f"codebook token ids reach {int(self.codebook.token_ids.max())} "
+                                   f"but the LLM has {vocab} rows")
+        return self.codebook.token_ids.clone()
+
+    def save_frozen(self, folder) -> None:
+        from .build import save_frozen
+
+        save_frozen(self, folder)
+
+    def position_latents(self, codes: Tensor) -> Tensor:
+        """codes (B, n, G) of n code positions → (B, n, d), each position's aggregate (what the
+        depth layout reads for a written position; for RQ exactly Ẑ there)."""
+        return position_embeddings(self.quantizer, codes.long().to(self.device))
 
     # ---------------------------------------------------------------- pipeline
     @property
