@@ -15,23 +15,21 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from unicodebook.errors import UnicodebookError
-from unicodebook.tokenizers.base import PAD_CODE, CodeLayout, append_code_tokens, read_family, write_family
+from unicodebook.tokenizers.base import (PAD_CODE, CodeLayout, VisualTokenizer, append_code_tokens, read_family,
+                                        write_family)
 
 FAMILY = "fake-cells"
 BITS = torch.tensor([4, 2, 1])  # code = 4·r + 2·g + b
 
 
-class CellTokenizer(nn.Module):
+class CellTokenizer(VisualTokenizer):
+    """Read through its codes, with code rows of its own (the interface's defaults)."""
+
     family = FAMILY
-    reads = "codes"
-    tasks = ("instruct", "t2i")
-    shares_text_rows = False
-    num_latents = 0
     num_codes = 8
-    config = None
 
     def __init__(self, image_size: int = 32, cells: int = 4, min_length: int = 2):
         super().__init__()
@@ -56,12 +54,6 @@ class CellTokenizer(nn.Module):
         rgb = ((full[..., None] // BITS) % 2).float()  # (B, c·c, 3)
         grid = rgb.reshape(b, c, c, 3).permute(0, 3, 1, 2)
         return grid.repeat_interleave(self.image_size // c, 2).repeat_interleave(self.image_size // c, 3)
-
-    def embed(self, codes: Tensor) -> Tensor:
-        raise NotImplementedError("read through its codes")
-
-    def bound_llm(self):
-        return None
 
     def attach(self, llm, text_tok) -> Tensor:
         return append_code_tokens(llm, text_tok, self.num_codes, prefix="cell")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,68 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(fake_lm, fa
     train_lm(tiny_config(*FAKE), fake_run, shapes_dir, copy, resume=True, progress=False)
     a, b = load_file(fake_lm / "llm" / "model.safetensors"), load_file(copy / "llm" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_command_takes_a_folder_of_another_family(fake_run, fake_lm, shapes_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from unicodebook.cli import main
+
+    image = sorted((shapes_dir / "test" / "images").iterdir())[0]
+
+    def cli(*args):
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        return out.strip().splitlines()[-1] if out.strip() else ""
+
+    line = json.loads(cli("tokenize", "--tokenizer", fake_run, image))
+    from unicodebook.data.images import load_image
+
+    want = load_tokenizer(fake_run).encode(load_image(image, 32)[None])[0]
+    assert line["codes"] == want[want != PAD_CODE].tolist() and "token_ids" not in line  # its own length, no LLM ids
+    assert json.loads(cli("reconstruct", "--tokenizer", fake_run, image, "--out", tmp_path / "r.png"))["psnr"] > 5
+    ev = json.loads(cli("eval", "tokenizer", "--tokenizer", fake_run, "--data", shapes_dir, "--split", "test"))
+    assert ev["layers"] == ["codes"] and ev["num_codes"] == 8 and 2 <= ev["codes_per_image_mean"] < 16
+    assert "codebook_mode" not in ev  # UniCode's own health figures stay UniCode's
+    assert "<cell_" not in cli("chat", "--model", fake_lm, "--image", image, "what colour is the object at the top?")
+    cli("generate", "--model", fake_lm, "draw a small red circle", "--out", tmp_path / "g.png", "--temperature", "1")
+    assert Image.open(tmp_path / "g.png").size == (32, 32)
+    res = json.loads(cli("eval", "model", "--model", fake_lm, "--data", shapes_dir, "--max-vqa", 8, "--max-t2i", 4))
+    assert res["vqa_n"] == 8 and res["t2i_n"] == 4 and "decompression_code_accuracy" not in res
+
+
+def test_a_trained_model_ends_each_drawing_where_its_images_end(fake_run, shapes_dir, tmp_path):
+    """Text-to-image only, on eight captioned images of different lengths: the loss falls and greedy
+    generation ends every drawing at </img> after as many codes as the image it learnt has."""
+    src = split_folder(shapes_dir, "train")
+    tok = load_tokenizer(fake_run)
+    pairs, seen = [], set()
+    from unicodebook.data.images import load_image
+    from unicodebook.data.multimodal import read_pairs
+
+    for p in read_pairs(src / "t2i.jsonl")[0]:
+        n = int(tok.layout.lengths(tok.encode(load_image(src / p.image, 32)[None]))[0])
+        if n not in seen and p.caption not in {q.caption for q in pairs}:
+            seen.add(n)
+            pairs.append(p)
+        if len(pairs) == 6:
+            break
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in pairs:
+        (data / Path(p.image).parent).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / p.image, data / p.image)
+    (data / "t2i.jsonl").write_text("".join(json.dumps({"image": p.image, "caption": p.caption}) + "\n" for p in pairs))
+    cfg = tiny_config(*FAKE, "train_lm.tasks.instruct=0", "train_lm.steps=120", "train_lm.batch_size=6",
+                      "train_lm.lr=5e-3", "train_lm.warmup_steps=10", "train_lm.save_every=0", "train_lm.log_every=10",
+                      "train_lm.caption_dropout=0")
+    train_lm(cfg, fake_run, data, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss_t2i"] for r in rows if "loss_t2i" in r]
+    assert losses[-1] < 0.2 * losses[0]
+    model = load_model(tmp_path / "run")
+    codes = model.generate_codes([p.caption for p in pairs], cfg_scale=1.0, temperature=0.0)
+    want = torch.cat([tok.encode(load_image(data / p.image, 32)[None]) for p in pairs])
+    assert model.tokenizer.layout.lengths(codes).tolist() == tok.layout.lengths(want).tolist()
+    assert len(set(tok.layout.lengths(want).tolist())) == len(pairs) >= 4

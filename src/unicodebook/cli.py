@@ -59,23 +59,18 @@ def cmd_train_tokenizer(config: str | None, data: Path, out: Path, resume: bool,
     return 0
 
 
-def _odd_size(tok) -> str:
-    """What to do with an image not at the tokenizer's size: its stage I run's setting."""
-    return tok.config.data.odd_size if tok.config is not None else "resize"
-
-
 def cmd_tokenize(tokenizer: Path, images: list[Path], device: str = "auto") -> int:
     import torch
 
     from .data.images import load_image
     from .errors import BadImageError
-    from .tokenizers.base import PAD_CODE, load_tokenizer
+    from .tokenizers.base import PAD_CODE, load_tokenizer, odd_size_of
 
     tok = load_tokenizer(tokenizer, device=_device(device))
     bad = 0
     for path in images:
         try:
-            x = load_image(path, tok.image_size, _odd_size(tok))
+            x = load_image(path, tok.image_size, odd_size_of(tok))
         except BadImageError as e:
             print(f"error: {e}", file=sys.stderr)
             bad += 1
@@ -95,10 +90,10 @@ def cmd_reconstruct(tokenizer: Path, image: Path, out: Path, device: str = "auto
 
     from .data.images import load_image, tensor_to_pil
     from .eval.metrics import psnr
-    from .tokenizers.base import load_tokenizer
+    from .tokenizers.base import load_tokenizer, odd_size_of
 
     tok = load_tokenizer(tokenizer, device=_device(device))
-    x = load_image(image, tok.image_size, _odd_size(tok))
+    x = load_image(image, tok.image_size, odd_size_of(tok))
     with torch.no_grad():
         recon = tok.decode(tok.encode(x[None])).cpu()
     out = Path(out)

@@ -1,4 +1,4 @@
-"""Reconstruction quality and codebook health of a visual tokenizer on an image split.
+"""Reconstruction quality and codebook health of a visual tokenizer (any family) on an image split.
 
 On a shapes-world split the judge also reads every reconstruction: ``judge_accuracy`` is the
 fraction whose objects (shape, colour, size, position) all come back exactly.
@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.images import ImageFolder, resolve_image_folder
+from ..tokenizers.base import odd_size_of
 from .metrics import CodeUsage, psnr, ssim
 from .plots import plot_codebook_usage
 
@@ -19,18 +20,17 @@ from .plots import plot_codebook_usage
 @torch.no_grad()
 def evaluate_tokenizer(tok, data: str | Path, split: str | None = "test", batch_size: int = 100,
                        progress: bool = True, usage_plot: Path | None = None, odd_size: str | None = None) -> dict:
-    """PSNR / SSIM (mean over images), and per-layer codebook usage and perplexity.
+    """PSNR / SSIM (mean over images), codebook usage and perplexity per code layer (the
+    tokenizer's ``code_layers``), codes per image, and the family's own ``health`` figures.
 
     Bad images are reported, counted (``n_bad``) and skipped.
     """
     folder = resolve_image_folder(data, split)
-    cfg = tok.config
-    ds = ImageFolder(folder, tok.image_size, odd_size or cfg.data.odd_size, preload=False)
+    ds = ImageFolder(folder, tok.image_size, odd_size or odd_size_of(tok), preload=False)
     scenes = _shapes_scenes(folder)
     was = tok.training
     tok.eval()
-    n_layers = tok.depth if tok.kind == "rq" else 2 * tok.depth
-    usage = CodeUsage(tok.codebook.num_codes, n_layers)
+    usage, lengths = None, []
     psnrs, ssims, judged, n_bad, names = [], [], [], 0, None
     starts = range(0, len(ds), batch_size)
     for start in tqdm(starts, desc=f"eval {split or folder.name}", disable=not progress, leave=False):
@@ -45,7 +45,9 @@ def evaluate_tokenizer(tok, data: str | Path, split: str | None = "test", batch_
         psnrs.append(psnr(recon, images).clamp(max=100.0))
         ssims.append(ssim(recon, images))
         layers, names = tok.code_layers(codes)
+        usage = usage or CodeUsage(tok.num_codes, len(names))
         usage.update(layers)
+        lengths.append(tok.layout.lengths(codes).float())
         if scenes is not None:
             judged += _judge(recon, [scenes.get(f.name) for f, _ in items])
     tok.train(was)
@@ -56,7 +58,7 @@ def evaluate_tokenizer(tok, data: str | Path, split: str | None = "test", batch_
     st = usage.stats()
     if usage_plot is not None:
         plot_codebook_usage(usage.counts, usage_plot, names, title=f"codebook usage on {split or folder.name}")
-    align = tok.codebook.alignment()
+    lengths = torch.cat(lengths)
     return {
         "n_images": int(sum(p.numel() for p in psnrs)),
         "n_bad": n_bad,
@@ -67,10 +69,10 @@ def evaluate_tokenizer(tok, data: str | Path, split: str | None = "test", batch_
         "usage_mean": float(sum(st["usage"]) / len(st["usage"])),
         "usage_all": st["usage_all"],
         "perplexity": [round(p, 2) for p in st["perplexity"]],
-        "num_codes": tok.codebook.num_codes,
-        "codes_per_image": tok.codes_per_image,
-        "codebook_mode": tok.codebook.mode,
-        "codebook_cosine_llm": align["cosine"],
+        "num_codes": tok.num_codes,
+        "codes_per_image": tok.layout.length,
+        "codes_per_image_mean": round(float(lengths.mean()), 2),
+        **tok.health(),
         **_judge_summary(judged),
     }
 

@@ -27,10 +27,10 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import UnicodebookError
 
@@ -95,40 +95,60 @@ class CodeLayout:
         return (self.flatten(codes) != PAD_CODE).sum(1)
 
 
-@runtime_checkable
-class VisualTokenizer(Protocol):
-    """What stage II asks of a visual tokenizer (an ``nn.Module``; frozen during stage II).
+class VisualTokenizer(nn.Module):
+    """What stage II asks of a visual tokenizer (frozen during stage II). A family subclasses it.
 
     ``encode`` returns long codes (B, *layout.shape) in [0, num_codes), :data:`PAD_CODE` after
     the end of a shorter image; ``decode`` takes the same and returns images (B, 3, H, W) in
-    [0, 1]; ``embed`` (``reads == "latents"`` only) → (B, num_latents, d)."""
+    [0, 1]; ``embed`` (``reads == "latents"`` only) → (B, num_latents, d). The defaults below
+    are those of a family with code rows of its own, read through its codes."""
 
-    family: str
+    family: str = ""
     image_size: int
     layout: CodeLayout
     num_codes: int
-    reads: str  # "latents" | "codes"
-    num_latents: int  # input slots per image when reading latents
-    tasks: tuple[str, ...]  # the stage II tasks it offers ("decompress", "instruct", "t2i")
-    shares_text_rows: bool  # its code ids are rows text also uses (UniCode): answers may use them
-    config: Any  # the stage I run config (a ``Config``) when the family has one, else None
+    reads: str = "codes"  # "latents" | "codes"
+    num_latents: int = 0  # input slots per image when reading latents
+    tasks: tuple[str, ...] = ("instruct", "t2i")  # the stage II tasks it offers (also "decompress")
+    shares_text_rows: bool = False  # its code ids are rows text also uses (UniCode): answers may use them
+    config = None  # the stage I run config (a ``Config``) when the family has one
 
-    def encode(self, images: Tensor) -> Tensor: ...
+    def encode(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
 
-    def decode(self, codes: Tensor) -> Tensor: ...
+    def decode(self, codes: Tensor) -> Tensor:
+        raise NotImplementedError
 
-    def embed(self, codes: Tensor) -> Tensor: ...
+    def embed(self, codes: Tensor) -> Tensor:
+        raise NotImplementedError(f"the {self.family} tokenizer is read through its codes, not as latents")
+
+    def attach(self, llm, text_tok) -> Tensor:
+        """Make ``llm`` and ``text_tok`` able to carry the codes (idempotent) → (K,) token ids.
+        By default: K tokens of its own (:func:`append_code_tokens`)."""
+        return append_code_tokens(llm, text_tok, self.num_codes)
 
     def bound_llm(self):
         """The LLM whose rows this tokenizer's codebook is (stage II must train it), or None."""
-
-    def attach(self, llm, text_tok) -> Tensor:
-        """Make ``llm`` and ``text_tok`` able to carry the codes (idempotent) → (K,) token ids."""
+        return None
 
     def save_frozen(self, folder: Path) -> None:
         """The copy a stage II model folder keeps: everything to encode, embed and decode."""
+        raise NotImplementedError
 
-    def state_dict(self) -> dict: ...
+    def code_layers(self, codes: Tensor) -> tuple[Tensor, list[str]]:
+        """codes (B, *layout.shape) → (N, L): one column per group whose usage the health
+        figures count, and the groups' names. By default one column of every real code."""
+        flat = codes.reshape(-1)
+        return flat[flat != PAD_CODE][:, None], ["codes"]
+
+    def health(self) -> dict:
+        """Figures of the family's own (``eval tokenizer`` adds them to PSNR, SSIM and usage)."""
+        return {}
+
+
+def odd_size_of(tok: VisualTokenizer) -> str:
+    """What to do with an image not at the tokenizer's size: its stage I run's ``data.odd_size``."""
+    return tok.config.data.odd_size if tok.config is not None else "resize"
 
 
 # ---------------------------------------------------------------------------------- registry

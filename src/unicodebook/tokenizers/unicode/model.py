@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ...config import ModelConfig
 from ...errors import UnicodebookError
 from ...quantize import UnifiedCodebook, build_quantizer, code_grid_shape, position_embeddings
-from ..base import CodeLayout
+from ..base import CodeLayout, VisualTokenizer
 from .autoencoder import Decoder, Encoder
 
 
@@ -31,7 +31,7 @@ class TokenizerOutput:
     usage_loss: Tensor | None = None  # unweighted usage-entropy term, when on
 
 
-class UniCodeTokenizer(nn.Module):
+class UniCodeTokenizer(VisualTokenizer):
     """The stage-I visual tokenizer whose codebook is the LLM's embedding table.
 
     As a :class:`~unicodebook.tokenizers.base.VisualTokenizer`: a fixed (gh, gw, G) grid; the
@@ -111,6 +111,10 @@ class UniCodeTokenizer(nn.Module):
             raise UnicodebookError(f"codebook token ids reach {int(self.codebook.token_ids.max())} "
                                    f"but the LLM has {vocab} rows")
         return self.codebook.token_ids.clone()
+
+    def health(self) -> dict:
+        """The codebook's update rule and how close the visual codebook stays to the LLM's rows."""
+        return {"codebook_mode": self.codebook.mode, "codebook_cosine_llm": self.codebook.alignment()["cosine"]}
 
     def save_frozen(self, folder) -> None:
         from .build import save_frozen
