@@ -81,10 +81,84 @@ class AutoencoderConfig:
 
 @dataclass
 class ModelConfig:
+    """The UniCode tokenizer (``family: unicode``): conv autoencoder, RQ/HQ over the LLM's rows."""
+
+    family: Literal["unicode"] = "unicode"
     image_size: int = 32
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
+
+
+@dataclass
+class VitConfig:
+    """The stage-0 image encoder shared by SEED and LaVIT (its image size is the model's)."""
+
+    patch_size: int = 6
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    embed_dim: int = 128  # the contrastive embedding (CLIP-style projection of the class token)
+    class_token: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # input normalisation
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class TextTowerConfig:
+    """The caption encoder of the stage-0 contrastive training (word tokens, a small transformer)."""
+
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 48
+
+
+@dataclass
+class QFormerConfig:
+    """SEED's causal Q-Former: learnable queries, causal among themselves, cross-attending to the
+    ViT's patches every ``cross_attention_freq``-th layer."""
+
+    queries: int = 32
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    cross_attention_freq: int = 2
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class SeedModelConfig:
+    """The SEED tokenizer (``family: seed``): frozen ViT → causal Q-Former → VQ of its outputs →
+    de-tokenizer (the causal embeddings and a generation embedding) → pixel decoder."""
+
+    family: Literal["seed"] = "seed"
+    image_size: int = 36
+    vit: VitConfig = field(default_factory=VitConfig)
+    vit_path: str = ""  # a local ViT folder (ours, timm or Hugging Face), its sizes copied into ``vit``; empty: trained here
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    code_dim: int = 32
+    num_codes: int = 1024
+    beta: float = 0.25  # the codebook term's weight (the commitment term has 1: taming's legacy VQ)
+    kmeans_init: bool = False  # codebook start from k-means of the first batch's features
+    restart_dead: int = 0  # every N steps, codes unused since the last restart move to batch features (0: never)
+    recon_blocks: int = 2  # the reconstruction branch (official: 4)
+    gen_blocks: int = 2  # the generation branch's blocks (official: 4) ...
+    reverse_layers: int = 2  # ... and its one-query reverse Q-Former (official: 12, BERT-base)
+    generation_dim: int = 0  # the generation embedding (official: 1024, CLIP-H's); 0: the ViT's embedding size
+    contrastive_dim: int = 0  # the Q-Former's contrastive projection (official: 256); 0: the ViT's embedding size
+    decoder_ch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.vit.patch_size:
+            raise ValueError(f"vit.patch_size {self.vit.patch_size} does not divide image_size {self.image_size}")
+        if self.qformer.width % self.qformer.heads or self.vit.width % self.vit.heads:
+            raise ValueError("the heads must divide the widths")
+
+
+MODEL_FAMILIES: dict[str, type] = {"unicode": ModelConfig, "seed": SeedModelConfig}
 
 
 @dataclass
@@ -102,6 +176,11 @@ class LossConfig:
     perceptual_vgg: str = ""
     perceptual_lin: str = ""
     gan: float = 0.0  # PatchGAN weight (adaptive, taming-style)
+    # SEED (family seed): 5·VQ + 2·(1 − cos) to the causal embeddings + 0.5·MSE of the generation embedding
+    vq: float = 5.0
+    feature_recon: float = 2.0
+    generation: float = 0.5
+    temperature: float = 0.07  # contrastive (stage 0 and the Q-Former), learnable from this start
     gan_start: int = 0  # step at which the discriminator starts
 
 
@@ -139,6 +218,22 @@ class TrainLoopConfig:
 
 
 @dataclass
+class TokenizerPhaseConfig:
+    """One phase of a stage I run whose family trains in phases (SEED: vit, qformer, vq, decoder);
+    a field left out keeps the run's value. Each phase warms up and decays on its own."""
+
+    name: str = ""
+    steps: int = 0
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    min_lr_ratio: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"phase '{self.name or '?'}' has {self.steps} steps (each phase needs >= 1)")
+
+
+@dataclass
 class TokenizerTrainConfig(TrainLoopConfig):
     """Stage I: the visual tokenizer learns to reconstruct images through the unified codebook."""
 
@@ -148,6 +243,13 @@ class TokenizerTrainConfig(TrainLoopConfig):
     warmup_steps: int = 100
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grid_every: int = 500
+    phases: list[TokenizerPhaseConfig] = field(default_factory=list)  # their steps add up to ``steps``
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.phases and sum(p.steps for p in self.phases) != self.steps:
+            raise ValueError(f"the phases' steps add up to {sum(p.steps for p in self.phases)}, "
+                             f"not to steps={self.steps}")
 
 
 @dataclass
@@ -327,6 +429,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if tp is ModelConfig:  # the model section is the named family's own
+            family = value.get("family", "unicode")
+            if family not in MODEL_FAMILIES:
+                raise ConfigError(f"{key}.family: {family!r} is not one of {', '.join(MODEL_FAMILIES)}")
+            tp = MODEL_FAMILIES[family]
         return _build(tp, value, key)
     if tp is Any:
         return value
@@ -435,7 +542,8 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
 def read_config_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A config file as one mapping: a top-level ``base:`` (a preset name, or a YAML path taken
     relative to this file) is read first and this file's keys are merged over it, mappings key by
-    key, anything else (lists included) replaced; a base may have a base of its own."""
+    key, anything else (lists included) replaced — and a ``model`` section of another family
+    replaces the base's whole; a base may have a base of its own."""
     data = read_yaml(path)
     if "base" not in data:
         return data
@@ -446,7 +554,11 @@ def read_config_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     base_path = near if near.is_file() else resolve_config_path(base)
     if base_path.resolve() in _seen + (Path(path).resolve(),):
         raise ConfigError(f"{path}: its bases form a cycle through {base_path}")
-    return _merge(read_config_tree(base_path, _seen + (Path(path).resolve(),)), data)
+    parent = read_config_tree(base_path, _seen + (Path(path).resolve(),))
+    family = (lambda tree: (tree.get("model") or {}).get("family", "unicode") if isinstance(tree.get("model"), dict) else None)
+    if "model" in data and family(data) != family(parent):  # another family's model section replaces the base's
+        parent = {k: v for k, v in parent.items() if k != "model"}
+    return _merge(parent, data)
 
 
 def load_config(name_or_path: str | Path | None = "tiny", overrides: list[str] | None = None) -> Config:

@@ -152,7 +152,7 @@ def odd_size_of(tok: VisualTokenizer) -> str:
 
 
 # ---------------------------------------------------------------------------------- registry
-_FAMILIES: dict[str, Any] = {"unicode": "unicodebook.tokenizers.unicode"}
+_FAMILIES: dict[str, Any] = {"unicode": "unicodebook.tokenizers.unicode", "seed": "unicodebook.tokenizers.seed"}
 
 
 def register_family(name: str, loader) -> None:

@@ -59,6 +59,9 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
     """
     tc = cfg.train_tokenizer
     run = Path(out)
+    if cfg.model.family != "unicode" or tc.phases:
+        raise UnicodebookError(f"this recipe trains a UniCode tokenizer in one phase, not a {cfg.model.family} one"
+                               + (" with train_tokenizer.phases" if tc.phases else ""))
     if tc.threads:
         torch.set_num_threads(tc.threads)
     engine = Engine()
@@ -282,4 +285,8 @@ def train_tokenizer_from_files(config: str | Path, overrides: list[str], data: s
     if resume and config is None and (run / "config.yaml").exists():
         config = run / "config.yaml"
     cfg = load_config(config or "tiny", overrides)
+    if cfg.model.family == "seed":
+        from .seed import train_seed_tokenizer
+
+        return train_seed_tokenizer(cfg, data, out, resume=resume, progress=progress)
     return train_tokenizer(cfg, data, out, resume=resume, progress=progress)

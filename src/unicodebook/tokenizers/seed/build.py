@@ -1,0 +1,88 @@
+"""Build, save and load a SEED tokenizer folder.
+
+A SEED tokenizer folder holds ``config.yaml`` (the run config; its ``model`` section is the
+``seed`` family's), ``model.safetensors`` (every weight, the frozen ViT's included) and the
+family tag ``visual_tokenizer.json`` (written last). A stage I run folder is one; so is the copy
+a stage II model folder keeps in ``visual_tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ...config import Config, SeedModelConfig, VitConfig, config_from_dict, read_yaml, save_config
+from ...errors import UnicodebookError
+from ...utils.io import atomic_save_tensors, first_state_mismatch
+from ..base import write_family
+from ..vit import ViTConfig, VisionTransformer, load_local_vit
+from .model import SeedTokenizer
+
+
+def vit_config(cfg: SeedModelConfig) -> ViTConfig:
+    v = cfg.vit
+    return ViTConfig(image_size=cfg.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers, heads=v.heads,
+                     mlp_ratio=v.mlp_ratio, embed_dim=v.embed_dim, class_token=v.class_token, mean=list(v.mean),
+                     std=list(v.std))
+
+
+def _vit_section(vc: ViTConfig) -> VitConfig:
+    return VitConfig(patch_size=vc.patch_size, width=vc.width, layers=vc.layers, heads=vc.heads, mlp_ratio=vc.mlp_ratio,
+                     embed_dim=vc.embed_dim, class_token=vc.class_token, mean=list(vc.mean), std=list(vc.std))
+
+
+def build_tokenizer(cfg: Config, seed: int = 0) -> SeedTokenizer:
+    """A fresh SEED tokenizer; its ViT loaded from ``model.vit_path`` (its sizes written into the
+    returned config's ``model.vit``, so the folder describes itself) or new (trained in phase vit)."""
+    mc = cfg.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if mc.vit_path:
+            vit = load_local_vit(mc.vit_path)
+            if vit.config.image_size != mc.image_size:
+                raise UnicodebookError(f"model.vit_path: {mc.vit_path} takes {vit.config.image_size} px images, "
+                                       f"the model {mc.image_size}")
+            mc = dataclasses.replace(mc, vit=_vit_section(vit.config))
+            cfg = dataclasses.replace(cfg, model=mc)
+        else:
+            vit = VisionTransformer(vit_config(mc))
+        tok = SeedTokenizer(mc, vit)
+    tok.__dict__["config"] = cfg
+    return tok
+
+
+def save_tokenizer(tok: SeedTokenizer, folder: str | Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(tok.config, folder / "config.yaml")
+    atomic_save_tensors(tok.state_dict(), folder / "model.safetensors", metadata={"format": "unicodebook-seed"})
+    write_family(folder, SeedTokenizer.family)
+
+
+def load(folder: Path, device: str | torch.device = "cpu") -> SeedTokenizer:
+    """A SEED tokenizer folder → the tokenizer on ``device``, in eval mode."""
+    folder = Path(folder)
+    for name in ("config.yaml", "model.safetensors"):
+        if not (folder / name).exists():
+            raise UnicodebookError(f"{folder}: not a SEED tokenizer folder (missing {name})")
+    cfg = config_from_dict(read_yaml(folder / "config.yaml"))
+    if not isinstance(cfg.model, SeedModelConfig):
+        raise UnicodebookError(f"{folder}: tagged seed, but its config.yaml describes a {cfg.model.family} model")
+    try:
+        state = load_file(folder / "model.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise UnicodebookError(f"{folder}/model.safetensors is corrupt or truncated ({e})") from None
+    tok = SeedTokenizer(cfg.model, VisionTransformer(vit_config(cfg.model)))  # the ViT's weights are in the folder
+    bad = first_state_mismatch(tok, state)
+    if bad:
+        raise UnicodebookError(f"{folder}/model.safetensors does not match its config (first bad key: {bad})")
+    tok.load_state_dict(state)
+    tok.__dict__["config"] = cfg
+    return tok.to(device).eval()
+
+
+load_frozen = load

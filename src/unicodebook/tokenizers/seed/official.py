@@ -1,0 +1,80 @@
+"""A local official SEED tokenizer checkpoint (its state dict) mapped onto ours.
+
+Our parameter names are the official ones where the modules correspond, so the map is short:
+
+* the EVA ViT's attention keeps a query and a value bias apart (``attn.q_bias``, ``attn.v_bias``,
+  no key bias): they become our ``attn.qkv.bias`` (query, zeros, value);
+* keys of parts we do not have are left out and listed: the Q-Former's text side (word and
+  position embeddings, the text feed-forward ``intermediate`` / ``output``, ``cls``), BLIP-2's
+  ``text_proj`` / ``itm_head`` / ``temp``, EVA's relative position biases, and the released
+  SEED-2 generation head ``image_down`` (ours is the paper's reverse Q-Former);
+* our parts the official checkpoint has no weights for are listed as missing: the pixel decoder
+  (the original decodes with Stable unCLIP), the ViT's final norm (BLIP-2 reads the ViT before
+  it), the contrastive ``vision_proj`` of a codebook checkpoint, the codebook's bookkeeping.
+
+The official files are pickles: convert one first with
+``safetensors.torch.save_file(torch.load(path, weights_only=True), "seed.safetensors")``
+(``weights_only`` runs no code), then :func:`load_official`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ...errors import UnicodebookError
+
+DROPPED = re.compile(r"^(Qformer|Reverse_Qformer)\.(cls\.|bert\.embeddings\.(word|position)_embeddings|"
+                     r"bert\.embeddings\.position_ids|bert\.encoder\.layer\.\d+\.(intermediate|output)\.)"
+                     r"|^(text_proj|itm_head|temp|image_down)\b|^visual_encoder\.(rel_pos_bias|.*relative_position)")
+
+
+def map_official(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """official state dict → (our state dict, the official keys left out)."""
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    out, left = {}, []
+    for key, value in state.items():
+        m = re.match(r"^(visual_encoder\.blocks\.\d+\.attn\.)(q_bias|v_bias)$", key)
+        if m:
+            if m.group(2) == "q_bias":
+                v = state[m.group(1) + "v_bias"]
+                out[m.group(1) + "qkv.bias"] = torch.cat([value, torch.zeros_like(v), v])
+            continue
+        if DROPPED.search(key):
+            left.append(key)
+            continue
+        out[key] = value
+    return out, sorted(left)
+
+
+def load_official(tok, path: str | Path, strict_shapes: bool = True) -> dict:
+    """Load an official SEED checkpoint (a safetensors file) into ``tok`` (a
+    :class:`~unicodebook.tokenizers.seed.SeedTokenizer` built at the official sizes) → a report:
+    ``{"loaded": n, "left_out": [...], "missing": [...]}``. Keys that exist on both sides with
+    different shapes are one error line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(Path(path))
+    except (SafetensorError, OSError) as e:
+        raise UnicodebookError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); convert the "
+                               f"official .pth first (see tokenizers/seed/official.py)") from None
+    return load_mapped(tok, state, str(path))
+
+
+def load_mapped(tok, state: dict[str, Tensor], name: str = "the checkpoint") -> dict:
+    mapped, left = map_official(state)
+    mine = tok.state_dict()
+    for k, v in mapped.items():
+        if k not in mine:
+            left.append(k)
+        elif tuple(v.shape) != tuple(mine[k].shape):
+            raise UnicodebookError(f"{name}: {k} has shape {tuple(v.shape)}, this tokenizer's {tuple(mine[k].shape)} "
+                                   f"(build it at the checkpoint's sizes)")
+    fit = {k: v for k, v in mapped.items() if k in mine}
+    tok.load_state_dict(fit, strict=False, assign=any(p.is_meta for p in tok.parameters()))
+    return {"loaded": len(fit), "left_out": sorted(left), "missing": sorted(set(mine) - set(fit))}
