@@ -86,6 +86,10 @@ def test_each_phase_trains_only_its_own_modules_and_logs_its_loss(seed_run):
     qf = [k for k in end if k.startswith("Qformer.")]
     assert all(torch.equal(mid[k], end[k]) for k in qf)  # step 20 ends the qformer phase
     assert not all(torch.equal(mid[k], end[k]) for k in end if k.startswith("pixel_decoder."))
+    from unicodebook.tokenizers.vit import load_local_vit  # stage 0 as a folder of its own
+
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(load_local_vit(seed_run / "vit").embedding(x), load_tokenizer(seed_run).visual_encoder.embedding(x))
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(seed_run, shapes_dir, tmp_path):

@@ -14,7 +14,9 @@ Data: a shapes-world root (its ``train`` split) or a folder with ``t2i.jsonl`` i
 the images are read once into memory. Each phase trains only its own modules (the others get no
 gradient; one AdamW throughout), warms up and decays on its own schedule. Batches are a function
 of (seed, step), so ``--resume`` continues exactly, from any step of any phase. The run folder
-is a tokenizer folder (``load_tokenizer(RUN)``) and keeps the caption encoder in ``text_tower/``.
+is a tokenizer folder (``load_tokenizer(RUN)``); it keeps the caption encoder
+(``text_tower.safetensors``) and, once phase ``vit`` is done, the ViT as a folder of its own
+(``vit/``, timm's format) that another run can start from (``model.vit_path``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ..lm.text import train_word_tokenizer
 from ..tokenizers.seed import SeedTokenizer, build_tokenizer, save_tokenizer
 from ..tokenizers.seed.model import feature_loss
 from ..tokenizers.text_tower import TextTower, contrastive_loss, tokenize_captions
+from ..tokenizers.vit import save_vit
 from ..utils.io import atomic_save_tensors
 from .checkpoint import check_resume, load_checkpoint
 from .engine import Engine, NonFiniteError, NonFiniteGuard, save_training_checkpoint
@@ -208,6 +211,8 @@ def train_seed_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume:
                                  {"bad_images": pairs.bad}, tc.keep_last, "tokenizer")
         save_tokenizer(tok, run)
         atomic_save_tensors(tower.state_dict(), run / "text_tower.safetensors")
+        if any(name == "vit" for _, name, _ in plan) and at >= plan[0][2].steps:  # stage 0 done: a ViT folder
+            save_vit(tok.visual_encoder, run / "vit")  # of its own, for model.vit_path (SEED, LaVIT)
 
     t0, last, restarted, current = time.time(), {}, 0, None
     bar = tqdm(total=tc.steps, initial=start, desc="SEED stage I", disable=not progress, dynamic_ncols=True)
