@@ -171,10 +171,12 @@ def cmd_eval_model(model_dir: Path, data: Path, split: str, max_t2i: int | None,
     return EXIT_PARTIAL if res["bad_records"] or res["bad_images"] else 0
 
 
-def cmd_demo(out: Path, overrides: list[str], full: bool = False) -> int:
+def cmd_demo(out: Path, overrides: list[str], full: bool = False, config: str | None = None) -> int:
     from .demo import FULL, run_demo
 
-    report = run_demo(Path(out), overrides, **(FULL if full else {}))
+    if full and config:
+        raise UnicodebookError("demo: --full is the tiny_full preset; give either --full or --config")
+    report = run_demo(Path(out), overrides, **(FULL if full else {"preset": config} if config else {}))
     print(f"report: {report}")
     return 0
 
@@ -268,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--full", action="store_true",
                    help="the full stage II recipe (preset tiny_full: one run of three phases, ~50 min on 2 cores) "
                         "on 20,000 training images instead of the demo's 2,000")
+    m.add_argument("--config", default=None,
+                   help="a preset or YAML path for both stages instead of tiny (e.g. seed-tiny: the SEED tokenizer)")
     m.add_argument("overrides", nargs="*", help="dotted config overrides for the runs")
     return p
 
@@ -296,7 +300,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if c == "eval":
         return cmd_eval_tokenizer(args.tokenizer, args.data, args.split, args.device)
     if c == "demo":
-        return cmd_demo(args.out, args.overrides, args.full)
+        return cmd_demo(args.out, args.overrides, args.full, args.config)
     raise AssertionError(c)  # pragma: no cover
 
 

@@ -96,11 +96,12 @@ def _report_lm(cfg, r: dict, t_lm: float, model) -> str:
                f"codes ({model.codes_per_image} in all)")
     else:
         out = f"`<img>` + {model.codes_per_image} code ids + `</img>`"
+    inp = "their code tokens" if model.reads_codes else "Ẑ at the `<image>` slots"
     return f"""
 ## Stage II — the LLM reads and writes images through the codebook (test split)
 
 The tiny LLM ({sum(p.numel() for p in model.llm.parameters()) / 1e6:.1f} M parameters) trained {lc.steps} steps on
-{plan}; images enter as Ẑ at the `<image>` slots and leave as {out}, decoded by the frozen tokenizer.
+{plan}; images enter as {inp} and leave as {out}, decoded by the frozen tokenizer.
 
 | metric | value |
 |---|---|
@@ -128,14 +129,26 @@ Stage II training curves:
 """
 
 
+def _describe(cfg, tok) -> str:
+    """One sentence on the tokenizer: its family, code layout and codebook."""
+    lay = tok.layout
+    shape = f"{'×'.join(map(str, lay.shape))} = {lay.length}" if lay.grid else str(lay.length)
+    if not lay.fixed:
+        shape = f"{lay.shortest} to {lay.length}"
+    if cfg.model.family == "unicode":
+        return (f"a {cfg.model.quantizer.kind.upper()} UniCode tokenizer ({shape} codes per image) whose codebook is "
+                f"{tok.num_codes} rows of the tiny LLM's embedding table (mode `{cfg.model.codebook.mode}`)")
+    rows = "rows of the LLM's own vocabulary" if tok.shares_text_rows else "new rows appended to the LLM's vocabulary"
+    return f"a {tok.family} tokenizer ({shape} codes per image) over {tok.num_codes} codes, read and written as {rows}"
+
+
 def _report(cfg, test: dict, t_train: float, t_total: float, tok, preset: str = "tiny") -> str:
-    cb = cfg.model.codebook
     layers = "; ".join(f"{n}: {u:.0%} / {p:.0f}" for n, u, p in zip(test["layers"], test["usage"], test["perplexity"]))
+    cosine = (f"| mean cosine(visual codebook, LLM rows) | {test['codebook_cosine_llm']:.4f} |\n"
+              if "codebook_cosine_llm" in test else "")
     return f"""# unicodebook demo report
 
-Shapes world at {tok.image_size} px, `{preset}` preset: a {cfg.model.quantizer.kind.upper()} tokenizer
-({'×'.join(map(str, tok.grid_shape))} = {tok.codes_per_image} codes per image) whose codebook is
-{tok.codebook.num_codes} rows of the tiny LLM's embedding table (mode `{cb.mode}`).
+Shapes world at {tok.image_size} px, `{preset}` preset: {_describe(cfg, tok)}.
 
 ## Stage I — visual tokenizer (test split: {test['n_images']} images never seen in training)
 
@@ -146,8 +159,7 @@ Shapes world at {tok.image_size} px, `{preset}` preset: a {cfg.model.quantizer.k
 | codebook usage, mean over layers | {test['usage_mean']:.1%} |
 | codebook usage, any layer | {test['usage_all']:.1%} |
 | usage / perplexity per layer | {layers} |
-| mean cosine(visual codebook, LLM rows) | {test['codebook_cosine_llm']:.4f} |
-| judge reads the reconstruction as the true scene | {test.get('judge_accuracy', float('nan')):.1%} (seen combinations {test.get('judge_accuracy_seen', float('nan')):.1%}, held-out {test.get('judge_accuracy_held_out', float('nan')):.1%}) |
+{cosine}| judge reads the reconstruction as the true scene | {test.get('judge_accuracy', float('nan')):.1%} (seen combinations {test.get('judge_accuracy_seen', float('nan')):.1%}, held-out {test.get('judge_accuracy_held_out', float('nan')):.1%}) |
 | training time | {t_train / 60:.1f} min |
 | demo wall time | {t_total / 60:.1f} min |
 

@@ -231,3 +231,20 @@ def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
     with pytest.raises(UnicodebookError, match=r"quantize.embedding.weight has shape \(16384, 32\), this tokenizer's "
                                                r"\(8192, 32\)"):
         load_mapped(tok, bad)
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_seed_and_its_report_says_so(tmp_path):
+    from PIL import Image
+
+    from unicodebook.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", LLM + SEED_TINY, n_train=64, n_val=16, n_test=16, preset="seed-tiny")
+    text = report.read_text()
+    assert "`seed-tiny` preset: a seed tokenizer (8 codes per image) over 64 codes, read and written as new rows" in text
+    assert "images enter as their code tokens and leave as `<img>` + 8 code ids + `</img>`" in text
+    assert "mean cosine" not in text  # a UniCode figure: SEED's codebook is its own
+    vqa = json.loads((tmp_path / "demo" / "eval_model_test.json").read_text())
+    assert f"{vqa['vqa_n']} questions) | {vqa['vqa_accuracy']:.1%} |" in text and vqa["vqa_n"] > 0
+    for pic in ("reconstructions_test.png", "t2i_samples.png", "vqa_examples.png"):
+        assert Image.open(tmp_path / "demo" / pic).size[0] > 0

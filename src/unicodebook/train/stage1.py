@@ -50,7 +50,17 @@ class Stage1Result:
 
 def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
                     progress: bool = True, val_split: str | None = "val") -> Stage1Result:
-    """Run stage I. ``data``: a shapes-world root (uses ``train``/``val``), an image folder, or
+    """Stage I of the family ``cfg.model.family`` names: each family's tokenizer has its own recipe."""
+    if cfg.model.family == "seed":
+        from .seed import train_seed_tokenizer
+
+        return train_seed_tokenizer(cfg, data, out, resume=resume, progress=progress, val_split=val_split)
+    return train_unicode_tokenizer(cfg, data, out, resume=resume, progress=progress, val_split=val_split)
+
+
+def train_unicode_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
+                            progress: bool = True, val_split: str | None = "val") -> Stage1Result:
+    """Run UniCode's stage I. ``data``: a shapes-world root (uses ``train``/``val``), an image folder, or
     WebDataset tar shards (a folder of ``*.tar``, one ``.tar`` or a ``{000..011}`` pattern).
 
     Runs as one process or as every rank of a distributed launch (``torchrun``/``accelerate
@@ -284,9 +294,4 @@ def train_tokenizer_from_files(config: str | Path, overrides: list[str], data: s
     run = Path(out)
     if resume and config is None and (run / "config.yaml").exists():
         config = run / "config.yaml"
-    cfg = load_config(config or "tiny", overrides)
-    if cfg.model.family == "seed":
-        from .seed import train_seed_tokenizer
-
-        return train_seed_tokenizer(cfg, data, out, resume=resume, progress=progress)
-    return train_tokenizer(cfg, data, out, resume=resume, progress=progress)
+    return train_tokenizer(load_config(config or "tiny", overrides), data, out, resume=resume, progress=progress)
