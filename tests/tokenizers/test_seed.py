@@ -248,3 +248,26 @@ def test_the_demo_runs_on_seed_and_its_report_says_so(tmp_path):
     assert f"{vqa['vqa_n']} questions) | {vqa['vqa_accuracy']:.1%} |" in text and vqa["vqa_n"] > 0
     for pic in ("reconstructions_test.png", "t2i_samples.png", "vqa_examples.png"):
         assert Image.open(tmp_path / "demo" / pic).size[0] > 0
+
+
+def test_a_torn_seed_folder_and_an_unfit_vit_are_one_error_line(seed_run, shapes_dir, tmp_path, capsys):
+    from unicodebook.cli import main
+    from unicodebook.tokenizers.vit import ViTConfig, VisionTransformer, save_vit
+
+    torn = tmp_path / "torn"
+    shutil.copytree(seed_run, torn, ignore=shutil.ignore_patterns("checkpoints", "vit"))
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    image = next((shapes_dir / "test" / "images").iterdir())
+    assert main(["tokenize", "--tokenizer", str(torn), str(image)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {torn}/model.safetensors is corrupt or truncated (") and "\n" not in err
+
+    save_vit(VisionTransformer(ViTConfig(image_size=64, patch_size=8, width=32, layers=1, heads=2)), tmp_path / "vit64")
+    args = ["train-tokenizer", "--config", "seed-tiny", "--data", str(shapes_dir), "--out", str(tmp_path / "r"),
+            *LLM, *SEED_TINY, f"model.vit_path={tmp_path / 'vit64'}", "train_tokenizer.steps=30",
+            "train_tokenizer.phases=[{name: qformer, steps: 10}, {name: vq, steps: 10}, {name: decoder, steps: 10}]"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: model.vit_path: {tmp_path / 'vit64'} takes 64 px images, the model 32"
+    assert not (tmp_path / "r" / "model.safetensors").exists()
