@@ -1,7 +1,9 @@
 """Stage I recipe: train the UniCode visual tokenizer by image reconstruction.
 
-Life cycle: setup (run folder, data, model, optimizer) → train (tqdm, metrics.jsonl,
-TensorBoard, grids, atomic checkpoints) → final eval on the validation split → save.
+``Stage1Recipe`` is the run in parts: its construction is the setup (run folder, data, model,
+optimizer); ``train_step`` is one step; ``checkpoint`` writes an atomic checkpoint; ``run``
+loops (tqdm, metrics.jsonl, TensorBoard, grids) and finishes (the validation split's
+evaluation, curves). Other families' stage I recipes live beside it (``train/seed.py``).
 
 The run folder is itself a tokenizer folder (``load_tokenizer(RUN)`` works) and holds
 ``checkpoints/`` for ``--resume``, which continues the same run exactly: data order, restarts
@@ -60,91 +62,105 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
 
 def train_unicode_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
                             progress: bool = True, val_split: str | None = "val") -> Stage1Result:
-    """Run UniCode's stage I. ``data``: a shapes-world root (uses ``train``/``val``), an image folder, or
-    WebDataset tar shards (a folder of ``*.tar``, one ``.tar`` or a ``{000..011}`` pattern).
+    """Run UniCode's stage I (``Stage1Recipe``). ``data``: a shapes-world root (uses
+    ``train``/``val``), an image folder, or WebDataset tar shards (a folder of ``*.tar``, one
+    ``.tar`` or a ``{000..011}`` pattern)."""
+    return Stage1Recipe(cfg, data, out, resume=resume, progress=progress, val_split=val_split).run()
+
+
+class Stage1Recipe:
+    """One UniCode stage I run, in parts: construction is the setup (run folder, data, model,
+    optimizers, restored on resume); ``train_step`` is one step; ``checkpoint`` saves (and the run
+    folder is a tokenizer folder after each); ``run`` is the loop and the finish (validation,
+    grids, curves).
 
     Runs as one process or as every rank of a distributed launch (``torchrun``/``accelerate
-    launch``): ``train_tokenizer.batch_size`` is the global batch; the main process writes
-    the run folder.
+    launch``): ``train_tokenizer.batch_size`` is the global batch; the main process writes the
+    run folder.
     """
-    tc = cfg.train_tokenizer
-    run = Path(out)
-    if cfg.model.family != "unicode" or tc.phases:
-        raise UnicodebookError(f"this recipe trains a UniCode tokenizer in one phase, not a {cfg.model.family} one"
-                               + (" with train_tokenizer.phases" if tc.phases else ""))
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    engine = Engine()
-    if engine.shards_parameters:
-        raise UnicodebookError("stage I runs on DDP, not FSDP: the autoencoder is small and the quantizer keeps whole "
-                               "codebook statistics on every rank (launch it with configs/accelerate/ddp_8gpu.yaml)")
-    main = engine.is_main
-    if cfg.loss.gan > 0 and engine.world > 1:
-        raise UnicodebookError("loss.gan > 0 (the adaptive GAN weight) runs in one process only")
 
-    # ------------------------------------------------------------------ setup
-    ckpts = check_resume(run, cfg, resume)
-    engine.barrier()  # every rank has checked before the main process writes
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
+    def __init__(self, cfg: Config, data: str | Path, out: str | Path, resume: bool = False, progress: bool = True,
+                 val_split: str | None = "val"):
+        self.cfg, self.tc = cfg, cfg.train_tokenizer
+        tc = self.tc
+        self.run_dir, self.progress, self.val_split = Path(out), progress, val_split
+        if cfg.model.family != "unicode" or tc.phases:
+            raise UnicodebookError(f"this recipe trains a UniCode tokenizer in one phase, not a {cfg.model.family} one"
+                                   + (" with train_tokenizer.phases" if tc.phases else ""))
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.engine = engine = Engine()
+        if engine.shards_parameters:
+            raise UnicodebookError("stage I runs on DDP, not FSDP: the autoencoder is small and the quantizer keeps "
+                                   "whole codebook statistics on every rank (launch it with configs/accelerate/ddp_8gpu.yaml)")
+        self.main = engine.is_main
+        if cfg.loss.gan > 0 and engine.world > 1:
+            raise UnicodebookError("loss.gan > 0 (the adaptive GAN weight) runs in one process only")
 
-    torch.manual_seed(tc.seed)
-    source = image_source(data, cfg, engine, progress=progress and main)
-    tok = build_tokenizer(cfg, seed=tc.seed)
-    tok.set_gradient_checkpointing(tc.gradient_checkpointing)
-    tok.train()
-    opt = torch.optim.AdamW(tok.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    aux = AuxLosses(cfg, tok, engine.device)
-    modules, optimizers = {"model": tok, **aux.modules()}, {"model": opt, **aux.optimizers()}
-    start = 0
-    bad_images = source.bad_at_start
-    if resume:
-        state = load_checkpoint(ckpts[-1], modules, optimizers, kind="tokenizer", rank=engine.rank)
-        start, bad_images = state["step"], state.get("bad_images", bad_images)
-        if cfg.model.codebook.mode == "dual":
-            tok.codebook.write_to_llm()  # the LLM rows as they were at that step
-    model, opt = engine.prepare(tok, opt)
-    optimizers["model"] = opt
-    loader = source.batches(start, tc.steps)
-    guard = NonFiniteGuard(tc.max_nonfinite, "stage I", run)
+        ckpts = check_resume(self.run_dir, cfg, resume)
+        engine.barrier()  # every rank has checked before the main process writes
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        torch.manual_seed(tc.seed)
+        self.source = image_source(data, cfg, engine, progress=progress and self.main)
+        self.tok = tok = build_tokenizer(cfg, seed=tc.seed)
+        tok.set_gradient_checkpointing(tc.gradient_checkpointing)
+        tok.train()
+        self.start = self._optimizers(ckpts, resume)
+        self.loader = self.source.batches(self.start, tc.steps)
+        self.guard = NonFiniteGuard(tc.max_nonfinite, "stage I", self.run_dir)
+        self.log = RunLog(self.run_dir, self.start, resume, enabled=self.main)
+        self.fixed = self.source.fixed(8)  # the images of the reconstruction grids
+        if self.main:
+            (self.run_dir / "samples").mkdir(exist_ok=True)
+        self.bad_here = 0  # bad images this process met since the start (summed over ranks when reported)
+        self.restarted = 0
+        self.usage = CodeUsage(tok.codebook.num_codes, tok.depth if tok.kind == "rq" else 2 * tok.depth)
 
-    log = RunLog(run, start, resume, enabled=main)
-    fixed = source.fixed(8)
-    if main:
-        (run / "samples").mkdir(exist_ok=True)
+    def _optimizers(self, ckpts, resume: bool) -> int:
+        """AdamW for the tokenizer (and the discriminator's, with the optional losses), prepared
+        for the engine and restored on resume; returns the first step to train."""
+        tc, engine, tok = self.tc, self.engine, self.tok
+        opt = torch.optim.AdamW(tok.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.aux = AuxLosses(self.cfg, tok, engine.device)
+        self.modules = {"model": tok, **self.aux.modules()}
+        self.optimizers = {"model": opt, **self.aux.optimizers()}
+        start = 0
+        self.bad_images = self.source.bad_at_start
+        if resume:
+            state = load_checkpoint(ckpts[-1], self.modules, self.optimizers, kind="tokenizer", rank=engine.rank)
+            start, self.bad_images = state["step"], state.get("bad_images", self.bad_images)
+            if self.cfg.model.codebook.mode == "dual":
+                tok.codebook.write_to_llm()  # the LLM rows as they were at that step
+        self.model, self.opt = engine.prepare(tok, opt)
+        self.optimizers["model"] = self.opt
+        return start
 
-    bad_here = 0  # bad images this process met since the start (summed over ranks when reported)
+    def bad_total(self) -> int:
+        return self.bad_images + int(self.engine.sum(self.bad_here))
 
-    def bad_total() -> int:
-        return bad_images + int(engine.sum(bad_here))
+    def checkpoint(self, at: int) -> None:
+        """An atomic checkpoint of step ``at``; the run folder is then a tokenizer folder of it."""
+        engine, aux = self.engine, self.aux
+        states = {"model": engine.state_dict(self.model), **{k: m.state_dict() for k, m in aux.modules().items()}}
+        save_training_checkpoint(engine, self.run_dir, at, states, self.optimizers, {"bad_images": self.bad_total()},
+                                 self.tc.keep_last, "tokenizer", self.model)
+        if self.main:
+            save_tokenizer(self.tok, self.run_dir)
 
-    def checkpoint(at: int) -> None:
-        states = {"model": engine.state_dict(model), **{k: m.state_dict() for k, m in aux.modules().items()}}
-        save_training_checkpoint(engine, run, at, states, optimizers, {"bad_images": bad_total()}, tc.keep_last,
-                                 "tokenizer", model)
-        if main:
-            save_tokenizer(tok, run)
-
-    # ------------------------------------------------------------------ train
-    t0, last, restarted = time.time(), {}, 0
-    usage = CodeUsage(tok.codebook.num_codes, tok.depth if tok.kind == "rq" else 2 * tok.depth)
-    bar = tqdm(total=tc.steps, initial=start, desc="stage I", disable=not (progress and main), dynamic_ncols=True)
-    step = start
-    for images, n_bad in loader:
-        bad_here += int(n_bad)
-        if images.numel() == 0:
-            step += 1
-            bar.update(1)
-            continue
+    def train_step(self, step: int, images: torch.Tensor) -> dict:
+        """One optimizer step on ``images`` (codebook updates and restarts included); returns
+        what the step's log row is made of."""
+        tc, engine, tok, opt, aux = self.tc, self.engine, self.tok, self.opt, self.aux
         images = images.to(engine.device)
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
         with engine.autocast(tc.precision):
-            out = model(images)
+            out = self.model(images)
         recon = out.recon.float()
-        rec, parts = reconstruction_loss(recon, images, cfg.loss.l1, cfg.loss.l2)
+        rec, parts = reconstruction_loss(recon, images, self.cfg.loss.l1, self.cfg.loss.l2)
         rec, aux_parts = aux.generator_terms(rec, recon, images, step)
         loss = rec + out.commit_loss
         opt.zero_grad(set_to_none=True)
@@ -156,63 +172,88 @@ def train_unicode_tokenizer(cfg: Config, data: str | Path, out: str | Path, resu
             parts.update(aux_parts, **aux.discriminator_step(recon.detach(), images, step, lr))
             if update is not None:
                 gen = torch.Generator().manual_seed(tc.seed * 7_919 + step)
-                restarted += tok.codebook.update(*update, progress=(step + 1) / tc.steps, step=step, generator=gen)
+                self.restarted += tok.codebook.update(*update, progress=(step + 1) / tc.steps, step=step, generator=gen)
             layers, _ = tok.code_layers(out.codes)
-            usage.update(engine.gather(layers).flatten(0, 1))  # the global batch's codes
+            self.usage.update(engine.gather(layers).flatten(0, 1))  # the global batch's codes
         else:
             opt.zero_grad(set_to_none=True)
-            log.write({"step": step + 1, "skipped": skipped})
+            self.log.write({"step": step + 1, "skipped": skipped})
         try:
-            guard.record(skipped, step + 1)
+            self.guard.record(skipped, step + 1)
         except NonFiniteError:
-            log.close()  # the metrics so far stay readable; the checkpoints are untouched
+            self.log.close()  # the metrics so far stay readable; the checkpoints are untouched
             raise
-        step += 1
-        bar.update(1)
+        return {"loss": loss, "out": out, "parts": parts, "recon": recon, "images": images, "lr": lr}
 
-        if step % tc.log_every == 0 or step == tc.steps:
-            st = usage.stats()
-            usage.reset()
-            mean = engine.mean_over_ranks
-            last = {
-                "step": step, "loss": mean(loss), "quant_loss": mean(out.commit_loss),
-                **({"usage_entropy": mean(out.usage_loss)} if out.usage_loss is not None else {}),
-                **{k: mean(v) for k, v in parts.items()},
-                "psnr": mean(psnr(recon.detach().clamp(0, 1), images).mean()),
-                "usage": round(sum(st["usage"]) / len(st["usage"]), 4), "usage_per_layer": st["usage"],
-                "perplexity": st["perplexity"], "lr": lr, "bad_images": bad_total(), "skipped_steps": guard.total,
-                "restarted_codes": restarted,
-                "codebook_cosine_llm": tok.codebook.alignment()["cosine"], "elapsed_s": round(time.time() - t0, 2),
-            }
-            if engine.world > 1 and step == tc.steps:  # the invariant of a distributed run, checked
-                last["codebook_rank_max_diff"] = engine.max_diff_from_main(tok.codebook.embed, tok.codebook.ema_count)
-            log.write(last, scalars=True)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{last['usage']:.0%}")
-        if main and tc.grid_every and (step % tc.grid_every == 0 or step == tc.steps):
-            _write_grid(tok, fixed, run / "samples" / f"recon_{step:07d}.png", log.writer, step)
-        if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
-            checkpoint(step)
-    bar.close()
+    def _log(self, step: int, s: dict, t0: float) -> dict:
+        engine, tok, out = self.engine, self.tok, s["out"]
+        st = self.usage.stats()
+        self.usage.reset()
+        mean = engine.mean_over_ranks
+        row = {
+            "step": step, "loss": mean(s["loss"]), "quant_loss": mean(out.commit_loss),
+            **({"usage_entropy": mean(out.usage_loss)} if out.usage_loss is not None else {}),
+            **{k: mean(v) for k, v in s["parts"].items()},
+            "psnr": mean(psnr(s["recon"].detach().clamp(0, 1), s["images"]).mean()),
+            "usage": round(sum(st["usage"]) / len(st["usage"]), 4), "usage_per_layer": st["usage"],
+            "perplexity": st["perplexity"], "lr": s["lr"], "bad_images": self.bad_total(),
+            "skipped_steps": self.guard.total, "restarted_codes": self.restarted,
+            "codebook_cosine_llm": tok.codebook.alignment()["cosine"], "elapsed_s": round(time.time() - t0, 2),
+        }
+        if engine.world > 1 and step == self.tc.steps:  # the invariant of a distributed run, checked
+            row["codebook_rank_max_diff"] = engine.max_diff_from_main(tok.codebook.embed, tok.codebook.ema_count)
+        self.log.write(row, scalars=True)
+        return row
 
-    # ------------------------------------------------------------------ finish
-    checkpoint(step)
-    tok.eval()
-    val = None
-    if main:
-        _write_grid(tok, fixed, run / "reconstructions.png", log.writer, step)
-        if source.val_root is not None and val_split and (source.val_root / val_split).is_dir():
-            from ..eval.tokenizer import evaluate_tokenizer
+    def run(self) -> Stage1Result:
+        tc, main = self.tc, self.main
+        t0, last = time.time(), {}
+        bar = tqdm(total=tc.steps, initial=self.start, desc="stage I", disable=not (self.progress and main),
+                   dynamic_ncols=True)
+        step = self.start
+        for images, n_bad in self.loader:
+            self.bad_here += int(n_bad)
+            if images.numel() == 0:  # every image of the batch was bad
+                step += 1
+                bar.update(1)
+                continue
+            s = self.train_step(step, images)
+            step += 1
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                last = self._log(step, s, t0)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{last['usage']:.0%}")
+            if main and tc.grid_every and (step % tc.grid_every == 0 or step == tc.steps):
+                _write_grid(self.tok, self.fixed, self.run_dir / "samples" / f"recon_{step:07d}.png", self.log.writer,
+                            step)
+            if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
+                self.checkpoint(step)
+        bar.close()
+        self.checkpoint(step)
+        val = self._finish(step)
+        self.engine.barrier()
+        return Stage1Result(self.run_dir, step, last, val, time.time() - t0, main)
 
-            val = evaluate_tokenizer(tok, source.val_root, split=val_split, progress=progress,
-                                     usage_plot=run / "codebook_usage.png")
-            log.write({"step": step, "split": val_split, **val})
-            for k in ("psnr", "ssim", "usage_mean"):
-                log.writer.add_scalar(f"{val_split}/{k}", val[k], step)
-    log.close()
-    if main:
-        plot_curves(run / "metrics.jsonl", run / "curves.png")
-    engine.barrier()
-    return Stage1Result(run, step, last, val, time.time() - t0, main)
+    def _finish(self, step: int) -> dict | None:
+        """The final grid, the validation split's evaluation and the curves (main process)."""
+        tok, run, log = self.tok, self.run_dir, self.log
+        tok.eval()
+        val = None
+        if self.main:
+            _write_grid(tok, self.fixed, run / "reconstructions.png", log.writer, step)
+            root, split = self.source.val_root, self.val_split
+            if root is not None and split and (root / split).is_dir():
+                from ..eval.tokenizer import evaluate_tokenizer
+
+                val = evaluate_tokenizer(tok, root, split=split, progress=self.progress,
+                                         usage_plot=run / "codebook_usage.png")
+                log.write({"step": step, "split": split, **val})
+                for k in ("psnr", "ssim", "usage_mean"):
+                    log.writer.add_scalar(f"{split}/{k}", val[k], step)
+        log.close()
+        if self.main:
+            plot_curves(run / "metrics.jsonl", run / "curves.png")
+        return val
 
 
 class AuxLosses:

@@ -4,9 +4,11 @@ The tokenizer is any registered family (``tokenizers.base``), known here only th
 interface: stage II owns the LLM — UniCode's is the one its codebook is bound to, another family
 attaches its code rows to the configured one — and trains the tasks the family offers.
 
-Life cycle: setup (run folder, text tokenizer with the image markers, LLM — full or LoRA —,
-records, cached codes) → train (one task per step, drawn by ``train_lm.tasks`` weights; tqdm,
-metrics.jsonl, TensorBoard, sample grids, atomic checkpoints) → save the model folder.
+``Stage2Recipe`` is the run in parts: its construction is the setup (run folder, text tokenizer
+with the image markers, LLM — full or LoRA —, records, cached codes, optimizer); ``batch`` and
+``train_step`` are one step (one task per step, drawn by ``train_lm.tasks`` weights);
+``checkpoint`` writes an atomic checkpoint; ``run`` loops (tqdm, metrics.jsonl, TensorBoard,
+sample grids) and saves the model folder. ``train_lm`` is ``Stage2Recipe(...).run()``.
 
 A run may be a curriculum: ``train_lm.phases`` lists consecutive phases, each with its own task
 weights, learning-rate schedule, code noise and caption dropout (the run's values where a phase
@@ -165,177 +167,234 @@ def wrap_lora(llm, cfg: LMTrainConfig):
     return get_peft_model(llm, peft_cfg)
 
 
-def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
-             progress: bool = True) -> Stage2Result:
-    """Run stage II on ``data`` (a shapes-world root — its ``train`` split — or a folder with
-    ``instruct.json`` and/or ``t2i.jsonl``), starting from the stage I run ``tokenizer_run``.
+class Stage2Recipe:
+    """One stage II run, in parts: construction is the setup (run folder, text tokenizer with the
+    image markers, the LLM — full or LoRA — and its tokenizer attached, records and cached codes,
+    the optimizer, restored on resume); ``batch`` and ``train_step`` are one step; ``checkpoint``
+    saves; ``run`` is the loop and the finish (the model folder, its samples and curves).
 
     One process or every rank of a distributed launch: ``train_lm.batch_size`` is the global
     batch, the loss is the mean over the global batch's target tokens, and the main process
     writes the run folder.
     """
-    lc = cfg.train_lm
-    run = Path(out)
-    if lc.threads:
-        torch.set_num_threads(lc.threads)
-    # a task may leave the depth table or the depth head unused
-    engine = Engine(find_unused_parameters=lc.image_positions or lc.image_layout == "depth")
-    phases = Phases(lc)
-    main = engine.is_main
-    if engine.shards_parameters and lc.lora.enabled:
-        raise UnicodebookError("LoRA under FSDP is not supported: launch LoRA runs with a DDP config "
-                               "(configs/accelerate/ddp_8gpu.yaml); a LoRA model's optimizer state is small")
+
+    def __init__(self, cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
+                 progress: bool = True):
+        self.lc = lc = cfg.train_lm
+        self.run_dir, self.tokenizer_run, self.progress = Path(out), str(tokenizer_run), progress
+        if lc.threads:
+            torch.set_num_threads(lc.threads)
+        # a task may leave the depth table or the depth head unused
+        self.engine = Engine(find_unused_parameters=lc.image_positions or lc.image_layout == "depth")
+        self.phases = Phases(lc)
+        self.main = self.engine.is_main
+        if self.engine.shards_parameters and lc.lora.enabled:
+            raise UnicodebookError("LoRA under FSDP is not supported: launch LoRA runs with a DDP config "
+                                   "(configs/accelerate/ddp_8gpu.yaml); a LoRA model's optimizer state is small")
+        self.tok, llm, self.cfg = self._tokenizer_and_llm(cfg)
+        ckpts = check_resume(self.run_dir, self.cfg, resume)
+        start = load_start(lc.init_from, self.tok, lc.image_positions, lc.image_layout) \
+            if lc.init_from and not resume else None
+        self.streaming = is_shard_spec(data)
+        texts = self._open_records(data)
+        self._write_text_tokenizer(llm, texts, resume, start)
+        torch.manual_seed(lc.seed)
+        self.umodel = self._build_model(llm, start)
+        del start
+        self.umodel.train()
+        self.fmt = self.umodel.fmt
+        self.code_ids = self.fmt.code_token_ids  # on the CPU, where batches are built
+        self.task_names = [t for t in TASKS if any(getattr(p.tasks, t) > 0 for _, p in self.phases.phases)]
+        self.bad_here = 0  # bad streamed samples this process met (summed over ranks when logged)
+        self.sums: dict[str, list[float]] = {}  # per task: loss, accuracy, steps since the last log row
+        self.tokens = 0
+        if self.streaming:
+            self.skipped = self.bad_images = 0
+            self.preview: list[str] = []
+        else:
+            self._cache_codes()
+        self.start = self._optimizer(ckpts, resume)
+        self.guard = NonFiniteGuard(lc.max_nonfinite, "stage II", self.run_dir)
+        self.log = RunLog(self.run_dir, self.start, resume, enabled=self.main)
+        if self.main:
+            (self.run_dir / "samples").mkdir(exist_ok=True)
 
     # ------------------------------------------------------------------ setup
-    tok = load_tokenizer(tokenizer_run, device=engine.device)  # frozen: encodes and embeds where the LLM trains
-    for _, p in phases.phases:
-        for t in TASKS:
-            if getattr(p.tasks, t) > 0 and t not in tok.tasks:
-                raise UnicodebookError(f"the {tok.family} tokenizer offers no '{t}' task (it offers "
-                                       f"{', '.join(tok.tasks)}): set train_lm.tasks.{t}=0")
-    llm = tok.bound_llm()  # UniCode: the LLM whose rows are its codebook
-    if tok.config is not None:  # the tokenizer run defines the model and its LLM; stage II settings come from cfg
-        cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
-    if llm is None:
-        llm = load_llm(cfg.llm, seed=lc.seed)
-    ckpts = check_resume(run, cfg, resume)
-    start = load_start(lc.init_from, tok, lc.image_positions, lc.image_layout) if lc.init_from and not resume else None
-    streaming = is_shard_spec(data)
-    if streaming:
-        stream = ShardRecords(data, tok.image_size, cfg.data.odd_size, engine, lc.seed, cfg.data.num_workers)
+    def _tokenizer_and_llm(self, cfg: Config):
+        """The frozen visual tokenizer (it encodes and embeds where the LLM trains), the LLM and
+        the run's config: a tokenizer bound to an LLM (UniCode) brings its own, and its run then
+        defines the model and the LLM while stage II's settings come from ``cfg``."""
+        tok = load_tokenizer(self.tokenizer_run, device=self.engine.device)
+        for _, p in self.phases.phases:
+            for t in TASKS:
+                if getattr(p.tasks, t) > 0 and t not in tok.tasks:
+                    raise UnicodebookError(f"the {tok.family} tokenizer offers no '{t}' task (it offers "
+                                           f"{', '.join(tok.tasks)}): set train_lm.tasks.{t}=0")
+        llm = tok.bound_llm()
+        if tok.config is not None:
+            cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
+        if llm is None:
+            llm = load_llm(cfg.llm, seed=self.lc.seed)
+        return tok, llm, cfg
 
-        def texts():
-            return text_corpus(*stream.texts())
-    else:
-        folder = split_folder(data, "train")
-        records = read_records(folder)
+    def _open_records(self, data: str | Path):
+        """The training records (a folder's, or a shard stream) and a function returning the
+        texts a word-level text tokenizer is trained on."""
+        cfg = self.cfg
+        if self.streaming:
+            self.stream = ShardRecords(data, self.tok.image_size, cfg.data.odd_size, self.engine, self.lc.seed,
+                                       cfg.data.num_workers)
+            return lambda: text_corpus(*self.stream.texts())
+        self.folder = split_folder(data, "train")
+        self.records = records = read_records(self.folder)
+        return lambda: text_corpus([t["value"] for c in records.conversations for t in c.turns],
+                                   [c.caption for c in records.captions])
 
-        def texts():
-            return text_corpus([t["value"] for c in records.conversations for t in c.turns],
-                               [c.caption for c in records.captions])
-    engine.barrier()
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
-    for turn in (True, False):  # the main process builds and saves the text tokenizer; the others load it
-        if turn == main:
-            text_tok = build_text_tokenizer(cfg, llm, texts, run, resume or not main, start)
-            if main and not (run / "text_tokenizer").exists():
-                text_tok.save_pretrained(str(run / "text_tokenizer"))
+    def _write_text_tokenizer(self, llm, texts, resume: bool, start) -> None:
+        """The run folder and its config; the main process builds and saves the text tokenizer,
+        the others load it."""
+        engine, run = self.engine, self.run_dir
         engine.barrier()
-    torch.manual_seed(lc.seed)
-    if start is not None:
-        try:
-            llm.load_state_dict(start.llm.state_dict())
-        except RuntimeError as e:
-            raise UnicodebookError(f"train_lm.init_from: the LLM in {lc.init_from} does not fit this run's "
-                                   f"({str(e).splitlines()[0]})") from None
-    if lc.gradient_checkpointing:
-        enable_checkpointing(llm)
-    if lc.lora.enabled:
-        llm = wrap_lora(llm, lc)
-    umodel = UniCodeLM(llm, tok, text_tok, image_positions=lc.image_positions, layout=lc.image_layout,
-                       image_attention=lc.image_attention,
-                       depth_head=dataclasses.asdict(lc.depth_head))
-    if start is not None:
-        for mine, theirs in ((umodel.image_pos, start.image_pos), (umodel.depth_head, start.depth_head)):
-            if mine is not None:
-                try:
-                    mine.load_state_dict(theirs.state_dict())
-                except RuntimeError as e:
-                    raise UnicodebookError(f"train_lm.init_from: {lc.init_from} does not fit this run's model "
-                                           f"({str(e).splitlines()[0]})") from None
-    del start
-    umodel.train()
-
-    if not streaming:
-        images = [c.image for c in records.conversations] + [c.image for c in records.captions]
-        for turn in (True, False):  # the main process encodes and writes the cache; the others read it
-            if turn == main:
-                cache = cached_codes(tok, folder, images, fallback=run / "codes_cache", progress=progress and main,
-                                     odd_size=cfg.data.odd_size)
+        if self.main:
+            run.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, run / "config.yaml")
+        for turn in (True, False):
+            if turn == self.main:
+                self.text_tok = build_text_tokenizer(self.cfg, llm, texts, run, resume or not self.main, start)
+                if self.main and not (run / "text_tokenizer").exists():
+                    self.text_tok.save_pretrained(str(run / "text_tokenizer"))
             engine.barrier()
-        convs = [c for c in records.conversations if c.image in cache.index]
-        caps = [c for c in records.captions if c.image in cache.index]
-        decomp = sorted({c.image for c in convs} | {c.image for c in caps})
-        skipped = records.bad + (len(records.conversations) - len(convs)) + (len(records.captions) - len(caps))
-        bad_images = len(cache.bad)
-        sizes = {"decompress": len(decomp), "instruct": len(convs), "t2i": len(caps)}
-        schedule = TaskSchedule(sizes, phases, lc.batch_size, lc.seed)
-        for t, bs in schedule.bs.items():
+
+    def _build_model(self, llm, start: UniCodeLM | None) -> UniCodeLM:
+        """The trained model: the LLM (``init_from``'s weights, checkpointing, LoRA) with the
+        tokenizer attached, the image-position table and the depth head."""
+        lc = self.lc
+        if start is not None:
+            try:
+                llm.load_state_dict(start.llm.state_dict())
+            except RuntimeError as e:
+                raise UnicodebookError(f"train_lm.init_from: the LLM in {lc.init_from} does not fit this run's "
+                                       f"({str(e).splitlines()[0]})") from None
+        if lc.gradient_checkpointing:
+            enable_checkpointing(llm)
+        if lc.lora.enabled:
+            llm = wrap_lora(llm, lc)
+        umodel = UniCodeLM(llm, self.tok, self.text_tok, image_positions=lc.image_positions, layout=lc.image_layout,
+                           image_attention=lc.image_attention, depth_head=dataclasses.asdict(lc.depth_head))
+        if start is not None:
+            for mine, theirs in ((umodel.image_pos, start.image_pos), (umodel.depth_head, start.depth_head)):
+                if mine is not None:
+                    try:
+                        mine.load_state_dict(theirs.state_dict())
+                    except RuntimeError as e:
+                        raise UnicodebookError(f"train_lm.init_from: {lc.init_from} does not fit this run's model "
+                                               f"({str(e).splitlines()[0]})") from None
+        return umodel
+
+    def _cache_codes(self) -> None:
+        """A folder's images encoded once (the main process writes the cache, the others read
+        it); the records whose image could not be encoded are counted and left out."""
+        engine, records, lc = self.engine, self.records, self.lc
+        images = [c.image for c in records.conversations] + [c.image for c in records.captions]
+        for turn in (True, False):
+            if turn == self.main:
+                self.cache = cached_codes(self.tok, self.folder, images, fallback=self.run_dir / "codes_cache",
+                                          progress=self.progress and self.main, odd_size=self.cfg.data.odd_size)
+            engine.barrier()
+        index = self.cache.index
+        self.convs = [c for c in records.conversations if c.image in index]
+        self.caps = [c for c in records.captions if c.image in index]
+        self.decomp = sorted({c.image for c in self.convs} | {c.image for c in self.caps})
+        self.skipped = records.bad + (len(records.conversations) - len(self.convs)) \
+            + (len(records.captions) - len(self.caps))
+        self.bad_images = len(self.cache.bad)
+        sizes = {"decompress": len(self.decomp), "instruct": len(self.convs), "t2i": len(self.caps)}
+        self.schedule = TaskSchedule(sizes, self.phases, lc.batch_size, lc.seed)
+        for bs in self.schedule.bs.values():
             engine.local_batch_size(bs)  # fail early on an uneven split
-        preview = [c.caption for c in caps[:8]]
-    else:
-        skipped = bad_images = 0
-        preview = []
+        self.preview = [c.caption for c in self.caps[:8]]
 
-    names = [n for n, p in umodel.named_parameters() if p.requires_grad]  # the optimizer's order
-    opt = torch.optim.AdamW([p for p in umodel.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas),
-                            weight_decay=lc.weight_decay)
-    modules = {"llm": umodel.llm}
-    if umodel.image_pos is not None:
-        modules["image_positions"] = umodel.image_pos
-    if umodel.depth_head is not None:
-        modules["depth_head"] = umodel.depth_head
-    start, opt_state = 0, None
-    if resume:  # weights now (prepare shards them); the optimizer once it is wrapped
-        state = load_checkpoint(ckpts[-1], modules, {"llm": None}, kind="lm", rank=engine.rank)
-        start, opt_state = state["step"], state["optimizer_states"]["llm"]
-    if streaming:
-        records_iter = stream.batches(lc.batch_size, start)
-    else:
-        schedule.skip_to(start)
-    model, opt = engine.prepare(umodel, opt)
-    if opt_state is not None:
-        engine.load_optimizer_state(model, opt, opt_state, names)
-    optimizers = {"llm": opt}
-    params = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps in sharded parameters
-    guard = NonFiniteGuard(lc.max_nonfinite, "stage II", run)
-
-    log = RunLog(run, start, resume, enabled=main)
-    if main:
-        (run / "samples").mkdir(exist_ok=True)
-    fmt = umodel.fmt
-    code_ids = fmt.code_token_ids  # on the CPU, where batches are built
-
-    def make_batch(task: str, idx: list[int], step: int):
-        """This rank's share of the global batch ``idx`` (random choices drawn for all of it)."""
-        g = torch.Generator().manual_seed(lc.seed * 48_271 + step)
-        pc = phases.at(step)[1]
-        if task == "instruct":
-            items = engine.shard([convs[i] for i in idx])
-            keys = [cache.index[c.image] for c in items]
-            samples = [fmt.conversation(c.turns, cache.codes[k].long()) for c, k in zip(items, keys)]
-        elif task == "decompress":
-            segs = engine.shard(torch.randint(lc.decompress_segments, (len(idx),), generator=g).tolist())
-            keys = [cache.index[decomp[i]] for i in engine.shard(idx)]
-            samples = [fmt.decompression(cache.codes[k].long(), lc.decompress_segments, s) for k, s in zip(keys, segs)]
+    def _optimizer(self, ckpts, resume: bool) -> int:
+        """AdamW over the trainable parameters, the model and optimizer prepared for the engine
+        and restored from the last checkpoint on resume; returns the first step to train."""
+        lc, engine, umodel = self.lc, self.engine, self.umodel
+        names = [n for n, p in umodel.named_parameters() if p.requires_grad]  # the optimizer's order
+        opt = torch.optim.AdamW([p for p in umodel.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas),
+                                weight_decay=lc.weight_decay)
+        self.modules = {"llm": umodel.llm}
+        if umodel.image_pos is not None:
+            self.modules["image_positions"] = umodel.image_pos
+        if umodel.depth_head is not None:
+            self.modules["depth_head"] = umodel.depth_head
+        start, opt_state = 0, None
+        if resume:  # weights now (prepare shards them); the optimizer once it is wrapped
+            state = load_checkpoint(ckpts[-1], self.modules, {"llm": None}, kind="lm", rank=engine.rank)
+            start, opt_state = state["step"], state["optimizer_states"]["llm"]
+        if self.streaming:
+            self.records_iter = self.stream.batches(lc.batch_size, start)
         else:
-            drop = engine.shard((torch.rand(len(idx), generator=g) < pc.caption_dropout).tolist())
-            items = engine.shard([caps[i] for i in idx])
-            samples = [fmt.text_to_image(None if d else c.caption, cache.codes[cache.index[c.image]].long())
+            self.schedule.skip_to(start)
+        self.model, self.opt = engine.prepare(umodel, opt)
+        if opt_state is not None:
+            engine.load_optimizer_state(self.model, self.opt, opt_state, names)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP swaps in sharded parameters
+        return start
+
+    # ------------------------------------------------------------------ batches
+    def sample(self, task: str, codes: torch.Tensor, turns=None, caption: str | None = None, segment: int = 0):
+        """One training sequence of ``task`` for an image's codes — the one place the folder and
+        the stream paths build samples: ``turns`` for instruct, ``segment`` for decompression,
+        ``caption`` for text-to-image (None: the caption dropped, an unconditional sample)."""
+        if task == "instruct":
+            return self.fmt.conversation(turns, codes)
+        if task == "decompress":
+            return self.fmt.decompression(codes, self.lc.decompress_segments, segment)
+        return self.fmt.text_to_image(caption, codes)
+
+    def _collate(self, samples: list, step: int, g: torch.Generator):
+        pad = self.fmt.pad_id if self.fmt.pad_id is not None else 0
+        return corrupt_codes(collate(samples, pad), self.code_ids, self.phases.at(step)[1].code_noise, g)
+
+    def batch(self, step: int):
+        """(task, batch, latents of the images the LLM reads) of ``step``, for this rank."""
+        return self._stream_batch(step) if self.streaming else self._folder_batch(step)
+
+    def _folder_batch(self, step: int):
+        """This rank's share of the step's global batch (random choices drawn for all of it)."""
+        task, idx = self.schedule.next(step)
+        engine, cache = self.engine, self.cache
+        g = torch.Generator().manual_seed(self.lc.seed * 48_271 + step)
+        if task == "instruct":
+            items = engine.shard([self.convs[i] for i in idx])
+            keys = [cache.index[c.image] for c in items]
+            samples = [self.sample(task, cache.codes[k].long(), turns=c.turns) for c, k in zip(items, keys)]
+        elif task == "decompress":
+            segs = engine.shard(torch.randint(self.lc.decompress_segments, (len(idx),), generator=g).tolist())
+            keys = [cache.index[self.decomp[i]] for i in engine.shard(idx)]
+            samples = [self.sample(task, cache.codes[k].long(), segment=s) for k, s in zip(keys, segs)]
+        else:
+            p_drop = self.phases.at(step)[1].caption_dropout
+            drop = engine.shard((torch.rand(len(idx), generator=g) < p_drop).tolist())
+            items = engine.shard([self.caps[i] for i in idx])
+            samples = [self.sample(task, cache.codes[cache.index[c.image]].long(), caption=None if d else c.caption)
                        for c, d in zip(items, drop)]
             keys = []
-        batch = corrupt_codes(collate(samples, fmt.pad_id if fmt.pad_id is not None else 0), code_ids, pc.code_noise, g)
-        latents = umodel.latents(cache.codes[keys].long()) if keys else None
-        return batch, latents
+        batch = self._collate(samples, step, g)
+        return task, batch, self.umodel.latents(cache.codes[keys].long()) if keys else None
 
-    task_names = [t for t in TASKS if any(getattr(p.tasks, t) > 0 for _, p in phases.phases)]
-    bad_here = 0  # bad streamed samples this process met (summed over ranks when logged)
-
-    def stream_batch(step: int):
+    def _stream_batch(self, step: int):
         """This rank's next streamed batch, each sample given one of the tasks it allows
-        (decompression always; instruct with a conversation; t2i with a caption), drawn by
-        the task weights; images encoded by the frozen tokenizer on the fly."""
-        nonlocal bad_here
-        recs, n_bad = next(records_iter)
-        bad_here += int(n_bad)
-        codes = umodel.tokenizer.encode(recs["image"]) if len(recs["key"]) else None
-        g = torch.Generator().manual_seed((lc.seed * 48_271 + step) * 1_000 + engine.rank)
-        pc = phases.at(step)[1]
+        (decompression always; instruct with a conversation; t2i with a caption), drawn by the
+        task weights; images encoded by the frozen tokenizer on the fly."""
+        recs, n_bad = next(self.records_iter)
+        self.bad_here += int(n_bad)
+        codes = self.umodel.tokenizer.encode(recs["image"]) if len(recs["key"]) else None
+        g = torch.Generator().manual_seed((self.lc.seed * 48_271 + step) * 1_000 + self.engine.rank)
+        pc = self.phases.at(step)[1]
         samples, with_image = [], []
         for i, (conv, cap) in enumerate(zip(recs["conversation"], recs["caption"])):
-            allowed = [t for t in task_names if t == "decompress" or (t == "instruct" and conv) or (t == "t2i" and cap)]
+            allowed = [t for t in self.task_names
+                       if t == "decompress" or (t == "instruct" and conv) or (t == "t2i" and cap)]
             if not allowed:
                 continue
             w = torch.tensor([getattr(pc.tasks, t) for t in allowed], dtype=torch.float64)
@@ -343,106 +402,129 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
                 continue
             task = allowed[int(torch.multinomial(w, 1, generator=g))]
             if task == "instruct":
-                samples.append(fmt.conversation(conv, codes[i]))
-                with_image.append(i)
+                samples.append(self.sample(task, codes[i], turns=conv))
             elif task == "decompress":
-                seg = int(torch.randint(lc.decompress_segments, (1,), generator=g))
-                samples.append(fmt.decompression(codes[i], lc.decompress_segments, seg))
-                with_image.append(i)
+                seg = int(torch.randint(self.lc.decompress_segments, (1,), generator=g))
+                samples.append(self.sample(task, codes[i], segment=seg))
             else:
                 drop = bool(torch.rand(1, generator=g) < pc.caption_dropout)
-                samples.append(fmt.text_to_image(None if drop else cap, codes[i]))
+                samples.append(self.sample(task, codes[i], caption=None if drop else cap))
+            if task != "t2i":
+                with_image.append(i)
         if not samples:
             raise UnicodebookError(f"step {step}: no usable sample in this rank's batch (all bad, or no task applies)")
-        batch = corrupt_codes(collate(samples, fmt.pad_id if fmt.pad_id is not None else 0), code_ids, pc.code_noise, g)
-        return "mixed", batch, umodel.latents(codes[with_image]) if with_image else None
+        batch = self._collate(samples, step, g)
+        return "mixed", batch, self.umodel.latents(codes[with_image]) if with_image else None
 
-    def folder_batch(step: int):
-        task, idx = schedule.next(step)
-        return (task, *make_batch(task, idx, step))
-
-    next_batch = stream_batch if streaming else folder_batch
-
-    def checkpoint(at: int) -> dict:
-        full = engine.state_dict(model)
-        states = {name: {k[len(name_) + 1:]: v for k, v in full.items() if k.startswith(name_ + ".")}
-                  for name, name_ in (("llm", "llm"), ("image_positions", "image_pos"), ("depth_head", "depth_head"))
-                  if name in modules}
-        save_training_checkpoint(engine, run, at, states, optimizers, {"skipped_steps": guard.total}, lc.keep_last,
-                                 "lm", model)
-        return states
-
-    # ------------------------------------------------------------------ train
-    t0 = time.time()
-    sums: dict[str, list[float]] = {}
-    tokens = 0
-    last: dict = {}
-    bar = tqdm(total=lc.steps, initial=start, desc="stage II", disable=not (progress and main), dynamic_ncols=True)
-    step = start
-    while step < lc.steps:
-        task, batch, latents = next_batch(step)
-        if batch.input_ids.shape[1] > umodel.max_positions:
-            raise UnicodebookError(f"a {task} sequence has {batch.input_ids.shape[1]} tokens; the LLM's context is {umodel.max_positions}")
-        lr = phases.lr(step)
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int, task: str, batch, latents) -> tuple[float, str | None]:
+        """One optimizer step on ``batch``: (its learning rate, why it was skipped or None)."""
+        engine, opt, model = self.engine, self.opt, self.model
+        if batch.input_ids.shape[1] > self.umodel.max_positions:
+            raise UnicodebookError(f"a {task} sequence has {batch.input_ids.shape[1]} tokens; "
+                                   f"the LLM's context is {self.umodel.max_positions}")
+        lr = self.phases.lr(step)
         for g in opt.param_groups:
             g["lr"] = lr
-        with engine.autocast(lc.precision):
+        with engine.autocast(self.lc.precision):
             out = model(batch, latents)
         # the mean over the global batch's target tokens: weight this rank's mean by its share
         global_tokens = engine.sum(out.n_tokens)
         loss = out.loss * (out.n_tokens * engine.world / max(global_tokens, 1.0))
         opt.zero_grad(set_to_none=True)
         engine.backward(loss)
-        why = engine.clip_and_check(out.loss, params, lc.grad_clip)
+        why = engine.clip_and_check(out.loss, self.params, self.lc.grad_clip)
         if why is None:
             opt.step()
-            s = sums.setdefault(task, [0.0, 0.0, 0])
+            s = self.sums.setdefault(task, [0.0, 0.0, 0])
             s[0] += float(out.loss.detach())  # this rank's; averaged over ranks when logged
             s[1] += float(out.accuracy)
             s[2] += 1
         else:
             opt.zero_grad(set_to_none=True)
-            log.write({"step": step + 1, "skipped": why, "task": task})
+            self.log.write({"step": step + 1, "skipped": why, "task": task})
         try:
-            guard.record(why, step + 1)
+            self.guard.record(why, step + 1)
         except NonFiniteError:
-            log.close()  # the metrics so far stay readable; the checkpoints are untouched
+            self.log.close()  # the metrics so far stay readable; the checkpoints are untouched
             raise
-        tokens += int(batch.attention_mask.sum())
-        step += 1
-        bar.update(1)
+        self.tokens += int(batch.attention_mask.sum())
+        return lr, why
 
-        if step % lc.log_every == 0 or step == lc.steps:
-            el = time.time() - t0
-            last = {"step": step, "lr": lr, "elapsed_s": round(el, 2),
-                    "tokens_per_s": round(engine.sum(tokens) / max(el, 1e-9), 1),
-                    "bad_records": skipped, "bad_images": bad_images + int(engine.sum(bad_here)), "skipped_steps": guard.total}
-            if engine.world > 1 and step == lc.steps:  # the invariant of a distributed run, checked
-                last["weights_rank_max_diff"] = engine.max_diff_from_main(*params)
-            for t, (loss_sum, acc_sum, n) in sums.items():
-                last[f"loss_{t}"], last[f"acc_{t}"] = engine.mean_over_ranks(loss_sum / n), acc_sum / n
-            sums = {}
-            log.write(last, scalars=True)
-            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")})
-        if main and lc.sample_every and step % lc.sample_every == 0 and step < lc.steps and preview \
-                and not engine.shards_parameters:  # FSDP: a sharded module cannot decode outside forward
-            _write_samples(umodel, preview, run / "samples" / f"t2i_{step:07d}.png", cfg, log.writer, step)
-        if lc.save_every and step % lc.save_every == 0 and step < lc.steps:
-            checkpoint(step)
-    bar.close()
+    def _log(self, step: int, lr: float, t0: float) -> dict:
+        engine = self.engine
+        el = time.time() - t0
+        row = {"step": step, "lr": lr, "elapsed_s": round(el, 2),
+               "tokens_per_s": round(engine.sum(self.tokens) / max(el, 1e-9), 1),
+               "bad_records": self.skipped, "bad_images": self.bad_images + int(engine.sum(self.bad_here)),
+               "skipped_steps": self.guard.total}
+        if engine.world > 1 and step == self.lc.steps:  # the invariant of a distributed run, checked
+            row["weights_rank_max_diff"] = engine.max_diff_from_main(*self.params)
+        for t, (loss_sum, acc_sum, n) in self.sums.items():
+            row[f"loss_{t}"], row[f"acc_{t}"] = engine.mean_over_ranks(loss_sum / n), acc_sum / n
+        self.sums = {}
+        self.log.write(row, scalars=True)
+        return row
 
-    # ------------------------------------------------------------------ finish
-    states = checkpoint(step)
-    if main:
-        # the gathered full weights: under FSDP the modules themselves hold only shards
-        save_model(umodel, run, cfg, str(tokenizer_run), states=states if engine.shards_parameters else None)
-        if preview and not engine.shards_parameters:
-            _write_samples(umodel, preview, run / "samples" / "t2i_final.png", cfg, log.writer, step)
-    log.close()
-    if main:
-        _plot(run)
-    engine.barrier()
-    return Stage2Result(run, step, last, time.time() - t0, main)
+    def checkpoint(self, at: int) -> dict:
+        """An atomic checkpoint of step ``at``; returns the gathered weights per module."""
+        engine = self.engine
+        full = engine.state_dict(self.model)
+        states = {name: {k[len(prefix) + 1:]: v for k, v in full.items() if k.startswith(prefix + ".")}
+                  for name, prefix in (("llm", "llm"), ("image_positions", "image_pos"), ("depth_head", "depth_head"))
+                  if name in self.modules}
+        save_training_checkpoint(engine, self.run_dir, at, states, {"llm": self.opt}, {"skipped_steps": self.guard.total},
+                                 self.lc.keep_last, "lm", self.model)
+        return states
+
+    def _samples(self, name: str, step: int) -> None:
+        """Text-to-image samples of the preview captions (FSDP: a sharded module cannot decode
+        outside forward)."""
+        if self.main and self.preview and not self.engine.shards_parameters:
+            _write_samples(self.umodel, self.preview, self.run_dir / "samples" / name, self.cfg, self.log.writer, step)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Stage2Result:
+        lc, engine, main = self.lc, self.engine, self.main
+        t0 = time.time()
+        self.sums, self.tokens = {}, 0
+        last: dict = {}
+        bar = tqdm(total=lc.steps, initial=self.start, desc="stage II", disable=not (self.progress and main),
+                   dynamic_ncols=True)
+        step = self.start
+        while step < lc.steps:
+            task, batch, latents = self.batch(step)
+            lr, _ = self.train_step(step, task, batch, latents)
+            step += 1
+            bar.update(1)
+            if step % lc.log_every == 0 or step == lc.steps:
+                last = self._log(step, lr, t0)
+                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")})
+            if lc.sample_every and step % lc.sample_every == 0 and step < lc.steps:
+                self._samples(f"t2i_{step:07d}.png", step)
+            if lc.save_every and step % lc.save_every == 0 and step < lc.steps:
+                self.checkpoint(step)
+        bar.close()
+
+        states = self.checkpoint(step)
+        if main:
+            # the gathered full weights: under FSDP the modules themselves hold only shards
+            save_model(self.umodel, self.run_dir, self.cfg, self.tokenizer_run,
+                       states=states if engine.shards_parameters else None)
+            self._samples("t2i_final.png", step)
+        self.log.close()
+        if main:
+            _plot(self.run_dir)
+        engine.barrier()
+        return Stage2Result(self.run_dir, step, last, time.time() - t0, main)
+
+
+def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
+             progress: bool = True) -> Stage2Result:
+    """Run stage II on ``data`` (a shapes-world root — its ``train`` split — or a folder with
+    ``instruct.json`` and/or ``t2i.jsonl``), starting from the stage I run ``tokenizer_run``
+    (``Stage2Recipe``)."""
+    return Stage2Recipe(cfg, tokenizer_run, data, out, resume=resume, progress=progress).run()
 
 
 def _write_samples(model: UniCodeLM, prompts: list[str], path: Path, cfg: Config, writer, step: int) -> None:
