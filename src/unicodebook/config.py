@@ -129,6 +129,32 @@ class QFormerConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    """SEED's optional diffusion pixel decoder (``pixel_decoder: diffusion``): a ``diffusers`` UNet in
+    pixel space, cross-attending to ``cond_tokens`` projections of the generation embedding."""
+
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # cross-attention blocks; all but the last halve
+    layers_per_block: int = 1
+    heads: int = 1  # attention heads; they divide every entry of channels
+    unet_path: str = ""  # a local UNet2DConditionModel folder (RGB, the model's size); replaces the three above
+    cond_tokens: int = 4
+    train_timesteps: int = 1000
+    cond_dropout: float = 0.1  # conditions dropped in training, for classifier-free guidance
+    steps: int = 25  # DDIM steps of decode
+    guidance: float = 1.0  # classifier-free guidance of decode; 1: the conditional prediction only
+
+    def __post_init__(self) -> None:
+        if not self.channels or min(self.channels) < 1 or any(c % max(self.heads, 1) for c in self.channels):
+            raise ValueError(f"channels {self.channels}: each >= 1 and divisible by heads {self.heads}")
+        if min(self.layers_per_block, self.heads, self.cond_tokens) < 1:
+            raise ValueError("layers_per_block, heads and cond_tokens must be >= 1")
+        if not 1 <= self.steps <= self.train_timesteps:
+            raise ValueError(f"steps must be within 1..train_timesteps ({self.train_timesteps}), got {self.steps}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError("cond_dropout must be in [0, 1)")
+
+
+@dataclass
 class SeedModelConfig:
     """The SEED tokenizer (``family: seed``): frozen ViT → causal Q-Former → VQ of its outputs →
     de-tokenizer (the causal embeddings and a generation embedding) → pixel decoder."""
@@ -150,8 +176,15 @@ class SeedModelConfig:
     generation_dim: int = 0  # the generation embedding (official: 1024, CLIP-H's); 0: the ViT's embedding size
     contrastive_dim: int = 0  # the Q-Former's contrastive projection (official: 256); 0: the ViT's embedding size
     decoder_ch: int = 64
+    # pixels from the codes: conv (a deterministic conv decoder, L1 + L2) or diffusion (``diffusion``, needs diffusers)
+    pixel_decoder: Literal["conv", "diffusion"] = "conv"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def __post_init__(self) -> None:
+        halvings = len(self.diffusion.channels) - 1
+        if self.pixel_decoder == "diffusion" and not self.diffusion.unet_path and self.image_size % 2**halvings:
+            raise ValueError(f"diffusion.channels: {halvings + 1} blocks halve the image {halvings} times, "
+                             f"which image_size {self.image_size} does not allow")
         if self.image_size % self.vit.patch_size:
             raise ValueError(f"vit.patch_size {self.vit.patch_size} does not divide image_size {self.image_size}")
         if self.qformer.width % self.qformer.heads or self.vit.width % self.vit.heads:

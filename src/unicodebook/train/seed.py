@@ -8,7 +8,9 @@
   ``loss.vq``·VQ + ``loss.feature_recon``·(1 − cos to the causal embeddings) +
   ``loss.generation``·MSE(generation embedding, the ViT's image embedding) (SEED's stage II).
 * ``decoder`` — everything above frozen: the pixel decoder from the reconstructed embeddings of
-  the codes, ``loss.l1``·L1 + ``loss.l2``·L2.
+  the codes, ``loss.l1``·L1 + ``loss.l2``·L2; or, with ``model.pixel_decoder: diffusion``, the
+  diffusion decoder from the codes' generation embedding, its denoising MSE (logged as
+  ``diffusion``; its noise a function of (seed, step), so a resumed run stays exact).
 
 Data: a shapes-world root (its ``train`` split) or a folder with ``t2i.jsonl`` image–caption pairs;
 the images are read once into memory. Each phase trains only its own modules (the others get no
@@ -148,7 +150,11 @@ def _phase_loss(name: str, cfg: Config, tok: SeedTokenizer, tower: TextTower, sc
                  "batch_usage": codes.unique().numel() / tok.num_codes}
         return lc.vq * vq + lc.feature_recon * rec + lc.generation * g, parts
     with torch.no_grad():
-        recon, _ = tok.detokenize(tok.quantize.embedding(tok.encode(images)))
+        recon, gen = tok.detokenize(tok.quantize.embedding(tok.encode(images)))
+    if tok.pixel_kind == "diffusion":
+        noise = torch.Generator().manual_seed(cfg.train_tokenizer.seed * 1_000_003 + step)
+        d = tok.pixel_decoder.loss(images, gen, noise)
+        return d, {"diffusion": float(d.detach())}
     out = tok.pixel_decoder(recon)
     a, b = F.l1_loss(out, images), F.mse_loss(out, images)
     return lc.l1 * a + lc.l2 * b, {"l1": float(a.detach()), "l2": float(b.detach()), "psnr": float(psnr(out.detach().clamp(0, 1), images).mean())}

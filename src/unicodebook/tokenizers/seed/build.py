@@ -2,8 +2,10 @@
 
 A SEED tokenizer folder holds ``config.yaml`` (the run config; its ``model`` section is the
 ``seed`` family's), ``model.safetensors`` (every weight, the frozen ViT's included) and the
-family tag ``visual_tokenizer.json`` (written last). A stage I run folder is one; so is the copy
-a stage II model folder keeps in ``visual_tokenizer/``.
+family tag ``visual_tokenizer.json`` (written last); with ``model.pixel_decoder: diffusion`` also
+``pixel_unet/config.json``, the UNet's ``diffusers`` config (its weights are in ``model.safetensors``),
+so that loading needs neither the network nor ``model.diffusion.unet_path``. A stage I run folder is
+one; so is the copy a stage II model folder keeps in ``visual_tokenizer/``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from safetensors.torch import load_file
 
 from ...config import Config, SeedModelConfig, VitConfig, config_from_dict, read_yaml, save_config
 from ...errors import UnicodebookError
-from ...utils.io import atomic_save_tensors, first_state_mismatch
+from ...utils.io import atomic_save_tensors, atomic_write_text, first_state_mismatch
 from ..base import write_family
 from ..vit import ViTConfig, VisionTransformer, load_local_vit
 from .model import SeedTokenizer
+
+UNET_CONFIG = Path("pixel_unet") / "config.json"
 
 
 def vit_config(cfg: SeedModelConfig) -> ViTConfig:
@@ -37,7 +41,8 @@ def _vit_section(vc: ViTConfig) -> VitConfig:
 
 def build_tokenizer(cfg: Config, seed: int = 0) -> SeedTokenizer:
     """A fresh SEED tokenizer; its ViT loaded from ``model.vit_path`` (its sizes written into the
-    returned config's ``model.vit``, so the folder describes itself) or new (trained in phase vit)."""
+    returned config's ``model.vit``, so the folder describes itself) or new (trained in phase vit);
+    the diffusion decoder's UNet from ``model.diffusion.unet_path`` (its own sizes) or new."""
     mc = cfg.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -50,15 +55,25 @@ def build_tokenizer(cfg: Config, seed: int = 0) -> SeedTokenizer:
             cfg = dataclasses.replace(cfg, model=mc)
         else:
             vit = VisionTransformer(vit_config(mc))
-        tok = SeedTokenizer(mc, vit)
+        tok = SeedTokenizer(mc, vit, _local_unet(mc))
     tok.__dict__["config"] = cfg
     return tok
+
+
+def _local_unet(mc: SeedModelConfig):
+    if mc.pixel_decoder != "diffusion" or not mc.diffusion.unet_path:
+        return None
+    from .diffusion import local_unet
+
+    return local_unet(mc.diffusion.unet_path, mc.image_size)
 
 
 def save_tokenizer(tok: SeedTokenizer, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(tok.config, folder / "config.yaml")
+    if tok.pixel_kind == "diffusion":
+        atomic_write_text(folder / UNET_CONFIG, tok.pixel_decoder.unet.to_json_string())
     atomic_save_tensors(tok.state_dict(), folder / "model.safetensors", metadata={"format": "unicodebook-seed"})
     write_family(folder, SeedTokenizer.family)
 
@@ -76,13 +91,24 @@ def load(folder: Path, device: str | torch.device = "cpu") -> SeedTokenizer:
         state = load_file(folder / "model.safetensors")
     except (SafetensorError, OSError) as e:
         raise UnicodebookError(f"{folder}/model.safetensors is corrupt or truncated ({e})") from None
-    tok = SeedTokenizer(cfg.model, VisionTransformer(vit_config(cfg.model)))  # the ViT's weights are in the folder
+    # the ViT's weights (and the UNet's) are in the folder
+    tok = SeedTokenizer(cfg.model, VisionTransformer(vit_config(cfg.model)), _saved_unet(folder, cfg.model))
     bad = first_state_mismatch(tok, state)
     if bad:
         raise UnicodebookError(f"{folder}/model.safetensors does not match its config (first bad key: {bad})")
     tok.load_state_dict(state)
     tok.__dict__["config"] = cfg
     return tok.to(device).eval()
+
+
+def _saved_unet(folder: Path, mc: SeedModelConfig):
+    if mc.pixel_decoder != "diffusion":
+        return None
+    if not (folder / UNET_CONFIG).is_file():
+        raise UnicodebookError(f"{folder}: not a SEED tokenizer folder (missing {UNET_CONFIG}, its diffusion decoder)")
+    from .diffusion import unet_from_config
+
+    return unet_from_config(folder / UNET_CONFIG.parent)
 
 
 load_frozen = load

@@ -7,10 +7,11 @@ left-to-right sequence: output i depends on the first i queries only.
 
 Decode: the codes' embeddings go back up (``decode_task_layer``), through the reconstruction
 branch (bidirectional blocks; trained to match the Q-Former's outputs under 1 − cosine) and the
-pixel decoder (ours: a grid of learnable queries cross-attending to the N embeddings, then the
-conv decoder of the UniCode autoencoder). The generation branch (blocks and a one-query reverse
-Q-Former) regresses the ViT's image embedding (MSE), the vector a diffusion decoder would be
-conditioned on (the original conditions Stable unCLIP on it).
+pixel decoder (ours by default: a grid of learnable queries cross-attending to the N embeddings,
+then the conv decoder of the UniCode autoencoder). The generation branch (blocks and a one-query
+reverse Q-Former) regresses the ViT's image embedding (MSE), the vector a diffusion decoder is
+conditioned on: the original conditions Stable unCLIP on it, ``pixel_decoder: diffusion`` a small
+pixel-space UNet (``diffusion.py``; decode samples it from a fixed seed, so it stays deterministic).
 
 Parameter names are the official checkpoint's where the modules correspond (``query_tokens``,
 ``ln_vision``, ``Qformer.bert…``, ``encode_task_layer``, ``quantize.embedding``,
@@ -38,6 +39,7 @@ from .qformer import QFormer, init_queries
 from .quantizer import VectorQuantizer
 
 DECODER_GRID = 4  # the pixel decoder's latent is image_size / DECODER_GRID on a side
+DECODE_SEED = 0  # the diffusion decoder's starting noise in decode, every image's
 
 
 @dataclass
@@ -72,13 +74,14 @@ class PixelDecoder(nn.Module):
 
 
 class SeedTokenizer(VisualTokenizer):
-    """The SEED tokenizer at the sizes of ``cfg`` (a :class:`~unicodebook.config.SeedModelConfig`)."""
+    """The SEED tokenizer at the sizes of ``cfg`` (a :class:`~unicodebook.config.SeedModelConfig`);
+    ``unet``: the diffusion decoder's UNet (a loaded or rebuilt one; None: a fresh one from ``cfg``)."""
 
     family = "seed"
     reads = "codes"
     tasks = ("instruct", "t2i")  # an image read and an image written are the same ids: no decompression
 
-    def __init__(self, cfg: SeedModelConfig, visual_encoder: VisionTransformer):
+    def __init__(self, cfg: SeedModelConfig, visual_encoder: VisionTransformer, unet: nn.Module | None = None):
         super().__init__()
         if cfg.image_size % DECODER_GRID:
             raise ValueError(f"image_size {cfg.image_size} is not divisible by {DECODER_GRID}")
@@ -106,7 +109,12 @@ class SeedTokenizer(VisualTokenizer):
         self.Reverse_Qformer = QFormer(qc.width, cfg.reverse_layers, qc.heads, kv_dim=qc.width,
                                        cross_every=qc.cross_attention_freq, causal=False)
         self.distill_image_proj = nn.Linear(qc.width, cfg.generation_dim or e)
-        self.pixel_decoder = PixelDecoder(qc.width, qc.heads, cfg.image_size, cfg.decoder_ch)
+        self.pixel_kind = cfg.pixel_decoder
+        if cfg.pixel_decoder == "diffusion":
+            self.pixel_decoder = _diffusion_decoder(cfg, self.distill_image_proj.out_features, unet)
+            self.sampling = (cfg.diffusion.steps, cfg.diffusion.guidance)
+        else:
+            self.pixel_decoder = PixelDecoder(qc.width, qc.heads, cfg.image_size, cfg.decoder_ch)
 
     @property
     def device(self) -> torch.device:
@@ -151,7 +159,10 @@ class SeedTokenizer(VisualTokenizer):
     def decode(self, codes: Tensor) -> Tensor:
         """codes (B, N) → images (B, 3, H, W) in [0, 1]."""
         self._check_codes(codes)
-        recon, _ = self.detokenize(self.quantize.embedding(codes.to(self.device).long()))
+        recon, gen = self.detokenize(self.quantize.embedding(codes.to(self.device).long()))
+        if self.pixel_kind == "diffusion":
+            noise = [torch.Generator().manual_seed(DECODE_SEED) for _ in range(len(gen))]  # the same alone or in a batch
+            return self.pixel_decoder.sample(gen, *self.sampling, noise)
         return self.pixel_decoder(recon).clamp(0, 1)
 
     def code_layers(self, codes: Tensor) -> tuple[Tensor, list[str]]:
@@ -173,6 +184,14 @@ class SeedTokenizer(VisualTokenizer):
             raise ValueError(f"expected codes (B, {self.layout.length}), got {tuple(codes.shape)}")
         if (codes < 0).any() or (codes >= self.num_codes).any():
             raise ValueError(f"codes must be indices in [0, {self.num_codes})")
+
+
+def _diffusion_decoder(cfg: SeedModelConfig, cond_dim: int, unet: nn.Module | None) -> nn.Module:
+    from .diffusion import DiffusionDecoder, new_unet
+
+    dc = cfg.diffusion
+    unet = new_unet(dc, cfg.image_size) if unet is None else unet
+    return DiffusionDecoder(unet, cond_dim, dc.cond_tokens, dc.train_timesteps, dc.cond_dropout)
 
 
 def feature_loss(recon: Tensor, target: Tensor) -> Tensor:
