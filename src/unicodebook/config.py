@@ -175,7 +175,10 @@ class SeedModelConfig:
     reverse_layers: int = 2  # ... and its one-query reverse Q-Former (official: 12, BERT-base)
     generation_dim: int = 0  # the generation embedding (official: 1024, CLIP-H's); 0: the ViT's embedding size
     contrastive_dim: int = 0  # the Q-Former's contrastive projection (official: 256); 0: the ViT's embedding size
-    decoder_ch: int = 64
+    decoder_ch: int = 64  # the conv pixel decoder (pixel_decoder: conv): its base width ...
+    decoder_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # ... per level, coarse last (3 levels: ×4)
+    decoder_res_blocks: int = 1  # ... residual blocks per level, plus one
+    decoder_reader_layers: int = 2  # the cross-attention layers its grid of queries reads the embeddings with
     # pixels from the codes: conv (a deterministic conv decoder, L1 + L2) or diffusion (``diffusion``, needs diffusers)
     pixel_decoder: Literal["conv", "diffusion"] = "conv"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -189,6 +192,8 @@ class SeedModelConfig:
             raise ValueError(f"vit.patch_size {self.vit.patch_size} does not divide image_size {self.image_size}")
         if self.qformer.width % self.qformer.heads or self.vit.width % self.vit.heads:
             raise ValueError("the heads must divide the widths")
+        if len(self.decoder_mult) != 3:
+            raise ValueError(f"decoder_mult has {len(self.decoder_mult)} levels; the pixel decoder upsamples ×4: 3 levels")
 
 
 MODEL_FAMILIES: dict[str, type] = {"unicode": ModelConfig, "seed": SeedModelConfig}

@@ -122,6 +122,8 @@ def test_bad_seed_configs_are_one_line_errors(shapes_dir, tmp_path):
         seed_config("model.autoencoder.ch=8")  # a UniCode override given to a SEED config
     with pytest.raises(ConfigError, match=r"model.family: 'nope' is not one of unicode, seed"):
         load_config("tiny", ["model.family=nope"])
+    with pytest.raises(ConfigError, match=r"decoder_mult has 2 levels; the pixel decoder upsamples ×4: 3 levels$"):
+        seed_config("model.decoder_mult=[1,2]")
     bad = seed_config("train_tokenizer.steps=20", "train_tokenizer.phases=[{name: vq, steps: 10}, {name: decoder, steps: 10}]")
     with pytest.raises(UnicodebookError, match=r"phases named vit, qformer, vq, decoder in that order .*got vq, decoder$"):
         train_seed_tokenizer(bad, shapes_dir, tmp_path / "r", progress=False)

@@ -57,15 +57,18 @@ def _mlp(d_in: int, d_out: int, hidden: int) -> nn.Sequential:
 
 class PixelDecoder(nn.Module):
     """(B, N, d) token embeddings → (B, 3, H, W): an h×h grid of queries cross-attends to the
-    tokens (two layers), then the conv decoder upsamples ×4."""
+    tokens (``reader_layers`` layers), then the conv decoder (UniCode's, widths ``ch``·``mult``)
+    upsamples ×4."""
 
-    def __init__(self, dim: int, heads: int, image_size: int, ch: int):
+    def __init__(self, dim: int, heads: int, image_size: int, ch: int, mult: list[int] = (1, 2, 2),
+                 res_blocks: int = 1, reader_layers: int = 2):
         super().__init__()
         side = image_size // DECODER_GRID
         self.side = side
         self.grid_queries = init_queries(side * side, dim)
-        self.reader = QFormer(dim, 2, heads, kv_dim=dim, cross_every=1, causal=False)
-        self.decoder = Decoder(ch=ch, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=dim, resolution=image_size)
+        self.reader = QFormer(dim, reader_layers, heads, kv_dim=dim, cross_every=1, causal=False)
+        self.decoder = Decoder(ch=ch, ch_mult=list(mult), num_res_blocks=res_blocks, z_channels=dim,
+                               resolution=image_size)
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.reader(self.grid_queries.expand(tokens.shape[0], -1, -1), tokens)
@@ -114,7 +117,8 @@ class SeedTokenizer(VisualTokenizer):
             self.pixel_decoder = _diffusion_decoder(cfg, self.distill_image_proj.out_features, unet)
             self.sampling = (cfg.diffusion.steps, cfg.diffusion.guidance)
         else:
-            self.pixel_decoder = PixelDecoder(qc.width, qc.heads, cfg.image_size, cfg.decoder_ch)
+            self.pixel_decoder = PixelDecoder(qc.width, qc.heads, cfg.image_size, cfg.decoder_ch, cfg.decoder_mult,
+                                              cfg.decoder_res_blocks, cfg.decoder_reader_layers)
 
     @property
     def device(self) -> torch.device:
