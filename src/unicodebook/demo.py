@@ -97,6 +97,8 @@ def _report_lm(cfg, r: dict, t_lm: float, model) -> str:
     else:
         out = f"`<img>` + {model.codes_per_image} code ids + `</img>`"
     inp = "their code tokens" if model.reads_codes else "Ẑ at the `<image>` slots"
+    decomp = (f"| decompression code accuracy (teacher-forced) | {r['decompression_code_accuracy']:.1%} |\n"
+              if "decompression_code_accuracy" in r else "")  # a family without the task has no row
     return f"""
 ## Stage II — the LLM reads and writes images through the codebook (test split)
 
@@ -111,8 +113,7 @@ The tiny LLM ({sum(p.numel() for p in model.llm.parameters()) / 1e6:.1f} M param
 | text-to-image, judge: every named attribute right — seen combinations | {r.get('t2i_accuracy_seen', float('nan')):.1%} ({r.get('t2i_n_seen', 0)} prompts) |
 | text-to-image — held-out combinations | {r.get('t2i_accuracy_held_out', float('nan')):.1%} ({r.get('t2i_n_held_out', 0)} prompts) |
 | ceiling set by the tokenizer: the judge on the reconstructions of the prompts' own images, seen / held-out | {r.get('t2i_reference_accuracy_seen', float('nan')):.1%} / {r.get('t2i_reference_accuracy_held_out', float('nan')):.1%} |
-| decompression code accuracy (teacher-forced) | {r.get('decompression_code_accuracy', float('nan')):.1%} |
-| sampling | CFG {r.get('cfg_scale')}, temperature {r.get('temperature')}, top-k {r.get('top_k')} |
+{decomp}| sampling | CFG {r.get('cfg_scale')}, temperature {r.get('temperature')}, top-k {r.get('top_k')} |
 | stage II training time | {t_lm / 60:.1f} min |
 
 Generated images under their prompts (the judge's verdict in brackets):

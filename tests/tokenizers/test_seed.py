@@ -246,6 +246,7 @@ def test_the_demo_runs_on_seed_and_its_report_says_so(tmp_path):
     assert "`seed-tiny` preset: a seed tokenizer (8 codes per image) over 64 codes, read and written as new rows" in text
     assert "images enter as their code tokens and leave as `<img>` + 8 code ids + `</img>`" in text
     assert "mean cosine" not in text  # a UniCode figure: SEED's codebook is its own
+    assert "decompression" not in text and "nan" not in text  # SEED has no decompression task: no empty row
     vqa = json.loads((tmp_path / "demo" / "eval_model_test.json").read_text())
     assert f"{vqa['vqa_n']} questions) | {vqa['vqa_accuracy']:.1%} |" in text and vqa["vqa_n"] > 0
     for pic in ("reconstructions_test.png", "t2i_samples.png", "vqa_examples.png"):
