@@ -196,7 +196,81 @@ class SeedModelConfig:
             raise ValueError(f"decoder_mult has {len(self.decoder_mult)} levels; the pixel decoder upsamples ×4: 3 levels")
 
 
-MODEL_FAMILIES: dict[str, type] = {"unicode": ModelConfig, "seed": SeedModelConfig}
+@dataclass
+class MergerConfig:
+    """LaVIT's token merger at the ViT's width: blocks of causal self-attention among the kept
+    patches, cross-attention to the dropped ones, MLP (the official ``causal_encoder``)."""
+
+    layers: int = 2  # official: 12
+    heads: int = 4  # official: 16
+    mlp_ratio: float = 4.0  # official: 4.3637 (EVA-g's)
+
+
+@dataclass
+class DetokenizerConfig:
+    """LaVIT's feature de-tokenizer at the ViT's width: one learnable query per patch, blocks of
+    self-attention and cross-attention to the tokens, MLP (the official ``VQDecoder``)."""
+
+    layers: int = 2  # official: 12
+    heads: int = 4  # official: 16
+    mlp_ratio: float = 4.0  # official: 4.3637
+
+
+@dataclass
+class LavitModelConfig:
+    """The LaVIT dynamic tokenizer (``family: lavit``): frozen ViT patches → token selector (keep
+    or drop each) → token merger → cosine codebook with EMA → a variable number of codes; the
+    de-tokenizer reconstructs the patch features from them, a pixel decoder the image."""
+
+    family: Literal["lavit"] = "lavit"
+    image_size: int = 36
+    vit: VitConfig = field(default_factory=VitConfig)
+    vit_path: str = ""  # a local ViT folder (ours, timm or Hugging Face), its sizes copied into ``vit``; empty: trained here
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    keep_ratio: float = 1 / 3  # ρ, the fraction of patches the selector is trained to keep
+    min_tokens: int = 1  # codes per image at least (the top-scoring patches are kept up to it)
+    # encode's deterministic selection: threshold (keep probability > ½) or expected (the round(Σ p)
+    # most probable patches: as many as a training sample keeps on average)
+    inference_keep: Literal["threshold", "expected"] = "threshold"
+    sample_at_inference: bool = False  # the released code's behaviour: encode samples the keep decisions too
+    sample_seed: int = 0  # ... from a generator seeded with this when the tokenizer is built or loaded
+    merger: MergerConfig = field(default_factory=MergerConfig)
+    detokenizer: DetokenizerConfig = field(default_factory=DetokenizerConfig)
+    code_dim: int = 32
+    num_codes: int = 1024
+    ema_decay: float = 0.99  # the l2-normalised codebook follows the normalised means of its features
+    kmeans_init: bool = False  # codebook start from spherical k-means of the first batch's features
+    restart_dead: int = 0  # every N steps, codes unused since the last restart move to batch features (0: never)
+    decoder_ch: int = 64  # the conv pixel decoder (SEED's): its base width ...
+    decoder_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # ... per level, coarse last (3 levels: ×4)
+    decoder_res_blocks: int = 1  # ... residual blocks per level, plus one
+    decoder_reader_layers: int = 2  # the cross-attention layers its grid of queries reads the features with
+    # pixels from the reconstructed features: conv (L1 + L2) or diffusion (SEED's, conditioned on their mean)
+    pixel_decoder: Literal["conv", "diffusion"] = "conv"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio {self.keep_ratio} is not in (0, 1]")
+        if self.image_size % self.vit.patch_size:
+            raise ValueError(f"vit.patch_size {self.vit.patch_size} does not divide image_size {self.image_size}")
+        patches = (self.image_size // self.vit.patch_size) ** 2
+        if not 1 <= self.min_tokens <= patches:
+            raise ValueError(f"min_tokens {self.min_tokens} is not in [1, {patches}] (the image's patches)")
+        if any(self.vit.width % h for h in (self.vit.heads, self.merger.heads, self.detokenizer.heads)):
+            raise ValueError(f"the heads of the ViT, the merger and the de-tokenizer must divide the ViT's width "
+                             f"{self.vit.width}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay {self.ema_decay} is not in [0, 1)")
+        if len(self.decoder_mult) != 3:
+            raise ValueError(f"decoder_mult has {len(self.decoder_mult)} levels; the pixel decoder upsamples ×4: 3 levels")
+        halvings = len(self.diffusion.channels) - 1
+        if self.pixel_decoder == "diffusion" and not self.diffusion.unet_path and self.image_size % 2**halvings:
+            raise ValueError(f"diffusion.channels: {halvings + 1} blocks halve the image {halvings} times, "
+                             f"which image_size {self.image_size} does not allow")
+
+
+MODEL_FAMILIES: dict[str, type] = {"unicode": ModelConfig, "seed": SeedModelConfig, "lavit": LavitModelConfig}
 
 
 @dataclass
@@ -214,11 +288,13 @@ class LossConfig:
     perceptual_vgg: str = ""
     perceptual_lin: str = ""
     gan: float = 0.0  # PatchGAN weight (adaptive, taming-style)
-    # SEED (family seed): 5·VQ + 2·(1 − cos) to the causal embeddings + 0.5·MSE of the generation embedding
+    # SEED (family seed): 5·VQ + 2·(1 − cos) to the causal embeddings + 0.5·MSE of the generation embedding;
+    # LaVIT (family lavit): vq (the commitment term) and feature_recon (1 − cos to the ViT's patches) too
     vq: float = 5.0
     feature_recon: float = 2.0
     generation: float = 0.5
     temperature: float = 0.07  # contrastive (stage 0 and the Q-Former), learnable from this start
+    ratio: float = 2.0  # LaVIT: λ of the keep-ratio loss λ·(ρ − kept fraction)² (DynamicViT's 2.0; LaVIT's unpublished)
     gan_start: int = 0  # step at which the discriminator starts
 
 
@@ -257,8 +333,8 @@ class TrainLoopConfig:
 
 @dataclass
 class TokenizerPhaseConfig:
-    """One phase of a stage I run whose family trains in phases (SEED: vit, qformer, vq, decoder);
-    a field left out keeps the run's value. Each phase warms up and decays on its own."""
+    """One phase of a stage I run whose family trains in phases (SEED: vit, qformer, vq, decoder; LaVIT:
+    vit, tokenizer, decoder); a field left out keeps the run's value. Each phase warms up and decays on its own."""
 
     name: str = ""
     steps: int = 0

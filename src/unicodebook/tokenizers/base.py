@@ -2,7 +2,8 @@
 registry of tokenizer families.
 
 A *family* is one way of turning images into discrete codes (UniCode's codebook of LLM rows,
-SEED's causal Q-Former, …). Stage II knows a tokenizer only through :class:`VisualTokenizer`:
+SEED's causal Q-Former, LaVIT's selected and merged patches, …). Stage II knows a tokenizer only
+through :class:`VisualTokenizer`:
 
 * the **layout** of one image's codes (:class:`CodeLayout`): a fixed grid (gh, gw, G), or a 1-D
   sequence of at most ``length`` codes (variable when ``min_length`` < ``length``; a shorter
@@ -152,7 +153,8 @@ def odd_size_of(tok: VisualTokenizer) -> str:
 
 
 # ---------------------------------------------------------------------------------- registry
-_FAMILIES: dict[str, Any] = {"unicode": "unicodebook.tokenizers.unicode", "seed": "unicodebook.tokenizers.seed"}
+_FAMILIES: dict[str, Any] = {"unicode": "unicodebook.tokenizers.unicode", "seed": "unicodebook.tokenizers.seed",
+                             "lavit": "unicodebook.tokenizers.lavit"}
 
 
 def register_family(name: str, loader) -> None:

@@ -57,6 +57,10 @@ def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool
         from .seed import train_seed_tokenizer
 
         return train_seed_tokenizer(cfg, data, out, resume=resume, progress=progress, val_split=val_split)
+    if cfg.model.family == "lavit":
+        from .lavit import train_lavit_tokenizer
+
+        return train_lavit_tokenizer(cfg, data, out, resume=resume, progress=progress, val_split=val_split)
     return train_unicode_tokenizer(cfg, data, out, resume=resume, progress=progress, val_split=val_split)
 
 

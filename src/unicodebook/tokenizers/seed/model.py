@@ -51,7 +51,8 @@ class SeedOutput:
     generation: Tensor  # (B, e) the generation branch's image embedding
 
 
-def _mlp(d_in: int, d_out: int, hidden: int) -> nn.Sequential:
+def task_mlp(d_in: int, d_out: int, hidden: int) -> nn.Sequential:
+    """Linear–Tanh–Linear: the task layers SEED and LaVIT put before and after their codebooks."""
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
 
 
@@ -99,9 +100,9 @@ class SeedTokenizer(VisualTokenizer):
         self.Qformer = QFormer(qc.width, qc.layers, qc.heads, kv_dim=vw, cross_every=qc.cross_attention_freq,
                                mlp_ratio=qc.mlp_ratio, causal=True)
         self.vision_proj = nn.Linear(qc.width, cfg.contrastive_dim or e)  # the last query → the contrastive space
-        self.encode_task_layer = _mlp(qc.width, cfg.code_dim, qc.width)
+        self.encode_task_layer = task_mlp(qc.width, cfg.code_dim, qc.width)
         self.quantize = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.beta, cfg.kmeans_init)
-        self.decode_task_layer = _mlp(cfg.code_dim, qc.width, cfg.code_dim)
+        self.decode_task_layer = task_mlp(cfg.code_dim, qc.width, cfg.code_dim)
         # the reconstruction branch (the official ``pos_embed`` + ``blocks``)
         self.pos_embed = nn.Parameter(torch.zeros(1, qc.queries, qc.width))
         self.blocks = nn.ModuleList(Block(qc.width, qc.heads, 4.0) for _ in range(cfg.recon_blocks))
@@ -114,7 +115,7 @@ class SeedTokenizer(VisualTokenizer):
         self.distill_image_proj = nn.Linear(qc.width, cfg.generation_dim or e)
         self.pixel_kind = cfg.pixel_decoder
         if cfg.pixel_decoder == "diffusion":
-            self.pixel_decoder = _diffusion_decoder(cfg, self.distill_image_proj.out_features, unet)
+            self.pixel_decoder = diffusion_decoder(cfg, self.distill_image_proj.out_features, unet)
             self.sampling = (cfg.diffusion.steps, cfg.diffusion.guidance)
         else:
             self.pixel_decoder = PixelDecoder(qc.width, qc.heads, cfg.image_size, cfg.decoder_ch, cfg.decoder_mult,
@@ -190,7 +191,9 @@ class SeedTokenizer(VisualTokenizer):
             raise ValueError(f"codes must be indices in [0, {self.num_codes})")
 
 
-def _diffusion_decoder(cfg: SeedModelConfig, cond_dim: int, unet: nn.Module | None) -> nn.Module:
+def diffusion_decoder(cfg, cond_dim: int, unet: nn.Module | None) -> nn.Module:
+    """The optional diffusion pixel decoder of a family config with a ``diffusion`` section
+    (SEED's, LaVIT's), conditioned on a ``cond_dim`` vector; ``unet``: a loaded one (None: fresh)."""
     from .diffusion import DiffusionDecoder, new_unet
 
     dc = cfg.diffusion

@@ -32,16 +32,27 @@ DROPPED = re.compile(r"^(Qformer|Reverse_Qformer)\.(cls\.|bert\.embeddings\.(wor
                      r"|^(text_proj|itm_head|temp|image_down)\b|^visual_encoder\.(rel_pos_bias|.*relative_position)")
 
 
-def map_official(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """official state dict → (our state dict, the official keys left out)."""
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    out, left = {}, []
+def eva_qkv_biases(state: dict[str, Tensor], encoder: str) -> tuple[dict[str, Tensor], set[str]]:
+    """EVA's attention biases under ``{encoder}.blocks.{i}.attn.`` (``q_bias`` and ``v_bias``, no key
+    bias) → (our ``attn.qkv.bias`` of each block: query, zeros, value; the official keys used)."""
+    out, used = {}, set()
     for key, value in state.items():
-        m = re.match(r"^(visual_encoder\.blocks\.\d+\.attn\.)(q_bias|v_bias)$", key)
+        m = re.match(rf"^({re.escape(encoder)}\.blocks\.\d+\.attn\.)(q_bias|v_bias)$", key)
         if m:
+            used.add(key)
             if m.group(2) == "q_bias":
                 v = state[m.group(1) + "v_bias"]
                 out[m.group(1) + "qkv.bias"] = torch.cat([value, torch.zeros_like(v), v])
+    return out, used
+
+
+def map_official(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """official state dict → (our state dict, the official keys left out)."""
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    out, used = eva_qkv_biases(state, "visual_encoder")
+    left = []
+    for key, value in state.items():
+        if key in used:
             continue
         if DROPPED.search(key):
             left.append(key)
@@ -55,19 +66,30 @@ def load_official(tok, path: str | Path, strict_shapes: bool = True) -> dict:
     :class:`~unicodebook.tokenizers.seed.SeedTokenizer` built at the official sizes) → a report:
     ``{"loaded": n, "left_out": [...], "missing": [...]}``. Keys that exist on both sides with
     different shapes are one error line."""
+    return load_mapped(tok, read_converted(path, "tokenizers/seed/official.py"), str(path))
+
+
+def read_converted(path: str | Path, how: str) -> dict[str, Tensor]:
+    """A converted official checkpoint (safetensors) → its state dict; one error line naming
+    ``how`` (where the conversion is described) when it is not readable."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        state = load_file(Path(path))
+        return load_file(Path(path))
     except (SafetensorError, OSError) as e:
         raise UnicodebookError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); convert the "
-                               f"official .pth first (see tokenizers/seed/official.py)") from None
-    return load_mapped(tok, state, str(path))
+                               f"official .pth first (see {how})") from None
 
 
 def load_mapped(tok, state: dict[str, Tensor], name: str = "the checkpoint") -> dict:
-    mapped, left = map_official(state)
+    return fit_mapped(tok, *map_official(state), name)
+
+
+def fit_mapped(tok, mapped: dict[str, Tensor], left: list[str], name: str) -> dict:
+    """Load ``mapped`` (official weights under our names) into ``tok`` → the report of
+    :func:`load_official`; ``left``: the official keys already left out."""
+    left = list(left)
     mine = tok.state_dict()
     for k, v in mapped.items():
         if k not in mine:

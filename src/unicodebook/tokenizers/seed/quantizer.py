@@ -55,9 +55,13 @@ class VectorQuantizer(nn.Module):
             a = torch.cdist(x.float(), c).argmin(1)
             sums = torch.zeros_like(c).index_add_(0, a, x.float())
             counts = torch.bincount(a, minlength=k).float()[:, None]
-            c = torch.where(counts > 0, sums / counts.clamp_min(1), c)
+            c = self._project(torch.where(counts > 0, sums / counts.clamp_min(1), c))
         self.embedding.weight.copy_(c.to(self.embedding.weight.dtype))
         self.initialised.fill_(True)
+
+    def _project(self, centroids: Tensor) -> Tensor:
+        """Where k-means centroids live: anywhere here (a subclass may keep them on the sphere)."""
+        return centroids
 
     @torch.no_grad()
     def restart_dead(self, z: Tensor, step: int, patience: int, generator: torch.Generator) -> int:

@@ -1,0 +1,356 @@
+"""The LaVIT dynamic tokenizer: a merger causal among the kept patches that reads the dropped ones,
+a cosine codebook on the sphere, a selector whose kept fraction is pulled to ρ, a variable number
+of codes per image that is the same at every call (or sampled, reproducibly), ragged batches that
+round-trip through the folder and stage II's code cache, a three-phase stage I from the CLI that
+resumes exactly, stage II on it, and the official checkpoint's names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_OVERRIDES
+from unicodebook.config import load_config
+from unicodebook.errors import ConfigError, UnicodebookError
+from unicodebook.tokenizers.base import PAD_CODE, load_tokenizer
+from unicodebook.tokenizers.lavit import LavitTokenizer, build_tokenizer
+from unicodebook.tokenizers.lavit.merger import TokenMerger
+from unicodebook.tokenizers.lavit.quantizer import NormEMAQuantizer
+
+LLM = [o for o in TINY_OVERRIDES if o.startswith(("llm.", "train_lm."))]
+LAVIT_TINY = [  # 32 px in 8-px patches: 16 patches, ~5 kept
+    "model.image_size=32", "model.vit.patch_size=8", "model.vit.width=32", "model.vit.layers=1", "model.vit.heads=2",
+    "model.vit.embed_dim=16", "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
+    "model.merger.layers=1", "model.merger.heads=2", "model.detokenizer.layers=1", "model.detokenizer.heads=2",
+    "model.num_codes=64", "model.code_dim=8", "model.decoder_ch=8", "model.restart_dead=5",
+    "train_tokenizer.steps=30", "train_tokenizer.batch_size=16", "train_tokenizer.warmup_steps=2",
+    "train_tokenizer.log_every=5", "train_tokenizer.save_every=10", "train_tokenizer.keep_last=3",
+    "train_tokenizer.grid_every=0",
+    "train_tokenizer.phases=[{name: vit, steps: 10}, {name: tokenizer, steps: 10}, {name: decoder, steps: 10}]",
+]
+RHO = 1 / 3
+
+
+def lavit_config(*extra: str):
+    return load_config("lavit-tiny", LLM + LAVIT_TINY + list(extra))
+
+
+def _images(shapes_dir, split: str = "test", n: int = 24) -> torch.Tensor:
+    from unicodebook.data.images import ImageFolder, resolve_image_folder
+
+    ds = ImageFolder(resolve_image_folder(shapes_dir, split), 32, preload=False)
+    return torch.stack([ds[i] for i in range(n)])
+
+
+def _rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def lavit_run(shapes_dir, tmp_path_factory):
+    """The preset from the CLI at tiny sizes: every phase, 30 steps."""
+    from unicodebook.cli import main
+
+    run = tmp_path_factory.mktemp("lavit") / "run"
+    args = ["train-tokenizer", "--config", "lavit-tiny", "--data", str(shapes_dir), "--out", str(run), *LLM, *LAVIT_TINY]
+    assert main(args) == 0
+    return run
+
+
+def test_the_merger_is_causal_among_the_kept_patches_and_reads_the_dropped_ones():
+    torch.manual_seed(0)
+    merger = TokenMerger(32, 2, 2, 4.0).eval()
+    x, keep = torch.randn(2, 9, 32), torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0, 1]] * 2, dtype=torch.float)
+    out = merger(x, keep)
+    later = x.clone()
+    later[:, 6] += torch.randn(32)  # a kept patch: the kept ones before it do not see it
+    again = merger(later, keep)
+    assert torch.allclose(out[:, [0, 2, 3]], again[:, [0, 2, 3]], atol=1e-5)  # (up to the masked softmax's ε)
+    assert not torch.allclose(out[:, [6, 8]], again[:, [6, 8]], atol=1e-3)
+    dropped = x.clone()
+    dropped[:, 7] += torch.randn(32)  # a dropped patch, after them all: every kept one reads it
+    moved = (merger(dropped, keep) - out).abs().amax(-1)[0]
+    assert bool((moved[keep[0].bool()] > 1e-3).all())
+
+
+def test_the_codebook_stays_on_the_sphere_and_follows_its_features():
+    torch.manual_seed(0)
+    q = NormEMAQuantizer(8, 4, decay=0.5, kmeans_init=True).train()
+    z = torch.randn(64, 4)
+    zq, codes, loss = q(z, step=0)
+    w = q.embedding.weight
+    assert torch.allclose(w.norm(dim=-1), torch.ones(8), atol=1e-5) and bool(q.initialised)  # spherical k-means
+    cos = torch.nn.functional.normalize(z, dim=-1) @ w.t()
+    assert torch.equal(codes, q.lookup(z)) and torch.equal(q.lookup(z), cos.argmax(-1))  # the highest cosine
+    before = float(q(z, step=1)[2])
+    for step in range(2, 12):
+        q(z, step=step)
+    assert float(q(z, step=12)[2]) <= before and torch.allclose(q.embedding.weight.norm(dim=-1), torch.ones(8), atol=1e-5)
+    assert not q.embedding.weight.requires_grad and zq.requires_grad is False  # EMA, not gradients
+
+
+def test_the_kept_fraction_is_pulled_to_rho(lavit_run, shapes_dir, tmp_path):
+    """From the fixture's ViT: the sampled keep fraction starts near ½ (an untrained selector) and
+    ends near ρ = 1/3."""
+    from unicodebook.train.lavit import train_lavit_tokenizer
+
+    cfg = lavit_config(f"model.vit_path={lavit_run / 'vit'}", "train_tokenizer.steps=81", "train_tokenizer.lr=3e-3",
+                       "train_tokenizer.log_every=1", "train_tokenizer.save_every=0",
+                       "train_tokenizer.phases=[{name: tokenizer, steps: 80}, {name: decoder, steps: 1}]")
+    train_lavit_tokenizer(cfg, shapes_dir, tmp_path / "run", progress=False, val_split=None)
+    kept = [r["keep_fraction"] for r in _rows(tmp_path / "run") if "keep_fraction" in r]
+    first, last = sum(kept[:5]) / 5, sum(kept[-20:]) / 20
+    assert abs(first - RHO) > 0.12, kept[:5]  # measured: 0.53 over the first 5 steps
+    assert abs(last - RHO) < 0.05, kept[-20:]  # measured: 0.32 over the last 20
+
+
+def test_the_same_image_gives_the_same_codes_and_sampling_varies_but_a_seed_reproduces_it(lavit_run, shapes_dir):
+    from unicodebook.tokenizers.seed.build import vit_config
+    from unicodebook.tokenizers.vit import VisionTransformer
+
+    tok = load_tokenizer(lavit_run)
+    images = _images(shapes_dir)
+    codes = tok.encode(images)
+    assert torch.equal(tok.encode(images), codes)  # deterministic at inference
+    lengths = tok.layout.lengths(codes)
+    assert tok.layout.length == 16 and int(lengths.min()) >= 1
+    mc = dataclasses.replace(tok.config.model, sample_at_inference=True, sample_seed=3)
+
+    def sampling() -> LavitTokenizer:
+        t = LavitTokenizer(mc, VisionTransformer(vit_config(mc)))
+        t.load_state_dict(tok.state_dict())
+        return t.eval()
+
+    sampled = sampling()
+    a, b = sampled.encode(images), sampled.encode(images)
+    assert not torch.equal(tok.layout.lengths(a), tok.layout.lengths(b))  # the count varies call to call
+    assert torch.equal(sampling().encode(images), a)  # the same seed from the start: the same draws
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    assert torch.equal(sampled.encode(images, generator=g()), sampled.encode(images, generator=g()))
+
+
+def _confident(run, folder) -> LavitTokenizer:
+    """The run's tokenizer with a confident selector, saved in ``folder``: a 30-step selector keeps
+    as many patches of every image (each p near ½, from weights of std 0.02); with random weights
+    of std 1/√fan-in (the last layer's ×20) its decisions, and so the counts, depend on the image."""
+    tok = load_tokenizer(run)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in tok.token_predictor.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
+        tok.token_predictor.out_conv[4].weight.mul_(20)
+    tok.save_frozen(folder)
+    return tok
+
+
+def test_a_ragged_batch_round_trips_through_the_folder_and_the_code_cache(lavit_run, shapes_dir, tmp_path):
+    from unicodebook.data.multimodal import cached_codes, read_records, split_folder
+
+    tok = _confident(lavit_run, tmp_path / "copy")
+    assert isinstance(tok, LavitTokenizer) and not tok.layout.fixed and tok.reads == "codes"
+    images = _images(shapes_dir)
+    codes = tok.encode(images)
+    lengths = tok.layout.lengths(codes)
+    assert len(set(lengths.tolist())) >= 3, lengths  # ragged
+    for row, n in zip(codes, lengths):  # codes first, then padding only
+        assert bool((row[:n] >= 0).all() and (row[:n] < 64).all()) and bool((row[n:] == PAD_CODE).all())
+    out = tok.decode(codes)
+    assert out.shape == (24, 3, 32, 32) and float(out.min()) >= 0 and float(out.max()) <= 1
+    again = load_tokenizer(tmp_path / "copy")
+    assert torch.equal(again.encode(images), codes) and torch.equal(again.decode(codes), out)
+
+    folder = split_folder(shapes_dir, "train")
+    paths = sorted({c.image for c in read_records(folder).captions})[:24]
+    from unicodebook.data.images import load_image
+
+    want = tok.layout.lengths(tok.encode(torch.stack([load_image(folder / p, 32) for p in paths])))
+    cache = cached_codes(tok, folder, paths, fallback=tmp_path, progress=False)
+    back = cached_codes(again, folder, paths, fallback=tmp_path, progress=False)  # read back from disk
+    assert torch.equal(cache.codes, back.codes) and torch.equal(cache.lengths, want)
+    assert len(set(cache.lengths.tolist())) >= 2
+
+
+def test_every_phase_trains_only_its_own_modules_and_the_cli_reads_the_folder(lavit_run, shapes_dir, tmp_path, capsys):
+    from unicodebook.cli import main
+    from unicodebook.tokenizers.vit import load_local_vit
+
+    rows = _rows(lavit_run)
+    assert {r["phase"] for r in rows if "phase" in r} == {"vit", "tokenizer", "decoder"}
+    assert all(any(f"loss_{n}" in r for r in rows) for n in ("vit", "tokenizer", "decoder"))
+    assert any(r.get("restarted_codes", 0) > 0 for r in rows)  # dead codes restarted (every 5 steps)
+    mid = load_file(lavit_run / "checkpoints" / "step_0000020" / "model.safetensors")  # the end of phase tokenizer
+    end = load_file(lavit_run / "model.safetensors")
+    pixel = [k for k in end if k.startswith("pixel_decoder.")]
+    assert not all(torch.equal(mid[k], end[k]) for k in pixel)  # the decoder phase trained it ...
+    assert all(torch.equal(mid[k], end[k]) for k in end if k not in pixel)  # ... and only it
+    first = load_file(lavit_run / "checkpoints" / "step_0000010" / "model.safetensors")  # the end of phase vit
+    assert all(torch.equal(first[k], end[k]) for k in end if k.startswith("encoder."))
+    assert not all(torch.equal(first[k], end[k]) for k in end if k.startswith("causal_encoder."))
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(load_local_vit(lavit_run / "vit").embedding(x), load_tokenizer(lavit_run).encoder.embedding(x))
+
+    capsys.readouterr()
+    image = sorted((shapes_dir / "test" / "images").iterdir())[0]
+    assert main(["tokenize", "--tokenizer", str(lavit_run), str(image)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from unicodebook.data.images import load_image
+
+    want = load_tokenizer(lavit_run).encode(load_image(image, 32)[None])[0]
+    assert line["codes"] == want[want != PAD_CODE].tolist() and line["shape"] == [int((want != PAD_CODE).sum())]
+    assert main(["reconstruct", "--tokenizer", str(lavit_run), str(image), "--out", str(tmp_path / "r.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["psnr"] > 5 and (tmp_path / "r.png").is_file()
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(lavit_run, shapes_dir, tmp_path):
+    from unicodebook.train.lavit import train_lavit_tokenizer
+
+    copy = tmp_path / "run"
+    shutil.copytree(lavit_run, copy)
+    for step in ("step_0000030", "step_0000020"):  # back to the end of phase vit
+        shutil.rmtree(copy / "checkpoints" / step, ignore_errors=True)
+    train_lavit_tokenizer(lavit_config(), shapes_dir, copy, resume=True, progress=False)
+    a, b = load_file(lavit_run / "model.safetensors"), load_file(copy / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_lavit_configs_and_folders_are_one_line_errors(lavit_run, shapes_dir, tmp_path, capsys):
+    from unicodebook.cli import main
+    from unicodebook.train.lavit import train_lavit_tokenizer
+
+    for ratio in ("0", "1.5", "-0.2"):
+        with pytest.raises(ConfigError, match=rf"^model: keep_ratio {float(ratio)} is not in \(0, 1\]$"):
+            lavit_config(f"model.keep_ratio={ratio}")
+    assert lavit_config("model.keep_ratio=1").model.keep_ratio == 1.0
+    for other, key in (("model.qformer.queries=8", "model.qformer"), ("model.recon_blocks=1", "model.recon_blocks"),
+                       ("model.autoencoder.ch=8", "model.autoencoder"), ("model.codebook.mode=frozen", "model.codebook")):
+        with pytest.raises(ConfigError, match=rf"^unknown config key '{key}' \(known: "):  # SEED's, UniCode's
+            lavit_config(other)
+    with pytest.raises(ConfigError, match=r"model.family: 'nope' is not one of unicode, seed, lavit"):
+        load_config("tiny", ["model.family=nope"])
+    with pytest.raises(ConfigError, match=r"^model: min_tokens 17 is not in \[1, 16\] \(the image's patches\)$"):
+        lavit_config("model.min_tokens=17")
+    bad = lavit_config("train_tokenizer.steps=20", "train_tokenizer.phases=[{name: vit, steps: 10}, {name: vq, steps: 10}]")
+    with pytest.raises(UnicodebookError, match=r"^a LaVIT run declares train_tokenizer.phases named vit, tokenizer, "
+                                               r"decoder in that order .*got vit, vq$"):
+        train_lavit_tokenizer(bad, shapes_dir, tmp_path / "r", progress=False)
+
+    torn = tmp_path / "torn"
+    shutil.copytree(lavit_run, torn, ignore=shutil.ignore_patterns("checkpoints", "vit"))
+    (torn / "model.safetensors").unlink()
+    with pytest.raises(UnicodebookError, match=r"not a LaVIT tokenizer folder \(missing model.safetensors\)$"):
+        load_tokenizer(torn)
+    image = next((shapes_dir / "test" / "images").iterdir())
+    capsys.readouterr()
+    assert main(["tokenize", "--tokenizer", str(torn), str(image)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {torn}: not a LaVIT tokenizer folder (missing model.safetensors)"
+
+
+def test_stage2_writes_images_of_variable_length_that_end_at_img_end(lavit_run, shapes_dir, tmp_path):
+    """All code logits and </img>'s made equal (the final norm zeroed): lengths spread between the
+    minimum and the maximum, each image its codes then padding, and they decode."""
+    from unicodebook.lm.model import load_model
+    from unicodebook.train.stage2 import train_lm
+
+    train_lm(lavit_config(), lavit_run, shapes_dir, tmp_path / "lm", progress=False)
+    meta = json.loads((tmp_path / "lm" / "model.json").read_text())
+    assert meta["family"] == "lavit" and meta["reads"] == "codes" and meta["min_codes_per_image"] == 1
+    model = load_model(tmp_path / "lm")
+    assert model.reads_codes and model.tokenizer.family == "lavit"
+    assert model.text_tok.convert_ids_to_tokens(model.code_token_ids[:2].tolist()) == ["<img_00000>", "<img_00001>"]
+    with torch.no_grad():
+        model.llm.model.norm.weight.zero_()
+    codes = model.generate_codes(["draw a small red circle"] * 48, cfg_scale=1.0, temperature=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    lengths = model.tokenizer.layout.lengths(codes)
+    assert codes.shape == (48, 16) and int(lengths.min()) >= 1 and int(lengths.max()) == 16
+    assert int((lengths < 16).sum()) >= 3  # </img> ends some before the maximum (1 in 65 a step)
+    for row, n in zip(codes, lengths):
+        assert bool((row[:n] >= 0).all() and (row[:n] < 64).all()) and bool((row[n:] == PAD_CODE).all())
+    assert model.tokenizer.decode(codes).shape == (48, 3, 32, 32)
+
+
+OFFICIAL = ["model.image_size=224", "model.vit.patch_size=14", "model.vit.width=1408", "model.vit.layers=40",
+            "model.vit.heads=16", f"model.vit.mlp_ratio={6144 / 1408}", "model.vit.embed_dim=0",
+            "model.merger.layers=12", "model.merger.heads=16", "model.merger.mlp_ratio=4.3637",
+            "model.detokenizer.layers=12", "model.detokenizer.heads=16", "model.detokenizer.mlp_ratio=4.3637",
+            "model.num_codes=16384", "model.code_dim=32"]
+
+
+def _official_state() -> tuple[dict, dict, dict]:
+    """The official LaVIT tokenizer's three files, keys and shapes (``tokenizer_encoder.bin``:
+    selector, 12-block merger at width 1408, 16384 × 32 codebook, the 4096-d ``vit_proj``;
+    ``tokenizer_decoder.bin``: the 12-block ``VQDecoder`` with its ``unet_proj``;
+    ``eva_vitg_psz14.bin``: EVA-CLIP-g, 40 blocks, its 1024-d head), written out from the official
+    modules' definitions, on the meta device."""
+    m = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
+    w = 1408
+    lin = lambda name, o, i: {f"{name}.weight": m(o, i), f"{name}.bias": m(o)}  # noqa: E731
+    ln = lambda name: {f"{name}.weight": m(w), f"{name}.bias": m(w)}  # noqa: E731
+    enc = {**ln("token_predictor.in_conv.0"), **lin("token_predictor.in_conv.1", w, w),
+           **lin("token_predictor.out_conv.0", 704, w), **lin("token_predictor.out_conv.2", 352, 704),
+           **lin("token_predictor.out_conv.4", 2, 352), **ln("causal_encoder.ln_vision"), **ln("causal_encoder.norm"),
+           **lin("encode_task_layer.0", w, w), **lin("encode_task_layer.2", 32, w),
+           "quantize.embedding.weight": m(16384, 32), **lin("vit_proj", 4096, w)}
+    for i in range(12):
+        b = f"causal_encoder.blocks.{i}."
+        enc |= {**ln(b + "norm0"), **ln(b + "norm1"), **ln(b + "norm2"), **lin(b + "token_causal_attn.qkv", 3 * w, w),
+                **lin(b + "token_causal_attn.proj", w, w), **lin(b + "mlp.fc1", 6144, w), **lin(b + "mlp.fc2", w, 6144)}
+        enc |= {k: v for p in ("query", "key", "value", "proj") for k, v in lin(b + f"token_cross_attn.{p}", w, w).items()}
+    dec = {**lin("in_proj", w, 32), "pos_embed": m(1, 256, w), "query_embed": m(1, 256, w), **ln("norm"),
+           **lin("decode_task_layer.0", w, w), **lin("decode_task_layer.2", w, w), **lin("unet_proj", 768, w)}
+    for i in range(12):
+        b = f"blocks.{i}."
+        dec |= {**ln(b + "norm0"), **ln(b + "norm1"), **ln(b + "norm2"), **lin(b + "self_attn.qkv", 3 * w, w),
+                **lin(b + "self_attn.proj", w, w), **lin(b + "mlp.fc1", 6144, w), **lin(b + "mlp.fc2", w, 6144)}
+        dec |= {k: v for p in ("query", "key", "value", "proj") for k, v in lin(b + f"cross_attn.{p}", w, w).items()}
+    vit = {"cls_token": m(1, 1, w), "pos_embed": m(1, 257, w), "patch_embed.proj.weight": m(w, 3, 14, 14),
+           "patch_embed.proj.bias": m(w), **ln("norm"), **lin("head", 1024, w)}
+    for i in range(40):
+        b = f"blocks.{i}."
+        vit |= {**ln(b + "norm1"), **ln(b + "norm2"), b + "attn.qkv.weight": m(3 * w, w), b + "attn.q_bias": m(w),
+                b + "attn.v_bias": m(w), **lin(b + "attn.proj", w, w), **lin(b + "mlp.fc1", 6144, w),
+                **lin(b + "mlp.fc2", w, 6144)}
+    return enc, dec, vit
+
+
+def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
+    from unicodebook.tokenizers.lavit.official import load_mapped
+
+    with torch.device("meta"):
+        tok = build_tokenizer(load_config("lavit-tiny", OFFICIAL))
+    enc, dec, vit = _official_state()
+    report = load_mapped(tok, enc, dec, vit)
+    assert report["left_out"] == ["encoder.head.bias", "encoder.head.weight", "tokenizer_decoder.unet_proj.bias",
+                                  "tokenizer_decoder.unet_proj.weight", "vit_proj.bias", "vit_proj.weight"]
+    assert {k.split(".")[0] for k in report["missing"]} == {"pixel_decoder", "quantize"}
+    assert [k for k in report["missing"] if k.startswith("quantize.")] == ["quantize.initialised", "quantize.last_used"]
+    assert report["loaded"] == len(enc) + len(dec) + len(vit) - 6 - 40  # q_bias and v_bias: one qkv.bias per block
+    enc["quantize.embedding.weight"] = torch.empty(8192, 32, device="meta")
+    with pytest.raises(UnicodebookError, match=r"quantize.embedding.weight has shape \(8192, 32\), this tokenizer's "
+                                               r"\(16384, 32\)"):
+        load_mapped(tok, enc, dec, vit)
+
+
+def test_the_diffusion_pixel_decoder_decodes_the_same_pixels_after_a_folder_round_trip(tmp_path):
+    pytest.importorskip("diffusers")
+    from unicodebook.tokenizers.lavit import save_tokenizer
+
+    cfg = lavit_config("model.image_size=36", "model.vit.patch_size=6", "model.pixel_decoder=diffusion",
+                       "model.diffusion.channels=[8,16]", "model.diffusion.steps=2")
+    tok = build_tokenizer(cfg).eval()
+    codes = torch.randint(0, 64, (3, 36), generator=torch.Generator().manual_seed(0))
+    codes[0, 5:], codes[1, 12:] = PAD_CODE, PAD_CODE  # ragged
+    out = tok.decode(codes)
+    assert out.shape == (3, 3, 36, 36) and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert torch.equal(tok.decode(codes), out)
+    save_tokenizer(tok, tmp_path / "tok")
+    assert torch.equal(load_tokenizer(tmp_path / "tok").decode(codes), out)
+    with pytest.raises(ValueError, match="PAD_CODE only after its last one"):
+        tok.decode(torch.cat([codes[:, :1], torch.full((3, 1), PAD_CODE), codes[:, 2:]], 1))
