@@ -245,6 +245,14 @@ class LavitModelConfig:
     decoder_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # ... per level, coarse last (3 levels: ×4)
     decoder_res_blocks: int = 1  # ... residual blocks per level, plus one
     decoder_reader_layers: int = 2  # the cross-attention layers its grid of queries reads the features with
+    # how the conv pixel decoder reads the N reconstructed features: queries (SEED's: a grid of queries
+    # cross-attending to them) or spatial (one feature per patch in raster order: the √N×√N grid,
+    # bilinearly resized to the conv decoder's latent, image_size / 4, no reader)
+    pixel_reader: Literal["queries", "spatial"] = "queries"
+    # > 0: a learnable table over the N patch positions, started at this std, added to each merged
+    # kept token (at its patch's position) before encode_task_layer, so an image's tokens say where
+    # they are (the merger's output is LayerNorm'd: std 1 is its scale); 0: no table
+    token_pos_embed: float = 0.0
     # pixels from the reconstructed features: conv (L1 + L2) or diffusion (SEED's, conditioned on their mean)
     pixel_decoder: Literal["conv", "diffusion"] = "conv"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -260,6 +268,8 @@ class LavitModelConfig:
         if any(self.vit.width % h for h in (self.vit.heads, self.merger.heads, self.detokenizer.heads)):
             raise ValueError(f"the heads of the ViT, the merger and the de-tokenizer must divide the ViT's width "
                              f"{self.vit.width}")
+        if self.token_pos_embed < 0:
+            raise ValueError(f"token_pos_embed {self.token_pos_embed} is negative (0: no position table)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay {self.ema_decay} is not in [0, 1)")
         if len(self.decoder_mult) != 3:

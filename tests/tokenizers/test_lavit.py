@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES
-from unicodebook.config import load_config
+from unicodebook.config import LavitModelConfig, load_config
 from unicodebook.errors import ConfigError, UnicodebookError
 from unicodebook.tokenizers.base import PAD_CODE, load_tokenizer
 from unicodebook.tokenizers.lavit import LavitTokenizer, build_tokenizer
@@ -280,7 +280,8 @@ OFFICIAL = ["model.image_size=224", "model.vit.patch_size=14", "model.vit.width=
             "model.vit.heads=16", f"model.vit.mlp_ratio={6144 / 1408}", "model.vit.embed_dim=0",
             "model.merger.layers=12", "model.merger.heads=16", "model.merger.mlp_ratio=4.3637",
             "model.detokenizer.layers=12", "model.detokenizer.heads=16", "model.detokenizer.mlp_ratio=4.3637",
-            "model.num_codes=16384", "model.code_dim=32"]
+            "model.num_codes=16384", "model.code_dim=32",
+            "model.token_pos_embed=0"]  # the official merger has no position table (the preset's is ours)
 
 
 def _official_state() -> tuple[dict, dict, dict]:
@@ -354,3 +355,67 @@ def test_the_diffusion_pixel_decoder_decodes_the_same_pixels_after_a_folder_roun
     assert torch.equal(load_tokenizer(tmp_path / "tok").decode(codes), out)
     with pytest.raises(ValueError, match="PAD_CODE only after its last one"):
         tok.decode(torch.cat([codes[:, :1], torch.full((3, 1), PAD_CODE), codes[:, 2:]], 1))
+
+
+def test_the_spatial_pixel_decoder_draws_each_feature_where_its_patch_is_and_round_trips_the_folder(tmp_path):
+    from unicodebook.tokenizers.lavit import save_tokenizer
+    from unicodebook.tokenizers.lavit.model import SpatialPixelDecoder
+
+    # 36 px in 6-px patches: the 6×6 features resized to the conv decoder's 9×9 latent, then ×4
+    cfg = lavit_config("model.image_size=36", "model.vit.patch_size=6", "model.pixel_reader=spatial",
+                       "model.token_pos_embed=1.0")
+    tok = build_tokenizer(cfg).eval()
+    assert isinstance(tok.pixel_decoder, SpatialPixelDecoder) and tok.token_pos_embed.shape == (1, 36, 32)
+    feats = torch.randn(2, 36, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = tok.pixel_decoder(feats)
+        moved = feats.clone()
+        moved[:, 0] += 3.0  # the top-left patch's feature only
+        diff = (tok.pixel_decoder(moved) - out).abs().mean((0, 1))  # (36, 36)
+    assert out.shape == (2, 3, 36, 36) and not torch.allclose(out[0], out[1])  # depends on its input
+    # ... most where the patch is (the group norms carry a little everywhere): 8× at this seed
+    assert float(diff[:12, :12].mean()) > 4 * float(diff[24:, 24:].mean())
+
+    images = torch.rand(3, 3, 36, 36, generator=torch.Generator().manual_seed(1))
+    codes = tok.encode(images)
+    pixels = tok.decode(codes)
+    save_tokenizer(tok, tmp_path / "tok")
+    back = load_tokenizer(tmp_path / "tok")
+    assert torch.equal(back.encode(images), codes) and torch.equal(back.decode(codes), pixels)
+
+
+def test_the_position_table_gives_an_images_tokens_their_patches_positions():
+    cfg = lavit_config("model.token_pos_embed=1.0")
+    tok = build_tokenizer(cfg).eval()
+    features = torch.zeros(1, 16, 32)  # every patch the same: without positions every merged token is too
+    keep = torch.zeros(1, 16)
+    keep[0, [0, 5, 10]] = 1.0
+    with torch.no_grad():
+        tok.token_pos_embed.normal_()
+        tokens, mask = tok.merge(features, keep)
+        tok.token_pos_embed.zero_()
+        same, _ = tok.merge(features, keep)
+    assert mask.all() and tokens.shape == (1, 3, 32)
+    assert torch.allclose(same[0, 0], same[0, 1], atol=1e-5)  # the collapse: identical tokens
+    assert not torch.allclose(tokens[0, 0], tokens[0, 1], atol=1e-3)
+    # folders written before these options load as they were: SEED's reader, no table
+    assert LavitModelConfig().pixel_reader == "queries" and LavitModelConfig().token_pos_embed == 0
+
+
+def test_a_folder_written_before_the_new_options_loads_with_the_query_reader_and_no_table(tmp_path):
+    from unicodebook.tokenizers.lavit import save_tokenizer
+    from unicodebook.tokenizers.seed.model import PixelDecoder
+
+    cfg = lavit_config("model.pixel_reader=queries", "model.token_pos_embed=0")
+    tok = build_tokenizer(cfg).eval()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    codes = tok.encode(images)
+    save_tokenizer(tok, tmp_path / "tok")
+    config = tmp_path / "tok" / "config.yaml"
+    lines = config.read_text().splitlines(keepends=True)
+    old = [line for line in lines if not line.strip().startswith(("pixel_reader:", "token_pos_embed:"))]
+    assert len(old) == len(lines) - 2
+    config.write_text("".join(old))  # as the folders written before these options
+    back = load_tokenizer(tmp_path / "tok")
+    assert isinstance(back.pixel_decoder, PixelDecoder) and back.token_pos_embed is None
+    assert torch.equal(back.encode(images), codes) and torch.equal(back.decode(codes), tok.decode(codes))

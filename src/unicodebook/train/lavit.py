@@ -4,12 +4,12 @@ run by the phased loop it shares with SEED (``train/phased.py``: data, resume, t
 * ``vit`` — stage 0, SEED's: the ViT and a caption encoder trained from scratch against each
   other (CLIP's loss). Left out when ``model.vit_path`` names a local ViT (a SEED run's ``vit/``
   folder is one).
-* ``tokenizer`` — the ViT frozen: selector, merger, ``encode_task_layer`` and the de-tokenizer,
-  ``loss.feature_recon``·(1 − cos of the reconstructed to the ViT's patch features) +
-  ``loss.vq``·commitment + ``loss.ratio``·(ρ − kept fraction)² (the fraction per image, the square
-  averaged over the batch, DynamicViT's); the keep decisions Gumbel-sampled, their noise a
-  function of (seed, step); the codebook follows by EMA, with its k-means start and dead-code
-  restarts (every ``model.restart_dead`` steps) when asked.
+* ``tokenizer`` — the ViT frozen: selector, merger, ``token_pos_embed`` (if any),
+  ``encode_task_layer`` and the de-tokenizer, ``loss.feature_recon``·(1 − cos of the reconstructed
+  to the ViT's patch features) + ``loss.vq``·commitment + ``loss.ratio``·(ρ − kept fraction)² (the
+  fraction per image, the square averaged over the batch, DynamicViT's); the keep decisions
+  Gumbel-sampled, their noise a function of (seed, step); the codebook follows by EMA, with its
+  k-means start and dead-code restarts (every ``model.restart_dead`` steps) when asked.
 * ``decoder`` — everything above frozen: the pixel decoder from the features the de-tokenizer
   reconstructs from the codes of ``encode`` (inference selection), ``loss.l1``·L1 + ``loss.l2``·L2;
   or, with ``model.pixel_decoder: diffusion``, the diffusion decoder conditioned on their mean,
@@ -46,7 +46,8 @@ def _trainable(name: str, tok: LavitTokenizer, tower: TextTower, scales: Scales)
     """The parameters a phase after ``vit`` trains (the codebook is EMA-updated, never trained)."""
     if name == "tokenizer":
         mods = (tok.token_predictor, tok.causal_encoder, tok.encode_task_layer, tok.tokenizer_decoder)
-        return [p for m in mods for p in m.parameters()]
+        extra = [tok.token_pos_embed] if tok.token_pos_embed is not None else []
+        return [p for m in mods for p in m.parameters()] + extra
     return list(tok.pixel_decoder.parameters())
 
 

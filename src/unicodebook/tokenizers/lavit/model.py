@@ -4,16 +4,18 @@ a variable number of codes; de-tokenizer → patch features → pixels.
 Encode: the ViT's patch tokens (``encoder``, before its final norm, class token dropped) are
 scored by the selector (``token_predictor``, ``selector.py``), which keeps some of them; the
 merger (``causal_encoder``, ``merger.py``) lets the kept patches read the dropped ones; the kept
-ones, in raster order, go through ``encode_task_layer`` (Linear–Tanh–Linear down to c) to the
-nearest code by cosine (``quantize``, ``quantizer.py``). An image is 1…N codes, :data:`PAD_CODE`
-after its end. The selection is deterministic at inference (``inference_keep``: keep probability
-> ½, or the round(Σ p) most probable; at least ``min_tokens``); ``sample_at_inference`` samples it
-as the released code does, from a generator seeded with ``sample_seed`` when the tokenizer is
-built (or one passed to :meth:`encode`).
+ones, in raster order (each plus its patch's row of ``token_pos_embed``, a learnable table over the
+N positions, when ``model.token_pos_embed`` > 0), go through ``encode_task_layer``
+(Linear–Tanh–Linear down to c) to the nearest code by cosine (``quantize``, ``quantizer.py``). An
+image is 1…N codes, :data:`PAD_CODE` after its end. The selection is deterministic at inference
+(``inference_keep``: keep probability > ½, or the round(Σ p) most probable; at least
+``min_tokens``); ``sample_at_inference`` samples it as the released code does, from a generator
+seeded with ``sample_seed`` when the tokenizer is built (or one passed to :meth:`encode`).
 
 Decode: the codes' embeddings → the de-tokenizer (``tokenizer_decoder``, ``detokenizer.py``)
-reconstructs every patch's ViT feature (trained under 1 − cosine) → the pixel decoder: SEED's
-(a grid of queries reading the N reconstructed features, then the conv decoder), or SEED's
+reconstructs every patch's ViT feature (trained under 1 − cosine) → the pixel decoder: the conv
+decoder reading the N reconstructed features as their √N×√N grid (``pixel_reader: spatial``,
+:class:`SpatialPixelDecoder`) or through SEED's grid of queries (``queries``), or SEED's
 diffusion decoder conditioned on their mean (``pixel_decoder: diffusion``; decoded from a fixed
 seed, so deterministic too). The original decodes with Stable Diffusion conditioned on them.
 
@@ -33,16 +35,42 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import LavitModelConfig
 from ..base import PAD_CODE, CodeLayout, VisualTokenizer
 from ..seed.model import DECODE_SEED, DECODER_GRID, PixelDecoder, diffusion_decoder, task_mlp
+from ..unicode.autoencoder import Decoder
 from ..vit import VisionTransformer
 from .detokenizer import FeatureDecoder
 from .merger import TokenMerger
 from .quantizer import NormEMAQuantizer
 from .selector import TokenPredictor, at_least, gumbel_keep, keep_decisions, pack
+
+
+class SpatialPixelDecoder(nn.Module):
+    """(B, N, W) reconstructed patch features, one per patch in raster order → (B, 3, H, W): the
+    features laid out on their √N×√N grid, bilinearly resized to the conv decoder's latent
+    (image_size / 4 on a side; 6×6 → 9×9 at 36 px in 6-px patches), then UniCode's conv decoder
+    (×4). No reader: where a feature sits is where it is drawn (``pixel_reader: spatial``)."""
+
+    def __init__(self, dim: int, patches: int, image_size: int, ch: int, mult: list[int] = (1, 2, 2),
+                 res_blocks: int = 1):
+        super().__init__()
+        self.grid = round(patches**0.5)
+        if self.grid**2 != patches:
+            raise ValueError(f"pixel_reader spatial needs a square grid of patches, not {patches}")
+        self.side = image_size // DECODER_GRID
+        self.decoder = Decoder(ch=ch, ch_mult=list(mult), num_res_blocks=res_blocks, z_channels=dim,
+                               resolution=image_size)
+
+    def forward(self, features: Tensor) -> Tensor:
+        b, n, w = features.shape
+        x = features.transpose(1, 2).reshape(b, w, self.grid, self.grid)
+        if self.grid != self.side:
+            x = F.interpolate(x, size=(self.side, self.side), mode="bilinear", align_corners=False)
+        return (self.decoder(x) + 1) / 2
 
 
 @dataclass
@@ -76,6 +104,10 @@ class LavitTokenizer(VisualTokenizer):
         mc, dc = cfg.merger, cfg.detokenizer
         self.causal_encoder = TokenMerger(w, mc.heads, mc.layers, mc.mlp_ratio)
         self.encode_task_layer = task_mlp(w, cfg.code_dim, w)
+        if cfg.token_pos_embed:  # where each kept token's patch is, added before encode_task_layer
+            self.token_pos_embed = nn.Parameter(torch.randn(1, n, w) * cfg.token_pos_embed)
+        else:
+            self.token_pos_embed = None
         self.quantize = NormEMAQuantizer(cfg.num_codes, cfg.code_dim, cfg.ema_decay, cfg.kmeans_init)
         self.tokenizer_decoder = FeatureDecoder(cfg.code_dim, w, n, dc.layers, dc.heads, dc.mlp_ratio)
         self.inference_rule, self.sample_at_inference = cfg.inference_keep, cfg.sample_at_inference
@@ -84,6 +116,9 @@ class LavitTokenizer(VisualTokenizer):
         if cfg.pixel_decoder == "diffusion":
             self.pixel_decoder = diffusion_decoder(cfg, w, unet)
             self.sampling = (cfg.diffusion.steps, cfg.diffusion.guidance)
+        elif cfg.pixel_reader == "spatial":
+            self.pixel_decoder = SpatialPixelDecoder(w, n, cfg.image_size, cfg.decoder_ch, cfg.decoder_mult,
+                                                     cfg.decoder_res_blocks)
         else:
             self.pixel_decoder = PixelDecoder(w, dc.heads, cfg.image_size, cfg.decoder_ch, cfg.decoder_mult,
                                               cfg.decoder_res_blocks, cfg.decoder_reader_layers)
@@ -109,7 +144,10 @@ class LavitTokenizer(VisualTokenizer):
         (B, L, W) and their mask (B, L); L: ``length``, or the most kept. Each token is scaled by its
         decision (1: the values do not change), so what the tokens are used for reaches the selector
         through the straight-through gradient, as well as through the merger's attention."""
-        merged = self.causal_encoder(features, keep) * keep[..., None]
+        merged = self.causal_encoder(features, keep)
+        if self.token_pos_embed is not None:  # each token at its patch's position
+            merged = merged + self.token_pos_embed.to(merged.dtype)
+        merged = merged * keep[..., None]
         return pack(merged, keep > 0.5, length)
 
     def forward(self, images: Tensor, step: int = 0, generator: torch.Generator | None = None) -> LavitOutput:
