@@ -227,7 +227,8 @@ class LavitModelConfig:
     vit: VitConfig = field(default_factory=VitConfig)
     vit_path: str = ""  # a local ViT folder (ours, timm or Hugging Face), its sizes copied into ``vit``; empty: trained here
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    keep_ratio: float = 1 / 3  # ρ, the fraction of patches the selector is trained to keep
+    keep_ratio: float = 1 / 3  # ρ, the fraction of patches the selector is trained to keep ...
+    keep_ratio_over: Literal["image", "batch"] = "image"  # ... in every image (DynamicViT's), or on average over the batch
     min_tokens: int = 1  # codes per image at least (the top-scoring patches are kept up to it)
     # encode's deterministic selection: threshold (keep probability > ½) or expected (the round(Σ p)
     # most probable patches: as many as a training sample keeps on average)

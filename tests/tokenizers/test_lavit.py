@@ -227,6 +227,8 @@ def test_bad_lavit_configs_and_folders_are_one_line_errors(lavit_run, shapes_dir
         with pytest.raises(ConfigError, match=rf"^model: keep_ratio {float(ratio)} is not in \(0, 1\]$"):
             lavit_config(f"model.keep_ratio={ratio}")
     assert lavit_config("model.keep_ratio=1").model.keep_ratio == 1.0
+    with pytest.raises(ConfigError, match=r"model.keep_ratio_over: 'pixel' is not one of image, batch"):
+        lavit_config("model.keep_ratio_over=pixel")
     for other, key in (("model.qformer.queries=8", "model.qformer"), ("model.recon_blocks=1", "model.recon_blocks"),
                        ("model.autoencoder.ch=8", "model.autoencoder"), ("model.codebook.mode=frozen", "model.codebook")):
         with pytest.raises(ConfigError, match=rf"^unknown config key '{key}' \(known: "):  # SEED's, UniCode's

@@ -7,7 +7,8 @@ run by the phased loop it shares with SEED (``train/phased.py``: data, resume, t
 * ``tokenizer`` — the ViT frozen: selector, merger, ``token_pos_embed`` (if any),
   ``encode_task_layer`` and the de-tokenizer, ``loss.feature_recon``·(1 − cos of the reconstructed
   to the ViT's patch features) + ``loss.vq``·commitment + ``loss.ratio``·(ρ − kept fraction)² (the
-  fraction per image, the square averaged over the batch, DynamicViT's); the keep decisions
+  fraction per image, the square averaged over the batch, DynamicViT's; with
+  ``model.keep_ratio_over: batch`` the batch's mean fraction, so busier images may keep more); the keep decisions
   Gumbel-sampled, their noise a function of (seed, step); the codebook follows by EMA, with its
   k-means start and dead-code restarts (every ``model.restart_dead`` steps) when asked.
 * ``decoder`` — everything above frozen: the pixel decoder from the features the de-tokenizer
@@ -62,7 +63,10 @@ def _phase_loss(name: str, cfg: Config, tok: LavitTokenizer, tower: TextTower, s
         out = tok(images, step, _noise(cfg, step, 1))
         rec = feature_loss(out.recon, out.features)
         kept = out.keep.mean(1)  # (B,) the fraction of each image's patches kept
-        ratio = ((kept - tok.keep_ratio) ** 2).mean()
+        if cfg.model.keep_ratio_over == "batch":  # busier images may keep more, as long as the mean is ρ
+            ratio = (kept.mean() - tok.keep_ratio) ** 2
+        else:
+            ratio = ((kept - tok.keep_ratio) ** 2).mean()
         real = out.codes != PAD_CODE
         parts = {"feature_recon": float(rec.detach()), "vq": float(out.vq_loss.detach()), "ratio": float(ratio.detach()),
                  "keep_fraction": float(kept.detach().mean()),
