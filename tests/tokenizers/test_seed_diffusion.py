@@ -23,7 +23,6 @@ from unicodebook.tokenizers.base import load_tokenizer  # noqa: E402
 from unicodebook.tokenizers.seed import build_tokenizer, save_tokenizer  # noqa: E402
 from unicodebook.tokenizers.seed.diffusion import DiffusionDecoder, local_unet, new_unet  # noqa: E402
 
-torch.set_num_threads(1)
 DIFFUSION = ["model.image_size=36", "model.vit.patch_size=6", "model.pixel_decoder=diffusion",
              "model.diffusion.channels=[8,16]", "model.diffusion.steps=2"]
 
