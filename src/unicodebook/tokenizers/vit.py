@@ -71,7 +71,7 @@ class _PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class _Attention(nn.Module):
+class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -85,7 +85,7 @@ class _Attention(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w))
 
 
-class _Mlp(nn.Module):
+class Mlp(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
@@ -101,9 +101,9 @@ class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
-        self.attn = _Attention(width, heads)
+        self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
-        self.mlp = _Mlp(width, int(width * mlp_ratio))
+        self.mlp = Mlp(width, int(width * mlp_ratio))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..vit import _Mlp as Mlp
+from ..vit import Mlp
 from .selector import init_weights
 
 EPS = 1e-6

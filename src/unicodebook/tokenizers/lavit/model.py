@@ -195,8 +195,7 @@ class LavitTokenizer(VisualTokenizer):
     def pixels(self, recon: Tensor) -> Tensor:
         """Reconstructed patch features (B, N, W) → images (B, 3, H, W) in [0, 1]."""
         if self.pixel_kind == "diffusion":
-            noise = [torch.Generator().manual_seed(DECODE_SEED) for _ in range(len(recon))]  # alone or in a batch
-            return self.pixel_decoder.sample(self.condition(recon), *self.sampling, noise)
+            return self.pixel_decoder.draw(self.condition(recon), *self.sampling, DECODE_SEED)
         return self.pixel_decoder(recon).clamp(0, 1)
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..seed.official import eva_qkv_biases, fit_mapped, read_converted
+from ..seed.official import fit_mapped, read_converted, split_official
 
 DROPPED = re.compile(r"^vit_proj\.|^tokenizer_decoder\.unet_proj\."
                      r"|^encoder\.(head\.bias|rel_pos_bias|.*relative_position)")
@@ -45,16 +45,7 @@ def map_official(encoder: dict[str, Tensor], decoder: dict[str, Tensor] | None =
     state = {k.removeprefix("module."): v for k, v in encoder.items()}
     state |= {f"tokenizer_decoder.{k.removeprefix('module.')}": v for k, v in (decoder or {}).items()}
     state |= {f"encoder.{k.removeprefix('module.')}": v for k, v in (vit or {}).items()}
-    out, used = eva_qkv_biases(state, "encoder")
-    left = []
-    for key, value in state.items():
-        if key in used:
-            continue
-        if DROPPED.search(key):
-            left.append(key)
-            continue
-        out[key] = value
-    return out, sorted(left)
+    return split_official(state, "encoder", DROPPED)
 
 
 def load_mapped(tok, encoder: dict[str, Tensor], decoder: dict[str, Tensor] | None = None,

@@ -118,6 +118,11 @@ class DiffusionDecoder(nn.Module):
         noisy = self.noise_schedule.add_noise(images * 2 - 1, noise, t)
         return F.mse_loss(self.unet(noisy, t, encoder_hidden_states=ctx).sample.float(), noise.float())
 
+    def draw(self, cond: Tensor, steps: int, guidance: float, seed: int) -> Tensor:
+        """A tokenizer's deterministic decode: :meth:`sample` with each image's noise drawn from its
+        own generator seeded ``seed``, so an image's pixels are the same alone or in a batch."""
+        return self.sample(cond, steps, guidance, [torch.Generator().manual_seed(seed) for _ in range(len(cond))])
+
     @torch.no_grad()
     def sample(self, cond: Tensor, steps: int, guidance: float,
                generator: torch.Generator | list[torch.Generator]) -> Tensor:

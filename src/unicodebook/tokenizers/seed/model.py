@@ -166,8 +166,7 @@ class SeedTokenizer(VisualTokenizer):
         self._check_codes(codes)
         recon, gen = self.detokenize(self.quantize.embedding(codes.to(self.device).long()))
         if self.pixel_kind == "diffusion":
-            noise = [torch.Generator().manual_seed(DECODE_SEED) for _ in range(len(gen))]  # the same alone or in a batch
-            return self.pixel_decoder.sample(gen, *self.sampling, noise)
+            return self.pixel_decoder.draw(gen, *self.sampling, DECODE_SEED)
         return self.pixel_decoder(recon).clamp(0, 1)
 
     def code_layers(self, codes: Tensor) -> tuple[Tensor, list[str]]:

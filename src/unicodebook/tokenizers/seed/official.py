@@ -48,13 +48,18 @@ def eva_qkv_biases(state: dict[str, Tensor], encoder: str) -> tuple[dict[str, Te
 
 def map_official(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """official state dict → (our state dict, the official keys left out)."""
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    out, used = eva_qkv_biases(state, "visual_encoder")
+    return split_official({k.removeprefix("model."): v for k, v in state.items()}, "visual_encoder", DROPPED)
+
+
+def split_official(state: dict[str, Tensor], encoder: str, dropped: re.Pattern) -> tuple[dict[str, Tensor], list[str]]:
+    """An official state dict under our names but for EVA's q/v biases (of the ViT at ``encoder``)
+    → (our state dict, the keys ``dropped`` leaves out, sorted)."""
+    out, used = eva_qkv_biases(state, encoder)
     left = []
     for key, value in state.items():
         if key in used:
             continue
-        if DROPPED.search(key):
+        if dropped.search(key):
             left.append(key)
             continue
         out[key] = value
