@@ -137,6 +137,8 @@ def cmd_chat(model_dir: Path, image: Path, question: str, max_new_tokens: int | 
 
 def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | None, temperature: float | None,
                  top_k: int | None, seed: int, device: str = "auto") -> int:
+    import torch
+
     from .data.images import tensor_to_pil
     from .lm.model import load_model
 
@@ -144,15 +146,28 @@ def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | N
         raise UnicodebookError(f"--n must be >= 1, got {n}")
     model = load_model(model_dir, device=_device(device))
     g = model.config.generate
-    images = model.generate_image(prompt, n=n, cfg_scale=g.cfg_scale if cfg is None else cfg,
-                                  temperature=g.temperature if temperature is None else temperature,
-                                  top_k=g.top_k if top_k is None else top_k, seed=seed)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():  # the codes too, not only the pictures: a cut-off image is reported
+        codes = model.generate_codes([prompt] * n, cfg_scale=g.cfg_scale if cfg is None else cfg,
+                                     temperature=g.temperature if temperature is None else temperature,
+                                     top_k=g.top_k if top_k is None else top_k, generator=gen)
+        images = model.tokenizer.decode(codes)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(n)]
     for img, path in zip(images, paths):
         tensor_to_pil(img).save(path)
-    print(json.dumps({"prompt": prompt, "images": [str(p) for p in paths], "codes_per_image": model.codes_per_image}))
+    report = {"prompt": prompt, "images": [str(p) for p in paths], "codes_per_image": model.codes_per_image}
+    layout = model.tokenizer.layout
+    if not layout.fixed:  # a variable-length image ends at </img>, or is cut at the layout's maximum
+        lengths = layout.lengths(codes).tolist()
+        cut = [k == layout.length for k in lengths]
+        report.update(codes=lengths, ended_at_max=cut)
+        for path, c in zip(paths, cut):
+            if c:
+                print(f"warning: {path}: no </img> within {layout.length} codes; decoded the {layout.length} written",
+                      file=sys.stderr)
+    print(json.dumps(report))
     return 0
 
 

@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES
@@ -254,7 +255,7 @@ def test_bad_lavit_configs_and_folders_are_one_line_errors(lavit_run, shapes_dir
     assert err == f"error: {torn}: not a LaVIT tokenizer folder (missing model.safetensors)"
 
 
-def test_stage2_writes_images_of_variable_length_that_end_at_img_end(lavit_run, shapes_dir, tmp_path):
+def test_stage2_writes_images_of_variable_length_that_end_at_img_end(lavit_run, shapes_dir, tmp_path, capsys):
     """All code logits and </img>'s made equal (the final norm zeroed): lengths spread between the
     minimum and the maximum, each image its codes then padding, and they decode."""
     from unicodebook.lm.model import load_model
@@ -276,6 +277,24 @@ def test_stage2_writes_images_of_variable_length_that_end_at_img_end(lavit_run, 
     for row, n in zip(codes, lengths):
         assert bool((row[:n] >= 0).all() and (row[:n] < 64).all()) and bool((row[n:] == PAD_CODE).all())
     assert model.tokenizer.decode(codes).shape == (48, 3, 32, 32)
+
+    # greedy with every logit equal picks the first code at each step, never </img>: the image is
+    # cut at the maximum, still decoded and saved, and the command's reply says so
+    from safetensors.torch import save_file
+
+    from unicodebook.cli import main
+    weights = tmp_path / "lm" / "llm" / "model.safetensors"
+    state = load_file(weights)
+    state["model.norm.weight"].zero_()
+    save_file(state, weights, metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "lm"), "draw a small red circle", "--out", str(tmp_path / "g.png"),
+                 "--temperature", "0", "--cfg", "1"]) == 0
+    out, err = capsys.readouterr()
+    reply = json.loads(out)
+    assert reply["codes"] == [16] and reply["ended_at_max"] == [True]
+    assert err.strip() == f"warning: {tmp_path / 'g.png'}: no </img> within 16 codes; decoded the 16 written"
+    assert Image.open(tmp_path / "g.png").size == (32, 32)
 
 
 OFFICIAL = ["model.image_size=224", "model.vit.patch_size=14", "model.vit.width=1408", "model.vit.layers=40",
