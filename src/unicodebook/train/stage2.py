@@ -232,6 +232,7 @@ class Stage2Recipe:
                                            f"{', '.join(tok.tasks)}): set train_lm.tasks.{t}=0")
         llm = tok.bound_llm()
         if tok.config is not None:
+            _check_bound(cfg, tok.config, self.tokenizer_run)
             cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
         if llm is None:
             llm = load_llm(cfg.llm, seed=self.lc.seed)
@@ -517,6 +518,30 @@ class Stage2Recipe:
             _plot(self.run_dir)
         engine.barrier()
         return Stage2Result(self.run_dir, step, last, time.time() - t0, main)
+
+
+def _check_bound(cfg: Config, stage1: Config, run: str) -> None:
+    """A tokenizer bound to its LLM fixes ``llm`` and ``model``: a stage II config that asks for
+    other values there (an override, another preset) is an error, not silently replaced."""
+    def flat(c: Config) -> dict:
+        out = {}
+
+        def walk(prefix: str, v) -> None:
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}", x)
+            else:
+                out[prefix] = v
+        for sec in ("llm", "model"):
+            walk(sec, dataclasses.asdict(getattr(c, sec)))
+        return out
+
+    asked, have = flat(cfg), flat(stage1)
+    differ = [f"{k}={asked[k]} (stage I: {have.get(k)})" for k in asked if asked[k] != have.get(k)]
+    if differ:
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise UnicodebookError(f"the tokenizer in {run} is bound to its stage I LLM, so llm.* and model.* come from "
+                               f"that run; this config asks for {', '.join(differ[:3])}{more}: set them in stage I")
 
 
 def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
