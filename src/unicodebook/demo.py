@@ -99,6 +99,9 @@ def _report_lm(cfg, r: dict, t_lm: float, model) -> str:
     inp = "their code tokens" if model.reads_codes else "Ẑ at the `<image>` slots"
     decomp = (f"| decompression code accuracy (teacher-forced) | {r['decompression_code_accuracy']:.1%} |\n"
               if "decompression_code_accuracy" in r else "")  # a family without the task has no row
+    if "t2i_ended_in_range" in r:  # a variable-length layout: how the generated images ended
+        decomp += (f"| generated images: mean length, ended at `</img>` within the range (not cut at the maximum) | "
+                   f"{r['t2i_codes_mean']:.1f} codes, {r['t2i_ended_in_range']:.1%} |\n")
     return f"""
 ## Stage II — the LLM reads and writes images through the codebook (test split)
 

@@ -277,6 +277,11 @@ def test_stage2_writes_images_of_variable_length_that_end_at_img_end(lavit_run, 
     for row, n in zip(codes, lengths):
         assert bool((row[:n] >= 0).all() and (row[:n] < 64).all()) and bool((row[n:] == PAD_CODE).all())
     assert model.tokenizer.decode(codes).shape == (48, 3, 32, 32)
+    # the evaluation counts how the drawn images ended: sampled, some at </img> inside the range
+    from unicodebook.eval.model import evaluate_model
+    r = evaluate_model(model, shapes_dir, max_t2i=24, max_vqa=4, max_describe=2, max_decompress=2, cfg_scale=1.0,
+                       temperature=1.0, progress=False)
+    assert 0 < r["t2i_ended_in_range"] < 1 and 1 <= r["t2i_codes_mean"] < 16
 
     # greedy with every logit equal picks the first code at each step, never </img>: the image is
     # cut at the maximum, still decoded and saved, and the command's reply says so

@@ -197,10 +197,14 @@ def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, to
     gen = torch.Generator(device=model.device).manual_seed(seed)
     ok: dict[bool, list[bool]] = {False: [], True: []}
     shown: dict[bool, list[tuple[torch.Tensor, str]]] = {False: [], True: []}  # the first 8 of each kind
+    layout = model.tokenizer.layout
+    lengths: list[int] = []  # a variable layout's generated lengths
     for s in tqdm(range(0, len(pairs), batch_size), desc="text-to-image", disable=not progress, leave=False):
         chunk = pairs[s:s + batch_size]
         codes = model.generate_codes([p.caption for p in chunk], cfg_scale, temperature, top_k, gen)
         images = model.tokenizer.decode(codes).cpu()
+        if not layout.fixed:
+            lengths += layout.lengths(codes).tolist()
         hits = _judge(images, [p.caption for p in chunk]) if judged else [False] * len(chunk)
         for p, hit, img in zip(chunk, hits, images):
             ok[p.held_out].append(hit)
@@ -215,6 +219,9 @@ def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, to
             if ok[flag]:
                 out[f"t2i_accuracy_{name}"] = sum(ok[flag]) / len(ok[flag])
                 out[f"t2i_n_{name}"] = len(ok[flag])
+    if lengths:  # how often the image ended at </img> inside the layout's range, not cut at its maximum
+        out["t2i_ended_in_range"] = sum(layout.shortest <= n < layout.length for n in lengths) / len(lengths)
+        out["t2i_codes_mean"] = sum(lengths) / len(lengths)
     tiles = shown[False] + shown[True]  # seen prompts first, then held-out ones
     if pictures is not None and tiles:
         from .plots import captioned_grid
