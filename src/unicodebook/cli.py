@@ -156,6 +156,15 @@ def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | N
     return 0
 
 
+def cmd_serve(model_dir: Path, host: str, port: int, device: str = "auto") -> int:
+    try:
+        from .serve.run import serve
+    except ImportError as e:
+        raise UnicodebookError(f"serve needs FastAPI and uvicorn ({e.name} is missing): "
+                               "pip install 'unicodebook[serve]'") from None
+    return serve(model_dir, host, port, device=_device(device))
+
+
 def cmd_eval_model(model_dir: Path, data: Path, split: str, max_t2i: int | None, max_vqa: int | None,
                    device: str = "auto", pictures: Path | None = None) -> int:
     from .eval.model import evaluate_model
@@ -255,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--seed", type=int, default=0)
     _device_arg(gn)
 
+    sv = sub.add_parser("serve", help="serve a model over HTTP: OpenAI's chat and image API, and a web page at /")
+    sv.add_argument("--model", type=Path, required=True, help="stage II run folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="0: a free port (the printed URL has it)")
+    _device_arg(sv)
+
     em = e.add_parser("model", help="VQA, judged text-to-image and decompression accuracy of a stage II model")
     em.add_argument("--model", type=Path, required=True)
     em.add_argument("--data", type=Path, required=True)
@@ -295,6 +310,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if c == "generate":
         return cmd_generate(args.model, args.prompt, args.out, args.n, args.cfg, args.temperature, args.top_k, args.seed,
                             args.device)
+    if c == "serve":
+        return cmd_serve(args.model, args.host, args.port, args.device)
     if c == "eval" and args.what == "model":
         return cmd_eval_model(args.model, args.data, args.split, args.max_t2i, args.max_vqa, args.device, args.pictures)
     if c == "eval":
