@@ -171,3 +171,29 @@ def test_a_depth_layout_model_draws_through_the_api(depth_model_run):
     assert len(body["data"]) == 3
     assert all(np.array(d["codes"]).shape == tuple(model.tokenizer.layout.shape) for d in body["data"])
     assert all(png_pixels(d["b64_json"]).shape[:2] == (model.tokenizer.image_size,) * 2 for d in body["data"])
+
+
+def test_stream_answer_resumed_on_other_threads_is_the_same_answer_and_leaks_no_mode(model, image):
+    """The server resumes the generator on whichever worker thread is free: each piece may come
+    from another thread, and no thread may be left in inference mode (it broke later requests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    x = load_image(image, model.tokenizer.image_size)
+    codes = model.tokenizer.encode(x[None])
+    gen = model.stream_answer(codes[0], QUESTION, 16)
+    pools = [ThreadPoolExecutor(1) for _ in range(3)]
+    pieces = []
+    try:
+        for i in range(100):
+            piece = pools[i % 3].submit(next, gen, None).result()
+            if piece is None:
+                break
+            pieces.append(piece)
+        modes = [p.submit(torch.is_inference_mode_enabled).result() for p in pools]
+    finally:
+        for p in pools:
+            p.shutdown()
+    assert "".join(pieces) == model.answer(codes, [QUESTION], 16)[0] and len(pieces) > 1
+    assert modes == [False, False, False]

@@ -591,18 +591,19 @@ class UniCodeLM(nn.Module):
         sent = ""
         try:
             for _ in range(max_new_tokens):
-                with torch.inference_mode():
+                with torch.inference_mode():  # never across a yield: the next resumption may be on another thread
                     nxt = _sample(logits.masked_fill(~self.text_allowed, float("-inf")), temperature, 0, gen)
-                    if int(nxt[0]) == self.fmt.eos_id:
-                        break
-                    out.append(int(nxt[0]))
-                    # text decoded so far, less trailing blanks a later token may still join onto
-                    text = self.text_tok.decode(out, skip_special_tokens=True).strip()
-                    if text.startswith(sent) and len(text) > len(sent):
-                        piece, sent = text[len(sent):], text
-                        yield piece
-                    if len(out) == max_new_tokens:
-                        break
+                if int(nxt[0]) == self.fmt.eos_id:
+                    break
+                out.append(int(nxt[0]))
+                # text decoded so far, less trailing blanks a later token may still join onto
+                text = self.text_tok.decode(out, skip_special_tokens=True).strip()
+                if text.startswith(sent) and len(text) > len(sent):
+                    piece, sent = text[len(sent):], text
+                    yield piece
+                if len(out) == max_new_tokens:
+                    break
+                with torch.inference_mode():
                     logits = step(input_embedding(self.llm)(nxt[:, None]))
             text = self.text_tok.decode(out, skip_special_tokens=True).strip()
             if text != sent and text.startswith(sent):
