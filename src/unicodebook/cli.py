@@ -142,11 +142,17 @@ def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | N
 
     if n < 1:
         raise UnicodebookError(f"--n must be >= 1, got {n}")
+    import torch
+
     model = load_model(model_dir, device=_device(device))
     g = model.config.generate
-    images = model.generate_image(prompt, n=n, cfg_scale=g.cfg_scale if cfg is None else cfg,
-                                  temperature=g.temperature if temperature is None else temperature,
-                                  top_k=g.top_k if top_k is None else top_k, seed=seed)
+    # generate_image's steps, with a progress bar over the code steps on stderr (stdout stays JSON)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    codes = model.generate_codes([prompt] * n, g.cfg_scale if cfg is None else cfg,
+                                 g.temperature if temperature is None else temperature,
+                                 g.top_k if top_k is None else top_k, gen, progress=sys.stderr.isatty())
+    with torch.no_grad():
+        images = model.tokenizer.decode(codes)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(n)]
