@@ -124,14 +124,60 @@ def cmd_train_lm(config: str | None, tokenizer: Path, data: Path, out: Path, res
     return 0
 
 
-def cmd_chat(model_dir: Path, image: Path, question: str, max_new_tokens: int | None, device: str = "auto") -> int:
+def cmd_chat(model_dir: Path, image: Path, question: str | None, max_new_tokens: int | None, device: str = "auto") -> int:
     from .data.images import load_image
     from .lm.model import load_model
 
     model = load_model(model_dir, device=_device(device))
     x = load_image(image, model.tokenizer.image_size, model.config.data.odd_size)
     n = max_new_tokens or model.config.generate.max_new_tokens
+    if question is None:
+        return _chat_loop(model, x, n)
     print(model.chat(x, question, max_new_tokens=n))
+    return 0
+
+
+def _chat_loop(model, image, max_new_tokens: int) -> int:
+    """Questions from stdin, one a line, each answer streamed as it is decoded (tokens/s on
+    stderr); ``/image PATH`` reads another image, ``/quit`` (or end of input) ends."""
+    import time
+
+    import torch
+
+    from .data.images import load_image
+    from .errors import BadImageError
+
+    def encode(x):
+        with torch.no_grad():
+            return model.tokenizer.encode(x[None])[0]
+
+    codes = encode(image)
+    print("ask about the image; /image PATH reads another, /quit ends", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line.startswith("/image"):
+            try:
+                codes = encode(load_image(line[len("/image"):].strip(), model.tokenizer.image_size,
+                                          model.config.data.odd_size))
+                print("image loaded", file=sys.stderr)
+            except BadImageError as e:
+                print(f"error: {e}", file=sys.stderr)  # the loop goes on with the image it had
+            continue
+        t0 = time.perf_counter()
+        answer = model.stream_answer(codes, line, max_new_tokens)
+        while True:
+            try:
+                print(next(answer), end="", flush=True)
+            except StopIteration as done:
+                tokens = done.value
+                break
+        print(flush=True)
+        seconds = time.perf_counter() - t0
+        print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
 
 
@@ -256,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", type=Path, required=True, help="stage II run folder")
     c.add_argument("--image", type=Path, required=True)
     c.add_argument("--max-new-tokens", type=int, default=None)
-    c.add_argument("question")
+    c.add_argument("question", nargs="?", default=None,
+                   help="the question (none: ask questions one a line from stdin, answers streamed)")
     _device_arg(c)
 
     gn = sub.add_parser("generate", help="draw an image from a prompt")
