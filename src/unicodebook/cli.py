@@ -124,14 +124,60 @@ def cmd_train_lm(config: str | None, tokenizer: Path, data: Path, out: Path, res
     return 0
 
 
-def cmd_chat(model_dir: Path, image: Path, question: str, max_new_tokens: int | None, device: str = "auto") -> int:
+def cmd_chat(model_dir: Path, image: Path, question: str | None, max_new_tokens: int | None, device: str = "auto") -> int:
     from .data.images import load_image
     from .lm.model import load_model
 
     model = load_model(model_dir, device=_device(device))
     x = load_image(image, model.tokenizer.image_size, model.config.data.odd_size)
     n = max_new_tokens or model.config.generate.max_new_tokens
+    if question is None:
+        return _chat_loop(model, x, n)
     print(model.chat(x, question, max_new_tokens=n))
+    return 0
+
+
+def _chat_loop(model, image, max_new_tokens: int) -> int:
+    """Questions from stdin, one a line, each answer streamed as it is decoded (tokens/s on
+    stderr); ``/image PATH`` reads another image, ``/quit`` (or end of input) ends."""
+    import time
+
+    import torch
+
+    from .data.images import load_image
+    from .errors import BadImageError
+
+    def encode(x):
+        with torch.no_grad():
+            return model.tokenizer.encode(x[None])[0]
+
+    codes = encode(image)
+    print("ask about the image; /image PATH reads another, /quit ends", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line.startswith("/image"):
+            try:
+                codes = encode(load_image(line[len("/image"):].strip(), model.tokenizer.image_size,
+                                          model.config.data.odd_size))
+                print("image loaded", file=sys.stderr)
+            except BadImageError as e:
+                print(f"error: {e}", file=sys.stderr)  # the loop goes on with the image it had
+            continue
+        t0 = time.perf_counter()
+        answer = model.stream_answer(codes, line, max_new_tokens)
+        while True:
+            try:
+                print(next(answer), end="", flush=True)
+            except StopIteration as done:
+                tokens = done.value
+                break
+        print(flush=True)
+        seconds = time.perf_counter() - t0
+        print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
 
 
@@ -146,11 +192,13 @@ def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | N
         raise UnicodebookError(f"--n must be >= 1, got {n}")
     model = load_model(model_dir, device=_device(device))
     g = model.config.generate
+    # generate_image's steps, with a progress bar over the code steps on stderr (stdout stays JSON);
+    # the codes are kept: a variable-length image cut at the maximum is reported
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    with torch.no_grad():  # the codes too, not only the pictures: a cut-off image is reported
-        codes = model.generate_codes([prompt] * n, cfg_scale=g.cfg_scale if cfg is None else cfg,
-                                     temperature=g.temperature if temperature is None else temperature,
-                                     top_k=g.top_k if top_k is None else top_k, generator=gen)
+    with torch.no_grad():
+        codes = model.generate_codes([prompt] * n, g.cfg_scale if cfg is None else cfg,
+                                     g.temperature if temperature is None else temperature,
+                                     g.top_k if top_k is None else top_k, gen, progress=sys.stderr.isatty())
         images = model.tokenizer.decode(codes)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +217,15 @@ def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | N
                       file=sys.stderr)
     print(json.dumps(report))
     return 0
+
+
+def cmd_serve(model_dir: Path, host: str, port: int, device: str = "auto") -> int:
+    try:
+        from .serve.run import serve
+    except ImportError as e:
+        raise UnicodebookError(f"serve needs FastAPI and uvicorn ({e.name} is missing): "
+                               "pip install 'unicodebook[serve]'") from None
+    return serve(model_dir, host, port, device=_device(device))
 
 
 def cmd_eval_model(model_dir: Path, data: Path, split: str, max_t2i: int | None, max_vqa: int | None,
@@ -256,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", type=Path, required=True, help="stage II run folder")
     c.add_argument("--image", type=Path, required=True)
     c.add_argument("--max-new-tokens", type=int, default=None)
-    c.add_argument("question")
+    c.add_argument("question", nargs="?", default=None,
+                   help="the question (none: ask questions one a line from stdin, answers streamed)")
     _device_arg(c)
 
     gn = sub.add_parser("generate", help="draw an image from a prompt")
@@ -269,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (0: all)")
     gn.add_argument("--seed", type=int, default=0)
     _device_arg(gn)
+
+    sv = sub.add_parser("serve", help="serve a model over HTTP: OpenAI's chat and image API, and a web page at /")
+    sv.add_argument("--model", type=Path, required=True, help="stage II run folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="0: a free port (the printed URL has it)")
+    _device_arg(sv)
 
     em = e.add_parser("model", help="VQA, judged text-to-image and decompression accuracy of a stage II model")
     em.add_argument("--model", type=Path, required=True)
@@ -310,6 +374,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if c == "generate":
         return cmd_generate(args.model, args.prompt, args.out, args.n, args.cfg, args.temperature, args.top_k, args.seed,
                             args.device)
+    if c == "serve":
+        return cmd_serve(args.model, args.host, args.port, args.device)
     if c == "eval" and args.what == "model":
         return cmd_eval_model(args.model, args.data, args.split, args.max_t2i, args.max_vqa, args.device, args.pictures)
     if c == "eval":

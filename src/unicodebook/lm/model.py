@@ -568,6 +568,51 @@ class UniCodeLM(nn.Module):
         self.train(was)
         return [self.text_tok.decode(o, skip_special_tokens=True).strip() for o in out]
 
+    def stream_answer(self, codes: Tensor, question: str, max_new_tokens: int = 16, temperature: float = 0.0,
+                      seed: int | None = None):
+        """The answer to one question about one image (codes (*layout.shape)), yielded as text
+        pieces while it is decoded; the pieces join to what :meth:`answer` returns when
+        ``temperature`` is 0 (greedy), else tokens are sampled (``seed`` fixes them).
+
+        A generator: closing it stops the decoding (a server's client went away); once exhausted
+        its return value (``StopIteration.value``) is the number of tokens decoded."""
+        with torch.inference_mode():  # per resumption: the generator may be resumed on another thread
+            was = self.training
+            self.eval()
+            codes = codes.cpu()
+            ids, at = self.fmt.prompt(question, codes=codes)
+            latents = self.latents(codes[None])
+            logits, cache, mask, pos = self._prefill([ids], [at], latents, max_new_tokens,
+                                                     image_len=[self.fmt.read_length(codes)])
+            gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+            decoder = self._decoder(cache, mask, pos, max_new_tokens)
+            step = decoder.__enter__()
+        out: list[int] = []
+        sent = ""
+        try:
+            for _ in range(max_new_tokens):
+                with torch.inference_mode():  # never across a yield: the next resumption may be on another thread
+                    nxt = _sample(logits.masked_fill(~self.text_allowed, float("-inf")), temperature, 0, gen)
+                if int(nxt[0]) == self.fmt.eos_id:
+                    break
+                out.append(int(nxt[0]))
+                # text decoded so far, less trailing blanks a later token may still join onto
+                text = self.text_tok.decode(out, skip_special_tokens=True).strip()
+                if text.startswith(sent) and len(text) > len(sent):
+                    piece, sent = text[len(sent):], text
+                    yield piece
+                if len(out) == max_new_tokens:
+                    break
+                with torch.inference_mode():
+                    logits = step(input_embedding(self.llm)(nxt[:, None]))
+            text = self.text_tok.decode(out, skip_special_tokens=True).strip()
+            if text != sent and text.startswith(sent):
+                yield text[len(sent):]
+            return len(out)
+        finally:
+            decoder.__exit__(None, None, None)
+            self.train(was)
+
     @torch.no_grad()
     def chat(self, image: Tensor, question: str, max_new_tokens: int = 16) -> str:
         """image (3, H, W) or (1, 3, H, W) in [0, 1] → the answer to ``question``."""
