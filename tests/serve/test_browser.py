@@ -44,7 +44,7 @@ def test_the_page_asks_about_an_uploaded_image_and_draws(model_run, shapes_dir, 
                 page.click("#ask")
                 page.wait_for_selector("#answer[data-done='1']", timeout=30_000)
                 assert page.inner_text("#answer").strip() == expected and expected
-                assert "pieces in" in page.inner_text("#stats")
+                assert " streamed in " in page.inner_text("#stats")
 
                 page.fill("#prompt", "draw a small red circle at the top left")
                 page.fill("#n", "3")
