@@ -178,7 +178,7 @@ def trained_lm(trained, tmp_path_factory):
         # the UniCode codebook is its stage I LLM's table: stage II cannot change that LLM
         (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "llm.num_layers=8"],
          "error: the tokenizer in {run} is bound to its stage I LLM, so llm.* and model.* come from that run; "
-         "this config asks for llm.num_layers=8 (stage I: 1): set them in stage I"),
+         "this run asks for llm.num_layers=8 (stage I: 1): set them in stage I"),
     ],
 )
 def test_stage2_bad_input_gets_one_error_line_and_exit_2(trained, trained_lm, capsys, tmp_path, args, message):

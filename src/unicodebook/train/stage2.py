@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,8 +180,9 @@ class Stage2Recipe:
     """
 
     def __init__(self, cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, asked: Sequence[str] = ()):
         self.lc = lc = cfg.train_lm
+        self.asked = tuple(asked)
         self.run_dir, self.tokenizer_run, self.progress = Path(out), str(tokenizer_run), progress
         if lc.threads:
             torch.set_num_threads(lc.threads)
@@ -232,7 +234,7 @@ class Stage2Recipe:
                                            f"{', '.join(tok.tasks)}): set train_lm.tasks.{t}=0")
         llm = tok.bound_llm()
         if tok.config is not None:
-            _check_bound(cfg, tok.config, self.tokenizer_run)
+            _check_bound(cfg, tok.config, self.tokenizer_run, self.asked)
             cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
         if llm is None:
             llm = load_llm(cfg.llm, seed=self.lc.seed)
@@ -520,36 +522,30 @@ class Stage2Recipe:
         return Stage2Result(self.run_dir, step, last, time.time() - t0, main)
 
 
-def _check_bound(cfg: Config, stage1: Config, run: str) -> None:
-    """A tokenizer bound to its LLM fixes ``llm`` and ``model``: a stage II config that asks for
-    other values there (an override, another preset) is an error, not silently replaced."""
-    def flat(c: Config) -> dict:
-        out = {}
+def _check_bound(cfg: Config, stage1: Config, run: str, asked: Sequence[str]) -> None:
+    """A tokenizer bound to its LLM fixes ``llm`` and ``model``: an explicit override (``asked``,
+    dotted keys) that asks for another value there is an error, not silently replaced. The rest
+    of ``cfg.llm`` / ``cfg.model`` (a preset's values) gives way to stage I's quietly."""
+    def value(c: Config, key: str):
+        v = c
+        for part in key.split("."):
+            v = v.get(part) if isinstance(v, dict) else getattr(v, part, None)
+        return v
 
-        def walk(prefix: str, v) -> None:
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    walk(f"{prefix}.{k}", x)
-            else:
-                out[prefix] = v
-        for sec in ("llm", "model"):
-            walk(sec, dataclasses.asdict(getattr(c, sec)))
-        return out
-
-    asked, have = flat(cfg), flat(stage1)
-    differ = [f"{k}={asked[k]} (stage I: {have.get(k)})" for k in asked if asked[k] != have.get(k)]
+    keys = [k for k in asked if k.split(".")[0] in ("llm", "model")]
+    differ = [f"{k}={value(cfg, k)} (stage I: {value(stage1, k)})" for k in keys if value(cfg, k) != value(stage1, k)]
     if differ:
         more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
         raise UnicodebookError(f"the tokenizer in {run} is bound to its stage I LLM, so llm.* and model.* come from "
-                               f"that run; this config asks for {', '.join(differ[:3])}{more}: set them in stage I")
+                               f"that run; this run asks for {', '.join(differ[:3])}{more}: set them in stage I")
 
 
 def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
-             progress: bool = True) -> Stage2Result:
+             progress: bool = True, asked: Sequence[str] = ()) -> Stage2Result:
     """Run stage II on ``data`` (a shapes-world root — its ``train`` split — or a folder with
     ``instruct.json`` and/or ``t2i.jsonl``), starting from the stage I run ``tokenizer_run``
     (``Stage2Recipe``)."""
-    return Stage2Recipe(cfg, tokenizer_run, data, out, resume=resume, progress=progress).run()
+    return Stage2Recipe(cfg, tokenizer_run, data, out, resume=resume, progress=progress, asked=asked).run()
 
 
 def _write_samples(model: UniCodeLM, prompts: list[str], path: Path, cfg: Config, writer, step: int) -> None:
@@ -583,4 +579,5 @@ def train_lm_from_files(config: str | Path | None, overrides: list[str], tokeniz
         elif (Path(tokenizer_run) / "config.yaml").exists():
             config = Path(tokenizer_run) / "config.yaml"
     cfg = load_config(config or "tiny", overrides)
-    return train_lm(cfg, tokenizer_run, data, out, resume=resume, progress=progress)
+    asked = [o.split("=", 1)[0].strip() for o in overrides]
+    return train_lm(cfg, tokenizer_run, data, out, resume=resume, progress=progress, asked=asked)
