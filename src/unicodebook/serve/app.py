@@ -184,10 +184,17 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
 
     def draw(prompt: str, n: int, cfg: float, temperature: float, top_k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         # generate_image's own steps, keeping the codes: the same seed gives `unicodebook generate`'s pictures
-        gen = torch.Generator(device=model.device).manual_seed(seed)
-        codes = model.generate_codes([prompt] * n, cfg, temperature, top_k, gen)
+        return draw_batch([prompt] * n, cfg, temperature, top_k, torch.Generator(device=model.device).manual_seed(seed))
+
+    def draw_batch(prompts: list[str], cfg: float, temperature: float, top_k: int,
+                   gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = model.generate_codes(prompts, cfg, temperature, top_k, gen)
         with torch.no_grad():
             return codes.cpu(), model.tokenizer.decode(codes).cpu()
+
+    def draw_greedy(key: tuple[str, float], prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        codes, pictures = draw_batch(prompts, key[1], 0.0, 0, None)
+        return list(zip(codes, pictures))
 
     @app.post("/v1/images/generations")
     async def images(req: ImageRequest):
@@ -213,10 +220,15 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
         cfg = defaults.cfg_scale if req.cfg_scale is None else req.cfg_scale
         temperature = defaults.temperature if req.temperature is None else req.temperature
         top_k = defaults.top_k if req.top_k is None else req.top_k
-        codes, pictures = await worker.run(draw, prompt, req.n, cfg, temperature, top_k, seed)
+        if temperature == 0:  # greedy: the seed plays no part, so waiting requests share one call
+            drawn, served = await worker.run_batched(("greedy", cfg), [prompt] * req.n, draw_greedy,
+                                                     limits.max_draw_batch)
+        else:  # sampled: its own call, so a seed gives `unicodebook generate`'s pictures
+            codes, pictures = await worker.run(draw, prompt, req.n, cfg, temperature, top_k, seed)
+            drawn, served = list(zip(codes, pictures)), 1
         return {"created": int(time.time()), "model": model_id, "seed": seed,
-                "cfg_scale": cfg, "temperature": temperature, "top_k": top_k,
-                "data": [{"b64_json": png_base64(p), "codes": c.tolist()} for p, c in zip(pictures, codes)]}
+                "cfg_scale": cfg, "temperature": temperature, "top_k": top_k, "batched_requests": served,
+                "data": [{"b64_json": png_base64(p), "codes": c.tolist()} for c, p in drawn]}
 
     return app
 

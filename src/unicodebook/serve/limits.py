@@ -11,5 +11,6 @@ class Limits:
     max_images: int = 1  # image parts per conversation: the model reads one image
     max_image_pixels: int = 4096 * 4096  # width × height of an uploaded image, checked before decoding it
     max_n: int = 8  # images per generation request
+    max_draw_batch: int = 16  # images one batched model call draws for several waiting greedy requests
     max_tokens: int = 256  # new tokens per answer
     max_prompt_chars: int = 8000  # a question or a drawing prompt, before it is tokenized
