@@ -3,6 +3,7 @@ seconds, a mix of chat (plain and streamed), drawing and /health; reports reques
 errors and latency percentiles per kind as one JSON line.
 
     python bench/serve_load.py --url http://127.0.0.1:PORT --image IMG.png --clients 32 --seconds 5
+    python bench/serve_load.py ... --kinds draw        # drawings only (greedy: batched by the server)
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def percentiles(xs: list[float]) -> dict:
     return {"p50_ms": pick(0.50), "p90_ms": pick(0.90), "p99_ms": pick(0.99), "max_ms": round(1000 * xs[-1], 1)}
 
 
-async def client(c: httpx.AsyncClient, i: int, until: float, image_url: str, model: str, out: dict) -> None:
-    kinds = ["chat", "stream", "draw", "health"]
+async def client(c: httpx.AsyncClient, i: int, until: float, image_url: str, model: str, out: dict,
+                 kinds: list[str]) -> None:
     k = i
     while time.perf_counter() < until:
         kind = kinds[k % len(kinds)]
@@ -56,6 +57,7 @@ async def main() -> None:
     p.add_argument("--image", type=Path, required=True, help="a PNG to ask about")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--kinds", default="chat,stream,draw,health", help="the request kinds each client cycles through")
     a = p.parse_args()
     image_url = "data:image/png;base64," + base64.b64encode(a.image.read_bytes()).decode()
     out: dict = {}
@@ -63,7 +65,8 @@ async def main() -> None:
     async with httpx.AsyncClient(base_url=a.url, timeout=120, limits=limits) as c:
         model = (await c.get("/v1/models")).json()["data"][0]["id"]
         start = time.perf_counter()
-        await asyncio.gather(*(client(c, i, start + a.seconds, image_url, model, out) for i in range(a.clients)))
+        kinds = a.kinds.split(",")
+        await asyncio.gather(*(client(c, i, start + a.seconds, image_url, model, out, kinds) for i in range(a.clients)))
         wall = time.perf_counter() - start
     report = {"clients": a.clients, "seconds": round(wall, 2),
               "served": sum(v["served"] for v in out.values()), "errors": sum(v["errors"] for v in out.values()),

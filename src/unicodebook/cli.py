@@ -219,13 +219,16 @@ def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | N
     return 0
 
 
-def cmd_serve(model_dir: Path, host: str, port: int, device: str = "auto") -> int:
+def cmd_serve(model_dir: Path, host: str, port: int, device: str = "auto", max_draw_batch: int = 16) -> int:
     try:
+        from .serve.limits import Limits
         from .serve.run import serve
     except ImportError as e:
         raise UnicodebookError(f"serve needs FastAPI and uvicorn ({e.name} is missing): "
                                "pip install 'unicodebook[serve]'") from None
-    return serve(model_dir, host, port, device=_device(device))
+    if max_draw_batch < 1:
+        raise UnicodebookError(f"--max-draw-batch must be at least 1, got {max_draw_batch}")
+    return serve(model_dir, host, port, device=_device(device), limits=Limits(max_draw_batch=max_draw_batch))
 
 
 def cmd_eval_model(model_dir: Path, data: Path, split: str, max_t2i: int | None, max_vqa: int | None,
@@ -332,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", type=Path, required=True, help="stage II run folder")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=int, default=8000, help="0: a free port (the printed URL has it)")
+    sv.add_argument("--max-draw-batch", type=int, default=16,
+                    help="images one model call may draw for greedy requests waiting together (1: no batching)")
     _device_arg(sv)
 
     em = e.add_parser("model", help="VQA, judged text-to-image and decompression accuracy of a stage II model")
@@ -375,7 +380,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return cmd_generate(args.model, args.prompt, args.out, args.n, args.cfg, args.temperature, args.top_k, args.seed,
                             args.device)
     if c == "serve":
-        return cmd_serve(args.model, args.host, args.port, args.device)
+        return cmd_serve(args.model, args.host, args.port, args.device, args.max_draw_batch)
     if c == "eval" and args.what == "model":
         return cmd_eval_model(args.model, args.data, args.split, args.max_t2i, args.max_vqa, args.device, args.pictures)
     if c == "eval":

@@ -76,3 +76,9 @@ def test_serve_on_a_taken_port_is_one_error_line(talk, capsys):
         assert len(err) == 1 and err[0].startswith(f"error: cannot listen on 127.0.0.1:{port}")
     finally:
         taken.close()
+
+
+def test_serve_with_a_draw_batch_below_one_is_one_error_line(talk, capsys):
+    assert main(["serve", "--model", str(talk), "--port", "0", "--max-draw-batch", "0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["error: --max-draw-batch must be at least 1, got 0"]
