@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, LMTrainConfig, load_config, save_config
+from ..data.images import image_limits
 from ..data.multimodal import cached_codes, read_records, split_folder
 from ..data.sources import ShardRecords, is_shard_spec
 from ..errors import UnicodebookError
@@ -249,7 +250,7 @@ class Stage2Recipe:
                                        cfg.data.num_workers)
             return lambda: text_corpus(*self.stream.texts())
         self.folder = split_folder(data, "train")
-        self.records = records = read_records(self.folder)
+        self.records = records = read_records(self.folder, data=cfg.data)
         return lambda: text_corpus([t["value"] for c in records.conversations for t in c.turns],
                                    [c.caption for c in records.captions])
 
@@ -302,7 +303,8 @@ class Stage2Recipe:
         for turn in (True, False):
             if turn == self.main:
                 self.cache = cached_codes(self.tok, self.folder, images, fallback=self.run_dir / "codes_cache",
-                                          progress=self.progress and self.main, odd_size=self.cfg.data.odd_size)
+                                          progress=self.progress and self.main, odd_size=self.cfg.data.odd_size,
+                                          limits=image_limits(self.cfg.data))
             engine.barrier()
         index = self.cache.index
         self.convs = [c for c in records.conversations if c.image in index]
