@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -158,3 +159,11 @@ def write_records(folder: Path, good_image: Path, images: Path) -> dict[str, int
     lines += [json.dumps({"image": p, "caption": "a red circle"}) for p in bad_images]
     (folder / "t2i.jsonl").write_text("\n".join(lines) + "\n")
     return {"malformed": len(malformed_convs) + 5, "bad_image": 2 * len(bad_images)}
+
+
+_PROGRESS_BAR = re.compile(r"[^\r\n|]*\|[^|\r\n]*\| *\d+/\d+ \[[^\]]*\]")  # tqdm's, on stderr
+
+
+def stderr_lines(err: str) -> list[str]:
+    """The lines of stderr a user reads, the progress bars taken out."""
+    return [line.strip() for line in re.split(r"[\r\n]", _PROGRESS_BAR.sub("", err)) if line.strip()]
