@@ -14,10 +14,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import UnicodebookError
+from .errors import TrainingStopped, UnicodebookError
 
 EXIT_USER_ERROR = 2
 EXIT_PARTIAL = 1
+EXIT_SIGTERM = 128 + 15  # the shell's code for a process ended by SIGTERM
 
 
 # ------------------------------------------------------------------------------ subcommands
@@ -411,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _cli_output():
             return dispatch(args)
+    except TrainingStopped as e:  # SIGTERM: a checkpoint was saved, the run goes on with --resume
+        print(str(e), file=sys.stderr)
+        return EXIT_SIGTERM
     except UnicodebookError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
