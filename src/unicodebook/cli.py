@@ -14,10 +14,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import UnicodebookError
+from .errors import TrainingStopped, UnicodebookError
 
 EXIT_USER_ERROR = 2
 EXIT_PARTIAL = 1
+EXIT_SIGTERM = 128 + 15  # the shell's code for a process ended by SIGTERM
 
 
 # ------------------------------------------------------------------------------ subcommands
@@ -64,13 +65,13 @@ def cmd_tokenize(tokenizer: Path, images: list[Path], device: str = "auto") -> i
 
     from .data.images import load_image
     from .errors import BadImageError
-    from .tokenizers.base import PAD_CODE, load_tokenizer, odd_size_of
+    from .tokenizers.base import PAD_CODE, limits_of, load_tokenizer, odd_size_of
 
     tok = load_tokenizer(tokenizer, device=_device(device))
     bad = 0
     for path in images:
         try:
-            x = load_image(path, tok.image_size, odd_size_of(tok))
+            x = load_image(path, tok.image_size, odd_size_of(tok), **limits_of(tok))
         except BadImageError as e:
             print(f"error: {e}", file=sys.stderr)
             bad += 1
@@ -90,10 +91,10 @@ def cmd_reconstruct(tokenizer: Path, image: Path, out: Path, device: str = "auto
 
     from .data.images import load_image, tensor_to_pil
     from .eval.metrics import psnr
-    from .tokenizers.base import load_tokenizer, odd_size_of
+    from .tokenizers.base import limits_of, load_tokenizer, odd_size_of
 
     tok = load_tokenizer(tokenizer, device=_device(device))
-    x = load_image(image, tok.image_size, odd_size_of(tok))
+    x = load_image(image, tok.image_size, odd_size_of(tok), **limits_of(tok))
     with torch.no_grad():
         recon = tok.decode(tok.encode(x[None])).cpu()
     out = Path(out)
@@ -125,11 +126,11 @@ def cmd_train_lm(config: str | None, tokenizer: Path, data: Path, out: Path, res
 
 
 def cmd_chat(model_dir: Path, image: Path, question: str | None, max_new_tokens: int | None, device: str = "auto") -> int:
-    from .data.images import load_image
+    from .data.images import image_limits, load_image
     from .lm.model import load_model
 
     model = load_model(model_dir, device=_device(device))
-    x = load_image(image, model.tokenizer.image_size, model.config.data.odd_size)
+    x = load_image(image, model.tokenizer.image_size, model.config.data.odd_size, **image_limits(model.config.data))
     n = max_new_tokens or model.config.generate.max_new_tokens
     if question is None:
         return _chat_loop(model, x, n)
@@ -144,7 +145,7 @@ def _chat_loop(model, image, max_new_tokens: int) -> int:
 
     import torch
 
-    from .data.images import load_image
+    from .data.images import image_limits, load_image
     from .errors import BadImageError
 
     def encode(x):
@@ -162,7 +163,7 @@ def _chat_loop(model, image, max_new_tokens: int) -> int:
         if line.startswith("/image"):
             try:
                 codes = encode(load_image(line[len("/image"):].strip(), model.tokenizer.image_size,
-                                          model.config.data.odd_size))
+                                          model.config.data.odd_size, **image_limits(model.config.data)))
                 print("image loaded", file=sys.stderr)
             except BadImageError as e:
                 print(f"error: {e}", file=sys.stderr)  # the loop goes on with the image it had
@@ -416,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _cli_output():
             return dispatch(args)
+    except TrainingStopped as e:  # SIGTERM: a checkpoint was saved, the run goes on with --resume
+        print(str(e), file=sys.stderr)
+        return EXIT_SIGTERM
     except UnicodebookError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

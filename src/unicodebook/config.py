@@ -286,9 +286,21 @@ MODEL_FAMILIES: dict[str, type] = {"unicode": ModelConfig, "seed": SeedModelConf
 
 @dataclass
 class DataConfig:
+    """How data is read, and the resource limits past which an input is refused (one error line)
+    or, in a batch pass, reported, counted and skipped (docs/reliability.md)."""
+
     odd_size: Literal["resize", "refuse"] = "resize"  # images not at model.image_size
     preload: bool = True  # decode the whole folder into memory once (small datasets)
     num_workers: int = 0
+    max_image_pixels: int = 40_000_000  # width × height from the header, checked before decoding
+    max_image_bytes: int = 64 * 2**20  # an image file's size on disk
+    max_caption_chars: int = 2000  # a t2i caption, in characters (the text tokenizer is built later)
+    max_conversation_chars: int = 16000  # all turns of a conversation together, in characters
+
+    def __post_init__(self) -> None:
+        for k in ("max_image_pixels", "max_image_bytes", "max_caption_chars", "max_conversation_chars"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
 
 
 @dataclass

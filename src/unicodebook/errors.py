@@ -14,5 +14,9 @@ class ConfigError(UnicodebookError):
     """An unknown key, a wrong type or an invalid value in a run configuration."""
 
 
+class TrainingStopped(UnicodebookError):
+    """A training run that SIGTERM stopped after it saved a checkpoint (the CLI exits 143)."""
+
+
 class BadImageError(UnicodebookError):
     """An image file that cannot be read, or whose mode or size cannot be accepted."""

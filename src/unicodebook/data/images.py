@@ -8,17 +8,28 @@ config says.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..config import DataConfig
 from ..errors import BadImageError, UnicodebookError
 
 log = logging.getLogger("unicodebook.data")
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = DataConfig.max_image_pixels  # the defaults of data.max_image_pixels and data.max_image_bytes
+MAX_IMAGE_BYTES = DataConfig.max_image_bytes
+
+
+def image_limits(data) -> dict:
+    """``load_image``'s limits from a config's ``data`` section (None: the defaults)."""
+    if data is None:
+        return {}
+    return {"max_pixels": data.max_image_pixels, "max_bytes": data.max_image_bytes}
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -47,17 +58,28 @@ def _has_image_signature(path: Path) -> bool:
     return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def load_image(path: str | Path, size: int | None = None, odd_size: str = "resize") -> torch.Tensor:
-    """Read one image as (3, size, size) float in [0, 1]; raise :class:`BadImageError` on bad input."""
+def load_image(path: str | Path, size: int | None = None, odd_size: str = "resize", *,
+               max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES,
+               root: str | Path | None = None) -> torch.Tensor:
+    """Read one image as (3, size, size) float in [0, 1]; raise :class:`BadImageError` on bad input.
+
+    ``root``: the dataset folder the path must stay inside (a record's ``../x.png`` is refused).
+    A file over ``max_bytes``, or whose header declares more than ``max_pixels`` (or more than
+    Pillow's decompression-bomb guard, ``Image.MAX_IMAGE_PIXELS``), is refused before decoding.
+    """
     path = Path(path)
-    if not path.exists():
-        raise BadImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadImageError(f"{path}: is a folder, not an image")
+    _check_file(path, max_bytes, root)
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = _to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_pixels(img, max_pixels, path)
+                img.load()
+                img = _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"{path}: too large to decode ({str(e).split(',')[0]})") from None
+    except PermissionError:
+        raise BadImageError(f"{path}: not readable (permission denied)") from None
     except UnidentifiedImageError:
         if _has_image_signature(path):
             raise BadImageError(f"{path}: corrupt or truncated image (header unreadable)") from None
@@ -65,6 +87,27 @@ def load_image(path: str | Path, size: int | None = None, odd_size: str = "resiz
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"{path}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return pil_to_tensor(img, size=size, odd_size=odd_size, name=str(path))
+
+
+def _check_file(path: Path, max_bytes: int, root: str | Path | None) -> None:
+    """The checks made before a file is opened: inside ``root``, a file, not empty, not too big."""
+    if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
+        raise BadImageError(f"{path}: outside the dataset folder {root}")
+    if not path.exists():
+        raise BadImageError(f"{path}: {'dangling symbolic link' if path.is_symlink() else 'no such file'}")
+    if path.is_dir():
+        raise BadImageError(f"{path}: is a folder, not an image")
+    n = path.stat().st_size
+    if n == 0:
+        raise BadImageError(f"{path}: empty file")
+    if n > max_bytes:
+        raise BadImageError(f"{path}: {n:,} bytes, more than the {max_bytes:,} accepted (data.max_image_bytes)")
+
+
+def _check_pixels(img: Image.Image, max_pixels: int, name: str | Path) -> None:
+    w, h = img.size  # from the header: a huge image is refused before it is decoded
+    if w * h > max_pixels:
+        raise BadImageError(f"{name}: {w}×{h} px, more than the {max_pixels:,} pixels accepted (data.max_image_pixels)")
 
 
 def pil_to_tensor(img: Image.Image, size: int | None = None, odd_size: str = "resize", name: str = "image") -> torch.Tensor:
@@ -90,7 +133,8 @@ def list_images(folder: str | Path) -> list[Path]:
         raise UnicodebookError(f"image folder '{folder}' does not exist")
     if not folder.is_dir():
         raise UnicodebookError(f"'{folder}' is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    # a dangling link is listed (and reported when read), a folder named like an image is not
+    files = sorted(p for p in folder.rglob("*") if not p.is_dir() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise UnicodebookError(f"image folder '{folder}' holds no images ({', '.join(IMAGE_EXTS)})")
     return files
@@ -127,9 +171,10 @@ class ImageFolder(torch.utils.data.Dataset):
     read on access and a bad one yields ``None``, which :func:`collate_images` drops.
     """
 
-    def __init__(self, folder: str | Path, size: int, odd_size: str = "resize", preload: bool = True, progress: bool = False):
+    def __init__(self, folder: str | Path, size: int, odd_size: str = "resize", preload: bool = True, progress: bool = False,
+                 limits: dict | None = None):
         self.files = list_images(folder)
-        self.size, self.odd_size = size, odd_size
+        self.size, self.odd_size, self.limits = size, odd_size, limits or {}
         self.bad: list[str] = []
         self.cache: torch.Tensor | None = None
         if preload:
@@ -138,7 +183,7 @@ class ImageFolder(torch.utils.data.Dataset):
             good, tensors = [], []
             for f in tqdm(self.files, desc="loading images", disable=not progress, leave=False):
                 try:
-                    tensors.append((load_image(f, size, odd_size) * 255).round().to(torch.uint8))
+                    tensors.append((load_image(f, size, odd_size, **self.limits) * 255).round().to(torch.uint8))
                     good.append(f)
                 except BadImageError as e:
                     self._report(str(e))
@@ -157,7 +202,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if self.cache is not None:
             return self.cache[i].float().div_(255.0)
         try:
-            return load_image(self.files[i], self.size, self.odd_size)
+            return load_image(self.files[i], self.size, self.odd_size, **self.limits)
         except BadImageError as e:
             self._report(str(e))
             return None

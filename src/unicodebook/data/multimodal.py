@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..config import DataConfig
 from ..errors import BadImageError, UnicodebookError
 from ..tokenizers.base import PAD_CODE
 from .images import load_image
@@ -58,8 +59,13 @@ def split_folder(data: str | Path, split: str | None) -> Path:
     return data
 
 
-def read_llava(path: Path) -> tuple[list[Conversation], int]:
-    """LLaVA JSON: ``[{"id", "image", "conversations": [{"from", "value"}, …]}]``."""
+MAX_CAPTION_CHARS = DataConfig.max_caption_chars  # the defaults of data.max_caption_chars and data.max_conversation_chars
+MAX_CONVERSATION_CHARS = DataConfig.max_conversation_chars
+
+
+def read_llava(path: Path, max_chars: int = MAX_CONVERSATION_CHARS) -> tuple[list[Conversation], int]:
+    """LLaVA JSON: ``[{"id", "image", "conversations": [{"from", "value"}, …]}]``; a conversation
+    of more than ``max_chars`` characters (all turns) is skipped."""
     try:
         items = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
@@ -68,7 +74,7 @@ def read_llava(path: Path) -> tuple[list[Conversation], int]:
         raise UnicodebookError(f"{path}: expected a JSON list of conversations")
     out, bad = [], 0
     for i, it in enumerate(items):
-        why = _conversation_problem(it)
+        why = _conversation_problem(it, max_chars)
         if why:
             log.warning("skipping %s item %d: %s", path.name, i, why)
             bad += 1
@@ -78,7 +84,7 @@ def read_llava(path: Path) -> tuple[list[Conversation], int]:
     return out, bad
 
 
-def _conversation_problem(it) -> str | None:
+def _conversation_problem(it, max_chars: int) -> str | None:
     if not isinstance(it, dict) or not isinstance(it.get("image"), str):
         return "no 'image' path"
     conv = it.get("conversations")
@@ -91,11 +97,15 @@ def _conversation_problem(it) -> str | None:
         return "the first human turn must hold the one '<image>'"
     if not any(t["from"] == "gpt" for t in conv):
         return "no assistant ('gpt') turn"
+    n = sum(len(t["value"]) for t in conv)
+    if n > max_chars:
+        return f"{n} characters, more than the {max_chars} accepted (data.max_conversation_chars)"
     return None
 
 
-def read_pairs(path: Path) -> tuple[list[Caption], int]:
-    """JSONL ``{"image", "caption"[, "held_out"]}`` per line."""
+def read_pairs(path: Path, max_chars: int = MAX_CAPTION_CHARS) -> tuple[list[Caption], int]:
+    """JSONL ``{"image", "caption"[, "held_out"]}`` per line; a caption of more than
+    ``max_chars`` characters is skipped."""
     out, bad = [], 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -105,6 +115,9 @@ def read_pairs(path: Path) -> tuple[list[Caption], int]:
                 rec = json.loads(line)
                 if not isinstance(rec.get("image"), str) or not isinstance(rec.get("caption"), str):
                     raise ValueError("needs string 'image' and 'caption'")
+                if len(rec["caption"]) > max_chars:
+                    raise ValueError(f"caption of {len(rec['caption'])} characters, more than the {max_chars} "
+                                     "accepted (data.max_caption_chars)")
             except (json.JSONDecodeError, ValueError, AttributeError) as e:
                 log.warning("skipping %s line %d: %s", path.name, n, "not valid JSON" if isinstance(e, json.JSONDecodeError) else e)
                 bad += 1
@@ -113,16 +126,17 @@ def read_pairs(path: Path) -> tuple[list[Caption], int]:
     return out, bad
 
 
-def read_records(folder: Path, instruct: str = "instruct.json", pairs: str = "t2i.jsonl") -> Records:
-    """Whatever of the two files ``folder`` holds (at least one)."""
+def read_records(folder: Path, instruct: str = "instruct.json", pairs: str = "t2i.jsonl", data=None) -> Records:
+    """Whatever of the two files ``folder`` holds (at least one); ``data``: a config's ``data``
+    section, for its length limits (None: the defaults)."""
     rec = Records()
     found = False
     if (folder / instruct).exists():
-        rec.conversations, b = read_llava(folder / instruct)
+        rec.conversations, b = read_llava(folder / instruct, *([data.max_conversation_chars] if data else []))
         rec.bad += b
         found = True
     if (folder / pairs).exists():
-        rec.captions, b = read_pairs(folder / pairs)
+        rec.captions, b = read_pairs(folder / pairs, *([data.max_caption_chars] if data else []))
         rec.bad += b
         found = True
     if not found:
@@ -151,9 +165,10 @@ class CodeCache:
 
 
 def cached_codes(tok, folder: Path, images: list[str], fallback: Path | None = None, batch_size: int = 256,
-                 progress: bool = True, odd_size: str = "resize") -> CodeCache:
-    """Codes of ``images`` (paths relative to ``folder``), encoded once by the visual tokenizer
-    ``tok`` and cached on disk; ``odd_size``: what to do with images not at its size."""
+                 progress: bool = True, odd_size: str = "resize", limits: dict | None = None) -> CodeCache:
+    """Codes of ``images`` (paths relative to ``folder``, which they must not leave), encoded once
+    by the visual tokenizer ``tok`` and cached on disk; ``odd_size``: what to do with images not
+    at its size; ``limits``: :func:`~unicodebook.data.images.image_limits`."""
     from safetensors.torch import load_file
 
     from ..utils.io import atomic_save_tensors
@@ -183,7 +198,7 @@ def cached_codes(tok, folder: Path, images: list[str], fallback: Path | None = N
     tok.eval()
     for p in tqdm(images, desc="encoding images", disable=not progress, leave=False):
         try:
-            pending.append((p, load_image(folder / p, tok.image_size, odd_size)))
+            pending.append((p, load_image(folder / p, tok.image_size, odd_size, root=folder, **(limits or {}))))
         except BadImageError as e:
             log.warning("skipping bad image %s", e)
             bad.append(p)

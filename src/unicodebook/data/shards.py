@@ -188,7 +188,13 @@ class FolderSamples:
 
     def _plain(self) -> Iterator[dict]:
         for n, path in enumerate(self._images):
-            yield {"__key__": f"img_{n:06d}", path.suffix.lower().lstrip("."): path.read_bytes()}
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                log.warning("skipping image %s: %s", path.relative_to(self.src), e.strerror or e)
+                self.n_skipped += 1
+                continue
+            yield {"__key__": f"img_{n:06d}", path.suffix.lower().lstrip("."): data}
 
     def _stage2(self) -> Iterator[dict]:
         by_image: dict[str, list[tuple[str, int]]] = {}
@@ -200,8 +206,11 @@ class FolderSamples:
             path = self.src / rel
             ext = path.suffix.lower().lstrip(".")
             try:
-                data = path.read_bytes() if ext in SHARD_IMAGE_EXTS else None
-                why = None if data is not None else f"not an image file name ({', '.join(IMAGE_EXTS)})"
+                if not path.resolve().is_relative_to(self.src.resolve()):
+                    data, why = None, f"outside the dataset folder {self.src}"
+                else:
+                    data = path.read_bytes() if ext in SHARD_IMAGE_EXTS else None
+                    why = None if data is not None else f"not an image file name ({', '.join(IMAGE_EXTS)})"
             except OSError as e:
                 data, why = None, e.strerror or str(e)
             if data is None:

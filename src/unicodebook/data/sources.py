@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UnicodebookError
-from .images import ImageFolder, collate_images, is_split_root, resolve_image_folder
+from .images import ImageFolder, collate_images, image_limits, is_split_root, resolve_image_folder
 
 
 def is_shard_spec(data: str | Path) -> bool:
@@ -60,7 +60,7 @@ class FolderImages:
         self.cfg, self.engine = cfg, engine
         self.val_root = data if is_split_root(data) else None
         self.dataset = ImageFolder(resolve_image_folder(data, "train"), cfg.model.image_size, cfg.data.odd_size,
-                                   preload=cfg.data.preload, progress=progress)
+                                   preload=cfg.data.preload, progress=progress, limits=image_limits(cfg.data))
         self.bad_at_start = len(self.dataset.bad)
 
     def batches(self, start: int, steps: int) -> Iterator[tuple[torch.Tensor, int]]:

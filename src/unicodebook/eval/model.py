@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..data.images import image_limits
 from ..data.multimodal import cached_codes, read_llava, read_pairs, split_folder
 from ..data.shapes import DESCRIBE_TYPE, read_scenes
 from ..errors import UnicodebookError
@@ -59,14 +60,16 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
     temperature = g.temperature if temperature is None else temperature
     top_k = g.top_k if top_k is None else top_k
     res: dict = {"split": split}
-    convs, bad = read_llava(folder / "instruct.json") if (folder / "instruct.json").exists() else ([], 0)
-    pairs, bad2 = read_pairs(folder / "t2i.jsonl") if (folder / "t2i.jsonl").exists() else ([], 0)
+    d = model.config.data
+    convs, bad = read_llava(folder / "instruct.json", d.max_conversation_chars) if (folder / "instruct.json").exists() \
+        else ([], 0)
+    pairs, bad2 = read_pairs(folder / "t2i.jsonl", d.max_caption_chars) if (folder / "t2i.jsonl").exists() else ([], 0)
     if not convs and not pairs:
         raise UnicodebookError(f"{folder}: nothing to evaluate (no instruct.json or t2i.jsonl records)")
     res["bad_records"] = bad + bad2
     tok = model.tokenizer
     cache = cached_codes(tok, folder, [c.image for c in convs] + [p.image for p in pairs], progress=progress,
-                         odd_size=model.config.data.odd_size)
+                         odd_size=d.odd_size, limits=image_limits(d))
     res["bad_images"] = len(cache.bad)
     was = model.training
     model.eval()

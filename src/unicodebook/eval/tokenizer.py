@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import ImageFolder, resolve_image_folder
+from ..data.images import ImageFolder, image_limits, resolve_image_folder
 from ..tokenizers.base import odd_size_of
 from .metrics import CodeUsage, psnr, ssim
 from .plots import plot_codebook_usage
@@ -26,7 +26,8 @@ def evaluate_tokenizer(tok, data: str | Path, split: str | None = "test", batch_
     Bad images are reported, counted (``n_bad``) and skipped.
     """
     folder = resolve_image_folder(data, split)
-    ds = ImageFolder(folder, tok.image_size, odd_size or odd_size_of(tok), preload=False)
+    ds = ImageFolder(folder, tok.image_size, odd_size or odd_size_of(tok), preload=False,
+                     limits=image_limits(tok.config.data if tok.config is not None else None))
     scenes = _shapes_scenes(folder)
     was = tok.training
     tok.eval()

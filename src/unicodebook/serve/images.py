@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import re
+import warnings
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -44,18 +45,20 @@ def decode_image(data: bytes, size: int, odd_size: str, max_pixels: int, param: 
     """Image file bytes → (3, size, size) in [0, 1], as :func:`unicodebook.data.images.load_image`
     reads a file (same conversion and resizing, so a PNG gives the CLI's tensor)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size  # from the header: a huge image is refused before it is decoded
-            if w * h > max_pixels:
-                raise APIError(400, f"the image is {w}×{h} px; at most {max_pixels:,} pixels are accepted", param,
-                               "image_too_large")
-            img.load()
-            return pil_to_tensor(img, size=size, odd_size=odd_size, name="the image")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's guard refuses, not warns
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size  # from the header: a huge image is refused before it is decoded
+                if w * h > max_pixels:
+                    raise APIError(400, f"the image is {w}×{h} px; at most {max_pixels:,} pixels are accepted", param,
+                                   "image_too_large")
+                img.load()
+                return pil_to_tensor(img, size=size, odd_size=odd_size, name="the image")
     except APIError:
         raise
     except BadImageError as e:
         raise APIError(400, str(e), param, "invalid_image") from None
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise APIError(400, "the image is too large to decode", param, "image_too_large") from None
     except UnidentifiedImageError:
         what = "corrupt or truncated image" if data.startswith(_SIGNATURES) else "not an image file"

@@ -152,6 +152,13 @@ def odd_size_of(tok: VisualTokenizer) -> str:
     return tok.config.data.odd_size if tok.config is not None else "resize"
 
 
+def limits_of(tok: VisualTokenizer) -> dict:
+    """``load_image``'s limits from the tokenizer's stage I run (``data.max_image_*``)."""
+    from ..data.images import image_limits
+
+    return image_limits(tok.config.data if tok.config is not None else None)
+
+
 # ---------------------------------------------------------------------------------- registry
 _FAMILIES: dict[str, Any] = {"unicode": "unicodebook.tokenizers.unicode", "seed": "unicodebook.tokenizers.seed",
                              "lavit": "unicodebook.tokenizers.lavit"}

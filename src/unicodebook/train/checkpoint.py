@@ -4,13 +4,22 @@ Layout: ``RUN/checkpoints/step_0000500/{model,optimizers}.safetensors`` + ``stat
 checkpoint folder is built under a temporary name and renamed in one step, so a crash leaves
 either the previous checkpoints or the new one, never a torn one; the last ``keep`` are kept.
 No pickle anywhere: optimizer tensors are flattened into safetensors, the rest is JSON.
+
+``state.json`` records each weight file's sha256: a file edited after the save is refused on
+resume, by name. A write that fails (no space left) stops the run in one line, the earlier
+checkpoints intact. :func:`run_lock` keeps a second process out of a run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,16 +102,65 @@ def save_checkpoint(run: Path, step: int, modules: dict[str, torch.nn.Module | d
         opt_meta[name] = meta
     rng_tensors, rng_meta = rng_state()
     rng_tensors.update(rng or {})
-    with atomic_dir(dest) as tmp:
+    with write_errors(run, f"checkpoint {dest}"), atomic_dir(dest) as tmp:
         for name, module in modules.items():
             atomic_save_tensors(module if isinstance(module, dict) else module.state_dict(), tmp / f"{name}.safetensors")
         atomic_save_tensors({**opt_tensors, **rng_tensors}, tmp / "optimizers.safetensors")
         state = {"version": STATE_VERSION, "kind": kind, "step": step, "modules": sorted(modules),
-                 "optimizers": opt_meta, **rng_meta, **extra}
+                 "optimizers": opt_meta, **rng_meta, **extra,
+                 "sha256": {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}}
         (tmp / "state.json").write_text(json.dumps(state))
     for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def write_errors(run: Path, what: str) -> Iterator[None]:
+    """An ``OSError`` while writing ``what`` (no space left, a read-only disk) becomes one line
+    naming the last good checkpoint; the atomic writes have left the earlier ones as they were."""
+    try:
+        yield
+    except OSError as e:
+        ckpts = list_checkpoints(run)
+        last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+        raise UnicodebookError(f"could not write {what} ({e.strerror or e}); {last} (make room, then --resume)") \
+            from None
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Hold ``RUN/.lock`` (an exclusive ``flock``; the holder's pid inside) while a run writes
+    its folder, so a second process is refused rather than interleaved. The system releases the
+    lock when its holder exits, however it ends: a lock file left by a dead process is taken
+    over. The other ranks of a distributed run (``RANK`` > 0) share the main process's lock."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UnicodebookError(f"{run} is in use by another training process (pid {f.read().strip() or '?'}, "
+                                   f"{run / LOCK}); wait for it to end or choose another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield  # closing the file releases the lock
 
 
 def check_resume(run: Path, cfg, resume: bool) -> list[Path]:
@@ -151,6 +209,10 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers:
             raise UnicodebookError(f"checkpoint {path} is torn or unreadable (state.json lacks {', '.join(lacks)})")
         weights = {name: load_file(path / f"{name}.safetensors") for name in modules}
         opt = load_file(path / "optimizers.safetensors")
+        for name, digest in state.get("sha256", {}).items():  # loads, yet edited? (older: none recorded)
+            if file_sha256(path / name) != digest:
+                raise UnicodebookError(f"checkpoint {path}: {name} was changed after it was saved (its sha256 is not "
+                                       "the one state.json recorded); restore it or remove this checkpoint")
     except (OSError, json.JSONDecodeError, SafetensorError) as e:
         raise UnicodebookError(f"checkpoint {path} is torn or unreadable ({str(e).splitlines()[0]})") from None
     for name, module in modules.items():

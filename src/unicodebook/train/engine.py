@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
 
-from ..errors import UnicodebookError
+from ..errors import TrainingStopped, UnicodebookError
 from ..quantize.codebook import gather_rows
 from ..utils.device import native_bf16
 
@@ -219,6 +221,34 @@ class NonFiniteGuard:
             last = str(ckpts[-1]) if ckpts else "(none yet)"
             raise NonFiniteError(f"{self.stage} stopped at step {step}: {self.in_row} steps in a row had a {why}; "
                                  f"the last good checkpoint is {last} (lower the learning rate and --resume)")
+
+
+class StopOnSigterm:
+    """While a training loop runs, SIGTERM asks it to stop: the loop saves a checkpoint at the end
+    of the step and raises :class:`TrainingStopped`. The ranks of a distributed run agree (the
+    request is summed), so they stop at the same step. Outside the loop SIGTERM does what it did."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.asked, self._old = engine, False, None
+
+    def __enter__(self) -> StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._old = signal.signal(signal.SIGTERM, self._ask)
+        return self
+
+    def _ask(self, signum, frame) -> None:
+        self.asked = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def requested(self) -> bool:
+        return self.engine.sum(float(self.asked)) > 0
+
+    def stop(self, stage: str, step: int, steps: int, run) -> TrainingStopped:
+        return TrainingStopped(f"{stage} stopped by SIGTERM at step {step} of {steps}: checkpoint "
+                               f"{run}/checkpoints/step_{step:07d} written; continue with --resume")
 
 
 def save_training_checkpoint(engine: Engine, run, step: int, modules: dict, optimizers: dict, extra: dict,

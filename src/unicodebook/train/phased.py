@@ -96,7 +96,7 @@ class Pairs:
         for c in caps:
             if c.image not in cache:
                 try:
-                    cache[c.image] = load_image(folder / c.image, size, odd_size)
+                    cache[c.image] = load_image(folder / c.image, size, odd_size, root=folder)
                 except BadImageError:
                     cache[c.image] = None
                     self.bad += 1

@@ -27,8 +27,8 @@ from ..eval.metrics import CodeUsage, psnr
 from ..eval.plots import image_grid, plot_curves
 from ..tokenizers.unicode import UniCodeTokenizer, build_tokenizer, save_tokenizer
 from ..tokenizers.unicode.model import reconstruction_loss
-from .checkpoint import check_resume, load_checkpoint
-from .engine import Engine, NonFiniteError, NonFiniteGuard, save_training_checkpoint
+from .checkpoint import check_resume, load_checkpoint, run_lock, write_errors
+from .engine import Engine, NonFiniteError, NonFiniteGuard, StopOnSigterm, save_training_checkpoint
 from .runlog import RunLog
 
 
@@ -52,7 +52,13 @@ class Stage1Result:
 
 def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
                     progress: bool = True, val_split: str | None = "val") -> Stage1Result:
-    """Stage I of the family ``cfg.model.family`` names: each family's tokenizer has its own recipe."""
+    """Stage I of the family ``cfg.model.family`` names: each family's tokenizer has its own recipe;
+    the run folder is locked while it trains (:func:`~unicodebook.train.checkpoint.run_lock`)."""
+    with run_lock(Path(out)):
+        return _train_family(cfg, data, out, resume, progress, val_split)
+
+
+def _train_family(cfg: Config, data, out, resume: bool, progress: bool, val_split: str | None) -> Stage1Result:
     if cfg.model.family == "seed":
         from .seed import train_seed_tokenizer
 
@@ -151,7 +157,8 @@ class Stage1Recipe:
         save_training_checkpoint(engine, self.run_dir, at, states, self.optimizers, {"bad_images": self.bad_total()},
                                  self.tc.keep_last, "tokenizer", self.model)
         if self.main:
-            save_tokenizer(self.tok, self.run_dir)
+            with write_errors(self.run_dir, f"the tokenizer in {self.run_dir}"):
+                save_tokenizer(self.tok, self.run_dir)
 
     def train_step(self, step: int, images: torch.Tensor) -> dict:
         """One optimizer step on ``images`` (codebook updates and restarts included); returns
@@ -215,23 +222,29 @@ class Stage1Recipe:
         bar = tqdm(total=tc.steps, initial=self.start, desc="stage I", disable=not (self.progress and main),
                    dynamic_ncols=True)
         step = self.start
-        for images, n_bad in self.loader:
-            self.bad_here += int(n_bad)
-            if images.numel() == 0:  # every image of the batch was bad
+        with StopOnSigterm(self.engine) as sigterm:
+            for images, n_bad in self.loader:
+                self.bad_here += int(n_bad)
+                if images.numel() == 0:  # every image of the batch was bad
+                    step += 1
+                    bar.update(1)
+                    continue
+                s = self.train_step(step, images)
                 step += 1
                 bar.update(1)
-                continue
-            s = self.train_step(step, images)
-            step += 1
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
-                last = self._log(step, s, t0)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{last['usage']:.0%}")
-            if main and tc.grid_every and (step % tc.grid_every == 0 or step == tc.steps):
-                _write_grid(self.tok, self.fixed, self.run_dir / "samples" / f"recon_{step:07d}.png", self.log.writer,
-                            step)
-            if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
-                self.checkpoint(step)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    last = self._log(step, s, t0)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{last['usage']:.0%}")
+                if main and tc.grid_every and (step % tc.grid_every == 0 or step == tc.steps):
+                    _write_grid(self.tok, self.fixed, self.run_dir / "samples" / f"recon_{step:07d}.png",
+                                self.log.writer, step)
+                if step < tc.steps and sigterm.requested():
+                    bar.close()
+                    self.checkpoint(step)
+                    self.log.close()
+                    raise sigterm.stop("stage I", step, tc.steps, self.run_dir)
+                if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
+                    self.checkpoint(step)
         bar.close()
         self.checkpoint(step)
         val = self._finish(step)

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, LMTrainConfig, load_config, save_config
+from ..data.images import image_limits
 from ..data.multimodal import cached_codes, read_records, split_folder
 from ..data.sources import ShardRecords, is_shard_spec
 from ..errors import UnicodebookError
@@ -41,8 +42,8 @@ from ..lm.model import UniCodeLM, load_model, save_model
 from ..lm.sequence import ASSISTANT, USER, collate, corrupt_codes
 from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_word_tokenizer
 from ..tokenizers.base import load_tokenizer
-from .checkpoint import check_resume, load_checkpoint
-from .engine import Engine, NonFiniteError, NonFiniteGuard, save_training_checkpoint
+from .checkpoint import check_resume, load_checkpoint, run_lock, write_errors
+from .engine import Engine, NonFiniteError, NonFiniteGuard, StopOnSigterm, save_training_checkpoint
 from .runlog import RunLog
 from .stage1 import lr_at
 
@@ -249,7 +250,7 @@ class Stage2Recipe:
                                        cfg.data.num_workers)
             return lambda: text_corpus(*self.stream.texts())
         self.folder = split_folder(data, "train")
-        self.records = records = read_records(self.folder)
+        self.records = records = read_records(self.folder, data=cfg.data)
         return lambda: text_corpus([t["value"] for c in records.conversations for t in c.turns],
                                    [c.caption for c in records.captions])
 
@@ -302,7 +303,8 @@ class Stage2Recipe:
         for turn in (True, False):
             if turn == self.main:
                 self.cache = cached_codes(self.tok, self.folder, images, fallback=self.run_dir / "codes_cache",
-                                          progress=self.progress and self.main, odd_size=self.cfg.data.odd_size)
+                                          progress=self.progress and self.main, odd_size=self.cfg.data.odd_size,
+                                          limits=image_limits(self.cfg.data))
             engine.barrier()
         index = self.cache.index
         self.convs = [c for c in records.conversations if c.image in index]
@@ -495,25 +497,32 @@ class Stage2Recipe:
         bar = tqdm(total=lc.steps, initial=self.start, desc="stage II", disable=not (self.progress and main),
                    dynamic_ncols=True)
         step = self.start
-        while step < lc.steps:
-            task, batch, latents = self.batch(step)
-            lr, _ = self.train_step(step, task, batch, latents)
-            step += 1
-            bar.update(1)
-            if step % lc.log_every == 0 or step == lc.steps:
-                last = self._log(step, lr, t0)
-                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")})
-            if lc.sample_every and step % lc.sample_every == 0 and step < lc.steps:
-                self._samples(f"t2i_{step:07d}.png", step)
-            if lc.save_every and step % lc.save_every == 0 and step < lc.steps:
-                self.checkpoint(step)
+        with StopOnSigterm(engine) as sigterm:
+            while step < lc.steps:
+                task, batch, latents = self.batch(step)
+                lr, _ = self.train_step(step, task, batch, latents)
+                step += 1
+                bar.update(1)
+                if step % lc.log_every == 0 or step == lc.steps:
+                    last = self._log(step, lr, t0)
+                    bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")})
+                if lc.sample_every and step % lc.sample_every == 0 and step < lc.steps:
+                    self._samples(f"t2i_{step:07d}.png", step)
+                if step < lc.steps and sigterm.requested():
+                    bar.close()
+                    self.checkpoint(step)
+                    self.log.close()
+                    raise sigterm.stop("stage II", step, lc.steps, self.run_dir)
+                if lc.save_every and step % lc.save_every == 0 and step < lc.steps:
+                    self.checkpoint(step)
         bar.close()
 
         states = self.checkpoint(step)
         if main:
             # the gathered full weights: under FSDP the modules themselves hold only shards
-            save_model(self.umodel, self.run_dir, self.cfg, self.tokenizer_run,
-                       states=states if engine.shards_parameters else None)
+            with write_errors(self.run_dir, f"the model in {self.run_dir}"):
+                save_model(self.umodel, self.run_dir, self.cfg, self.tokenizer_run,
+                           states=states if engine.shards_parameters else None)
             self._samples("t2i_final.png", step)
         self.log.close()
         if main:
@@ -545,7 +554,8 @@ def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str 
     """Run stage II on ``data`` (a shapes-world root — its ``train`` split — or a folder with
     ``instruct.json`` and/or ``t2i.jsonl``), starting from the stage I run ``tokenizer_run``
     (``Stage2Recipe``)."""
-    return Stage2Recipe(cfg, tokenizer_run, data, out, resume=resume, progress=progress, asked=asked).run()
+    with run_lock(Path(out)):
+        return Stage2Recipe(cfg, tokenizer_run, data, out, resume=resume, progress=progress, asked=asked).run()
 
 
 def _write_samples(model: UniCodeLM, prompts: list[str], path: Path, cfg: Config, writer, step: int) -> None:
