@@ -129,14 +129,15 @@ def read_pairs(path: Path, max_chars: int = MAX_CAPTION_CHARS) -> tuple[list[Cap
 def read_records(folder: Path, instruct: str = "instruct.json", pairs: str = "t2i.jsonl", data=None) -> Records:
     """Whatever of the two files ``folder`` holds (at least one); ``data``: a config's ``data``
     section, for its length limits (None: the defaults)."""
+    data = data or DataConfig()
     rec = Records()
     found = False
     if (folder / instruct).exists():
-        rec.conversations, b = read_llava(folder / instruct, *([data.max_conversation_chars] if data else []))
+        rec.conversations, b = read_llava(folder / instruct, data.max_conversation_chars)
         rec.bad += b
         found = True
     if (folder / pairs).exists():
-        rec.captions, b = read_pairs(folder / pairs, *([data.max_caption_chars] if data else []))
+        rec.captions, b = read_pairs(folder / pairs, data.max_caption_chars)
         rec.bad += b
         found = True
     if not found:

@@ -55,6 +55,7 @@ def answer_requests(model, requests: Sequence[Request], batch_size: int = 8) -> 
     from ..data.images import pil_to_tensor
 
     size, odd = model.tokenizer.image_size, model.config.data.odd_size
+    default_budget = model.config.generate.max_new_tokens  # as `unicodebook chat` answers
     answers: list[str | None] = [None] * len(requests)
 
     def read(r: Request) -> torch.Tensor:
@@ -72,7 +73,7 @@ def answer_requests(model, requests: Sequence[Request], batch_size: int = 8) -> 
         chunk = greedy[start:start + batch_size]
         by_budget: dict[int, list[int]] = {}
         for i in chunk:  # one decoding per max_new_tokens in the chunk
-            by_budget.setdefault(int(requests[i].gen_kwargs.get("max_new_tokens", 16)), []).append(i)
+            by_budget.setdefault(int(requests[i].gen_kwargs.get("max_new_tokens", default_budget)), []).append(i)
         for budget, idx in by_budget.items():
             with torch.inference_mode():
                 codes = model.tokenizer.encode(torch.stack([read(requests[i]) for i in idx]).to(model.device))
@@ -82,7 +83,7 @@ def answer_requests(model, requests: Sequence[Request], batch_size: int = 8) -> 
         if answers[i] is None:
             with torch.inference_mode():
                 codes = model.tokenizer.encode(read(r)[None].to(model.device))[0]
-            pieces = model.stream_answer(codes, r.question, int(r.gen_kwargs.get("max_new_tokens", 16)),
+            pieces = model.stream_answer(codes, r.question, int(r.gen_kwargs.get("max_new_tokens", default_budget)),
                                          temperature=float(r.gen_kwargs["temperature"]), seed=r.gen_kwargs.get("seed"))
             answers[i] = _cut("".join(pieces), until(r))
     return answers  # type: ignore[return-value]
