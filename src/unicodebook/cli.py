@@ -38,6 +38,14 @@ def cmd_data_shapes(out: Path, n_train: int, n_val: int, n_test: int, size: int,
     return 0
 
 
+def cmd_data_photos(out: Path, n_train: int, n_val: int, n_test: int, size: int, seed: int) -> int:
+    from .data.photos import write_photo_set
+
+    meta = write_photo_set(Path(out), size=size, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
+    print(json.dumps({"out": str(out), "counts": meta["counts"], "size": meta["size"], "photos": meta["photos"]}))
+    return 0
+
+
 def cmd_data_shards(src: Path, out: Path, per_shard: int) -> int:
     from .data.shards import FolderSamples, write_shards
 
@@ -275,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=36, help="image side in px (36: the tiny preset's, where the 3×3 object "
                    "grid falls on whole 4 px code cells)")
     s.add_argument("--seed", type=int, default=0)
+    ph = d.add_parser("photos", help="cut natural-photo crops from the photographs installed packages ship "
+                      "(scikit-image's, matplotlib's); each split from other photos")
+    ph.add_argument("--out", type=Path, required=True)
+    ph.add_argument("--n-train", type=int, default=20_000)
+    ph.add_argument("--n-val", type=int, default=500)
+    ph.add_argument("--n-test", type=int, default=2000)
+    ph.add_argument("--size", type=int, default=36, help="crop side in px")
+    ph.add_argument("--seed", type=int, default=0)
     sh = d.add_parser("shards", help="pack an image folder or a stage II split into WebDataset tar shards")
     sh.add_argument("--src", type=Path, required=True, help="an image folder, or a split with instruct.json / t2i.jsonl")
     sh.add_argument("--out", type=Path, required=True, help="folder for shard-000000.tar, ... (must hold no shards yet)")
@@ -365,6 +381,8 @@ def dispatch(args: argparse.Namespace) -> int:
     c = args.command
     if c == "data" and args.dataset == "shards":
         return cmd_data_shards(args.src, args.out, args.per_shard)
+    if c == "data" and args.dataset == "photos":
+        return cmd_data_photos(args.out, args.n_train, args.n_val, args.n_test, args.size, args.seed)
     if c == "data":
         return cmd_data_shapes(args.out, args.n_train, args.n_val, args.n_test, args.size, args.seed)
     if c == "train-tokenizer":
