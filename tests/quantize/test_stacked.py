@@ -94,3 +94,53 @@ def test_usage_entropy_term_is_off_for_a_dual_codebook_that_follows_the_data():
     assert q(torch.randn(2, 4, 4, 16)).usage_loss is None
     cb.rule.mode = "frozen"
     assert q(torch.randn(2, 4, 4, 16)).usage_loss is not None
+
+
+def test_split_rows_give_each_layer_its_own_block_and_round_trip():
+    cb = _codebook(v=128)
+    q = ResidualQuantizer(cb, 4, layer_rows="split").train()
+    q(torch.randn(4, 8, 8, 16))  # residual k-means start + one training pass
+    q.pop_updates()
+    q.eval()
+    z = torch.randn(2, 8, 8, 16)
+    out = q(z)
+    for layer in range(4):  # layer l writes only rows [32·l, 32·(l+1))
+        col = out.codes[..., layer]
+        assert int(col.min()) >= 32 * layer and int(col.max()) < 32 * (layer + 1)
+    assert torch.equal(q.codes_to_embeddings(out.codes), out.quantized)
+
+
+def test_split_rows_started_by_residual_kmeans_beat_one_shared_table_at_depth():
+    # equal bits, 6 a code: shared (every layer searches the same 64 rows, started on the raw
+    # features) or split (64 rows a layer, each block started on what the layers before it left)
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(2, 4096, 16, generator=g).unbind(0)
+    err = {}
+    for rows, v in (("shared", 64), ("split", 256)):
+        q = ResidualQuantizer(_codebook(v=v), 4, layer_rows=rows).train()
+        q(train.reshape(16, 16, 16, 16))
+        q.pop_updates()
+        err[rows] = float((q.eval()(test.reshape(16, 16, 16, 16)).quantized.reshape(-1, 16) - test).pow(2).mean())
+    assert err["split"] < 0.9 * err["shared"]
+
+
+def test_split_rows_restart_a_dead_row_from_its_own_layer():
+    emb = nn.Embedding(8, 4)
+    cb = UnifiedCodebook(torch.arange(8), 4, CodebookRule(mode="dual", restart_every=1, dead_threshold=0.5)).bind(emb)
+    cb.split_rows(2)
+    cb.initialised.fill_(True)
+    g = torch.Generator().manual_seed(0)
+    big, small = torch.randn(64, 4, generator=g) * 10, torch.randn(64, 4, generator=g) * 0.01
+    codes = torch.cat([torch.zeros(64, dtype=torch.long), torch.full((64,), 4)])  # rows 0 and 4 alone used
+    cb.ema_count.fill_(0.0)
+    assert cb.update(torch.cat([big, small]), codes, progress=0.5, step=1, generator=g) == 6
+    assert cb.embed[5:8].norm(dim=1).max() < 0.2  # layer 1's rows restart among layer 1's small residuals
+    assert cb.embed[1:4].norm(dim=1).min() > 1.0  # layer 0's among its large features
+
+
+def test_split_rows_refuse_what_cannot_split():
+    with pytest.raises(ValueError, match="do not split into 3 equal blocks"):
+        ResidualQuantizer(_codebook(v=128), 3, layer_rows="split")
+    from unicodebook.quantize.stacked import build_quantizer
+    with pytest.raises(ValueError, match="needs the rq quantizer"):
+        build_quantizer("hq", _codebook(v=128), 2, 0.25, layer_rows="split")

@@ -377,7 +377,7 @@ def test_bf16_encode_gives_the_fp32_codes_and_the_quantizer_sees_fp32(tokenizer_
 
     seen, latent = [], []
     real_search = tok.codebook.search
-    monkeypatch.setattr(tok.codebook, "search", lambda z: (seen.append(z.dtype), real_search(z))[1])
+    monkeypatch.setattr(tok.codebook, "search", lambda z, group=None: (seen.append(z.dtype), real_search(z, group))[1])
     tok.pre_quant.register_forward_hook(lambda m, i, o: latent.append(o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = tok.encode(images)

@@ -114,7 +114,8 @@ class UnifiedCodebook(nn.Module):
         self.register_buffer("ema_sum", torch.zeros(v, dim))  # (V, d)
         self.register_buffer("initialised", torch.tensor(False))
         self._llm: list[nn.Embedding] = []  # reference, not a registered submodule
-        self._index: tuple[tuple, SearchIndex] | None = None  # search cache, keyed by the codebook's version
+        self._index: dict[tuple[int, int], tuple[tuple, SearchIndex]] = {}  # search cache per row block, keyed by the codebook's version
+        self.groups = 1  # equal blocks of rows, one per code layer (split_rows); 1: every layer searches all rows
         first = int(token_ids[0])
         contiguous = bool((token_ids == torch.arange(first, first + v, device="cpu")).all())
         self._slice = (first, first + v) if contiguous else None
@@ -176,6 +177,22 @@ class UnifiedCodebook(nn.Module):
         self.embed.copy_(rows)
         self.ema_sum.copy_(rows * self.ema_count[:, None])
 
+    def split_rows(self, groups: int) -> "UnifiedCodebook":
+        """Give each of ``groups`` code layers its own block of V/groups rows: layer l searches,
+        starts and restarts only rows [l·V/groups, (l+1)·V/groups). A code still names one
+        LLM row; it carries log2(V/groups) bits, the layer being known from its place."""
+        if groups < 1 or self.num_codes % groups:
+            raise ValueError(f"{self.num_codes} codebook rows do not split into {groups} equal blocks (one per code layer)")
+        self.groups = groups
+        return self
+
+    def group_rows(self, group: int | None) -> tuple[int, int]:
+        """[lo, hi) of the rows layer ``group`` searches (all rows for None or an unsplit codebook)."""
+        if group is None or self.groups == 1:
+            return 0, self.num_codes
+        size = self.num_codes // self.groups
+        return group * size, (group + 1) * size
+
     # ---------------------------------------------------------------- lookup
     def codes_to_token_ids(self, codes: Tensor) -> Tensor:
         return self.token_ids[codes]
@@ -192,22 +209,28 @@ class UnifiedCodebook(nn.Module):
         """codes (...,) long → embeddings (..., d)."""
         return self.embed[codes]
 
-    def search(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """z (N, d) → nearest code (N,) and squared distance (N,)."""
-        index = self.search_index()
+    def search(self, z: Tensor, group: int | None = None) -> tuple[Tensor, Tensor]:
+        """z (N, d) → nearest code (N,) and squared distance (N,), among the rows of layer
+        ``group`` (:meth:`group_rows`; all rows for None)."""
+        lo, hi = self.group_rows(group)
+        index = self.search_index(lo, hi)
         if index.lowp is not None:
-            return nearest_code_certified(z, index, self.rule.chunk_size)
-        return nearest_code(z, index.rows, self.rule.chunk_size, index.sqnorm)
+            idx, dist2 = nearest_code_certified(z, index, self.rule.chunk_size)
+        else:
+            idx, dist2 = nearest_code(z, index.rows, self.rule.chunk_size, index.sqnorm)
+        return (idx + lo if lo else idx), dist2
 
-    def search_index(self) -> SearchIndex:
-        """Norms (and the bf16 copy) of the codebook, rebuilt only after the codebook changed
+    def search_index(self, lo: int = 0, hi: int | None = None) -> SearchIndex:
+        """Norms (and the bf16 copy) of rows [lo, hi), rebuilt only after the codebook changed
         (every in-place write bumps the tensor's version counter)."""
+        hi = self.num_codes if hi is None else hi
         mode = self.rule.search
         bf16 = mode == "bf16" or (mode == "auto" and prefer_bf16(self.dim, self.embed.device))
         key = (self.embed.data_ptr(), self.embed._version, self.embed.device, bf16)
-        if self._index is None or self._index[0] != key:
-            self._index = (key, SearchIndex.build(self.embed, bf16))
-        return self._index[1]
+        cached = self._index.get((lo, hi))
+        if cached is None or cached[0] != key:
+            cached = self._index[(lo, hi)] = (key, SearchIndex.build(self.embed[lo:hi], bf16))
+        return cached[1]
 
     # ---------------------------------------------------------------- learning
     @torch.no_grad()
@@ -243,7 +266,7 @@ class UnifiedCodebook(nn.Module):
         self.embed.copy_(self.ema_sum / smoothed[:, None])
         restarted = 0
         if rule.restart_every and step % rule.restart_every == 0 and step > 0:
-            restarted = self._restart_dead(features, generator)
+            restarted = self._restart_dead(features, codes, generator)
         if rule.mode == "iterative":
             self._align(w_lang, step)
         elif rule.mode == "dual" and (step + 1) % rule.dual_sync_every == 0:
@@ -260,53 +283,68 @@ class UnifiedCodebook(nn.Module):
             self.embed.mul_(1 - w_lang).add_(lang, alpha=w_lang)
         self.ema_sum.copy_(self.embed * self.ema_count[:, None])  # keep EMA consistent
 
-    def _restart_dead(self, features: Tensor, generator: torch.Generator | None) -> int:
+    def _restart_dead(self, features: Tensor, codes: Tensor, generator: torch.Generator | None) -> int:
         """Replace codes whose EMA count fell below the threshold by random features of the
-        global batch (all ranks see the same dead set: the counts are all-reduced)."""
+        global batch (all ranks see the same dead set: the counts are all-reduced). A split
+        codebook restarts each layer's rows from the features that layer quantized."""
         dead = self.ema_count < self.rule.dead_threshold
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        if not bool(dead.any()):
             return 0
-        features = gather_rows(features)
-        pick = torch.randint(0, features.shape[0], (n_dead,), generator=generator, device="cpu")
-        new = features[pick.to(features.device)].clone()
-        new += 0.01 * new.std() * torch.randn(new.shape, generator=generator, device="cpu").to(new.device)
-        _broadcast_(new)  # rank 0's choice for all ranks
-        self.embed[dead] = new
-        self.ema_count[dead] = 1.0
-        self.ema_sum[dead] = new
-        return n_dead
+        features, codes = gather_rows(features), gather_rows(codes)
+        restarted = 0
+        for group in range(self.groups):
+            lo, hi = self.group_rows(group)
+            rows = dead.nonzero().flatten()
+            rows = rows[(rows >= lo) & (rows < hi)]
+            pool = features if self.groups == 1 else features[(codes >= lo) & (codes < hi)]
+            if rows.numel() == 0 or pool.shape[0] == 0:
+                continue
+            pick = torch.randint(0, pool.shape[0], (rows.numel(),), generator=generator, device="cpu")
+            new = pool[pick.to(pool.device)].clone()
+            new += 0.01 * new.std() * torch.randn(new.shape, generator=generator, device="cpu").to(new.device)
+            _broadcast_(new)  # rank 0's choice for all ranks
+            self.embed[rows] = new
+            self.ema_count[rows] = 1.0
+            self.ema_sum[rows] = new
+            restarted += rows.numel()
+        return restarted
 
     @torch.no_grad()
-    def kmeans_init(self, features: Tensor, iters: int = 10, generator: torch.Generator | None = None) -> None:
-        """Start the visual codebook at k-means centroids of a batch of features (N, d)."""
+    def kmeans_init(self, features: Tensor, iters: int = 10, generator: torch.Generator | None = None,
+                    group: int | None = None) -> None:
+        """Start the visual codebook at k-means centroids of a batch of features (N, d): all rows,
+        or those of layer ``group`` of a split codebook (the codebook counts as started once
+        its last group is)."""
         if self.rule.mode == "frozen" or bool(self.initialised):
             self.initialised.fill_(True)
             return
+        lo, hi = self.group_rows(group)
+        k = hi - lo
         x = gather_rows(features.detach().float())
         # start from distinct rows: a plain background gives thousands of identical features, and
         # centroids drawn twice from them stay duplicates (empty) through every iteration
         distinct = torch.unique(x, dim=0)
-        if distinct.shape[0] >= self.num_codes:
-            pick = torch.randperm(distinct.shape[0], generator=generator, device="cpu")[: self.num_codes]
+        if distinct.shape[0] >= k:
+            pick = torch.randperm(distinct.shape[0], generator=generator, device="cpu")[:k]
             cent = distinct[pick.to(x.device)].clone()
         else:
-            pick = torch.randint(0, x.shape[0], (self.num_codes,), generator=generator, device="cpu")
+            pick = torch.randint(0, x.shape[0], (k,), generator=generator, device="cpu")
             cent = x[pick.to(x.device)].clone()
         for _ in range(iters):
             idx, _ = nearest_code(x, cent, self.rule.chunk_size)
-            counts = torch.bincount(idx, minlength=self.num_codes).float()
+            counts = torch.bincount(idx, minlength=k).float()
             sums = torch.zeros_like(cent).index_add_(0, idx, x)
             filled = counts > 0
             cent[filled] = sums[filled] / counts[filled, None]
         _broadcast_(cent)
         if self.rule.mode == "iterative" and self.rule.rescale_to_token_norm and self.is_bound:
-            lang = self.language_codebook().to(cent.device)
+            lang = self.language_codebook()[lo:hi].to(cent.device)
             cent *= (lang.norm(dim=1) / cent.norm(dim=1).clamp_min(1e-12))[:, None]
-        self.embed.copy_(cent)
-        self.ema_count.fill_(1.0)
-        self.ema_sum.copy_(cent)
-        self.initialised.fill_(True)
+        self.embed[lo:hi] = cent
+        self.ema_count[lo:hi] = 1.0
+        self.ema_sum[lo:hi] = cent
+        if hi == self.num_codes:
+            self.initialised.fill_(True)
 
     # ---------------------------------------------------------------- health
     @torch.no_grad()

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from .codebook import UnifiedCodebook
 
+LAYER_ROWS = ("shared", "split")
+
 
 @dataclass
 class QuantOutput:
@@ -42,15 +44,26 @@ class QuantOutput:
 
 
 class ResidualQuantizer(nn.Module):
-    """D passes of one codebook over the residual; aggregation F = sum."""
+    """D passes of one codebook over the residual; aggregation F = sum.
+
+    ``layer_rows``: ``shared`` — every layer searches all V rows (the paper's); ``split`` — layer
+    l has its own V/D rows (``UnifiedCodebook.split_rows``), the codebooks of classic residual
+    VQ laid side by side in one table. At equal bits a code (V/D rows a layer against V), split
+    costs D times the LLM rows; on photos one shared table loses most of what depth adds (docs/tokenizers.md).
+    """
 
     def __init__(self, codebook: UnifiedCodebook, depth: int, beta: float = 0.25,
-                 entropy_weight: float = 0.0, entropy_temperature: float = 0.1):
+                 entropy_weight: float = 0.0, entropy_temperature: float = 0.1, layer_rows: str = "shared"):
         super().__init__()
         if depth < 1:
             raise ValueError("quantizer depth must be >= 1")
+        if layer_rows not in LAYER_ROWS:
+            raise ValueError(f"layer_rows must be one of {LAYER_ROWS}, got {layer_rows!r}")
         self.codebook = codebook
         self.depth = depth
+        self.split = layer_rows == "split"
+        if self.split:
+            codebook.split_rows(depth)
         self.beta = beta
         self.entropy_weight = entropy_weight
         self.entropy_temperature = entropy_temperature
@@ -60,12 +73,16 @@ class ResidualQuantizer(nn.Module):
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """z (..., d) → summed codes (..., d), codes (..., D), per-layer inputs (D·N, d) (training only)."""
         flat = z.detach().reshape(-1, z.shape[-1]).float()
-        if self.training and not bool(self.codebook.initialised):
+        start = self.training and not bool(self.codebook.initialised)
+        if start and not self.split:
             self.codebook.kmeans_init(flat)
         residual = flat
         codes, inputs = [], []
-        for _ in range(self.depth):
-            idx, _ = self.codebook.search(residual)
+        for layer in range(self.depth):
+            group = layer if self.split else None
+            if start and self.split:  # residual k-means: layer l's rows from what layers < l left
+                self.codebook.kmeans_init(residual, group=group)
+            idx, _ = self.codebook.search(residual, group)
             if self.training:  # the EMA update needs what each layer quantized
                 inputs.append(residual)
             codes.append(idx)
@@ -116,12 +133,14 @@ class ResidualQuantizer(nn.Module):
             keep = torch.randperm(flat.shape[0], device=flat.device)[:samples]
             flat, flat_codes = flat[keep], flat_codes[keep]
         prev = torch.zeros_like(flat)
-        sq = cb.pow(2).sum(1)
-        tau = self.entropy_temperature * sq.mean().clamp_min(1e-12)
+        tau = self.entropy_temperature * cb.pow(2).sum(1).mean().clamp_min(1e-12)
         total = flat.new_zeros(())
         for layer in range(self.depth):
+            lo, hi = self.codebook.group_rows(layer if self.split else None)
+            rows = cb[lo:hi]
+            sq = rows.pow(2).sum(1)
             r = flat - prev
-            logits = -(r.pow(2).sum(1, keepdim=True) - 2 * r @ cb.t() + sq) / tau  # (N, V)
+            logits = -(r.pow(2).sum(1, keepdim=True) - 2 * r @ rows.t() + sq) / tau  # (N, V) or (N, V/D)
             logp = logits.log_softmax(1)
             p = logp.exp()
             per_sample = -(p * logp).sum(1).mean()
@@ -131,7 +150,7 @@ class ResidualQuantizer(nn.Module):
             marginal = -(avg * avg.clamp_min(1e-12).log()).sum()
             total = total + (per_sample - marginal)
             prev = prev + self.codebook.lookup(flat_codes[:, layer])
-        return total / (self.depth * math.log(self.codebook.num_codes))
+        return total / (self.depth * math.log(self.codebook.num_codes // self.codebook.groups))
 
     def codes_to_embeddings(self, codes: Tensor) -> Tensor:
         """codes (..., D) → Σ_l e(codes_l) (..., d), summed layer by layer in order."""
@@ -203,10 +222,13 @@ class HierarchicalQuantizer(nn.Module):
 
 
 def build_quantizer(kind: str, codebook: UnifiedCodebook, depth: int, beta: float,
-                    entropy_weight: float = 0.0, entropy_temperature: float = 0.1) -> nn.Module:
+                    entropy_weight: float = 0.0, entropy_temperature: float = 0.1,
+                    layer_rows: str = "shared") -> nn.Module:
     if kind == "rq":
-        return ResidualQuantizer(codebook, depth, beta, entropy_weight, entropy_temperature)
+        return ResidualQuantizer(codebook, depth, beta, entropy_weight, entropy_temperature, layer_rows)
     if kind == "hq":
+        if layer_rows != "shared":
+            raise ValueError("layer_rows=split needs the rq quantizer (HQ's two levels share the rows)")
         return HierarchicalQuantizer(codebook, depth, beta, entropy_weight, entropy_temperature)
     raise ValueError(f"unknown quantizer kind {kind!r} (rq or hq)")
 
