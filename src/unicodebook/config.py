@@ -63,6 +63,9 @@ class QuantizerConfig:
     beta: float = 0.25  # commitment weight
     entropy_weight: float = 0.0  # batch code-usage entropy term (frozen/iterative; not dual)
     entropy_temperature: float = 0.1  # softmax temperature, in units of the mean ‖C‖²
+    # shared: every code layer searches all the codebook's rows (the paper's); split: layer l
+    # has its own num_rows/depth rows (RQ only), started by residual k-means
+    layer_rows: Literal["shared", "split"] = "shared"
 
 
 @dataclass
@@ -77,6 +80,10 @@ class AutoencoderConfig:
     dropout: float = 0.0
     # 3×3 convolutions' border rule; circular: an object's codes do not depend on where it stands
     padding: Literal["zeros", "replicate", "circular"] = "zeros"
+    # a linear path beside the convolutions: each f×f pixel patch (f the down-sampling factor)
+    # maps orthogonally onto its latent and back, the conv paths starting at zero, so training
+    # starts as residual VQ of pixel patches and learns the rest (docs/tokenizers.md)
+    patch_skip: bool = False
 
 
 @dataclass

@@ -59,9 +59,17 @@ class UniCodeTokenizer(VisualTokenizer):
                       padding=ae.padding)
         self.encoder = Encoder(**common)
         self.pre_quant = nn.Conv2d(ae.z_channels, d, 1)  # latent → LLM hidden size
-        self.quantizer = build_quantizer(qc.kind, codebook, qc.depth, qc.beta, qc.entropy_weight, qc.entropy_temperature)
+        self.quantizer = build_quantizer(qc.kind, codebook, qc.depth, qc.beta, qc.entropy_weight, qc.entropy_temperature,
+                                         qc.layer_rows)
         self.post_quant = nn.Conv2d(d, ae.z_channels, 1)
         self.decoder = Decoder(**common)
+        self.patch = factor if ae.patch_skip else 0
+        if ae.patch_skip:
+            self.patch_in, self.patch_out = patch_skip_layers(3 * factor * factor, d)
+            nn.init.zeros_(self.pre_quant.weight)  # the conv paths start at zero: the latent is
+            nn.init.zeros_(self.pre_quant.bias)  # the patch's orthogonal image, the picture
+            nn.init.zeros_(self.decoder.conv_out.weight)  # its projection back
+            nn.init.zeros_(self.decoder.conv_out.bias)
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         """Recompute the encoder's and decoder's block activations in backward (less memory)."""
@@ -133,12 +141,17 @@ class UniCodeTokenizer(VisualTokenizer):
 
     def _latent(self, images: Tensor) -> Tensor:
         self._check_images(images)
-        z = self.pre_quant(self.encoder(images.to(self.device) * 2 - 1))  # (B, d, h, w); inputs follow the model
-        return rearrange(z, "b d h w -> b h w d")
+        x = images.to(self.device) * 2 - 1  # inputs follow the model
+        z = rearrange(self.pre_quant(self.encoder(x)), "b d h w -> b h w d")  # (B, h, w, d)
+        if self.patch:
+            z = z + self.patch_in(rearrange(x, "b c (h p) (w q) -> b h w (c p q)", p=self.patch, q=self.patch))
+        return z
 
     def _decode_latent(self, zq: Tensor) -> Tensor:
         """zq (B, h, w, d) → images (B, 3, H, W) (unclamped)."""
         x = self.decoder(self.post_quant(rearrange(zq, "b h w d -> b d h w")))
+        if self.patch:
+            x = x + rearrange(self.patch_out(zq), "b h w (c p q) -> b c (h p) (w q)", p=self.patch, q=self.patch)
         return (x + 1) / 2
 
     def forward(self, images: Tensor) -> TokenizerOutput:
@@ -190,6 +203,18 @@ class UniCodeTokenizer(VisualTokenizer):
             raise ValueError(f"expected codes (B, {', '.join(map(str, self.grid_shape))}), got {tuple(codes.shape)}")
         if codes.dtype != torch.long or (codes < 0).any() or (codes >= self.codebook.num_codes).any():
             raise ValueError(f"codes must be long indices in [0, {self.codebook.num_codes})")
+
+
+def patch_skip_layers(pixels: int, d: int) -> tuple[nn.Linear, nn.Linear]:
+    """Linear maps patch (pixels) → latent (d) and back, started orthogonal and transposed:
+    distances between patches are distances between latents, and back(in(x)) = x when d ≥ pixels."""
+    q, _ = torch.linalg.qr(torch.randn(max(d, pixels), min(d, pixels)))  # orthonormal columns
+    w = q if d >= pixels else q.t()  # (d, pixels)
+    patch_in, patch_out = nn.Linear(pixels, d, bias=False), nn.Linear(d, pixels, bias=False)
+    with torch.no_grad():
+        patch_in.weight.copy_(w)
+        patch_out.weight.copy_(w.t())
+    return patch_in, patch_out
 
 
 def reconstruction_loss(recon: Tensor, target: Tensor, l1: float, l2: float) -> tuple[Tensor, dict]:
