@@ -6,7 +6,8 @@ benchmark itself. At each budget — D code layers over the preset's 9×9 grid o
 81·D·9 bits per image — it measures on the held-out test crops:
 
 * residual k-means VQ of the pixel patches under one code cell (4×4 at 36 px): D stages of
-  512 codewords, fitted on the train crops (D = 1 is classic single-stage k-means VQ);
+  512 codewords, fitted on the train crops (D = 1 is classic single-stage k-means VQ), and the
+  same with one table of 512 shared by the D stages (what ``layer_rows: shared`` is);
 * the project's tokenizer, trained by ``train_tokenizer`` with ``model.quantizer.depth = D``;
 * at the largest budget, the unified codebook's paradigms side by side: ``iterative`` (the
   preset: codes pulled onto the LLM's rows), ``frozen`` (the LLM's rows as they are) and
@@ -18,6 +19,7 @@ PSNR and SSIM are the means over test images (``unicodebook.eval.metrics``), as
     pip install scikit-image        # the photographs (the bench extra has it)
     python bench/rate_distortion.py --out runs/rd [--depths 1 2 4] [--steps 1200] [--json out.json]
         [--config tiny] [--set KEY=VALUE ...]    # tokenizer overrides, e.g. model.codebook.mode=dual
+    python bench/rate_distortion.py --config photos     # the natural-photo preset (split rows: 512 a layer)
 """
 
 from __future__ import annotations
@@ -97,6 +99,31 @@ def residual_kmeans(train: torch.Tensor, test: torch.Tensor, depth: int, k: int,
     return out
 
 
+def shared_residual_kmeans(train: torch.Tensor, test: torch.Tensor, depth: int, k: int, p: int, iters: int,
+                           max_patches: int, seed: int) -> list[torch.Tensor]:
+    """Residual VQ whose ``depth`` stages share ONE table of ``k`` codewords (as the unified
+    codebook's ``layer_rows: shared``): started at k-means of the patches, then Lloyd steps in
+    which every codeword moves to the mean of the residuals it was assigned at any stage."""
+    g = torch.Generator().manual_seed(seed)
+    xt = patches(train, p)
+    xt = xt[torch.randperm(xt.shape[0], generator=g)[:max_patches]]
+    c = kmeans(xt, k, iters, g)
+    for _ in range(iters):
+        r, sums, counts = xt, torch.zeros_like(c), torch.zeros(k)
+        for _ in range(depth):
+            a = nearest(r, c)
+            sums.index_add_(0, a, r)
+            counts += torch.bincount(a, minlength=k).float()
+            r = r - c[a]
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], c)
+    xs = patches(test, p)
+    rec, out = torch.zeros_like(xs), []
+    for _ in range(depth):
+        rec = rec + c[nearest(xs - rec, c)]
+        out.append(unpatch(rec, test.shape[0], test.shape[-1], p).clamp(0, 1))
+    return out
+
+
 # ------------------------------------------------------------------------------ the tokenizer
 def tokenizer_row(root: Path, run: Path, cfg_name: str, overrides: list[str]) -> dict:
     cfg = load_config(cfg_name, overrides)
@@ -115,6 +142,8 @@ def main() -> None:
     p.add_argument("--config", default="tiny", help="the tokenizer's preset (its geometry sets the budgets)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="tokenizer overrides")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--bits", type=int, nargs="+", help="budgets in bits per image instead of --depths "
+                   "(each a multiple of the code grid's positions × bits a code)")
     p.add_argument("--steps", type=int, default=None, help="stage I steps (default: the preset's)")
     p.add_argument("--paradigms", nargs="*", default=["iterative", "frozen", "dual"],
                    help="codebook modes compared at the largest budget")
@@ -127,10 +156,20 @@ def main() -> None:
     args = p.parse_args()
 
     cfg = load_config(args.config, args.set)
-    size, rows_k = cfg.model.image_size, cfg.model.codebook.num_rows
+    qc, cb = cfg.model.quantizer, cfg.model.codebook
+    split = qc.layer_rows == "split"  # each layer its own num_rows/depth rows: a code carries log2 of that
+    n_rows = cb.num_rows if cb.num_rows is not None else cfg.llm.vocab_size - cb.row_offset
+    size, rows_k = cfg.model.image_size, n_rows // qc.depth if split else n_rows  # codewords a layer
     side = size // 2 ** (len(cfg.model.autoencoder.ch_mult) - 1)
     cell = size // side
-    bits = {d: side * side * d * int(np.log2(rows_k)) for d in args.depths}
+    per_layer = side * side * int(np.log2(rows_k))  # bits of one code layer over the grid
+    if args.bits:
+        bad = [b for b in args.bits if b < per_layer or b % per_layer]
+        if bad:
+            raise SystemExit(f"error: a budget of {bad[0]} bits does not divide the {side}×{side} code grid at {int(np.log2(rows_k))} "
+                    f"bits a code: use multiples of {per_layer} ({per_layer}, {2 * per_layer}, {4 * per_layer}, …)")
+        args.depths = sorted({b // per_layer for b in args.bits})
+    bits = {d: per_layer * d for d in args.depths}
     root = args.out / f"photos{size}"
     if not (root / "meta.json").exists():
         write_photo_set(root, size=size, n_train=args.n_train, n_test=args.n_test)
@@ -140,20 +179,29 @@ def main() -> None:
           f"{len(test)} test crops of {', '.join(meta['photos']['test'])}")
 
     raw: dict = {"set": meta, "budgets": bits, "rows": []}
-    t0 = time.time()
-    recs = residual_kmeans(train, test, max(args.depths), rows_k, cell, args.kmeans_iters, args.kmeans_patches, 0)
-    km_s = time.time() - t0
-    for d in args.depths:
-        r = recs[d - 1]
-        raw["rows"].append({"method": "k-means VQ" if d == 1 else "residual k-means VQ", "depth": d, "bits": bits[d],
-                            "psnr": psnr(r, test).clamp(max=100).mean().item(), "ssim": ssim(r, test).mean().item(),
-                            "fit_s": round(km_s)})
+    fits = [("residual k-means VQ", residual_kmeans)]
+    if max(args.depths) > 1:
+        fits.append(("residual k-means VQ, one shared codebook", shared_residual_kmeans))
+    for name, fit in fits:
+        t0 = time.time()
+        recs = fit(train, test, max(args.depths), rows_k, cell, args.kmeans_iters, args.kmeans_patches, 0)
+        km_s = time.time() - t0
+        for d in args.depths:
+            if d == 1 and fit is shared_residual_kmeans:
+                continue  # one stage: the same as the row above
+            r = recs[d - 1]
+            raw["rows"].append({"method": "k-means VQ" if d == 1 else name, "depth": d, "bits": bits[d],
+                                "psnr": psnr(r, test).clamp(max=100).mean().item(), "ssim": ssim(r, test).mean().item(),
+                                "fit_s": round(km_s)})
     if not args.skip_tokenizer:
         steps = [f"train_tokenizer.steps={args.steps}"] if args.steps else []
         runs = [(d, cfg.model.codebook.mode) for d in args.depths]
         runs += [(max(args.depths), m) for m in args.paradigms if m != cfg.model.codebook.mode]
         for d, mode in runs:
             over = [*args.set, *steps, f"model.quantizer.depth={d}", f"model.codebook.mode={mode}"]
+            if split:  # rows_k a layer at every depth
+                over += [f"model.codebook.num_rows={rows_k * d}",
+                         f"llm.vocab_size={max(cfg.llm.vocab_size, cb.row_offset + rows_k * d)}"]
             row = tokenizer_row(root, args.out / f"tok_d{d}_{mode}", args.config, over)
             raw["rows"].append({"method": f"tokenizer ({mode} codebook)", "depth": d, "bits": bits[d], **row})
             print(json.dumps(raw["rows"][-1]))

@@ -52,6 +52,30 @@ def test_crops_larger_than_every_photo_are_one_error_line(tmp_path):
         crops(find_photos()["test"], 2, 4000, seed=0)
 
 
+def _one_error_line(capsys, *argv) -> str:
+    capsys.readouterr()
+    assert main(list(argv)) != 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip() and "it/s]" not in x]  # less progress bars
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def test_a_photo_set_too_small_for_the_codebook_is_one_error_line(tmp_path, capsys):
+    write_photo_set(tmp_path / "few", size=32, n_train=1, n_val=1, n_test=1)
+    line = _one_error_line(capsys, "train-tokenizer", "--data", str(tmp_path / "few"), "--out", str(tmp_path / "tok"),
+                           *TINY_OVERRIDES, "model.codebook.num_rows=128")
+    assert "1 training images give 64 latent vectors" in line and "fewer than the 128 codebook rows" in line
+    assert not (tmp_path / "tok" / "model.safetensors").exists()
+
+
+def test_crops_smaller_than_the_model_images_are_one_error_line(tmp_path, capsys):
+    write_photo_set(tmp_path / "small", size=16, n_train=40, n_val=2, n_test=2)
+    line = _one_error_line(capsys, "train-tokenizer", "--data", str(tmp_path / "small"), "--out", str(tmp_path / "tok"),
+                           *TINY_OVERRIDES)
+    assert "are 16 px, smaller than model.image_size 32" in line and "data photos --size 32" in line
+
+
 def _captioned(root: Path, split: str, n: int, seed: int) -> None:
     """Crops of two photographs with a caption and two questions each (the documented formats)."""
     found = {p.name: p for p in find_photos()["train"] + find_photos()["test"]}
@@ -96,3 +120,51 @@ def test_stage_two_on_photographs_trains_chats_and_draws(tmp_path, capsys):
     assert drawn.size == (32, 32) and np.asarray(drawn).std() > 0  # a decoded picture, not a blank page
     assert main(["eval", "model", "--model", str(lm), "--data", str(root), "--split", "test"]) == 0
     assert json.loads(capsys.readouterr().out)["vqa_n"] == 16
+
+
+def _photo_batch(n: int, size: int, seed: int):
+    import torch
+
+    arr = np.stack(list(crops(find_photos()["train"], n, size, seed)))
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.mark.parametrize("patch_skip", [False, True])
+def test_the_patch_path_starts_a_photo_tokenizer_where_residual_vq_ends(patch_skip):
+    """Before any gradient step: the k-means start on one batch of photo crops, then the
+    reconstruction of other crops. With the linear patch path (and a layer's own rows) the
+    tokenizer *is* residual VQ of 4×4 pixel patches at that point; without it, the zero-trained
+    convolutions give back a grey page."""
+    import torch
+
+    from unicodebook.config import load_config
+    from unicodebook.eval.metrics import psnr
+    from unicodebook.tokenizers.unicode.build import build_tokenizer
+
+    over = [] if patch_skip else ["model.autoencoder.patch_skip=false", "model.quantizer.layer_rows=shared"]
+    tok = build_tokenizer(load_config("photos", over)).train()
+    with torch.no_grad():
+        tok(_photo_batch(64, 36, seed=0))  # the k-means start
+        tok.quantizer.pop_updates()
+        tok.eval()
+        test = _photo_batch(32, 36, seed=1)
+        pixels = tok._decode_latent(tok._latent(test))  # no quantization: the autoencoder alone
+        coded = tok.decode(tok.encode(test))
+    if patch_skip:
+        assert torch.allclose(pixels, test, atol=1e-5)  # the patch path is an exact round trip
+        assert psnr(coded, test).mean() > 30  # 4 layers of 512 rows, 9 bits a code (measured: 33.7 dB)
+    else:
+        assert psnr(coded, test).mean() < 15  # (measured: 10.4 dB)
+
+
+def test_a_budget_that_does_not_divide_the_code_grid_is_one_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[2] / "bench" / "rate_distortion.py"
+    run = subprocess.run([sys.executable, str(bench), "--out", str(tmp_path), "--bits", "729", "1000"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
+        "error: a budget of 1000 bits does not divide the 9×9 code grid at 9 bits a code: "
+        "use multiples of 729 (729, 1458, 2916, …)"]
+    assert not any(tmp_path.iterdir())  # refused before the photo set is written

@@ -117,3 +117,21 @@ def write_photo_set(out: Path | str, size: int = 36, n_train: int = 20_000, n_va
             Image.fromarray(arr).save(d / f"{i:06d}.png")
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def check_crop_size(data: Path | str, image_size: int) -> None:
+    """A photo set (``data`` or the set above it has :func:`write_photo_set`'s ``meta.json``) cut
+    smaller than the model's images would be blown up to them, blurred: one error line."""
+    for folder in (Path(data), Path(data).parent, Path(data).parent.parent):
+        meta = folder / "meta.json"
+        if not meta.is_file():
+            continue
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return  # not ours: a folder may hold any meta.json
+        size = info.get("size") if isinstance(info, dict) and "photos" in info else None
+        if isinstance(size, int) and size < image_size:
+            raise UnicodebookError(f"the photo crops in {folder} are {size} px, smaller than model.image_size "
+                                   f"{image_size}: write the set again with `unicodebook data photos --size {image_size}`")
+        return

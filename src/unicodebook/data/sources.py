@@ -57,6 +57,9 @@ class FolderImages:
     """An image folder (or a dataset root's ``train`` split), sharded by :class:`ResumableBatches`."""
 
     def __init__(self, data: Path, cfg, engine, progress: bool):
+        from .photos import check_crop_size
+
+        check_crop_size(data, cfg.model.image_size)
         self.cfg, self.engine = cfg, engine
         self.val_root = data if is_split_root(data) else None
         self.dataset = ImageFolder(resolve_image_folder(data, "train"), cfg.model.image_size, cfg.data.odd_size,

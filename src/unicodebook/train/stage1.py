@@ -115,6 +115,7 @@ class Stage1Recipe:
         torch.manual_seed(tc.seed)
         self.source = image_source(data, cfg, engine, progress=progress and self.main)
         self.tok = tok = build_tokenizer(cfg, seed=tc.seed)
+        check_enough_vectors(self.source, tok)
         tok.set_gradient_checkpointing(tc.gradient_checkpointing)
         tok.train()
         self.start = self._optimizers(ckpts, resume)
@@ -334,6 +335,21 @@ class AuxLosses:
 
 
 @torch.no_grad()
+def check_enough_vectors(source, tok: UniCodeTokenizer) -> None:
+    """A folder whose images hold fewer latent vectors than a code layer has rows can never use
+    the codebook (k-means would start most rows on copies of one another): one error line."""
+    dataset = getattr(source, "dataset", None)  # a folder; shards are streamed, their size unknown
+    if dataset is None or tok.codebook.mode == "frozen":
+        return
+    n_images = len(dataset)  # the readable ones when preloaded
+    vectors = n_images * tok.num_latents
+    rows = tok.codebook.num_codes // tok.codebook.groups
+    if vectors < rows:
+        raise UnicodebookError(f"{n_images} training images give {vectors} latent vectors ({tok.num_latents} each), "
+                               f"fewer than the {rows} codebook rows a code layer has: add images or lower "
+                               f"model.codebook.num_rows")
+
+
 def _write_grid(tok: UniCodeTokenizer, images: torch.Tensor, path: Path, writer, step: int) -> None:
     was = tok.training
     tok.eval()
