@@ -86,7 +86,7 @@ def test_bad_bases_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"b.yaml: its bases form a cycle through .*a.yaml$"):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "c.yaml").write_text("base: nowhere\n")
-    with pytest.raises(ConfigError, match=r"^config 'nowhere' not found \(a YAML path or a preset: 7b, lavit-tiny, photos, seed-tiny, tiny, tiny_full\)$"):
+    with pytest.raises(ConfigError, match=r"^config 'nowhere' not found \(a YAML path or a preset: 7b, lavit-tiny, photos, photos-256, seed-tiny, tiny, tiny_full\)$"):
         load_config(tmp_path / "c.yaml")
     (tmp_path / "d.yaml").write_text("base: [tiny]\n")
     with pytest.raises(ConfigError, match=r"d.yaml: 'base' must be a preset name or a YAML path$"):

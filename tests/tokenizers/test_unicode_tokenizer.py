@@ -133,3 +133,17 @@ def test_7b_preset_builds_on_the_meta_device():
     with torch.device("meta"):
         out = tok.eval()(torch.empty(2, 3, 256, 256))
     assert out.recon.shape == (2, 3, 256, 256) and out.codes.shape == (2, 8, 8, 5)
+
+
+def test_photos_256_preset_builds_on_the_meta_device():
+    from unicodebook.config import load_config
+
+    cfg = load_config("photos-256", ["llm.name=builtin"])
+    with torch.device("meta"):
+        tok = build_tokenizer(cfg)
+    assert tuple(tok.codebook.embed.shape) == (32000, 4096)
+    assert tok.grid_shape == (16, 16, 4) and tok.codes_per_image == 1024  # RQ 16×16, 4 layers
+    assert [tok.codebook.group_rows(g) for g in range(4)] == [(0, 8000), (8000, 16000), (16000, 24000), (24000, 32000)]
+    with torch.device("meta"):
+        out = tok.eval()(torch.empty(1, 3, 256, 256))
+    assert out.recon.shape == (1, 3, 256, 256) and out.codes.shape == (1, 16, 16, 4)
