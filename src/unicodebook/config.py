@@ -387,6 +387,9 @@ class TokenizerTrainConfig(TrainLoopConfig):
     warmup_steps: int = 100
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grid_every: int = 500
+    # dihedral: each training image under one of the 8 flips / quarter turns, drawn per (seed, step);
+    # UniCode's reconstruction only (captioned phases would have "left" lie)
+    augment: Literal["none", "dihedral"] = "none"
     phases: list[TokenizerPhaseConfig] = field(default_factory=list)  # their steps add up to ``steps``
 
     def __post_init__(self) -> None:

@@ -164,6 +164,9 @@ def train_in_phases(family: PhasedFamily, cfg: Config, data: str | Path, out: st
     plan = phase_plan(family, cfg)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    if tc.augment != "none":
+        raise UnicodebookError(f"train_tokenizer.augment={tc.augment} flips images their captions describe; the "
+                               f"{family.title} recipe trains on captions, so it takes augment=none")
     engine = Engine()
     if engine.world > 1:
         raise UnicodebookError(f"the {family.title} recipe runs in one process (its phases are small); launch it "

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, load_config, save_config
+from ..data.augment import augment_batch
 from ..data.sources import image_source
 from ..errors import UnicodebookError
 from ..eval.metrics import CodeUsage, psnr
@@ -165,7 +166,9 @@ class Stage1Recipe:
         """One optimizer step on ``images`` (codebook updates and restarts included); returns
         what the step's log row is made of."""
         tc, engine, tok, opt, aux = self.tc, self.engine, self.tok, self.opt, self.aux
-        images = images.to(engine.device)
+        n = images.shape[0]  # this rank's slice of the global batch
+        images = augment_batch(images.to(engine.device), tc.augment, tc.seed, step,
+                               first=engine.rank * n, total=engine.world * n)
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
