@@ -20,6 +20,9 @@ PSNR and SSIM are the means over test images (``unicodebook.eval.metrics``), as
     python bench/rate_distortion.py --out runs/rd [--depths 1 2 4] [--steps 1200] [--json out.json]
         [--config tiny] [--set KEY=VALUE ...]    # tokenizer overrides, e.g. model.codebook.mode=dual
     python bench/rate_distortion.py --config photos     # the natural-photo preset (split rows: 512 a layer)
+        [--skip-kmeans]    # the tokenizer rows only, e.g. for a lever: --set train_tokenizer.augment=dihedral
+
+It writes ``OUT/test_crops.png``: eight test crops and their reconstructions by every row.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from _common import machine, table, write_json
 from unicodebook.config import load_config
 from unicodebook.data.photos import write_photo_set
 from unicodebook.eval.metrics import psnr, ssim
+from unicodebook.eval.plots import image_grid
 from unicodebook.eval.tokenizer import evaluate_tokenizer
 from unicodebook.tokenizers.base import load_tokenizer
 from unicodebook.train.stage1 import train_tokenizer
@@ -125,6 +129,17 @@ def shared_residual_kmeans(train: torch.Tensor, test: torch.Tensor, depth: int, 
 
 
 # ------------------------------------------------------------------------------ the tokenizer
+def grid_picks(test: torch.Tensor, n: int = 8) -> torch.Tensor:
+    """``n`` test crops spread over the split (its photos are written one after another)."""
+    return torch.linspace(0, test.shape[0] - 1, n).round().long()
+
+
+def tokenizer_recon(run: Path, images: torch.Tensor) -> torch.Tensor:
+    tok = load_tokenizer(run).eval()
+    with torch.no_grad():
+        return tok.decode(tok.encode(images.to(tok.device))).clamp(0, 1).cpu()
+
+
 def tokenizer_row(root: Path, run: Path, cfg_name: str, overrides: list[str]) -> dict:
     cfg = load_config(cfg_name, overrides)
     t0 = time.time()
@@ -152,6 +167,8 @@ def main() -> None:
     p.add_argument("--kmeans-iters", type=int, default=25)
     p.add_argument("--kmeans-patches", type=int, default=300_000)
     p.add_argument("--skip-tokenizer", action="store_true", help="the k-means rows only")
+    p.add_argument("--skip-kmeans", action="store_true",
+                   help="the tokenizer rows only (the k-means rows depend on the photo set and seed alone)")
     p.add_argument("--json")
     args = p.parse_args()
 
@@ -179,8 +196,10 @@ def main() -> None:
           f"{len(test)} test crops of {', '.join(meta['photos']['test'])}")
 
     raw: dict = {"set": meta, "budgets": bits, "rows": []}
-    fits = [("residual k-means VQ", residual_kmeans)]
-    if max(args.depths) > 1:
+    picks = grid_picks(test)
+    grid = [(0, "test crop", test[picks])]  # (bits, label, reconstructions): a row of the picture each
+    fits = [] if args.skip_kmeans else [("residual k-means VQ", residual_kmeans)]
+    if max(args.depths) > 1 and not args.skip_kmeans:
         fits.append(("residual k-means VQ, one shared codebook", shared_residual_kmeans))
     for name, fit in fits:
         t0 = time.time()
@@ -190,6 +209,7 @@ def main() -> None:
             if d == 1 and fit is shared_residual_kmeans:
                 continue  # one stage: the same as the row above
             r = recs[d - 1]
+            grid.append((bits[d], f"{'shared ' * (fit is shared_residual_kmeans)}k-means, {bits[d]} bits", r[picks]))
             raw["rows"].append({"method": "k-means VQ" if d == 1 else name, "depth": d, "bits": bits[d],
                                 "psnr": psnr(r, test).clamp(max=100).mean().item(), "ssim": ssim(r, test).mean().item(),
                                 "fit_s": round(km_s)})
@@ -204,6 +224,8 @@ def main() -> None:
                          f"llm.vocab_size={max(cfg.llm.vocab_size, cb.row_offset + rows_k * d)}"]
             row = tokenizer_row(root, args.out / f"tok_d{d}_{mode}", args.config, over)
             raw["rows"].append({"method": f"tokenizer ({mode} codebook)", "depth": d, "bits": bits[d], **row})
+            recon = tokenizer_recon(args.out / f"tok_d{d}_{mode}", test[picks])
+            grid.append((bits[d], f"{mode} tokenizer, {bits[d]} bits", recon))
             print(json.dumps(raw["rows"][-1]))
     raw["rows"].sort(key=lambda r: (r["bits"], r["method"]))
     print(f"\nrate–distortion on held-out photos ({size} px crops; {cell}×{cell} px cells, {rows_k} codewords a layer)")
@@ -212,6 +234,9 @@ def main() -> None:
                 [[r["bits"], r["method"], f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
                   "" if r.get("usage") is None else f"{r['usage']:.0%}", r.get("train_s", r.get("fit_s"))]
                  for r in raw["rows"]]))
+    grid.sort(key=lambda g: g[0])
+    image_grid([g[2] for g in grid], labels=[g[1] for g in grid]).save(args.out / "test_crops.png")
+    print(f"reconstructions of 8 test crops: {args.out / 'test_crops.png'}")
     if args.json:
         write_json(args.json, raw)
 
