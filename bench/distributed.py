@@ -1,4 +1,4 @@
-"""Benchmark 5: both training stages on N processes (torchrun → Accelerate) against one process
+"""Benchmark 6: both training stages on N processes (torchrun → Accelerate) against one process
 on the same global batch: step time, and how far the results drift apart.
 
 Each run is a real CLI run on the tiny preset's shapes world. Step time is read from the
