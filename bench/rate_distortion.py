@@ -134,21 +134,19 @@ def grid_picks(test: torch.Tensor, n: int = 8) -> torch.Tensor:
     return torch.linspace(0, test.shape[0] - 1, n).round().long()
 
 
-def tokenizer_recon(run: Path, images: torch.Tensor) -> torch.Tensor:
-    tok = load_tokenizer(run).eval()
-    with torch.no_grad():
-        return tok.decode(tok.encode(images.to(tok.device))).clamp(0, 1).cpu()
-
-
-def tokenizer_row(root: Path, run: Path, cfg_name: str, overrides: list[str]) -> dict:
+def tokenizer_row(root: Path, run: Path, cfg_name: str, overrides: list[str],
+                  shown: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Train at ``run``; the test figures, and the reconstructions of the ``shown`` crops."""
     cfg = load_config(cfg_name, overrides)
     t0 = time.time()
     res = train_tokenizer(cfg, root, run, progress=False)
     seconds = time.time() - t0
     tok = load_tokenizer(run)
     ev = evaluate_tokenizer(tok, root, split="test", progress=False)
+    with torch.no_grad():
+        recon = tok.eval().decode(tok.encode(shown.to(tok.device))).clamp(0, 1).cpu()
     return {"psnr": ev["psnr"], "ssim": ev["ssim"], "usage": ev.get("usage_all"), "train_s": round(seconds),
-            "train_psnr": res.final.get("psnr")}
+            "train_psnr": res.final.get("psnr")}, recon
 
 
 def main() -> None:
@@ -222,9 +220,8 @@ def main() -> None:
             if split:  # rows_k a layer at every depth
                 over += [f"model.codebook.num_rows={rows_k * d}",
                          f"llm.vocab_size={max(cfg.llm.vocab_size, cb.row_offset + rows_k * d)}"]
-            row = tokenizer_row(root, args.out / f"tok_d{d}_{mode}", args.config, over)
+            row, recon = tokenizer_row(root, args.out / f"tok_d{d}_{mode}", args.config, over, test[picks])
             raw["rows"].append({"method": f"tokenizer ({mode} codebook)", "depth": d, "bits": bits[d], **row})
-            recon = tokenizer_recon(args.out / f"tok_d{d}_{mode}", test[picks])
             grid.append((bits[d], f"{mode} tokenizer, {bits[d]} bits", recon))
             print(json.dumps(raw["rows"][-1]))
     raw["rows"].sort(key=lambda r: (r["bits"], r["method"]))

@@ -46,8 +46,7 @@ colours. **No train text-to-image target contains a held-out pair**: train's
 hold one (colour and shape uniform over all 18 pairs), so the visual tokenizer and
 the LLM's understanding tasks (questions, in-context decompression) see what a
 yellow square looks like alone, in pairs and in threes, while the text-to-image
-task never asks for one: drawing a held-out pair from text tests composition, as in
-SPEC.md §3. The val and test splits contain both kinds; about half of their
+task never asks for one: drawing a held-out pair from text tests composition. The val and test splits contain both kinds; about half of their
 text-to-image records (1-2 object scenes) deliberately contain a held-out pair and
 are flagged ``"held_out": true``.
 
