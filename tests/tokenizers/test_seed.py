@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_OVERRIDES
+from conftest import SEED_TINY, TINY_OVERRIDES
 from unicodebook.config import load_config
 from unicodebook.errors import ConfigError, UnicodebookError
 from unicodebook.tokenizers.base import load_tokenizer
@@ -18,16 +18,6 @@ from unicodebook.tokenizers.seed import SeedTokenizer, build_tokenizer
 from unicodebook.tokenizers.seed.qformer import QFormer
 
 LLM = [o for o in TINY_OVERRIDES if o.startswith(("llm.", "train_lm."))]
-SEED_TINY = [
-    "model.image_size=32", "model.vit.patch_size=8", "model.vit.width=32", "model.vit.layers=1", "model.vit.heads=2",
-    "model.vit.embed_dim=16", "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
-    "model.qformer.queries=8", "model.qformer.width=32", "model.qformer.layers=2", "model.qformer.heads=2",
-    "model.num_codes=64", "model.code_dim=8", "model.recon_blocks=1", "model.gen_blocks=1", "model.decoder_ch=8",
-    "train_tokenizer.steps=40", "train_tokenizer.batch_size=16", "train_tokenizer.warmup_steps=2",
-    "train_tokenizer.log_every=5", "train_tokenizer.save_every=20", "train_tokenizer.grid_every=0",
-    "train_tokenizer.phases=[{name: vit, steps: 10}, {name: qformer, steps: 10}, {name: vq, steps: 10}, "
-    "{name: decoder, steps: 10}]",
-]
 
 
 def seed_config(*extra: str):

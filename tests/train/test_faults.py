@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import TINY_OVERRIDES
+from conftest import SEED_TINY, TINY_OVERRIDES
 from unicodebook.cli import main
 
 RUN4 = [*TINY_OVERRIDES, "train_tokenizer.steps=4", "train_tokenizer.save_every=2", "train_tokenizer.grid_every=0",
@@ -92,26 +92,18 @@ def test_a_checkpoint_edited_by_hand_is_refused_on_resume_naming_the_file(shapes
         "recorded); restore it or remove this checkpoint"]
 
 
-def test_sigterm_saves_and_exits_cleanly_and_resume_gives_the_uninterrupted_weights(tokenizer_run, shapes_dir, tmp_path):
-    """A scheduler's SIGTERM (preemption): the run saves at the end of its step, says so on one
-    line and exits 143; ``--resume`` then ends at the weights of a run never stopped."""
+def _sigterm_then_resume(args, steps: int, stage: str, run, ref, finished: str, compare: tuple[str, ...]):
+    """Run ``args(ref)`` to the end; start ``args(run)``, SIGTERM it once its first checkpoint
+    (step 10) exists, check the one line and exit 143, ``--resume`` it, compare the weights."""
     import signal
     import subprocess
-    import sys
     import time
 
     import torch
     from safetensors.torch import load_file
 
-    def args(run, *extra):
-        return [sys.executable, "-m", "unicodebook", "train-lm", "--tokenizer", str(tokenizer_run), "--data",
-                str(shapes_dir), "--out", str(run), *extra]
-
-    steps = [*TINY_OVERRIDES, "train_lm.steps=40", "train_lm.save_every=10"]
-    ref = tmp_path / "ref"
-    assert subprocess.run(args(ref, *steps), capture_output=True, text=True).returncode == 0
-    run = tmp_path / "run"
-    proc = subprocess.Popen(args(run, *steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert subprocess.run(args(ref), capture_output=True, text=True).returncode == 0
+    proc = subprocess.Popen(args(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run / "checkpoints" / "step_0000010").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -121,12 +113,45 @@ def test_sigterm_saves_and_exits_cleanly_and_resume_gives_the_uninterrupted_weig
     stopped = [line for line in err.splitlines() if "SIGTERM" in line]
     assert len(stopped) == 1 and "Traceback" not in err, err
     at = int(stopped[0].split("at step ")[1].split()[0])
-    assert 10 <= at < 40
-    assert stopped[0].endswith(f"stage II stopped by SIGTERM at step {at} of 40: checkpoint "
+    assert 10 <= at < steps
+    assert stopped[0].endswith(f"{stage} stopped by SIGTERM at step {at} of {steps}: checkpoint "
                                f"{run}/checkpoints/step_{at:07d} written; continue with --resume")
-    assert (run / "checkpoints" / f"step_{at:07d}").is_dir() and not (run / "llm").exists()
-    res = subprocess.run(args(run, "--resume"), capture_output=True, text=True)
+    assert (run / "checkpoints" / f"step_{at:07d}").is_dir() and not (run / finished).exists()
+    res = subprocess.run([*args(run), "--resume"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    for name in ("llm/model.safetensors", "image_positions.safetensors"):
+    for name in compare:
         a, b = load_file(ref / name), load_file(run / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs"
+
+
+def test_sigterm_saves_and_exits_cleanly_and_resume_gives_the_uninterrupted_weights(tokenizer_run, shapes_dir, tmp_path):
+    """A scheduler's SIGTERM (preemption): the run saves at the end of its step, says so on one
+    line and exits 143; ``--resume`` then ends at the weights of a run never stopped."""
+    import sys
+
+    def args(run):
+        return [sys.executable, "-m", "unicodebook", "train-lm", "--tokenizer", str(tokenizer_run), "--data",
+                str(shapes_dir), "--out", str(run), *TINY_OVERRIDES, "train_lm.steps=40", "train_lm.save_every=10"]
+
+    _sigterm_then_resume(args, 40, "stage II", tmp_path / "run", tmp_path / "ref", "llm",
+                         ("llm/model.safetensors", "image_positions.safetensors"))
+
+
+def test_sigterm_stops_a_phased_stage_one_and_resume_gives_the_uninterrupted_weights(shapes_dir, tmp_path):
+    """The same for the phased stage I loop that SEED and LaVIT share (SEED's four phases here,
+    the signal landing in one of them, the resumed run crossing the rest)."""
+    import sys
+
+    phases = ("train_tokenizer.phases=[{name: vit, steps: 40}, {name: qformer, steps: 40}, {name: vq, steps: 40}, "
+              "{name: decoder, steps: 40}]")
+    llm = [o for o in TINY_OVERRIDES if o.startswith(("llm.", "train_lm."))]
+    over = [o for o in SEED_TINY if not o.startswith(("train_tokenizer.steps", "train_tokenizer.phases",
+                                                      "train_tokenizer.save_every"))]
+
+    def args(run):
+        return [sys.executable, "-m", "unicodebook", "train-tokenizer", "--config", "seed-tiny", "--data",
+                str(shapes_dir), "--out", str(run), *llm, *over, "train_tokenizer.steps=160", phases,
+                "train_tokenizer.save_every=10"]
+
+    _sigterm_then_resume(args, 160, "SEED stage I", tmp_path / "run", tmp_path / "ref", "reconstructions.png",
+                         ("model.safetensors", "text_tower.safetensors"))

@@ -42,7 +42,7 @@ from ..tokenizers.text_tower import TextTower, contrastive_loss, tokenize_captio
 from ..tokenizers.vit import save_vit
 from ..utils.io import atomic_save_tensors
 from .checkpoint import check_resume, load_checkpoint
-from .engine import Engine, NonFiniteError, NonFiniteGuard, save_training_checkpoint
+from .engine import Engine, NonFiniteError, NonFiniteGuard, StopOnSigterm, save_training_checkpoint
 from .runlog import RunLog
 from .stage1 import Stage1Result, lr_at
 
@@ -217,47 +217,53 @@ def train_in_phases(family: PhasedFamily, cfg: Config, data: str | Path, out: st
 
     t0, last, restarted, current = time.time(), {}, 0, None
     bar = tqdm(total=tc.steps, initial=start, desc=f"{family.title} stage I", disable=not progress, dynamic_ncols=True)
-    for step in range(start, tc.steps):
-        first, name, pc = next(p for p in reversed(plan) if step >= p[0])
-        if name != current:  # only this phase's modules train
-            for p in params:
-                p.requires_grad_(False)
-            trainable = _trainable(family, name, tok, tower, scales)
-            for p in trainable:
-                p.requires_grad_(True)
-            current = name
-        images, captions = pairs.batch(step, min(tc.batch_size, len(pairs.captions)), tc.seed)
-        images = images.to(engine.device)
-        lr = lr_at(step - first, pc)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with engine.autocast(tc.precision):
-            loss, parts = _phase_loss(family, name, cfg, tok, tower, scales, text_tok, images, captions, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        skipped = engine.clip_and_check(loss, trainable, tc.grad_clip)
-        if skipped is None:
-            opt.step()
-            restarted += family.after_step(name, cfg, tok, images, step)
-        else:
+    with StopOnSigterm(engine) as sigterm:
+        for step in range(start, tc.steps):
+            first, name, pc = next(p for p in reversed(plan) if step >= p[0])
+            if name != current:  # only this phase's modules train
+                for p in params:
+                    p.requires_grad_(False)
+                trainable = _trainable(family, name, tok, tower, scales)
+                for p in trainable:
+                    p.requires_grad_(True)
+                current = name
+            images, captions = pairs.batch(step, min(tc.batch_size, len(pairs.captions)), tc.seed)
+            images = images.to(engine.device)
+            lr = lr_at(step - first, pc)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with engine.autocast(tc.precision):
+                loss, parts = _phase_loss(family, name, cfg, tok, tower, scales, text_tok, images, captions, step)
             opt.zero_grad(set_to_none=True)
-            log.write({"step": step + 1, "skipped": skipped, "phase": name})
-        try:
-            guard.record(skipped, step + 1)
-        except NonFiniteError:
-            log.close()
-            raise
-        bar.update(1)
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps or done == first + pc.steps:
-            last = {"step": done, "phase": name, f"loss_{name}": float(loss.detach()), **parts, "lr": lr,
-                    "restarted_codes": restarted, "bad_images": pairs.bad, "elapsed_s": round(time.time() - t0, 2)}
-            log.write(last, scalars=True)
-            bar.set_postfix(phase=name, loss=f"{float(loss.detach()):.4f}")
-        if tc.grid_every and name == "decoder" and (done % tc.grid_every == 0 or done == tc.steps):
-            write_grid(tok, fixed, run / "samples" / f"recon_{done:07d}.png")
-        if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
-            checkpoint(done)
+            loss.backward()
+            skipped = engine.clip_and_check(loss, trainable, tc.grad_clip)
+            if skipped is None:
+                opt.step()
+                restarted += family.after_step(name, cfg, tok, images, step)
+            else:
+                opt.zero_grad(set_to_none=True)
+                log.write({"step": step + 1, "skipped": skipped, "phase": name})
+            try:
+                guard.record(skipped, step + 1)
+            except NonFiniteError:
+                log.close()
+                raise
+            bar.update(1)
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps or done == first + pc.steps:
+                last = {"step": done, "phase": name, f"loss_{name}": float(loss.detach()), **parts, "lr": lr,
+                        "restarted_codes": restarted, "bad_images": pairs.bad, "elapsed_s": round(time.time() - t0, 2)}
+                log.write(last, scalars=True)
+                bar.set_postfix(phase=name, loss=f"{float(loss.detach()):.4f}")
+            if tc.grid_every and name == "decoder" and (done % tc.grid_every == 0 or done == tc.steps):
+                write_grid(tok, fixed, run / "samples" / f"recon_{done:07d}.png")
+            if done < tc.steps and sigterm.requested():
+                bar.close()
+                checkpoint(done)
+                log.close()
+                raise sigterm.stop(f"{family.title} stage I", done, tc.steps, run)
+            if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
+                checkpoint(done)
     bar.close()
     checkpoint(tc.steps)
     tok.eval()
