@@ -96,3 +96,41 @@ def test_an_uneven_split_of_the_global_batch_is_refused(shapes_dir, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "batch_size 15 does not split evenly over 2 processes" in out.stderr
+
+
+FULL_DISK_ON_STEP_4 = """
+import errno, sys
+from unicodebook.cli import main
+from unicodebook.train import checkpoint
+from unicodebook.utils.io import atomic_save_tensors
+
+def full_disk(tensors, path, metadata=None):
+    if "step_0000004" in str(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    atomic_save_tensors(tensors, path, metadata)
+
+checkpoint.atomic_save_tensors = full_disk
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_write_the_main_process_fails_stops_every_rank(shapes_dir, tmp_path):
+    """No space left on the main process's disk at step 4 of a 2-process run: both ranks stop
+    (none waits forever on a collective), each with one error line, the step-2 checkpoint intact."""
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_ON_STEP_4)
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29520", str(script),
+           "train-tokenizer", "--data", str(shapes_dir / "train"), "--out", str(run), *COMMON,
+           "train_tokenizer.save_every=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    good = run / "checkpoints" / "step_0000002"
+    # two processes share one stderr with their progress bars, so lines may interleave: look for each whole
+    for line in (f"error: could not write checkpoint {run / 'checkpoints' / 'step_0000004'} (No space left on device); "
+                 f"the last good checkpoint is {good} (make room, then --resume)",
+                 f"error: the main process could not write checkpoint step 4 of {run} (its error line says why); "
+                 "this rank stops with it"):
+        assert line in out.stderr, out.stderr[-3000:]
+    assert "src/unicodebook/" not in out.stderr  # the launcher prints its own traceback; ours print none
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]

@@ -254,15 +254,23 @@ class StopOnSigterm:
 def save_training_checkpoint(engine: Engine, run, step: int, modules: dict, optimizers: dict, extra: dict,
                              keep: int, kind: str, model: torch.nn.Module | None = None):
     """Collective: every rank contributes its RNG state (and, under FSDP, its shards); the
-    main process writes the checkpoint (atomically); all ranks wait for it."""
+    main process writes the checkpoint (atomically); all ranks wait for it. A write the main
+    process fails (no space left, say) stops every rank with one error line, none waiting on a
+    collective the main process never reaches."""
     from .checkpoint import save_checkpoint
 
     rng = {"torch_rng": engine.gather(torch.get_rng_state().to(engine.device)).cpu()}
     if engine.device.type == "cuda":
         rng["cuda_rng"] = engine.gather(torch.cuda.get_rng_state().to(engine.device)).cpu()
     opts = {name: engine.optimizer_state(model, opt) for name, opt in optimizers.items()}
-    path = None
+    path, failed = None, None
     if engine.is_main:
-        path = save_checkpoint(run, step, modules, opts, extra, keep=keep, kind=kind, rng=rng)
+        try:
+            path = save_checkpoint(run, step, modules, opts, extra, keep=keep, kind=kind, rng=rng)
+        except UnicodebookError as e:
+            failed = e
+    if engine.sum(float(failed is not None)) > 0:  # every rank learns whether the write failed
+        raise failed or UnicodebookError(f"the main process could not write checkpoint step {step} of {run} "
+                                         f"(its error line says why); this rank stops with it")
     engine.barrier()
     return path
