@@ -215,7 +215,7 @@ def test_data_shards_of_records_skips_unreadable_and_escaping_images(records, tm
 
 
 def test_the_reported_bomb_gets_one_line_from_the_real_command(corpus, tokenizer_run):
-    """Issue 33's report, as a user runs it: a PNG whose header declares 60000 × 60000 pixels."""
+    """A user's report, as they ran it: a PNG whose header declares 60000 × 60000 pixels."""
     import subprocess
     import sys
 

@@ -1,4 +1,4 @@
-"""Resource limits as configuration (issue 33, part 3): ``data.max_image_pixels``,
+"""Resource limits as configuration: ``data.max_image_pixels``,
 ``data.max_image_bytes``, ``data.max_caption_chars`` and ``data.max_conversation_chars``, each
 with a default and one line past it."""
 

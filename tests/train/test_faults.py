@@ -1,4 +1,4 @@
-"""Faults during training (issue 33, part 2): a checkpoint write that fails, a second process in
+"""Faults during training: a checkpoint write that fails, a second process in
 the same run folder, a run folder edited by hand."""
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ Version 2 (2026-12-01) changed only the train split. In version 1 the train 1-2
 object scenes were sampled without held-out pairs, so a held-out pair appeared only
 among three objects, and a model read a lone yellow square as the circle the seen
 pairs suggest (VQA on test images holding a held-out pair 87.5% against 95.0% on the
-others; 600 more question steps on version 2 data: 93.5% against 95.3%, README).
+others; 600 more question steps on version 2 data: 93.5% against 95.3%, docs/results.md).
 The val and test splits are byte-identical in both versions.
 
 Dataset layout (see :func:`write_dataset`)::
