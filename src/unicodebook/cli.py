@@ -28,9 +28,10 @@ def _device(name: str):
     return resolve_device(name)
 
 
-def cmd_data_shapes(out: Path, n_train: int, n_val: int, n_test: int, size: int, seed: int) -> int:
-    from .data.shapes import write_dataset
+def cmd_data_shapes(out: Path, n_train: int, n_val: int, n_test: int, size: int | None, seed: int) -> int:
+    from .data.shapes import DEFAULT_SIZE, write_dataset
 
+    size = DEFAULT_SIZE if size is None else size
     if not 32 <= size <= 64:
         raise UnicodebookError(f"--size must be within 32..64, got {size}")
     meta = write_dataset(Path(out), n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed, progress=True)
@@ -280,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-train", type=int, default=2000)
     s.add_argument("--n-val", type=int, default=200)
     s.add_argument("--n-test", type=int, default=500)
-    s.add_argument("--size", type=int, default=36, help="image side in px (36: the tiny preset's, where the 3×3 object "
-                   "grid falls on whole 4 px code cells)")
+    s.add_argument("--size", type=int, default=None, help="image side in px (default 36: the tiny preset's, where the "
+                   "3×3 object grid falls on whole 4 px code cells)")
     s.add_argument("--seed", type=int, default=0)
     ph = d.add_parser("photos", help="cut natural-photo crops from the photographs installed packages ship "
                       "(scikit-image's, matplotlib's); each split from other photos")

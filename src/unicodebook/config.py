@@ -91,7 +91,7 @@ class ModelConfig:
     """The UniCode tokenizer (``family: unicode``): conv autoencoder, RQ/HQ over the LLM's rows."""
 
     family: Literal["unicode"] = "unicode"
-    image_size: int = 32
+    image_size: int = 36
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)

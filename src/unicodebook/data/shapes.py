@@ -50,12 +50,10 @@ task never asks for one: drawing a held-out pair from text tests composition. Th
 text-to-image records (1-2 object scenes) deliberately contain a held-out pair and
 are flagged ``"held_out": true``.
 
-Version 2 (2026-12-01) changed only the train split. In version 1 the train 1-2
-object scenes were sampled without held-out pairs, so a held-out pair appeared only
+Version 2 changed only the train split: in version 1 a held-out pair appeared only
 among three objects, and a model read a lone yellow square as the circle the seen
-pairs suggest (VQA on test images holding a held-out pair 87.5% against 95.0% on the
-others; 600 more question steps on version 2 data: 93.5% against 95.3%, docs/results.md).
-The val and test splits are byte-identical in both versions.
+pairs suggest (docs/results.md). The val and test splits are byte-identical in both
+versions.
 
 Dataset layout (see :func:`write_dataset`)::
 
@@ -91,6 +89,7 @@ __all__ = [
     "SIZE_FRACTIONS",
     "POSITIONS",
     "HELD_OUT",
+    "DEFAULT_SIZE",
     "QA_TYPES",
     "INSTRUCT_TYPES",
     "DESCRIBE",
@@ -141,7 +140,10 @@ POSITIONS: tuple[str, ...] = (
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )
-#: (colour, shape) pairs never present in any train-split scene.
+#: The image side in px of the shapes world the tiny preset reads: its 3×3 object grid falls on
+#: whole 4-px code cells (a 9×9 code grid).
+DEFAULT_SIZE = 36
+#: (colour, shape) pairs never drawn by a train text-to-image target (train images may hold them).
 HELD_OUT: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 QA_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position", "existence")
 #: The human turn of the description turn; its answer is :func:`caption`.
@@ -867,7 +869,7 @@ def write_dataset(
     n_train: int = 2000,
     n_val: int = 200,
     n_test: int = 500,
-    size: int = 32,
+    size: int = DEFAULT_SIZE,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
