@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two set-up commands of the README:
 #   ./run.sh demo [--out DIR]   install, then run `unicodebook demo` (the main job)
-#   ./run.sh test [pytest args] install, then run the test suite (what .ci/run calls)
+#   ./run.sh test [pytest args] install, lint (ruff), then run the test suite (what .ci/run calls)
 # The CPU build of PyTorch on this machine is pinned first, so nothing pulls a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,6 +12,6 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q -e ".[dev]"
 case "$what" in
   demo) exec .venv/bin/unicodebook demo "$@" ;;
-  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  test) .venv/bin/ruff check . && .venv/bin/ruff format --check . && exec .venv/bin/python -m pytest -q "$@" ;;
   *) echo "usage: ./run.sh demo|test [args]" >&2; exit 2 ;;
 esac

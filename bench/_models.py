@@ -19,17 +19,31 @@ from unicodebook.tokenizers.unicode.build import build_tokenizer
 PRESETS = {
     "tiny": [],  # the tiny preset as shipped: 4 layers, d = 128, 1024 rows (512 of them codes)
     # ~100M: a 12-layer d = 768 Llama over an 8192-row vocabulary, 4096 rows exposed as codes
-    "100m": ["llm.vocab_size=8192", "llm.hidden_size=768", "llm.num_layers=12", "llm.num_heads=12",
-             "llm.intermediate_size=2048", "model.codebook.row_offset=4096", "model.codebook.num_rows=4096"],
+    "100m": [
+        "llm.vocab_size=8192",
+        "llm.hidden_size=768",
+        "llm.num_layers=12",
+        "llm.num_heads=12",
+        "llm.intermediate_size=2048",
+        "model.codebook.row_offset=4096",
+        "model.codebook.num_rows=4096",
+    ],
 }
 
 
-def build_model(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                image_positions: bool = False, layout: str = "flat") -> UniCodeLM:
+def build_model(
+    preset: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    image_positions: bool = False,
+    layout: str = "flat",
+) -> UniCodeLM:
     cfg = load_config("tiny", PRESETS[preset])
     llm = load_llm(cfg.llm, seed=0)
     tok = build_tokenizer(cfg, llm, seed=0)
-    words = [f"a {c} {s} on the left of a {c2} {s2}" for c in COLOURS for s in SHAPES for c2 in COLOURS for s2 in SHAPES]
+    words = [
+        f"a {c} {s} on the left of a {c2} {s2}" for c in COLOURS for s in SHAPES for c2 in COLOURS for s2 in SHAPES
+    ]
     text_tok = train_word_tokenizer(words, max_vocab=cfg.llm.vocab_size // 2)
     ensure_markers(text_tok, llm)
     model = UniCodeLM(llm, tok, text_tok, image_positions=image_positions, layout=layout).eval()

@@ -1,7 +1,8 @@
 """Benchmark 5: the depth layout against the flat one, the same LLM.
 
 Flat: the LLM writes an image as h·w·D code tokens. Depth: it steps once per code position
-(h·w) and a depth head (2 layers; ``--depth-width`` narrower than the LLM if asked) emits that position's D codes. Same LLM weights, same
+(h·w) and a depth head (2 layers; ``--depth-width`` narrower than the LLM if asked) emits that position's D codes.
+Same LLM weights, same
 tokenizer geometry (the bench models: 36 px, 9×9×4 codes), random weights (speed does not
 depend on training). Two figures per preset:
 
@@ -34,8 +35,14 @@ PROMPT = "a red circle on the left of a blue square"
 def depth_twin(flat: UniCodeLM, layers: int, width: int) -> UniCodeLM:
     """The same LLM, tokenizer and text tokenizer with a depth head (``width`` 0: the LLM's)."""
     heads = 4 if width else flat.llm.config.num_attention_heads
-    return UniCodeLM(flat.llm, flat.tokenizer, flat.text_tok, image_positions=False, layout="depth",
-                     depth_head={"layers": layers, "heads": heads, "width": width}).eval()
+    return UniCodeLM(
+        flat.llm,
+        flat.tokenizer,
+        flat.text_tok,
+        image_positions=False,
+        layout="depth",
+        depth_head={"layers": layers, "heads": heads, "width": width},
+    ).eval()
 
 
 def train_step_s(model: UniCodeLM, batch: int, repeat: int) -> float:
@@ -78,22 +85,61 @@ def main() -> None:
             t = {}
             with torch.no_grad():
                 for name, m in (("flat", flat), ("depth", depth)):
-                    t[name] = timeit(lambda: m.generate_codes(prompts, CFG_SCALE, temperature=0), "cpu", repeat=args.repeat)
+                    t[name] = timeit(
+                        lambda: m.generate_codes(prompts, CFG_SCALE, temperature=0), "cpu", repeat=args.repeat
+                    )
             raw[f"{preset}/b{b}"] = {"flat_s": t["flat"], "depth_s": t["depth"]}
-            gen_rows.append([preset, f"{n_params(flat.llm) / 1e6:.0f}M + {extra:.2f}M", b, f"{t['flat'] / b:.3f}",
-                             f"{t['depth'] / b:.3f}", f"{t['flat'] / t['depth']:.2f}×"])
+            gen_rows.append(
+                [
+                    preset,
+                    f"{n_params(flat.llm) / 1e6:.0f}M + {extra:.2f}M",
+                    b,
+                    f"{t['flat'] / b:.3f}",
+                    f"{t['depth'] / b:.3f}",
+                    f"{t['flat'] / t['depth']:.2f}×",
+                ]
+            )
         ts = {name: train_step_s(m, args.train_batch, args.repeat) for name, m in (("flat", flat), ("depth", depth))}
         raw[f"{preset}/train_b{args.train_batch}"] = {"flat_s": ts["flat"], "depth_s": ts["depth"]}
-        train_rows.append([preset, args.train_batch, flat.steps_per_image, depth.steps_per_image, f"{ts['flat']:.3f}",
-                           f"{ts['depth']:.3f}", f"{ts['flat'] / ts['depth']:.2f}×"])
-    print(f"machine: {machine('cpu')}; depth head: {args.depth_layers} layers, width {args.depth_width or 'of the LLM'}; "
-          f"CFG {CFG_SCALE}, greedy, fp32\n")
-    print(table(["model", "params (LLM + depth head)", "batch", "flat s / image", "depth s / image", "speed-up"], gen_rows))
+        train_rows.append(
+            [
+                preset,
+                args.train_batch,
+                flat.steps_per_image,
+                depth.steps_per_image,
+                f"{ts['flat']:.3f}",
+                f"{ts['depth']:.3f}",
+                f"{ts['flat'] / ts['depth']:.2f}×",
+            ]
+        )
+    print(
+        f"machine: {machine('cpu')}; depth head: {args.depth_layers} layers, width {args.depth_width or 'of the LLM'}; "
+        f"CFG {CFG_SCALE}, greedy, fp32\n"
+    )
+    print(
+        table(
+            ["model", "params (LLM + depth head)", "batch", "flat s / image", "depth s / image", "speed-up"], gen_rows
+        )
+    )
     print()
-    print(table(["model", "batch", "LLM positions / image, flat", "depth", "t2i training step s, flat", "depth", "speed-up"],
-                train_rows))
-    write_json(args.json, {"machine": machine("cpu"), "depth_layers": args.depth_layers, "depth_width": args.depth_width,
-                           "results": raw})
+    print(
+        table(
+            [
+                "model",
+                "batch",
+                "LLM positions / image, flat",
+                "depth",
+                "t2i training step s, flat",
+                "depth",
+                "speed-up",
+            ],
+            train_rows,
+        )
+    )
+    write_json(
+        args.json,
+        {"machine": machine("cpu"), "depth_layers": args.depth_layers, "depth_width": args.depth_width, "results": raw},
+    )
 
 
 if __name__ == "__main__":

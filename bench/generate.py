@@ -57,12 +57,19 @@ def hf_generate(model, prompts: list[str]) -> torch.Tensor:
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):  # left padding, as ours
-        ids[i, width - len(r):] = torch.tensor(r, device=dev)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r, device=dev)
+        mask[i, width - len(r) :] = 1
     n = model.codes_per_image
-    out = model.llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, logits_processor=LogitsProcessorList([CodesOnlyCFG(model.code_token_ids, CFG_SCALE)]),
-                             pad_token_id=0, eos_token_id=None)
+    out = model.llm.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([CodesOnlyCFG(model.code_token_ids, CFG_SCALE)]),
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     return out[: len(prompts), width:]
 
 
@@ -122,7 +129,9 @@ def main() -> None:
     for preset in args.presets:
         model = build_model(preset, args.device)
         emb = model.llm.get_input_embeddings().weight
-        weight_bytes = sum(t.numel() * t.element_size() for t in model.llm.parameters()) - emb.numel() * emb.element_size()
+        weight_bytes = (
+            sum(t.numel() * t.element_size() for t in model.llm.parameters()) - emb.numel() * emb.element_size()
+        )
         n = model.codes_per_image
         floor = {b: matmul_floor(model, 2 * b, args.device) for b in sorted({1, *args.batches})}  # CFG: 2b rows
         floor_tps = 1 / floor[1]
@@ -131,52 +140,108 @@ def main() -> None:
             prompts = ["a red circle on the left of a blue square"] * b
             with torch.no_grad():
                 model.generate_codes(prompts[:1], CFG_SCALE, temperature=0)  # warm-up
-                ours, t_ours = timed(lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0), args.device, args.repeat)
+                ours, t_ours = timed(
+                    lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0), args.device, args.repeat
+                )
                 readings.append(read_bandwidth(args.device))  # right after the timing the bound is about
                 theirs, t_hf = timed(lambda: hf_generate(model, prompts), args.device, args.repeat)
                 t_layers = t_torch = float("nan")
                 if kernel:
                     with without(compiled_layers=True):
-                        ours_layers, t_layers = timed(lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0),
-                                                      args.device, args.repeat)
+                        ours_layers, t_layers = timed(
+                            lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0), args.device, args.repeat
+                        )
                     with without(compiled_layers=True, linear_kernel=True):
-                        ours_torch, t_torch = timed(lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0),
-                                                    args.device, args.repeat)
-                    assert torch.equal(ours_layers, ours), f"{preset} batch {b}: transformers' layers emitted different codes"
-                    assert torch.equal(ours_torch, ours), f"{preset} batch {b}: PyTorch's kernels emitted different codes"
+                        ours_torch, t_torch = timed(
+                            lambda: model.generate_codes(prompts, CFG_SCALE, temperature=0), args.device, args.repeat
+                        )
+                    assert torch.equal(ours_layers, ours), (
+                        f"{preset} batch {b}: transformers' layers emitted different codes"
+                    )
+                    assert torch.equal(ours_torch, ours), (
+                        f"{preset} batch {b}: PyTorch's kernels emitted different codes"
+                    )
             same = torch.equal(model.code_token_ids[ours.reshape(b, -1)], theirs)
             assert same, f"{preset} batch {b}: generate emitted different codes"
             per_batch[b] = t_ours
-            raw[f"{preset}/b{b}"] = {"ours_s": t_ours, "ours_transformers_layers_s": t_layers,
-                                     "ours_pytorch_kernels_s": t_torch, "generate_s": t_hf,
-                                     "matmuls_only_step_s": floor[b]}
-            rows.append([preset, f"{n_params(model.llm) / 1e6:.0f}M", b, f"{t_ours / b:.2f}", f"{b * n / t_ours:.0f}",
-                         f"{b * n / t_layers:.0f}" if kernel else "–", f"{b * n / t_torch:.0f}" if kernel else "–",
-                         f"{b * n / t_hf:.0f}", f"{t_hf / t_ours:.2f}×",
-                         (preset, n / t_ours) if b == 1 else "",  # tokens/s, a share of the bound below
-                         f"{(b / t_ours) / (1 / per_batch[1]):.1f}×" if 1 in per_batch and b > 1 else "",
-                         f"{b * floor[1] / floor[b]:.1f}×" if b > 1 else (preset, floor_tps)])
+            raw[f"{preset}/b{b}"] = {
+                "ours_s": t_ours,
+                "ours_transformers_layers_s": t_layers,
+                "ours_pytorch_kernels_s": t_torch,
+                "generate_s": t_hf,
+                "matmuls_only_step_s": floor[b],
+            }
+            rows.append(
+                [
+                    preset,
+                    f"{n_params(model.llm) / 1e6:.0f}M",
+                    b,
+                    f"{t_ours / b:.2f}",
+                    f"{b * n / t_ours:.0f}",
+                    f"{b * n / t_layers:.0f}" if kernel else "–",
+                    f"{b * n / t_torch:.0f}" if kernel else "–",
+                    f"{b * n / t_hf:.0f}",
+                    f"{t_hf / t_ours:.2f}×",
+                    (preset, n / t_ours) if b == 1 else "",  # tokens/s, a share of the bound below
+                    f"{(b / t_ours) / (1 / per_batch[1]):.1f}×" if 1 in per_batch and b > 1 else "",
+                    f"{b * floor[1] / floor[b]:.1f}×" if b > 1 else (preset, floor_tps),
+                ]
+            )
         raw[preset] = {"weight_bytes": weight_bytes, "matmuls_only_tokens_per_s": floor_tps}
     bandwidth = max(readings)
     for preset in args.presets:  # batch-1 tokens/s if only the weights cost time
         raw[preset]["bound_tokens_per_s"] = bandwidth * 1e9 / raw[preset]["weight_bytes"]
-    rows = [[f"{cell[1] / raw[cell[0]]['bound_tokens_per_s']:.0%}" if isinstance(cell, tuple) else cell for cell in row]
-            for row in rows]
+    rows = [
+        [f"{cell[1] / raw[cell[0]]['bound_tokens_per_s']:.0%}" if isinstance(cell, tuple) else cell for cell in row]
+        for row in rows
+    ]
     for preset in args.presets:
         r = raw[preset]
-        print(f"{preset}: {r['weight_bytes'] / 2**20:.0f} MiB of weights read per token → bound {r['bound_tokens_per_s']:.0f} tokens/s at batch 1; "
-              f"the linear layers alone ({'streaming kernel' if kernel else 'W·xᵀ'}, 2 rows) run at {r['matmuls_only_tokens_per_s']:.0f} tokens/s "
-              f"= {r['matmuls_only_tokens_per_s'] / r['bound_tokens_per_s']:.0%} of the bound")
+        print(
+            f"{preset}: {r['weight_bytes'] / 2**20:.0f} MiB of weights read per token → "
+            f"bound {r['bound_tokens_per_s']:.0f} tokens/s at batch 1; "
+            f"the linear layers alone ({'streaming kernel' if kernel else 'W·xᵀ'}, 2 rows) "
+            f"run at {r['matmuls_only_tokens_per_s']:.0f} tokens/s "
+            f"= {r['matmuls_only_tokens_per_s'] / r['bound_tokens_per_s']:.0%} of the bound"
+        )
     print(f"\nimage generation, {n} code tokens per image, CFG {CFG_SCALE} (batch b runs 2b sequences), greedy, fp32")
-    print(f"machine: {machine(args.device)}; memory read bandwidth (same run, highest of {len(readings)} readings): {bandwidth:.1f} GB/s "
-          f"(lowest {min(readings):.1f})")
-    print(f"compiled CPU kernels: {'on (the A/B columns: ours with transformers layers, then also without the linear kernel)' if kernel else 'not available'}")
+    print(
+        f"machine: {machine(args.device)}; memory read bandwidth "
+        f"(same run, highest of {len(readings)} readings): {bandwidth:.1f} GB/s "
+        f"(lowest {min(readings):.1f})"
+    )
+    ab = "on (the A/B columns: ours with transformers layers, then also without the linear kernel)"
+    print(f"compiled CPU kernels: {ab if kernel else 'not available'}")
     print("ours and generate emitted identical codes\n")
-    print(table(["model", "params", "batch", "s / image", "tokens/s ours", "tokens/s ours, transformers layers", "tokens/s ours, transformers layers + PyTorch kernels", "tokens/s generate", "speed-up",
-                 "of bandwidth bound (b=1)", "images/s vs b=1", "linear layers alone: of bound (b=1) / images/s vs b=1"], rows))
-    write_json(args.json, {"machine": machine(args.device), "bandwidth_gbs": bandwidth, "bandwidth_readings_gbs": readings,
-                           "streaming_kernel": kernel,
-                           "results": raw})
+    print(
+        table(
+            [
+                "model",
+                "params",
+                "batch",
+                "s / image",
+                "tokens/s ours",
+                "tokens/s ours, transformers layers",
+                "tokens/s ours, transformers layers + PyTorch kernels",
+                "tokens/s generate",
+                "speed-up",
+                "of bandwidth bound (b=1)",
+                "images/s vs b=1",
+                "linear layers alone: of bound (b=1) / images/s vs b=1",
+            ],
+            rows,
+        )
+    )
+    write_json(
+        args.json,
+        {
+            "machine": machine(args.device),
+            "bandwidth_gbs": bandwidth,
+            "bandwidth_readings_gbs": readings,
+            "streaming_kernel": kernel,
+            "results": raw,
+        },
+    )
 
 
 if __name__ == "__main__":

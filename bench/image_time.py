@@ -12,8 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from unicodebook.config import load_config
 from unicodebook.lm.model import load_model
 
@@ -31,11 +29,20 @@ def measure(folder: str, batches: list[int], repeat: int) -> list[dict]:
         prompts = [PROMPT] * b
 
         def draw():
-            return model.generate_image(prompts, cfg_scale=g.cfg_scale, temperature=g.temperature, top_k=g.top_k, seed=0)
+            return model.generate_image(
+                prompts, cfg_scale=g.cfg_scale, temperature=g.temperature, top_k=g.top_k, seed=0
+            )
 
         s = timeit(draw, repeat=repeat)
-        rows.append({"model": folder, "family": model.tokenizer.family, "batch": b,
-                     "codes_per_image": model.tokenizer.layout.length, "s_per_image": round(s / b, 4)})
+        rows.append(
+            {
+                "model": folder,
+                "family": model.tokenizer.family,
+                "batch": b,
+                "codes_per_image": model.tokenizer.layout.length,
+                "s_per_image": round(s / b, 4),
+            }
+        )
     return rows
 
 

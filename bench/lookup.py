@@ -56,8 +56,11 @@ def build(method: str, codebook: torch.Tensor, depth: int):
         return lambda z: rq(z.view(1, 1, -1, d)).codes.view(-1, depth), rq
     from vector_quantize_pytorch import ResidualVQ
 
-    rvq = ResidualVQ(dim=d, num_quantizers=depth, codebook_size=v, shared_codebook=True,
-                     kmeans_init=False).to(codebook.device).eval()
+    rvq = (
+        ResidualVQ(dim=d, num_quantizers=depth, codebook_size=v, shared_codebook=True, kmeans_init=False)
+        .to(codebook.device)
+        .eval()
+    )
     with torch.no_grad():
         rvq.layers[0]._codebook.embed.copy_(codebook[None])
     return lambda z: rvq(z[None])[1][0], rvq
@@ -82,8 +85,10 @@ def worker(args) -> None:
     codebook, z = make_inputs(args)
     if args.worker == "matmul":  # the ceiling: one block GEMM of the search, best of several
         a, b = z, codebook[:4096]
-        rates = [2 * a.shape[0] * a.shape[1] * b.shape[0] / timeit(lambda: a @ b.t(), args.device, 1, 0) / 1e9
-                 for _ in range(8)]
+        rates = [
+            2 * a.shape[0] * a.shape[1] * b.shape[0] / timeit(lambda: a @ b.t(), args.device, 1, 0) / 1e9
+            for _ in range(8)
+        ]
         print(json.dumps({"gflops": max(rates)}))
         return
     call, module = build(args.worker, codebook, args.depth)
@@ -112,9 +117,13 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json")
-    p.add_argument("--methods", nargs="+", choices=METHODS,
-                   help="default: all, except ours-bf16 on a device without native bf16 kernels (emulated "
-                        "there, ~8x slower than fp32, and never what search: auto picks)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        help="default: all, except ours-bf16 on a device without native bf16 kernels (emulated "
+        "there, ~8x slower than fp32, and never what search: auto picks)",
+    )
     p.add_argument("--worker", choices=METHODS + ("matmul",), help=argparse.SUPPRESS)
     p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--codes", help=argparse.SUPPRESS)
@@ -130,7 +139,9 @@ def main() -> None:
     common = [f"--{k}={getattr(args, k)}" for k in ("n", "v", "d", "depth", "repeat", "device")]
 
     def child(*extra: str, env=None) -> dict:
-        run = subprocess.run([sys.executable, __file__, *extra, *common], env=env, capture_output=True, text=True, check=False)
+        run = subprocess.run(
+            [sys.executable, __file__, *extra, *common], env=env, capture_output=True, text=True, check=False
+        )
         if run.returncode:
             sys.exit(f"{extra} failed:\n{run.stderr[-3000:]}")
         return json.loads(run.stdout.strip().splitlines()[-1])
@@ -152,25 +163,61 @@ def main() -> None:
         assert not m.startswith("ours"), f"{m} returned different codes from {methods[0]}"
         n_diff, worst = tied_differences(codes[m], codes[methods[0]], *make_inputs(args))
         tol = args.d * 2.0**-24  # worst-case relative error of a d-term fp32 dot product
-        assert worst <= tol, f"{m}: codes differ where the distances are {worst:.1e} apart (relative), beyond fp32 rounding {tol:.1e}"
-        notes.append(f"{m}: {n_diff} of {args.n} vectors take another code at a near-tie (distances {worst:.1e} apart "
-                     f"at most, relative; fp32 rounding of a {args.d}-term dot product: {tol:.1e}); identical elsewhere")
-    base = results.get("vector-quantize-pytorch", results[methods[0]])  # the ratios are against the baseline when it ran
+        assert worst <= tol, (
+            f"{m}: codes differ where the distances are {worst:.1e} apart (relative), beyond fp32 rounding {tol:.1e}"
+        )
+        notes.append(
+            f"{m}: {n_diff} of {args.n} vectors take another code at a near-tie (distances {worst:.1e} apart "
+            f"at most, relative; fp32 rounding of a {args.d}-term dot product: {tol:.1e}); identical elsewhere"
+        )
+    base = results.get(
+        "vector-quantize-pytorch", results[methods[0]]
+    )  # the ratios are against the baseline when it ran
     rows = []
     for m in methods:
         r = results[m]
         eff = flops / r["seconds"] / 1e9
-        rows.append([m, f"{r['seconds']:.2f}", f"{base['seconds'] / r['seconds']:.2f}×",
-                     f"{r['peak_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / base['peak_bytes']:.2f}×",
-                     f"{r['state_bytes'] / 2**20:.0f}", f"{eff:.0f}", f"{eff / rate:.0%}"])
+        rows.append(
+            [
+                m,
+                f"{r['seconds']:.2f}",
+                f"{base['seconds'] / r['seconds']:.2f}×",
+                f"{r['peak_bytes'] / 2**20:.0f}",
+                f"{r['peak_bytes'] / base['peak_bytes']:.2f}×",
+                f"{r['state_bytes'] / 2**20:.0f}",
+                f"{eff:.0f}",
+                f"{eff / rate:.0%}",
+            ]
+        )
     print(f"\nRQ lookup: N={args.n}, V={args.v}, d={args.d}, D={args.depth}, fp32 in/out, {args.device}")
     print(f"machine: {machine(args.device)}")
     print(f"fp32 matmul rate (one search block, {args.n}×{args.d}·{args.d}×4096, best of 8): {rate:.0f} GFLOP/s")
     print("\n".join(notes) if notes else "all methods returned identical codes", end="\n\n")
-    print(table(["method", "seconds", "speed-up", "peak extra MiB", "peak ratio", "kept state MiB",
-                 "GFLOP/s (fp32-equivalent)", "of fp32 matmul rate"], rows))
-    write_json(args.json, {"args": vars(args), "machine": machine(args.device), "matmul_gflops": rate,
-                           "results": results, "code_notes": notes})
+    print(
+        table(
+            [
+                "method",
+                "seconds",
+                "speed-up",
+                "peak extra MiB",
+                "peak ratio",
+                "kept state MiB",
+                "GFLOP/s (fp32-equivalent)",
+                "of fp32 matmul rate",
+            ],
+            rows,
+        )
+    )
+    write_json(
+        args.json,
+        {
+            "args": vars(args),
+            "machine": machine(args.device),
+            "matmul_gflops": rate,
+            "results": results,
+            "code_notes": notes,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -87,8 +87,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int, g: torch.Generator) -> torch.Ten
     return c
 
 
-def residual_kmeans(train: torch.Tensor, test: torch.Tensor, depth: int, k: int, p: int, iters: int,
-                    max_patches: int, seed: int) -> list[torch.Tensor]:
+def residual_kmeans(
+    train: torch.Tensor, test: torch.Tensor, depth: int, k: int, p: int, iters: int, max_patches: int, seed: int
+) -> list[torch.Tensor]:
     """Test reconstructions after 1, 2, …, ``depth`` stages of ``k`` codewords each."""
     g = torch.Generator().manual_seed(seed)
     xt = patches(train, p)
@@ -103,8 +104,9 @@ def residual_kmeans(train: torch.Tensor, test: torch.Tensor, depth: int, k: int,
     return out
 
 
-def shared_residual_kmeans(train: torch.Tensor, test: torch.Tensor, depth: int, k: int, p: int, iters: int,
-                           max_patches: int, seed: int) -> list[torch.Tensor]:
+def shared_residual_kmeans(
+    train: torch.Tensor, test: torch.Tensor, depth: int, k: int, p: int, iters: int, max_patches: int, seed: int
+) -> list[torch.Tensor]:
     """Residual VQ whose ``depth`` stages share ONE table of ``k`` codewords (as the unified
     codebook's ``layer_rows: shared``): started at k-means of the patches, then Lloyd steps in
     which every codeword moves to the mean of the residuals it was assigned at any stage."""
@@ -134,8 +136,9 @@ def grid_picks(test: torch.Tensor, n: int = 8) -> torch.Tensor:
     return torch.linspace(0, test.shape[0] - 1, n).round().long()
 
 
-def tokenizer_row(root: Path, run: Path, cfg_name: str, overrides: list[str],
-                  shown: torch.Tensor) -> tuple[dict, torch.Tensor]:
+def tokenizer_row(
+    root: Path, run: Path, cfg_name: str, overrides: list[str], shown: torch.Tensor
+) -> tuple[dict, torch.Tensor]:
     """Train at ``run``; the test figures, and the reconstructions of the ``shown`` crops."""
     cfg = load_config(cfg_name, overrides)
     t0 = time.time()
@@ -145,8 +148,13 @@ def tokenizer_row(root: Path, run: Path, cfg_name: str, overrides: list[str],
     ev = evaluate_tokenizer(tok, root, split="test", progress=False)
     with torch.no_grad():
         recon = tok.eval().decode(tok.encode(shown.to(tok.device))).clamp(0, 1).cpu()
-    return {"psnr": ev["psnr"], "ssim": ev["ssim"], "usage": ev.get("usage_all"), "train_s": round(seconds),
-            "train_psnr": res.final.get("psnr")}, recon
+    return {
+        "psnr": ev["psnr"],
+        "ssim": ev["ssim"],
+        "usage": ev.get("usage_all"),
+        "train_s": round(seconds),
+        "train_psnr": res.final.get("psnr"),
+    }, recon
 
 
 def main() -> None:
@@ -155,18 +163,30 @@ def main() -> None:
     p.add_argument("--config", default="tiny", help="the tokenizer's preset (its geometry sets the budgets)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="tokenizer overrides")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--bits", type=int, nargs="+", help="budgets in bits per image instead of --depths "
-                   "(each a multiple of the code grid's positions × bits a code)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        nargs="+",
+        help="budgets in bits per image instead of --depths "
+        "(each a multiple of the code grid's positions × bits a code)",
+    )
     p.add_argument("--steps", type=int, default=None, help="stage I steps (default: the preset's)")
-    p.add_argument("--paradigms", nargs="*", default=["iterative", "frozen", "dual"],
-                   help="codebook modes compared at the largest budget")
+    p.add_argument(
+        "--paradigms",
+        nargs="*",
+        default=["iterative", "frozen", "dual"],
+        help="codebook modes compared at the largest budget",
+    )
     p.add_argument("--n-train", type=int, default=20_000)
     p.add_argument("--n-test", type=int, default=2000)
     p.add_argument("--kmeans-iters", type=int, default=25)
     p.add_argument("--kmeans-patches", type=int, default=300_000)
     p.add_argument("--skip-tokenizer", action="store_true", help="the k-means rows only")
-    p.add_argument("--skip-kmeans", action="store_true",
-                   help="the tokenizer rows only (the k-means rows depend on the photo set and seed alone)")
+    p.add_argument(
+        "--skip-kmeans",
+        action="store_true",
+        help="the tokenizer rows only (the k-means rows depend on the photo set and seed alone)",
+    )
     p.add_argument("--json")
     args = p.parse_args()
 
@@ -181,8 +201,11 @@ def main() -> None:
     if args.bits:
         bad = [b for b in args.bits if b < per_layer or b % per_layer]
         if bad:
-            raise SystemExit(f"error: a budget of {bad[0]} bits does not divide the {side}×{side} code grid at {int(np.log2(rows_k))} "
-                    f"bits a code: use multiples of {per_layer} ({per_layer}, {2 * per_layer}, {4 * per_layer}, …)")
+            raise SystemExit(
+                f"error: a budget of {bad[0]} bits does not divide the {side}×{side} code grid "
+                f"at {int(np.log2(rows_k))} bits a code: "
+                f"use multiples of {per_layer} ({per_layer}, {2 * per_layer}, {4 * per_layer}, …)"
+            )
         args.depths = sorted({b // per_layer for b in args.bits})
     bits = {d: per_layer * d for d in args.depths}
     root = args.out / f"photos{size}"
@@ -190,8 +213,10 @@ def main() -> None:
         write_photo_set(root, size=size, n_train=args.n_train, n_test=args.n_test)
     meta = json.loads((root / "meta.json").read_text())
     train, test = load_split(root, "train"), load_split(root, "test")
-    print(f"photo set {root}: {len(train)} train crops of {', '.join(meta['photos']['train'])}; "
-          f"{len(test)} test crops of {', '.join(meta['photos']['test'])}")
+    print(
+        f"photo set {root}: {len(train)} train crops of {', '.join(meta['photos']['train'])}; "
+        f"{len(test)} test crops of {', '.join(meta['photos']['test'])}"
+    )
 
     raw: dict = {"set": meta, "budgets": bits, "rows": []}
     picks = grid_picks(test)
@@ -208,9 +233,16 @@ def main() -> None:
                 continue  # one stage: the same as the row above
             r = recs[d - 1]
             grid.append((bits[d], f"{'shared ' * (fit is shared_residual_kmeans)}k-means, {bits[d]} bits", r[picks]))
-            raw["rows"].append({"method": "k-means VQ" if d == 1 else name, "depth": d, "bits": bits[d],
-                                "psnr": psnr(r, test).clamp(max=100).mean().item(), "ssim": ssim(r, test).mean().item(),
-                                "fit_s": round(km_s)})
+            raw["rows"].append(
+                {
+                    "method": "k-means VQ" if d == 1 else name,
+                    "depth": d,
+                    "bits": bits[d],
+                    "psnr": psnr(r, test).clamp(max=100).mean().item(),
+                    "ssim": ssim(r, test).mean().item(),
+                    "fit_s": round(km_s),
+                }
+            )
     if not args.skip_tokenizer:
         steps = [f"train_tokenizer.steps={args.steps}"] if args.steps else []
         runs = [(d, cfg.model.codebook.mode) for d in args.depths]
@@ -218,8 +250,10 @@ def main() -> None:
         for d, mode in runs:
             over = [*args.set, *steps, f"model.quantizer.depth={d}", f"model.codebook.mode={mode}"]
             if split:  # rows_k a layer at every depth
-                over += [f"model.codebook.num_rows={rows_k * d}",
-                         f"llm.vocab_size={max(cfg.llm.vocab_size, cb.row_offset + rows_k * d)}"]
+                over += [
+                    f"model.codebook.num_rows={rows_k * d}",
+                    f"llm.vocab_size={max(cfg.llm.vocab_size, cb.row_offset + rows_k * d)}",
+                ]
             row, recon = tokenizer_row(root, args.out / f"tok_d{d}_{mode}", args.config, over, test[picks])
             raw["rows"].append({"method": f"tokenizer ({mode} codebook)", "depth": d, "bits": bits[d], **row})
             grid.append((bits[d], f"{mode} tokenizer, {bits[d]} bits", recon))
@@ -227,10 +261,22 @@ def main() -> None:
     raw["rows"].sort(key=lambda r: (r["bits"], r["method"]))
     print(f"\nrate–distortion on held-out photos ({size} px crops; {cell}×{cell} px cells, {rows_k} codewords a layer)")
     print(f"machine: {machine()}\n")
-    print(table(["bits / image", "method", "test PSNR", "test SSIM", "codebook usage", "train s"],
-                [[r["bits"], r["method"], f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
-                  "" if r.get("usage") is None else f"{r['usage']:.0%}", r.get("train_s", r.get("fit_s"))]
-                 for r in raw["rows"]]))
+    print(
+        table(
+            ["bits / image", "method", "test PSNR", "test SSIM", "codebook usage", "train s"],
+            [
+                [
+                    r["bits"],
+                    r["method"],
+                    f"{r['psnr']:.2f}",
+                    f"{r['ssim']:.3f}",
+                    "" if r.get("usage") is None else f"{r['usage']:.0%}",
+                    r.get("train_s", r.get("fit_s")),
+                ]
+                for r in raw["rows"]
+            ],
+        )
+    )
     grid.sort(key=lambda g: g[0])
     image_grid([g[2] for g in grid], labels=[g[1] for g in grid]).save(args.out / "test_crops.png")
     print(f"reconstructions of 8 test crops: {args.out / 'test_crops.png'}")

@@ -63,7 +63,7 @@ def scenes_by_codes(tokenizer_run: str, data: Path) -> Scenes:
         caps = {json.loads(x)["image"]: json.loads(x)["caption"] for x in open(data / split / "captions.jsonl")}
         rows = [json.loads(x) for x in open(data / split / "scenes.jsonl")]
         for i in range(0, len(rows), 64):
-            part = rows[i:i + 64]
+            part = rows[i : i + 64]
             images = torch.stack([load_image(data / split / r["image"], tok.image_size) for r in part])
             with torch.no_grad():
                 codes = tok.encode(images)
@@ -89,13 +89,13 @@ def install(mode: str, found: Scenes | None) -> None:
             item = found[c]
             if mode == "caption":
                 ids = text_ids(self.text_tok, item["caption"])[:n]
-                out[b, :len(ids)] = table[torch.tensor(ids)]
+                out[b, : len(ids)] = table[torch.tensor(ids)]
             else:
                 grid = out[b].view(side, side, -1)
                 for o in item["scene"]["objects"]:
                     r, q = divmod(POSITIONS.index(o["position"]), 3)
                     v = word(o["size"]) + word(o["colour"]) + word(o["shape"])
-                    grid[r * side // 3:(r + 1) * side // 3, q * side // 3:(q + 1) * side // 3] = v
+                    grid[r * side // 3 : (r + 1) * side // 3, q * side // 3 : (q + 1) * side // 3] = v
         return out
 
     UniCodeLM.latents = latents
@@ -115,8 +115,22 @@ def run() -> None:
     questions_only = ["train_lm.tasks.decompress=0", "train_lm.tasks.t2i=0", "train_lm.image_layout=depth"]
     cli(["train-lm", "--tokenizer", a.tokenizer, "--data", str(a.data), "--out", a.out, *questions_only, *a.overrides])
     trained = time.time() - t0
-    cli(["eval", "model", "--model", a.out, "--data", str(a.data), "--split", "test",
-         "--max-vqa", str(a.max_vqa), "--max-t2i", "0"])
+    cli(
+        [
+            "eval",
+            "model",
+            "--model",
+            a.out,
+            "--data",
+            str(a.data),
+            "--split",
+            "test",
+            "--max-vqa",
+            str(a.max_vqa),
+            "--max-t2i",
+            "0",
+        ]
+    )
     print(f"{a.mode}: stage II {trained:.0f} s")
 
 

@@ -26,14 +26,26 @@ def percentiles(xs: list[float]) -> dict:
     return {"p50_ms": pick(0.50), "p90_ms": pick(0.90), "p99_ms": pick(0.99), "max_ms": round(1000 * xs[-1], 1)}
 
 
-async def client(c: httpx.AsyncClient, i: int, until: float, image_url: str, model: str, out: dict,
-                 kinds: list[str]) -> None:
+async def client(
+    c: httpx.AsyncClient, i: int, until: float, image_url: str, model: str, out: dict, kinds: list[str]
+) -> None:
     k = i
     while time.perf_counter() < until:
         kind = kinds[k % len(kinds)]
         k += 1
-        chat = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "what colour is it?"}]}]}
+        chat = {
+            "model": model,
+            "max_tokens": 16,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url}},
+                        {"type": "text", "text": "what colour is it?"},
+                    ],
+                }
+            ],
+        }
         t0 = time.perf_counter()
         try:
             if kind == "health":
@@ -68,10 +80,16 @@ async def main() -> None:
         kinds = a.kinds.split(",")
         await asyncio.gather(*(client(c, i, start + a.seconds, image_url, model, out, kinds) for i in range(a.clients)))
         wall = time.perf_counter() - start
-    report = {"clients": a.clients, "seconds": round(wall, 2),
-              "served": sum(v["served"] for v in out.values()), "errors": sum(v["errors"] for v in out.values()),
-              "by_kind": {k: {"served": v["served"], "errors": v["errors"], **percentiles(v["latency"])}
-                          for k, v in sorted(out.items())}}
+    report = {
+        "clients": a.clients,
+        "seconds": round(wall, 2),
+        "served": sum(v["served"] for v in out.values()),
+        "errors": sum(v["errors"] for v in out.values()),
+        "by_kind": {
+            k: {"served": v["served"], "errors": v["errors"], **percentiles(v["latency"])}
+            for k, v in sorted(out.items())
+        },
+    }
     print(json.dumps(report))
 
 

@@ -27,8 +27,13 @@ from unicodebook.tokenizers.unicode.build import build_tokenizer
 
 
 def configs(width: int) -> dict:
-    big = ["llm.name=builtin", "llm.num_layers=1", "llm.intermediate_size=1024", "llm.dtype=float32",
-           f"model.autoencoder.ch={width}"]
+    big = [
+        "llm.name=builtin",
+        "llm.num_layers=1",
+        "llm.intermediate_size=1024",
+        "llm.dtype=float32",
+        f"model.autoencoder.ch={width}",
+    ]
     tiny = load_config("tiny")
     return {f"tiny {tiny.model.image_size} px": (tiny, 64), "7B geometry 256 px": (load_config("7b", big), 4)}
 
@@ -43,8 +48,9 @@ def main() -> None:
     rows, raw = [], {}
     for name, (cfg, batch) in configs(args.width).items():
         tok = build_tokenizer(cfg, seed=0).eval().to(args.device)
-        images = torch.rand(batch, 3, cfg.model.image_size, cfg.model.image_size,
-                            generator=torch.Generator().manual_seed(0)).to(args.device)
+        images = torch.rand(
+            batch, 3, cfg.model.image_size, cfg.model.image_size, generator=torch.Generator().manual_seed(0)
+        ).to(args.device)
         with torch.inference_mode():
             codes = tok.encode(images)
             t_enc = timeit(lambda: tok.encode(images), args.device, repeat=args.repeat)
@@ -52,12 +58,35 @@ def main() -> None:
         search = "bf16 certified" if tok.codebook.search_index().lowp is not None else "fp32"
         ae = sum(p.numel() for n, p in tok.named_parameters() if not n.startswith("codebook"))
         raw[name] = {"batch": batch, "encode_s": t_enc, "decode_s": t_dec}
-        rows.append([name, f"{tok.codebook.num_codes}×{tok.codebook.dim}", search, f"{ae / 1e6:.1f}M",
-                     tok.codes_per_image, batch, f"{batch / t_enc:.1f}", f"{batch / t_dec:.1f}"])
+        rows.append(
+            [
+                name,
+                f"{tok.codebook.num_codes}×{tok.codebook.dim}",
+                search,
+                f"{ae / 1e6:.1f}M",
+                tok.codes_per_image,
+                batch,
+                f"{batch / t_enc:.1f}",
+                f"{batch / t_dec:.1f}",
+            ]
+        )
     print(f"\nvisual tokenizer throughput (fp32, median of {args.repeat}; 256 px autoencoder width {args.width})")
     print(f"machine: {machine(args.device)}\n")
-    print(table(["setting", "codebook", "search", "autoencoder params", "codes / image", "batch",
-                 "encode images/s", "decode images/s"], rows))
+    print(
+        table(
+            [
+                "setting",
+                "codebook",
+                "search",
+                "autoencoder params",
+                "codes / image",
+                "batch",
+                "encode images/s",
+                "decode images/s",
+            ],
+            rows,
+        )
+    )
     write_json(args.json, {"machine": machine(args.device), "width": args.width, "results": raw})
 
 

@@ -79,8 +79,16 @@ def main() -> None:
                     times[name].append(time.perf_counter() - t)
         ours, base = statistics.median(times["ours"]), statistics.median(times["plain"])
         raw[preset] = {"tokens": tokens, "ours_s": times["ours"], "plain_s": times["plain"]}
-        rows.append([preset, f"{n_params(model.llm) / 1e6:.0f}M", f"{BATCH[preset]}×{batch.input_ids.shape[1]}",
-                     f"{tokens / ours:,.0f}", f"{tokens / base:,.0f}", f"{base / ours:.2f}×"])
+        rows.append(
+            [
+                preset,
+                f"{n_params(model.llm) / 1e6:.0f}M",
+                f"{BATCH[preset]}×{batch.input_ids.shape[1]}",
+                f"{tokens / ours:,.0f}",
+                f"{tokens / base:,.0f}",
+                f"{base / ours:.2f}×",
+            ]
+        )
     print(f"\nstage II training step ({args.precision}, AdamW, decompression batches; median of {args.steps} steps)")
     print(f"machine: {machine(args.device)}\n")
     print(table(["model", "params", "batch × length", "tokens/s ours", "tokens/s plain transformers", "ratio"], rows))

@@ -43,18 +43,31 @@ def main() -> None:
         now = input_embedding(tok.llm).weight.detach().float()
         ids = tok.codebook.token_ids
         drift = torch.nn.functional.cosine_similarity(now[ids], original[ids], dim=1).mean()
-        rows.append({"mode": mode, "psnr": test["psnr"], "ssim": test["ssim"], "usage_all": test["usage_all"],
-                     "usage_mean": test["usage_mean"], "cos_llm": test["codebook_cosine_llm"],
-                     "cos_llm_original": float(drift), "judge": test.get("judge_accuracy", float("nan")),
-                     "judge_seen": test.get("judge_accuracy_seen", float("nan")),
-                     "judge_held_out": test.get("judge_accuracy_held_out", float("nan"))})
+        rows.append(
+            {
+                "mode": mode,
+                "psnr": test["psnr"],
+                "ssim": test["ssim"],
+                "usage_all": test["usage_all"],
+                "usage_mean": test["usage_mean"],
+                "cos_llm": test["codebook_cosine_llm"],
+                "cos_llm_original": float(drift),
+                "judge": test.get("judge_accuracy", float("nan")),
+                "judge_seen": test.get("judge_accuracy_seen", float("nan")),
+                "judge_held_out": test.get("judge_accuracy_held_out", float("nan")),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| rule | test PSNR (dB) | SSIM | usage (any layer) | usage (mean per layer) | judge: seen / held-out "
-          "| cos(codebook, LLM rows) | cos(LLM rows, original) |")
+    print(
+        "\n| rule | test PSNR (dB) | SSIM | usage (any layer) | usage (mean per layer) | judge: seen / held-out "
+        "| cos(codebook, LLM rows) | cos(LLM rows, original) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| `{r['mode']}` | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['usage_all']:.1%} | {r['usage_mean']:.1%} | "
-              f"{r['judge_seen']:.1%} / {r['judge_held_out']:.1%} | {r['cos_llm']:.4f} | {r['cos_llm_original']:.4f} |")
+        print(
+            f"| `{r['mode']}` | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['usage_all']:.1%} | {r['usage_mean']:.1%} | "
+            f"{r['judge_seen']:.1%} / {r['judge_held_out']:.1%} | {r['cos_llm']:.4f} | {r['cos_llm_original']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

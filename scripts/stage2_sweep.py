@@ -65,8 +65,7 @@ class Sweep:
         self.summary: dict = {"args": vars(args), "runs": {}}
         self.lock = threading.Lock()
         threads = max(1, (os.cpu_count() or 2) // max(1, args.parallel))
-        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                        PYTHONUNBUFFERED="1")
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -83,22 +82,48 @@ class Sweep:
     def train(self, name: str, overrides: list[str], steps: int, timeout: float) -> tuple[bool, float]:
         run = self.out / name
         shutil.rmtree(run, ignore_errors=True)
-        cmd = [sys.executable, "-m", "unicodebook", "train-lm", "--tokenizer", self.a.tokenizer, "--data", self.a.data,
-               "--out", str(run), f"train_lm.steps={steps}", "train_lm.sample_every=0", "train_lm.save_every=0",
-               *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "unicodebook",
+            "train-lm",
+            "--tokenizer",
+            self.a.tokenizer,
+            "--data",
+            self.a.data,
+            "--out",
+            str(run),
+            f"train_lm.steps={steps}",
+            "train_lm.sample_every=0",
+            "train_lm.save_every=0",
+            *overrides,
+        ]
         if self.a.config:
             cmd[4:4] = ["--config", self.a.config]
         t0 = time.time()
         with open(self.out / f"{name}.log", "w") as logf:
             try:
-                rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=self.env, timeout=timeout).returncode
+                rc = subprocess.run(
+                    cmd, stdout=logf, stderr=subprocess.STDOUT, env=self.env, timeout=timeout
+                ).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         return rc == 0, time.time() - t0
 
     def evaluate(self, name: str, timeout: float) -> dict:
-        cmd = [sys.executable, "-m", "unicodebook", "eval", "model", "--model", str(self.out / name), "--data",
-               self.a.data, "--split", "test"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "unicodebook",
+            "eval",
+            "model",
+            "--model",
+            str(self.out / name),
+            "--data",
+            self.a.data,
+            "--split",
+            "test",
+        ]
         if self.a.max_t2i:
             cmd += ["--max-t2i", str(self.a.max_t2i)]
         if self.a.max_vqa:
@@ -119,22 +144,25 @@ class Sweep:
         results = {}
 
         def one(r):
-            results[r["name"]] = self.train(f"_calib_{r['name']}", r["overrides"] + [f"train_lm.log_every={n // 2}"],
-                                            n, self.a.timeout_s)
+            results[r["name"]] = self.train(
+                f"_calib_{r['name']}", r["overrides"] + [f"train_lm.log_every={n // 2}"], n, self.a.timeout_s
+            )
 
-        ts = [threading.Thread(target=one, args=(r,)) for r in first[:self.a.parallel]]
+        ts = [threading.Thread(target=one, args=(r,)) for r in first[: self.a.parallel]]
         [t.start() for t in ts]
         [t.join() for t in ts]
         per_step = []
-        for r in first[:self.a.parallel]:
+        for r in first[: self.a.parallel]:
             metrics = self.out / f"_calib_{r['name']}" / "metrics.jsonl"
             if not results[r["name"]][0] or not metrics.exists():
-                raise SystemExit(f"calibration run {r['name']} failed: see {self.out / ('_calib_' + r['name'] + '.log')}")
+                raise SystemExit(
+                    f"calibration run {r['name']} failed: see {self.out / ('_calib_' + r['name'] + '.log')}"
+                )
             # the second half only: the first steps carry kernel warm-up and the other
             # processes' start-up (on one H200, timing all of them overestimated 2.7×)
             half, last = (json.loads(x) for x in metrics.read_text().splitlines()[-2:])
             per_step.append((last["elapsed_s"] - half["elapsed_s"]) / (last["step"] - half["step"]))
-        for r in first[:self.a.parallel]:
+        for r in first[: self.a.parallel]:
             shutil.rmtree(self.out / f"_calib_{r['name']}", ignore_errors=True)
         return max(per_step)
 
@@ -155,7 +183,9 @@ class Sweep:
             steps = int(self.a.budget_s / (sps * longest))
             steps = steps // 50 * 50 if steps >= 100 else max(2, steps)
             self.summary["seconds_per_step"] = sps
-            self.log(f"calibrated: {sps:.3f} s/step with {min(self.a.parallel, len(runs))} side by side -> {steps} steps")
+            self.log(
+                f"calibrated: {sps:.3f} s/step with {min(self.a.parallel, len(runs))} side by side -> {steps} steps"
+            )
         else:
             steps, sps = int(self.a.steps), None
         self.summary["steps"] = steps
@@ -218,14 +248,20 @@ class Sweep:
             v = e.get("eval", {}).get(k)
             return "-" if v is None else f"{100 * v:.1f}"
 
-        print(f"\n{'run':<14}{'steps':>7}{'train s':>9}{'VQA':>7}{'descr':>7}{'t2i seen':>10}{'held-out':>10}{'decomp':>8}")
+        print(
+            f"\n{'run':<14}{'steps':>7}{'train s':>9}{'VQA':>7}{'descr':>7}"
+            f"{'t2i seen':>10}{'held-out':>10}{'decomp':>8}"
+        )
         for name, e in self.summary["runs"].items():
             if "eval" not in e or "error" in e.get("eval", {}):
                 print(f"{name:<14} {e.get('error') or e.get('eval', {}).get('error') or 'training failed'}")
                 continue
-            print(f"{name:<14}{e['steps']:>7}{e['train_s']:>9.0f}{pct(e, 'vqa_accuracy'):>7}{pct(e, 'description_accuracy'):>7}"
-                  f"{pct(e, 't2i_accuracy_seen'):>10}{pct(e, 't2i_accuracy_held_out'):>10}"
-                  f"{pct(e, 'decompression_code_accuracy'):>8}")
+            print(
+                f"{name:<14}{e['steps']:>7}{e['train_s']:>9.0f}"
+                f"{pct(e, 'vqa_accuracy'):>7}{pct(e, 'description_accuracy'):>7}"
+                f"{pct(e, 't2i_accuracy_seen'):>10}{pct(e, 't2i_accuracy_held_out'):>10}"
+                f"{pct(e, 'decompression_code_accuracy'):>8}"
+            )
 
 
 def main() -> None:

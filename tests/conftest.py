@@ -13,25 +13,59 @@ from unicodebook.config import load_config
 # A model small enough to train for a few steps in seconds on 2 CPU cores.
 TINY_OVERRIDES = [
     "model.image_size=32",
-    "llm.vocab_size=256", "llm.hidden_size=32", "llm.num_layers=1", "llm.num_heads=2", "llm.intermediate_size=64",
-    "model.autoencoder.ch=8", "model.autoencoder.ch_mult=[1,2,2]", "model.autoencoder.z_channels=8",
-    "model.autoencoder.num_res_blocks=0", "model.codebook.row_offset=128", "model.codebook.num_rows=64",
-    "train_tokenizer.batch_size=16", "train_tokenizer.steps=30", "train_tokenizer.warmup_steps=5",
-    "train_tokenizer.log_every=5", "train_tokenizer.save_every=10", "train_tokenizer.grid_every=15",
+    "llm.vocab_size=256",
+    "llm.hidden_size=32",
+    "llm.num_layers=1",
+    "llm.num_heads=2",
+    "llm.intermediate_size=64",
+    "model.autoencoder.ch=8",
+    "model.autoencoder.ch_mult=[1,2,2]",
+    "model.autoencoder.z_channels=8",
+    "model.autoencoder.num_res_blocks=0",
+    "model.codebook.row_offset=128",
+    "model.codebook.num_rows=64",
+    "train_tokenizer.batch_size=16",
+    "train_tokenizer.steps=30",
+    "train_tokenizer.warmup_steps=5",
+    "train_tokenizer.log_every=5",
+    "train_tokenizer.save_every=10",
+    "train_tokenizer.grid_every=15",
     "train_tokenizer.lr=3e-3",
-    "train_lm.steps=8", "train_lm.batch_size=8", "train_lm.warmup_steps=2", "train_lm.log_every=2",
-    "train_lm.save_every=4", "train_lm.sample_every=0",
+    "train_lm.steps=8",
+    "train_lm.batch_size=8",
+    "train_lm.warmup_steps=2",
+    "train_lm.log_every=2",
+    "train_lm.save_every=4",
+    "train_lm.sample_every=0",
     "train_lm.image_layout=flat",  # the paper's layout; the depth layout's tests ask for it by name
 ]
 
 # the SEED family at test sizes: four phases of 10 steps (tests/tokenizers/test_seed.py)
 SEED_TINY = [
-    "model.image_size=32", "model.vit.patch_size=8", "model.vit.width=32", "model.vit.layers=1", "model.vit.heads=2",
-    "model.vit.embed_dim=16", "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
-    "model.qformer.queries=8", "model.qformer.width=32", "model.qformer.layers=2", "model.qformer.heads=2",
-    "model.num_codes=64", "model.code_dim=8", "model.recon_blocks=1", "model.gen_blocks=1", "model.decoder_ch=8",
-    "train_tokenizer.steps=40", "train_tokenizer.batch_size=16", "train_tokenizer.warmup_steps=2",
-    "train_tokenizer.log_every=5", "train_tokenizer.save_every=20", "train_tokenizer.grid_every=0",
+    "model.image_size=32",
+    "model.vit.patch_size=8",
+    "model.vit.width=32",
+    "model.vit.layers=1",
+    "model.vit.heads=2",
+    "model.vit.embed_dim=16",
+    "model.text.width=32",
+    "model.text.layers=1",
+    "model.text.heads=2",
+    "model.qformer.queries=8",
+    "model.qformer.width=32",
+    "model.qformer.layers=2",
+    "model.qformer.heads=2",
+    "model.num_codes=64",
+    "model.code_dim=8",
+    "model.recon_blocks=1",
+    "model.gen_blocks=1",
+    "model.decoder_ch=8",
+    "train_tokenizer.steps=40",
+    "train_tokenizer.batch_size=16",
+    "train_tokenizer.warmup_steps=2",
+    "train_tokenizer.log_every=5",
+    "train_tokenizer.save_every=20",
+    "train_tokenizer.grid_every=0",
     "train_tokenizer.phases=[{name: vit, steps: 10}, {name: qformer, steps: 10}, {name: vq, steps: 10}, "
     "{name: decoder, steps: 10}]",
 ]
@@ -89,8 +123,13 @@ def depth_model_run(tokenizer_run, shapes_dir, tmp_path_factory) -> Path:
     from unicodebook.train.stage2 import train_lm
 
     run = tmp_path_factory.mktemp("stage2_depth") / "run"
-    train_lm(tiny_config("train_lm.image_layout=depth", "train_lm.depth_head.heads=2"), tokenizer_run, shapes_dir, run,
-             progress=False)
+    train_lm(
+        tiny_config("train_lm.image_layout=depth", "train_lm.depth_head.heads=2"),
+        tokenizer_run,
+        shapes_dir,
+        run,
+        progress=False,
+    )
     return run
 
 

@@ -18,8 +18,14 @@ import torch
 from torch import Tensor
 
 from unicodebook.errors import UnicodebookError
-from unicodebook.tokenizers.base import (PAD_CODE, CodeLayout, VisualTokenizer, append_code_tokens, read_family,
-                                        write_family)
+from unicodebook.tokenizers.base import (
+    PAD_CODE,
+    CodeLayout,
+    VisualTokenizer,
+    append_code_tokens,
+    read_family,
+    write_family,
+)
 
 FAMILY = "fake-cells"
 BITS = torch.tensor([4, 2, 1])  # code = 4·r + 2·g + b

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_OVERRIDES
 from PIL import Image
 
-from conftest import TINY_OVERRIDES
 from unicodebook.cli import main
 
 
@@ -22,9 +22,31 @@ def trained(tmp_path_factory):
     """data shapes → train-tokenizer through the CLI, shared by the tests below."""
     root = tmp_path_factory.mktemp("cli")
     data, run = root / "data", root / "run"
-    assert main(["data", "shapes", "--out", str(data), "--n-train", "64", "--n-val", "16", "--n-test", "16", "--seed", "3",
-                 "--size", "32"]) == 0
-    assert main(["train-tokenizer", "--data", str(data), "--out", str(run), *TINY_OVERRIDES, "train_tokenizer.steps=20"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "shapes",
+                "--out",
+                str(data),
+                "--n-train",
+                "64",
+                "--n-val",
+                "16",
+                "--n-test",
+                "16",
+                "--seed",
+                "3",
+                "--size",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["train-tokenizer", "--data", str(data), "--out", str(run), *TINY_OVERRIDES, "train_tokenizer.steps=20"])
+        == 0
+    )
     return data, run
 
 
@@ -39,7 +61,9 @@ def test_end_to_end_through_the_console_script(tmp_path):
 
     data, run = tmp_path / "data", tmp_path / "run"
     sh("data", "shapes", "--out", data, "--n-train", "64", "--n-val", "16", "--n-test", "16", "--size", "32")
-    summary = json.loads(sh("train-tokenizer", "--config", "tiny", "--data", data, "--out", run, *TINY_OVERRIDES).splitlines()[-1])
+    summary = json.loads(
+        sh("train-tokenizer", "--config", "tiny", "--data", data, "--out", run, *TINY_OVERRIDES).splitlines()[-1]
+    )
     assert summary["steps"] == 30 and summary["val"]["psnr"] > 10
     img = data / "test" / "images" / "000000.png"
     codes = json.loads(sh("tokenize", "--tokenizer", run, img))
@@ -53,15 +77,47 @@ def test_end_to_end_through_the_console_script(tmp_path):
 
     # stage II on top, then the model answers, draws and is evaluated
     model = tmp_path / "model"
-    res = json.loads(sh("train-lm", "--tokenizer", run, "--data", data, "--out", model, *TINY_OVERRIDES).splitlines()[-1])
+    res = json.loads(
+        sh("train-lm", "--tokenizer", run, "--data", data, "--out", model, *TINY_OVERRIDES).splitlines()[-1]
+    )
     assert res["steps"] == 8
     answer = sh("chat", "--model", model, "--image", img, "what colour is the object in the center?").strip()
     assert "<" not in answer  # text only, no markers or codes
-    gen = json.loads(sh("generate", "--model", model, "draw a small red circle at the top left", "--out", tmp_path / "g.png",
-                        "--n", "2", "--cfg", "2", "--top-k", "8", "--seed", "1"))
+    gen = json.loads(
+        sh(
+            "generate",
+            "--model",
+            model,
+            "draw a small red circle at the top left",
+            "--out",
+            tmp_path / "g.png",
+            "--n",
+            "2",
+            "--cfg",
+            "2",
+            "--top-k",
+            "8",
+            "--seed",
+            "1",
+        )
+    )
     assert [Image.open(p).size for p in gen["images"]] == [(32, 32), (32, 32)]
-    em = json.loads(sh("eval", "model", "--model", model, "--data", data, "--split", "test", "--max-t2i", "8",
-                       "--pictures", tmp_path / "pictures"))
+    em = json.loads(
+        sh(
+            "eval",
+            "model",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--split",
+            "test",
+            "--max-t2i",
+            "8",
+            "--pictures",
+            tmp_path / "pictures",
+        )
+    )
     assert all(Image.open(tmp_path / "pictures" / f).size[0] > 0 for f in ("t2i_samples.png", "vqa_examples.png"))
     assert em["vqa_n"] >= 16 * 4  # 4-5 questions per test image
     assert set(em["vqa_by_type"]) <= {"colour", "shape", "count", "position", "existence"} and em["vqa_by_type"]
@@ -102,19 +158,45 @@ def test_tokenize_skips_a_bad_image_reports_it_and_exits_nonzero(trained, capsys
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["train-tokenizer", "--data", "{data}", "--out", "{tmp}/r", "model.codebok.mode=frozen"], "error: unknown config key 'model.codebok'"),
-        (["train-tokenizer", "--data", "{tmp}/nowhere", "--out", "{tmp}/r"], "error: image folder '{tmp}/nowhere' does not exist"),
-        (["train-tokenizer", "--data", "{tmp}/empty", "--out", "{tmp}/r"], "error: image folder '{tmp}/empty' holds no images"),
-        (["reconstruct", "--tokenizer", "{run}", "{tmp}/notes.txt", "--out", "{tmp}/o.png"], "error: {tmp}/notes.txt: not an image file"),
-        (["tokenize", "--tokenizer", "{tmp}", "{tmp}/notes.txt"], "error: {tmp}: not a tokenizer folder (no visual_tokenizer.json: not written, or torn before its save finished)"),
-        (["eval", "tokenizer", "--tokenizer", "{run}", "--data", "{data}", "--split", "nosplit"], "error: '{data}' has no split 'nosplit'"),
-        (["train-tokenizer", "--config", "{tmp}/bad.yaml", "--data", "{data}", "--out", "{tmp}/r"], "error: {tmp}/bad.yaml: not valid YAML"),
+        (
+            ["train-tokenizer", "--data", "{data}", "--out", "{tmp}/r", "model.codebok.mode=frozen"],
+            "error: unknown config key 'model.codebok'",
+        ),
+        (
+            ["train-tokenizer", "--data", "{tmp}/nowhere", "--out", "{tmp}/r"],
+            "error: image folder '{tmp}/nowhere' does not exist",
+        ),
+        (
+            ["train-tokenizer", "--data", "{tmp}/empty", "--out", "{tmp}/r"],
+            "error: image folder '{tmp}/empty' holds no images",
+        ),
+        (
+            ["reconstruct", "--tokenizer", "{run}", "{tmp}/notes.txt", "--out", "{tmp}/o.png"],
+            "error: {tmp}/notes.txt: not an image file",
+        ),
+        (
+            ["tokenize", "--tokenizer", "{tmp}", "{tmp}/notes.txt"],
+            "error: {tmp}: not a tokenizer folder "
+            "(no visual_tokenizer.json: not written, or torn before its save finished)",
+        ),
+        (
+            ["eval", "tokenizer", "--tokenizer", "{run}", "--data", "{data}", "--split", "nosplit"],
+            "error: '{data}' has no split 'nosplit'",
+        ),
+        (
+            ["train-tokenizer", "--config", "{tmp}/bad.yaml", "--data", "{data}", "--out", "{tmp}/r"],
+            "error: {tmp}/bad.yaml: not valid YAML",
+        ),
         (["data", "shapes", "--out", "{tmp}/d", "--size", "16"], "error: --size must be within 32..64, got 16"),
         # the suite hides any GPU (conftest), so a CUDA device is refused here as on a CPU machine
-        (["reconstruct", "--tokenizer", "{run}", "{tmp}/notes.txt", "--out", "{tmp}/o.png", "--device", "cuda"],
-         "error: device 'cuda' asked for, but this machine has no CUDA GPU"),
-        (["eval", "tokenizer", "--tokenizer", "{run}", "--data", "{data}", "--device", "tpu:0"],
-         "error: unknown device 'tpu:0' (use auto, cpu, cuda or cuda:N)"),
+        (
+            ["reconstruct", "--tokenizer", "{run}", "{tmp}/notes.txt", "--out", "{tmp}/o.png", "--device", "cuda"],
+            "error: device 'cuda' asked for, but this machine has no CUDA GPU",
+        ),
+        (
+            ["eval", "tokenizer", "--tokenizer", "{run}", "--data", "{data}", "--device", "tpu:0"],
+            "error: unknown device 'tpu:0' (use auto, cpu, cuda or cuda:N)",
+        ),
     ],
 )
 def test_bad_input_gets_one_error_line_and_exit_2(trained, capsys, tmp_path, args, message):
@@ -156,29 +238,97 @@ def trained_lm(trained, tmp_path_factory):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["chat", "--model", "{model}", "--image", "{tmp}/cut.png", "what colour is it?"], "error: {tmp}/cut.png: corrupt or truncated image"),
+        (
+            ["chat", "--model", "{model}", "--image", "{tmp}/cut.png", "what colour is it?"],
+            "error: {tmp}/cut.png: corrupt or truncated image",
+        ),
         (["generate", "--model", "{model}", "{long}", "--out", "{tmp}/g.png"], "error: this input needs"),
-        (["chat", "--model", "{tmp}/nomodel", "--image", "{img}", "what?"], "error: {tmp}/nomodel: no bound text tokenizer (missing text_tokenizer)"),
+        (
+            ["chat", "--model", "{tmp}/nomodel", "--image", "{img}", "what?"],
+            "error: {tmp}/nomodel: no bound text tokenizer (missing text_tokenizer)",
+        ),
         (["generate", "--model", "{run}", "draw a circle", "--out", "{tmp}/g.png"], "error: {run}: not a model folder"),
-        (["train-lm", "--tokenizer", "{run}", "--data", "{tmp}/empty", "--out", "{tmp}/m"], "error: {tmp}/empty: neither instruct.json"),
-        (["train-lm", "--tokenizer", "{tmp}/empty", "--data", "{data}", "--out", "{tmp}/m"], "error: {tmp}/empty: not a tokenizer folder"),
-        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "train_lm.init_from={tmp}/empty"],
-         "error: train_lm.init_from: {tmp}/empty: not a model folder"),
+        (
+            ["train-lm", "--tokenizer", "{run}", "--data", "{tmp}/empty", "--out", "{tmp}/m"],
+            "error: {tmp}/empty: neither instruct.json",
+        ),
+        (
+            ["train-lm", "--tokenizer", "{tmp}/empty", "--data", "{data}", "--out", "{tmp}/m"],
+            "error: {tmp}/empty: not a tokenizer folder",
+        ),
+        (
+            [
+                "train-lm",
+                "--tokenizer",
+                "{run}",
+                "--data",
+                "{data}",
+                "--out",
+                "{tmp}/m",
+                "train_lm.init_from={tmp}/empty",
+            ],
+            "error: train_lm.init_from: {tmp}/empty: not a model folder",
+        ),
         # a curriculum that cannot run is refused before any training starts
-        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "train_lm.phases=[{{steps: 8, lr_max: 1}}]"],
-         "error: unknown config key 'train_lm.phases[0].lr_max'"),
-        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m",
-          "train_lm.phases=[{{steps: 8, name: warm}}, {{steps: 0, name: cool}}]"],
-         "error: train_lm.phases[1]: phase 'cool' has 0 steps (each phase needs >= 1)"),
-        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "train_lm.phases=[{{steps: 3}}, {{steps: 3}}]"],
-         "error: train_lm: the phases' steps add up to 6, not to steps=8"),
-        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "train_lm.image_layout=depth",
-          "train_lm.decompress_segments=2"],
-         "error: train_lm: decompress_segments > 1 is a flat-layout option"),
+        (
+            [
+                "train-lm",
+                "--tokenizer",
+                "{run}",
+                "--data",
+                "{data}",
+                "--out",
+                "{tmp}/m",
+                "train_lm.phases=[{{steps: 8, lr_max: 1}}]",
+            ],
+            "error: unknown config key 'train_lm.phases[0].lr_max'",
+        ),
+        (
+            [
+                "train-lm",
+                "--tokenizer",
+                "{run}",
+                "--data",
+                "{data}",
+                "--out",
+                "{tmp}/m",
+                "train_lm.phases=[{{steps: 8, name: warm}}, {{steps: 0, name: cool}}]",
+            ],
+            "error: train_lm.phases[1]: phase 'cool' has 0 steps (each phase needs >= 1)",
+        ),
+        (
+            [
+                "train-lm",
+                "--tokenizer",
+                "{run}",
+                "--data",
+                "{data}",
+                "--out",
+                "{tmp}/m",
+                "train_lm.phases=[{{steps: 3}}, {{steps: 3}}]",
+            ],
+            "error: train_lm: the phases' steps add up to 6, not to steps=8",
+        ),
+        (
+            [
+                "train-lm",
+                "--tokenizer",
+                "{run}",
+                "--data",
+                "{data}",
+                "--out",
+                "{tmp}/m",
+                "train_lm.image_layout=depth",
+                "train_lm.decompress_segments=2",
+            ],
+            "error: train_lm: decompress_segments > 1 is a flat-layout option",
+        ),
         # the UniCode codebook is its stage I LLM's table: stage II cannot change that LLM
-        (["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "llm.num_layers=8"],
-         "error: the tokenizer in {run} is bound to its stage I LLM, so llm.* and model.* come from that run; "
-         "this run asks for llm.num_layers=8 (stage I: 1): set them in stage I"),
+        (
+            ["train-lm", "--tokenizer", "{run}", "--data", "{data}", "--out", "{tmp}/m", "llm.num_layers=8"],
+            "error: the tokenizer in {run} is bound to its stage I LLM, so llm.* and model.* come from that run; "
+            "this run asks for llm.num_layers=8 (stage I: 1): set them in stage I",
+        ),
     ],
 )
 def test_stage2_bad_input_gets_one_error_line_and_exit_2(trained, trained_lm, capsys, tmp_path, args, message):
@@ -208,11 +358,24 @@ def test_a_sharding_backend_accelerate_cannot_run_here_is_reported(trained, caps
     falls back to plain processes without a word; the run says so on one line and still trains."""
     data, run = trained
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets from the config
-    rc, out, err = run_cli(capsys, "train-lm", "--tokenizer", run, "--data", data, "--out", tmp_path / "m",
-                           *TINY_OVERRIDES, "train_lm.steps=2", "train_lm.save_every=2")
+    rc, out, err = run_cli(
+        capsys,
+        "train-lm",
+        "--tokenizer",
+        run,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "m",
+        *TINY_OVERRIDES,
+        "train_lm.steps=2",
+        "train_lm.save_every=2",
+    )
     assert rc == 0 and (tmp_path / "m" / "llm").is_dir()
-    assert "warning: the accelerate config asks for FSDP, which Accelerate runs on GPUs only; this run uses one process" \
+    assert (
+        "warning: the accelerate config asks for FSDP, which Accelerate runs on GPUs only; this run uses one process"
         in err.splitlines()
+    )
 
 
 def test_eval_model_skips_and_counts_malformed_lines(trained, trained_lm, capsys, tmp_path):
@@ -223,7 +386,9 @@ def test_eval_model_skips_and_counts_malformed_lines(trained, trained_lm, capsys
     shutil.copytree(data / "test", split, ignore=shutil.ignore_patterns(".codes"))
     lines = (split / "t2i.jsonl").read_text().splitlines()
     (split / "t2i.jsonl").write_text("\n".join(lines[:3] + ["{oops", '{"image": 3}'] + lines[3:]) + "\n")
-    rc, out, err = run_cli(capsys, "eval", "model", "--model", trained_lm, "--data", tmp_path / "d", "--split", "test", "--max-t2i", "4")
+    rc, out, err = run_cli(
+        capsys, "eval", "model", "--model", trained_lm, "--data", tmp_path / "d", "--split", "test", "--max-t2i", "4"
+    )
     assert rc == 1
     res = json.loads(out)
     assert res["bad_records"] == 2 and res["t2i_n"] == 4
@@ -234,7 +399,9 @@ def test_data_shards_packs_a_split_and_reports_the_counts(shapes_dir, capsys, tm
     from unicodebook.data.multimodal import read_records
     from unicodebook.data.shards import count_samples
 
-    rc, out, err = run_cli(capsys, "data", "shards", "--src", shapes_dir / "val", "--out", tmp_path / "sh", "--per-shard", "10")
+    rc, out, err = run_cli(
+        capsys, "data", "shards", "--src", shapes_dir / "val", "--out", tmp_path / "sh", "--per-shard", "10"
+    )
     assert rc == 0, err
     rec = read_records(shapes_dir / "val")
     n = len(rec.conversations) + len(rec.captions)

@@ -7,7 +7,9 @@ from unicodebook.errors import ConfigError
 
 
 def test_tiny_preset_and_dotted_overrides():
-    cfg = load_config("tiny", ["model.codebook.mode=frozen", "train_tokenizer.lr=3e-4", "model.autoencoder.ch_mult=[1,2]"])
+    cfg = load_config(
+        "tiny", ["model.codebook.mode=frozen", "train_tokenizer.lr=3e-4", "model.autoencoder.ch_mult=[1,2]"]
+    )
     assert cfg.model.codebook.mode == "frozen"
     assert cfg.train_tokenizer.lr == pytest.approx(3e-4)
     assert cfg.model.autoencoder.ch_mult == [1, 2]
@@ -64,7 +66,10 @@ def test_the_accelerate_example_configs_are_valid_and_the_7b_preset_trains_in_bf
     fsdp = ClusterConfig.from_yaml_file(str(PRESET_DIR / "accelerate" / "fsdp_7b.yaml"))
     assert fsdp.distributed_type.name == "FSDP" and fsdp.num_processes == 8
     assert fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
-    assert ClusterConfig.from_yaml_file(str(PRESET_DIR / "accelerate" / "ddp_8gpu.yaml")).distributed_type.name == "MULTI_GPU"
+    assert (
+        ClusterConfig.from_yaml_file(str(PRESET_DIR / "accelerate" / "ddp_8gpu.yaml")).distributed_type.name
+        == "MULTI_GPU"
+    )
     cfg = load_config("7b")
     assert cfg.train_lm.precision == "bf16" and cfg.train_lm.gradient_checkpointing
     assert cfg.train_lm.batch_size % 8 == 0  # the global batch splits over 8 GPUs
@@ -86,7 +91,11 @@ def test_bad_bases_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"b.yaml: its bases form a cycle through .*a.yaml$"):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "c.yaml").write_text("base: nowhere\n")
-    with pytest.raises(ConfigError, match=r"^config 'nowhere' not found \(a YAML path or a preset: 7b, lavit-tiny, photos, photos-256, seed-tiny, tiny, tiny_full\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config 'nowhere' not found \(a YAML path or a preset: "
+        r"7b, lavit-tiny, photos, photos-256, seed-tiny, tiny, tiny_full\)$",
+    ):
         load_config(tmp_path / "c.yaml")
     (tmp_path / "d.yaml").write_text("base: [tiny]\n")
     with pytest.raises(ConfigError, match=r"d.yaml: 'base' must be a preset name or a YAML path$"):

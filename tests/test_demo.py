@@ -3,9 +3,9 @@
 import re
 
 import pytest
+from conftest import TINY_OVERRIDES
 from PIL import Image
 
-from conftest import TINY_OVERRIDES
 from unicodebook.demo import run_demo
 
 

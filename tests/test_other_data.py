@@ -6,9 +6,9 @@ import json
 import random
 
 import pytest
+from conftest import TINY_OVERRIDES
 from PIL import Image
 
-from conftest import TINY_OVERRIDES
 from unicodebook.cli import main
 
 COLOURS = {"red": (220, 30, 30), "teal": (20, 160, 160), "black": (10, 10, 10)}
@@ -32,17 +32,31 @@ def _bars(folder, n: int, seed: int) -> None:
         name = f"images/bar_{i:03d}.png"
         img.save(folder / name)
         caption = f"a {colour} bar running {way}"
-        convs.append({"id": str(i), "image": name, "conversations": [
-            {"from": "human", "value": "<image>\nwhich colour is the bar?"}, {"from": "gpt", "value": colour},
-            {"from": "human", "value": "which way does it run?"}, {"from": "gpt", "value": WAYS[way]}]})
+        convs.append(
+            {
+                "id": str(i),
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhich colour is the bar?"},
+                    {"from": "gpt", "value": colour},
+                    {"from": "human", "value": "which way does it run?"},
+                    {"from": "gpt", "value": WAYS[way]},
+                ],
+            }
+        )
         pairs.append({"image": name, "caption": caption})
     (folder / "instruct.json").write_text(json.dumps(convs))
     (folder / "t2i.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
 
 
-RECIPE = ["train_lm.image_layout=depth", "train_lm.depth_head.heads=2", "train_lm.steps=40",
-          "train_lm.phases=[{steps: 6, name: draw, tasks: {decompress: 0, instruct: 0, t2i: 1}, code_noise: 0.5},"
-          " {steps: 34, name: mix, lr: 3e-3, tasks: {decompress: 1, instruct: 2, t2i: 1}}]", "train_lm.log_every=1"]
+RECIPE = [
+    "train_lm.image_layout=depth",
+    "train_lm.depth_head.heads=2",
+    "train_lm.steps=40",
+    "train_lm.phases=[{steps: 6, name: draw, tasks: {decompress: 0, instruct: 0, t2i: 1}, code_noise: 0.5},"
+    " {steps: 34, name: mix, lr: 3e-3, tasks: {decompress: 1, instruct: 2, t2i: 1}}]",
+    "train_lm.log_every=1",
+]
 
 
 @pytest.mark.slow
@@ -52,8 +66,10 @@ def test_a_dataset_of_another_kind_goes_from_data_to_chat_and_generate(tmp_path,
     _bars(root / "test", 8, seed=1)
     tok, lm = tmp_path / "tok", tmp_path / "lm"
     assert main(["train-tokenizer", "--data", str(root), "--out", str(tok), *TINY_OVERRIDES]) == 0
-    assert main(["train-lm", "--tokenizer", str(tok), "--data", str(root), "--out", str(lm), *TINY_OVERRIDES,
-                 *RECIPE]) == 0
+    assert (
+        main(["train-lm", "--tokenizer", str(tok), "--data", str(root), "--out", str(lm), *TINY_OVERRIDES, *RECIPE])
+        == 0
+    )
     rows = [json.loads(line) for line in (lm / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "step" in r]
     assert all(set(r) & {"loss_t2i", "loss_instruct", "loss_decompress"} == {"loss_t2i"} for r in steps[:6])
@@ -64,8 +80,25 @@ def test_a_dataset_of_another_kind_goes_from_data_to_chat_and_generate(tmp_path,
     image = root / "test" / "images" / "bar_000.png"
     assert main(["chat", "--model", str(lm), "--image", str(image), "which colour is the bar?"]) == 0
     answer = capsys.readouterr().out.strip().split()
-    vocab = {"red", "teal", "black", "horizontal", "vertical", "which", "colour", "is", "the", "bar", "way", "does",
-             "it", "run", "a", "running", "?"}
+    vocab = {
+        "red",
+        "teal",
+        "black",
+        "horizontal",
+        "vertical",
+        "which",
+        "colour",
+        "is",
+        "the",
+        "bar",
+        "way",
+        "does",
+        "it",
+        "run",
+        "a",
+        "running",
+        "?",
+    }
     assert set(answer) <= vocab  # text words of this dataset (or nothing yet), never an image marker
     out = tmp_path / "g.png"
     assert main(["generate", "--model", str(lm), "a teal bar running vertical", "--out", str(out)]) == 0

@@ -9,12 +9,12 @@ import json
 import shutil
 from pathlib import Path
 
+import fake_family
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-import fake_family
-from conftest import tiny_config
 from unicodebook.data.images import ImageFolder, resolve_image_folder
 from unicodebook.data.multimodal import cached_codes, read_records, split_folder
 from unicodebook.errors import UnicodebookError
@@ -69,7 +69,11 @@ def test_layouts_say_what_a_code_tensor_holds():
     assert not ragged.fixed and ragged.shortest == 2 and ragged.shape == (16,)
     codes = torch.tensor([[3, 1, PAD_CODE, PAD_CODE] + [PAD_CODE] * 12, [5] * 16])
     assert ragged.lengths(codes).tolist() == [2, 16]
-    for bad in (dict(length=36, grid=(3, 3, 3)), dict(length=8, min_length=9), dict(length=36, grid=(3, 3, 4), min_length=2)):
+    for bad in (
+        dict(length=36, grid=(3, 3, 3)),
+        dict(length=8, min_length=9),
+        dict(length=36, grid=(3, 3, 4), min_length=2),
+    ):
         with pytest.raises(ValueError):
             CodeLayout(**bad)
 
@@ -98,9 +102,14 @@ def test_ragged_codes_round_trip_through_the_cache_and_the_sequences(fake_run, s
         ids = fmt.codes_to_ids(c)
         assert len(ids) == int((c != PAD_CODE).sum())
         s = fmt.text_to_image("draw a small red circle at the top", c)
-        assert s.input_ids[s.codes_at:s.codes_at + s.n_codes] == ids and s.input_ids[s.codes_at + s.n_codes] == fmt.end_id
-        q = fmt.conversation([{"from": "human", "value": "<image>\nwhat is there?"}, {"from": "gpt", "value": "red"}], c)
-        assert q.input_ids[q.image_at - 1] == fmt.start_id and q.input_ids[q.image_at:q.image_at + q.image_len] == ids
+        assert (
+            s.input_ids[s.codes_at : s.codes_at + s.n_codes] == ids
+            and s.input_ids[s.codes_at + s.n_codes] == fmt.end_id
+        )
+        q = fmt.conversation(
+            [{"from": "human", "value": "<image>\nwhat is there?"}, {"from": "gpt", "value": "red"}], c
+        )
+        assert q.input_ids[q.image_at - 1] == fmt.start_id and q.input_ids[q.image_at : q.image_at + q.image_len] == ids
         assert q.input_ids[q.image_at + q.image_len] == fmt.end_id
         samples.append(s)
         want.append(len(ids))
@@ -139,12 +148,15 @@ def test_attaching_appends_code_rows_and_leaves_the_text_rows_untouched(fake_run
     ids = tok.attach(small, text)
     after = small.get_input_embeddings().weight
     assert after.shape[0] == len(text) == len(before) + 8 and ids.tolist() == list(range(len(before), len(before) + 8))
-    assert torch.equal(after[:len(before)], before) and small.get_output_embeddings().weight.shape[0] == len(after)
+    assert torch.equal(after[: len(before)], before) and small.get_output_embeddings().weight.shape[0] == len(after)
 
 
 def test_a_family_without_a_task_refuses_it_in_one_line(fake_run, shapes_dir, tmp_path):
-    with pytest.raises(UnicodebookError, match=r"the fake-cells tokenizer offers no 'decompress' task .*"
-                                               r"set train_lm.tasks.decompress=0"):
+    with pytest.raises(
+        UnicodebookError,
+        match=r"the fake-cells tokenizer offers no 'decompress' task .*"
+        r"set train_lm.tasks.decompress=0",
+    ):
         train_lm(tiny_config(), fake_run, shapes_dir, tmp_path / "run", progress=False)
 
 
@@ -167,8 +179,9 @@ def test_variable_length_generation_ends_at_img_end_between_the_minimum_and_the_
     model = load_model(fake_lm)
     with torch.no_grad():
         model.llm.model.norm.weight.zero_()
-    codes = model.generate_codes(["draw a small red circle"] * 64, cfg_scale=1.0, temperature=1.0,
-                                 generator=torch.Generator().manual_seed(0))
+    codes = model.generate_codes(
+        ["draw a small red circle"] * 64, cfg_scale=1.0, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
     lengths = model.tokenizer.layout.lengths(codes)
     assert codes.shape == (64, 16) and int(lengths.min()) == 2 and int(lengths.max()) == 16
     assert len(set(lengths.tolist())) > 5
@@ -239,9 +252,17 @@ def test_a_trained_model_ends_each_drawing_where_its_images_end(fake_run, shapes
         (data / Path(p.image).parent).mkdir(parents=True, exist_ok=True)
         shutil.copy(src / p.image, data / p.image)
     (data / "t2i.jsonl").write_text("".join(json.dumps({"image": p.image, "caption": p.caption}) + "\n" for p in pairs))
-    cfg = tiny_config(*FAKE, "train_lm.tasks.instruct=0", "train_lm.steps=120", "train_lm.batch_size=6",
-                      "train_lm.lr=5e-3", "train_lm.warmup_steps=10", "train_lm.save_every=0", "train_lm.log_every=10",
-                      "train_lm.caption_dropout=0")
+    cfg = tiny_config(
+        *FAKE,
+        "train_lm.tasks.instruct=0",
+        "train_lm.steps=120",
+        "train_lm.batch_size=6",
+        "train_lm.lr=5e-3",
+        "train_lm.warmup_steps=10",
+        "train_lm.save_every=0",
+        "train_lm.log_every=10",
+        "train_lm.caption_dropout=0",
+    )
     train_lm(cfg, fake_run, data, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss_t2i"] for r in rows if "loss_t2i" in r]

@@ -52,7 +52,9 @@ def cmd_data_shards(src: Path, out: Path, per_shard: int) -> int:
 
     samples = FolderSamples(Path(src))
     paths = write_shards(samples, Path(out), samples_per_shard=per_shard)
-    print(json.dumps({"out": str(out), "shards": len(paths), "samples": samples.n_samples, "skipped": samples.n_skipped}))
+    print(
+        json.dumps({"out": str(out), "shards": len(paths), "samples": samples.n_samples, "skipped": samples.n_skipped})
+    )
     return EXIT_PARTIAL if samples.n_skipped else 0
 
 
@@ -60,8 +62,12 @@ def cmd_train_tokenizer(config: str | None, data: Path, out: Path, resume: bool,
     from .train.stage1 import train_tokenizer_from_files
 
     res = train_tokenizer_from_files(config, overrides, data, out, resume=resume)
-    summary = {"run": str(res.run), "steps": res.steps, "seconds": round(res.seconds, 1),
-               "train": {k: res.final.get(k) for k in ("loss", "psnr", "usage")}}
+    summary = {
+        "run": str(res.run),
+        "steps": res.steps,
+        "seconds": round(res.seconds, 1),
+        "train": {k: res.final.get(k) for k in ("loss", "psnr", "usage")},
+    }
     if res.val:
         summary["val"] = {k: res.val[k] for k in ("psnr", "ssim", "usage", "usage_all", "perplexity")}
     if res.main:  # one report per distributed run
@@ -109,8 +115,16 @@ def cmd_reconstruct(tokenizer: Path, image: Path, out: Path, device: str = "auto
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensor_to_pil(recon[0]).save(out)
-    print(json.dumps({"image": str(image), "out": str(out), "psnr": round(float(psnr(recon, x[None])[0]), 3),
-                      "codes_per_image": tok.layout.length}))
+    print(
+        json.dumps(
+            {
+                "image": str(image),
+                "out": str(out),
+                "psnr": round(float(psnr(recon, x[None])[0]), 3),
+                "codes_per_image": tok.layout.length,
+            }
+        )
+    )
     return 0
 
 
@@ -129,12 +143,22 @@ def cmd_train_lm(config: str | None, tokenizer: Path, data: Path, out: Path, res
 
     res = train_lm_from_files(config, overrides, tokenizer, data, out, resume=resume)
     if res.main:  # one report per distributed run
-        print(json.dumps({"run": str(res.run), "steps": res.steps, "seconds": round(res.seconds, 1),
-                          "train": {k: round(v, 4) for k, v in res.final.items() if k.startswith(("loss_", "acc_"))}}))
+        print(
+            json.dumps(
+                {
+                    "run": str(res.run),
+                    "steps": res.steps,
+                    "seconds": round(res.seconds, 1),
+                    "train": {k: round(v, 4) for k, v in res.final.items() if k.startswith(("loss_", "acc_"))},
+                }
+            )
+        )
     return 0
 
 
-def cmd_chat(model_dir: Path, image: Path, question: str | None, max_new_tokens: int | None, device: str = "auto") -> int:
+def cmd_chat(
+    model_dir: Path, image: Path, question: str | None, max_new_tokens: int | None, device: str = "auto"
+) -> int:
     from .data.images import image_limits, load_image
     from .lm.model import load_model
 
@@ -171,8 +195,14 @@ def _chat_loop(model, image, max_new_tokens: int) -> int:
             break
         if line.startswith("/image"):
             try:
-                codes = encode(load_image(line[len("/image"):].strip(), model.tokenizer.image_size,
-                                          model.config.data.odd_size, **image_limits(model.config.data)))
+                codes = encode(
+                    load_image(
+                        line[len("/image") :].strip(),
+                        model.tokenizer.image_size,
+                        model.config.data.odd_size,
+                        **image_limits(model.config.data),
+                    )
+                )
                 print("image loaded", file=sys.stderr)
             except BadImageError as e:
                 print(f"error: {e}", file=sys.stderr)  # the loop goes on with the image it had
@@ -191,8 +221,17 @@ def _chat_loop(model, image, max_new_tokens: int) -> int:
     return 0
 
 
-def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | None, temperature: float | None,
-                 top_k: int | None, seed: int, device: str = "auto") -> int:
+def cmd_generate(
+    model_dir: Path,
+    prompt: str,
+    out: Path,
+    n: int,
+    cfg: float | None,
+    temperature: float | None,
+    top_k: int | None,
+    seed: int,
+    device: str = "auto",
+) -> int:
     import torch
 
     from .data.images import tensor_to_pil
@@ -206,9 +245,14 @@ def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | N
     # the codes are kept: a variable-length image cut at the maximum is reported
     gen = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
-        codes = model.generate_codes([prompt] * n, g.cfg_scale if cfg is None else cfg,
-                                     g.temperature if temperature is None else temperature,
-                                     g.top_k if top_k is None else top_k, gen, progress=sys.stderr.isatty())
+        codes = model.generate_codes(
+            [prompt] * n,
+            g.cfg_scale if cfg is None else cfg,
+            g.temperature if temperature is None else temperature,
+            g.top_k if top_k is None else top_k,
+            gen,
+            progress=sys.stderr.isatty(),
+        )
         images = model.tokenizer.decode(codes)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,8 +267,10 @@ def cmd_generate(model_dir: Path, prompt: str, out: Path, n: int, cfg: float | N
         report.update(codes=lengths, ended_at_max=cut)
         for path, c in zip(paths, cut):
             if c:
-                print(f"warning: {path}: no </img> within {layout.length} codes; decoded the {layout.length} written",
-                      file=sys.stderr)
+                print(
+                    f"warning: {path}: no </img> within {layout.length} codes; decoded the {layout.length} written",
+                    file=sys.stderr,
+                )
     print(json.dumps(report))
     return 0
 
@@ -234,15 +280,23 @@ def cmd_serve(model_dir: Path, host: str, port: int, device: str = "auto", max_d
         from .serve.limits import Limits
         from .serve.run import serve
     except ImportError as e:
-        raise UnicodebookError(f"serve needs FastAPI and uvicorn ({e.name} is missing): "
-                               "pip install 'unicodebook[serve]'") from None
+        raise UnicodebookError(
+            f"serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'unicodebook[serve]'"
+        ) from None
     if max_draw_batch < 1:
         raise UnicodebookError(f"--max-draw-batch must be at least 1, got {max_draw_batch}")
     return serve(model_dir, host, port, device=_device(device), limits=Limits(max_draw_batch=max_draw_batch))
 
 
-def cmd_eval_model(model_dir: Path, data: Path, split: str, max_t2i: int | None, max_vqa: int | None,
-                   device: str = "auto", pictures: Path | None = None) -> int:
+def cmd_eval_model(
+    model_dir: Path,
+    data: Path,
+    split: str,
+    max_t2i: int | None,
+    max_vqa: int | None,
+    device: str = "auto",
+    pictures: Path | None = None,
+) -> int:
     from .eval.model import evaluate_model
     from .lm.model import load_model
 
@@ -281,11 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-train", type=int, default=2000)
     s.add_argument("--n-val", type=int, default=200)
     s.add_argument("--n-test", type=int, default=500)
-    s.add_argument("--size", type=int, default=None, help="image side in px (default 36: the tiny preset's, where the "
-                   "3×3 object grid falls on whole 4 px code cells)")
+    s.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="image side in px (default 36: the tiny preset's, where the "
+        "3×3 object grid falls on whole 4 px code cells)",
+    )
     s.add_argument("--seed", type=int, default=0)
-    ph = d.add_parser("photos", help="cut natural-photo crops from the photographs installed packages ship "
-                      "(scikit-image's, matplotlib's); each split from other photos")
+    ph = d.add_parser(
+        "photos",
+        help="cut natural-photo crops from the photographs installed packages ship "
+        "(scikit-image's, matplotlib's); each split from other photos",
+    )
     ph.add_argument("--out", type=Path, required=True)
     ph.add_argument("--n-train", type=int, default=20_000)
     ph.add_argument("--n-val", type=int, default=500)
@@ -293,12 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--size", type=int, default=36, help="crop side in px")
     ph.add_argument("--seed", type=int, default=0)
     sh = d.add_parser("shards", help="pack an image folder or a stage II split into WebDataset tar shards")
-    sh.add_argument("--src", type=Path, required=True, help="an image folder, or a split with instruct.json / t2i.jsonl")
-    sh.add_argument("--out", type=Path, required=True, help="folder for shard-000000.tar, ... (must hold no shards yet)")
+    sh.add_argument(
+        "--src", type=Path, required=True, help="an image folder, or a split with instruct.json / t2i.jsonl"
+    )
+    sh.add_argument(
+        "--out", type=Path, required=True, help="folder for shard-000000.tar, ... (must hold no shards yet)"
+    )
     sh.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
 
     t = sub.add_parser("train-tokenizer", help="stage I: train the visual tokenizer")
-    t.add_argument("--config", default=None, help="YAML path or preset name (default: tiny, or the run's own on --resume)")
+    t.add_argument(
+        "--config", default=None, help="YAML path or preset name (default: tiny, or the run's own on --resume)"
+    )
     t.add_argument("--data", type=Path, required=True, help="shapes-world root or an image folder")
     t.add_argument("--out", type=Path, required=True, help="run folder (becomes a tokenizer folder)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -323,9 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(et)
 
     lm = sub.add_parser("train-lm", help="stage II: teach the LLM to read and write images")
-    lm.add_argument("--config", default=None, help="YAML path or preset (default: the tokenizer run's config, or the run's own on --resume)")
+    lm.add_argument(
+        "--config",
+        default=None,
+        help="YAML path or preset (default: the tokenizer run's config, or the run's own on --resume)",
+    )
     lm.add_argument("--tokenizer", type=Path, required=True, help="stage I run folder")
-    lm.add_argument("--data", type=Path, required=True, help="shapes-world root or a folder with instruct.json / t2i.jsonl")
+    lm.add_argument(
+        "--data", type=Path, required=True, help="shapes-world root or a folder with instruct.json / t2i.jsonl"
+    )
     lm.add_argument("--out", type=Path, required=True, help="run folder (becomes a model folder)")
     lm.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     lm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train_lm.tasks.decompress=0")
@@ -334,8 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", type=Path, required=True, help="stage II run folder")
     c.add_argument("--image", type=Path, required=True)
     c.add_argument("--max-new-tokens", type=int, default=None)
-    c.add_argument("question", nargs="?", default=None,
-                   help="the question (none: ask questions one a line from stdin, answers streamed)")
+    c.add_argument(
+        "question",
+        nargs="?",
+        default=None,
+        help="the question (none: ask questions one a line from stdin, answers streamed)",
+    )
     _device_arg(c)
 
     gn = sub.add_parser("generate", help="draw an image from a prompt")
@@ -353,8 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", type=Path, required=True, help="stage II run folder")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=int, default=8000, help="0: a free port (the printed URL has it)")
-    sv.add_argument("--max-draw-batch", type=int, default=16,
-                    help="images one model call may draw for greedy requests waiting together (1: no batching)")
+    sv.add_argument(
+        "--max-draw-batch",
+        type=int,
+        default=16,
+        help="images one model call may draw for greedy requests waiting together (1: no batching)",
+    )
     _device_arg(sv)
 
     em = e.add_parser("model", help="VQA, judged text-to-image and decompression accuracy of a stage II model")
@@ -363,17 +445,27 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--split", default="test")
     em.add_argument("--max-t2i", type=int, default=None, help="evaluate only the first N text-to-image prompts")
     em.add_argument("--max-vqa", type=int, default=None, help="evaluate only the first N questions")
-    em.add_argument("--pictures", type=Path, default=None,
-                    help="write t2i_samples.png (8 seen and 8 held-out prompts, judged) and vqa_examples.png here")
+    em.add_argument(
+        "--pictures",
+        type=Path,
+        default=None,
+        help="write t2i_samples.png (8 seen and 8 held-out prompts, judged) and vqa_examples.png here",
+    )
     _device_arg(em)
 
     m = sub.add_parser("demo", help="the whole pipeline on the shapes world, with a report")
     m.add_argument("--out", type=Path, default=Path("demo_out"))
-    m.add_argument("--full", action="store_true",
-                   help="the full stage II recipe (preset tiny_full: one run of three phases, ~50 min on 2 cores) "
-                        "on 20,000 training images instead of the demo's 2,000")
-    m.add_argument("--config", default=None,
-                   help="a preset or YAML path for both stages instead of tiny (e.g. seed-tiny: the SEED tokenizer)")
+    m.add_argument(
+        "--full",
+        action="store_true",
+        help="the full stage II recipe (preset tiny_full: one run of three phases, ~50 min on 2 cores) "
+        "on 20,000 training images instead of the demo's 2,000",
+    )
+    m.add_argument(
+        "--config",
+        default=None,
+        help="a preset or YAML path for both stages instead of tiny (e.g. seed-tiny: the SEED tokenizer)",
+    )
     m.add_argument("overrides", nargs="*", help="dotted config overrides for the runs")
     return p
 
@@ -397,8 +489,9 @@ def dispatch(args: argparse.Namespace) -> int:
     if c == "chat":
         return cmd_chat(args.model, args.image, args.question, args.max_new_tokens, args.device)
     if c == "generate":
-        return cmd_generate(args.model, args.prompt, args.out, args.n, args.cfg, args.temperature, args.top_k, args.seed,
-                            args.device)
+        return cmd_generate(
+            args.model, args.prompt, args.out, args.n, args.cfg, args.temperature, args.top_k, args.seed, args.device
+        )
     if c == "serve":
         return cmd_serve(args.model, args.host, args.port, args.device, args.max_draw_batch)
     if c == "eval" and args.what == "model":

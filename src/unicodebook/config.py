@@ -169,7 +169,9 @@ class SeedModelConfig:
     family: Literal["seed"] = "seed"
     image_size: int = 36
     vit: VitConfig = field(default_factory=VitConfig)
-    vit_path: str = ""  # a local ViT folder (ours, timm or Hugging Face), its sizes copied into ``vit``; empty: trained here
+    vit_path: str = (
+        ""  # a local ViT folder (ours, timm or Hugging Face), its sizes copied into ``vit``; empty: trained here
+    )
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     code_dim: int = 32
@@ -193,14 +195,18 @@ class SeedModelConfig:
     def __post_init__(self) -> None:
         halvings = len(self.diffusion.channels) - 1
         if self.pixel_decoder == "diffusion" and not self.diffusion.unet_path and self.image_size % 2**halvings:
-            raise ValueError(f"diffusion.channels: {halvings + 1} blocks halve the image {halvings} times, "
-                             f"which image_size {self.image_size} does not allow")
+            raise ValueError(
+                f"diffusion.channels: {halvings + 1} blocks halve the image {halvings} times, "
+                f"which image_size {self.image_size} does not allow"
+            )
         if self.image_size % self.vit.patch_size:
             raise ValueError(f"vit.patch_size {self.vit.patch_size} does not divide image_size {self.image_size}")
         if self.qformer.width % self.qformer.heads or self.vit.width % self.vit.heads:
             raise ValueError("the heads must divide the widths")
         if len(self.decoder_mult) != 3:
-            raise ValueError(f"decoder_mult has {len(self.decoder_mult)} levels; the pixel decoder upsamples ×4: 3 levels")
+            raise ValueError(
+                f"decoder_mult has {len(self.decoder_mult)} levels; the pixel decoder upsamples ×4: 3 levels"
+            )
 
 
 @dataclass
@@ -232,10 +238,14 @@ class LavitModelConfig:
     family: Literal["lavit"] = "lavit"
     image_size: int = 36
     vit: VitConfig = field(default_factory=VitConfig)
-    vit_path: str = ""  # a local ViT folder (ours, timm or Hugging Face), its sizes copied into ``vit``; empty: trained here
+    vit_path: str = (
+        ""  # a local ViT folder (ours, timm or Hugging Face), its sizes copied into ``vit``; empty: trained here
+    )
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     keep_ratio: float = 1 / 3  # ρ, the fraction of patches the selector is trained to keep ...
-    keep_ratio_over: Literal["image", "batch"] = "image"  # ... in every image (DynamicViT's), or on average over the batch
+    keep_ratio_over: Literal["image", "batch"] = (
+        "image"  # ... in every image (DynamicViT's), or on average over the batch
+    )
     min_tokens: int = 1  # codes per image at least (the top-scoring patches are kept up to it)
     # encode's deterministic selection: threshold (keep probability > ½) or expected (the round(Σ p)
     # most probable patches: as many as a training sample keeps on average)
@@ -274,18 +284,23 @@ class LavitModelConfig:
         if not 1 <= self.min_tokens <= patches:
             raise ValueError(f"min_tokens {self.min_tokens} is not in [1, {patches}] (the image's patches)")
         if any(self.vit.width % h for h in (self.vit.heads, self.merger.heads, self.detokenizer.heads)):
-            raise ValueError(f"the heads of the ViT, the merger and the de-tokenizer must divide the ViT's width "
-                             f"{self.vit.width}")
+            raise ValueError(
+                f"the heads of the ViT, the merger and the de-tokenizer must divide the ViT's width {self.vit.width}"
+            )
         if self.token_pos_embed < 0:
             raise ValueError(f"token_pos_embed {self.token_pos_embed} is negative (0: no position table)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay {self.ema_decay} is not in [0, 1)")
         if len(self.decoder_mult) != 3:
-            raise ValueError(f"decoder_mult has {len(self.decoder_mult)} levels; the pixel decoder upsamples ×4: 3 levels")
+            raise ValueError(
+                f"decoder_mult has {len(self.decoder_mult)} levels; the pixel decoder upsamples ×4: 3 levels"
+            )
         halvings = len(self.diffusion.channels) - 1
         if self.pixel_decoder == "diffusion" and not self.diffusion.unet_path and self.image_size % 2**halvings:
-            raise ValueError(f"diffusion.channels: {halvings + 1} blocks halve the image {halvings} times, "
-                             f"which image_size {self.image_size} does not allow")
+            raise ValueError(
+                f"diffusion.channels: {halvings + 1} blocks halve the image {halvings} times, "
+                f"which image_size {self.image_size} does not allow"
+            )
 
 
 MODEL_FAMILIES: dict[str, type] = {"unicode": ModelConfig, "seed": SeedModelConfig, "lavit": LavitModelConfig}
@@ -395,8 +410,9 @@ class TokenizerTrainConfig(TrainLoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.phases and sum(p.steps for p in self.phases) != self.steps:
-            raise ValueError(f"the phases' steps add up to {sum(p.steps for p in self.phases)}, "
-                             f"not to steps={self.steps}")
+            raise ValueError(
+                f"the phases' steps add up to {sum(p.steps for p in self.phases)}, not to steps={self.steps}"
+            )
 
 
 @dataclass
@@ -500,8 +516,9 @@ class LMTrainConfig(TrainLoopConfig):
                 if v is not None and not 0 <= v < 1:
                     raise ValueError(f"phase '{p.name or '?'}': {name} must be in [0, 1)")
         if self.phases and sum(p.steps for p in self.phases) != self.steps:
-            raise ValueError(f"the phases' steps add up to {sum(p.steps for p in self.phases)}, "
-                             f"not to steps={self.steps}")
+            raise ValueError(
+                f"the phases' steps add up to {sum(p.steps for p in self.phases)}, not to steps={self.steps}"
+            )
         if self.image_layout == "depth" and self.decompress_segments > 1:
             raise ValueError("decompress_segments > 1 is a flat-layout option (the depth layout writes whole images)")
 
@@ -512,8 +529,11 @@ class LMTrainConfig(TrainLoopConfig):
             return [(0, self)]
         out, at = [], 0
         for p in self.phases:
-            over = {k: getattr(p, k) for k in ("tasks", "lr", "warmup_steps", "min_lr_ratio", "code_noise",
-                                                "caption_dropout") if getattr(p, k) is not None}
+            over = {
+                k: getattr(p, k)
+                for k in ("tasks", "lr", "warmup_steps", "min_lr_ratio", "code_noise", "caption_dropout")
+                if getattr(p, k) is not None
+            }
             out.append((at, dataclasses.replace(self, steps=p.steps, phases=[], **over)))
             at += p.steps
         return out
@@ -702,7 +722,10 @@ def read_config_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     if base_path.resolve() in _seen + (Path(path).resolve(),):
         raise ConfigError(f"{path}: its bases form a cycle through {base_path}")
     parent = read_config_tree(base_path, _seen + (Path(path).resolve(),))
-    family = (lambda tree: (tree.get("model") or {}).get("family", "unicode") if isinstance(tree.get("model"), dict) else None)
+
+    def family(tree):
+        return (tree.get("model") or {}).get("family", "unicode") if isinstance(tree.get("model"), dict) else None
+
     if "model" in data and family(data) != family(parent):  # another family's model section replaces the base's
         parent = {k: v for k, v in parent.items() if k != "model"}
     return _merge(parent, data)

@@ -16,22 +16,27 @@ import torch
 
 from .config import load_config
 from .data.images import ImageFolder, resolve_image_folder
+from .eval.model import evaluate_model
 from .eval.plots import image_grid
 from .eval.tokenizer import evaluate_tokenizer
-from .tokenizers.base import load_tokenizer
-from .eval.model import evaluate_model
 from .lm.model import load_model
+from .tokenizers.base import load_tokenizer
 from .train.checkpoint import list_checkpoints
 from .train.stage1 import train_tokenizer
 from .train.stage2 import train_lm
-
 
 # ``demo --full``: the shipped full recipe (one run of declared phases) on ten times the images
 FULL = {"preset": "tiny_full", "n_train": 20_000}
 
 
-def run_demo(out: Path, overrides: list[str] | None = None, n_train: int = 2000, n_val: int = 200, n_test: int = 500,
-             preset: str = "tiny") -> Path:
+def run_demo(
+    out: Path,
+    overrides: list[str] | None = None,
+    n_train: int = 2000,
+    n_val: int = 200,
+    n_test: int = 500,
+    preset: str = "tiny",
+) -> Path:
     from .data.shapes import write_dataset
 
     t0 = time.time()
@@ -69,7 +74,9 @@ def run_demo(out: Path, overrides: list[str] | None = None, n_train: int = 2000,
     (out / "eval_model_test.json").write_text(json.dumps(lm_test, indent=2))
 
     report = out / "report.md"
-    report.write_text(_report(cfg, test, t_train, time.time() - t0, tok, preset) + _report_lm(cfg, lm_test, t_lm, model))
+    report.write_text(
+        _report(cfg, test, t_train, time.time() - t0, tok, preset) + _report_lm(cfg, lm_test, t_lm, model)
+    )
     return report
 
 
@@ -86,22 +93,35 @@ def _report_lm(cfg, r: dict, t_lm: float, model) -> str:
         return ", ".join(f"{t} {getattr(p.tasks, t):g}" for t in ("decompress", "instruct", "t2i"))
 
     if lc.phases:
-        plan = "the phases " + "; ".join(f"{p.name or i + 1}: {q.steps} steps of {mix(q)} at lr {q.lr:g}"
-                                         for i, (p, (_, q)) in enumerate(zip(lc.phases, lc.phase_list())))
+        plan = "the phases " + "; ".join(
+            f"{p.name or i + 1}: {q.steps} steps of {mix(q)} at lr {q.lr:g}"
+            for i, (p, (_, q)) in enumerate(zip(lc.phases, lc.phase_list()))
+        )
     else:
         plan = f"the task mix ({mix(lc)})"
     if model.layout == "depth":
         gh, gw, g = model.fmt.grid_shape
-        out = (f"`<img>` + {model.steps_per_image} positions + `</img>`, the depth head writing each position's {g} "
-               f"codes ({model.codes_per_image} in all)")
+        out = (
+            f"`<img>` + {model.steps_per_image} positions + `</img>`, the depth head writing each position's {g} "
+            f"codes ({model.codes_per_image} in all)"
+        )
     else:
         out = f"`<img>` + {model.codes_per_image} code ids + `</img>`"
     inp = "their code tokens" if model.reads_codes else "Ẑ at the `<image>` slots"
-    decomp = (f"| decompression code accuracy (teacher-forced) | {r['decompression_code_accuracy']:.1%} |\n"
-              if "decompression_code_accuracy" in r else "")  # a family without the task has no row
+    decomp = (
+        f"| decompression code accuracy (teacher-forced) | {r['decompression_code_accuracy']:.1%} |\n"
+        if "decompression_code_accuracy" in r
+        else ""
+    )  # a family without the task has no row
     if "t2i_ended_in_range" in r:  # a variable-length layout: how the generated images ended
-        decomp += (f"| generated images: mean length, ended at `</img>` within the range (not cut at the maximum) | "
-                   f"{r['t2i_codes_mean']:.1f} codes, {r['t2i_ended_in_range']:.1%} |\n")
+        decomp += (
+            f"| generated images: mean length, ended at `</img>` within the range (not cut at the maximum) | "
+            f"{r['t2i_codes_mean']:.1f} codes, {r['t2i_ended_in_range']:.1%} |\n"
+        )
+
+    def pct(key):
+        return f"{r.get(key, float('nan')):.1%}"
+
     return f"""
 ## Stage II — the LLM reads and writes images through the codebook (test split)
 
@@ -110,13 +130,15 @@ The tiny LLM ({sum(p.numel() for p in model.llm.parameters()) / 1e6:.1f} M param
 
 | metric | value |
 |---|---|
-| VQA accuracy (normalised exact match, {r.get('vqa_n', 0)} questions) | {r.get('vqa_accuracy', float('nan')):.1%} |
+| VQA accuracy (normalised exact match, {r.get("vqa_n", 0)} questions) | {r.get("vqa_accuracy", float("nan")):.1%} |
 | VQA by question type | {by_type} |
-| description: the whole caption right ({r.get('description_n', 0)} images) | {r.get('description_accuracy', float('nan')):.1%} |
-| text-to-image, judge: every named attribute right — seen combinations | {r.get('t2i_accuracy_seen', float('nan')):.1%} ({r.get('t2i_n_seen', 0)} prompts) |
-| text-to-image — held-out combinations | {r.get('t2i_accuracy_held_out', float('nan')):.1%} ({r.get('t2i_n_held_out', 0)} prompts) |
-| ceiling set by the tokenizer: the judge on the reconstructions of the prompts' own images, seen / held-out | {r.get('t2i_reference_accuracy_seen', float('nan')):.1%} / {r.get('t2i_reference_accuracy_held_out', float('nan')):.1%} |
-{decomp}| sampling | CFG {r.get('cfg_scale')}, temperature {r.get('temperature')}, top-k {r.get('top_k')} |
+| description: the whole caption right ({r.get("description_n", 0)} images) | {pct("description_accuracy")} |
+| text-to-image, judge: every named attribute right — seen combinations | {pct("t2i_accuracy_seen")} \
+({r.get("t2i_n_seen", 0)} prompts) |
+| text-to-image — held-out combinations | {pct("t2i_accuracy_held_out")} ({r.get("t2i_n_held_out", 0)} prompts) |
+| ceiling set by the tokenizer: the judge on the reconstructions of the prompts' own images, seen / held-out \
+| {pct("t2i_reference_accuracy_seen")} / {pct("t2i_reference_accuracy_held_out")} |
+{decomp}| sampling | CFG {r.get("cfg_scale")}, temperature {r.get("temperature")}, top-k {r.get("top_k")} |
 | stage II training time | {t_lm / 60:.1f} min |
 
 Generated images under their prompts (the judge's verdict in brackets):
@@ -140,30 +162,40 @@ def _describe(cfg, tok) -> str:
     if not lay.fixed:
         shape = f"{lay.shortest} to {lay.length}"
     if cfg.model.family == "unicode":
-        return (f"a {cfg.model.quantizer.kind.upper()} UniCode tokenizer ({shape} codes per image) whose codebook is "
-                f"{tok.num_codes} rows of the tiny LLM's embedding table (mode `{cfg.model.codebook.mode}`)")
+        return (
+            f"a {cfg.model.quantizer.kind.upper()} UniCode tokenizer ({shape} codes per image) whose codebook is "
+            f"{tok.num_codes} rows of the tiny LLM's embedding table (mode `{cfg.model.codebook.mode}`)"
+        )
     rows = "rows of the LLM's own vocabulary" if tok.shares_text_rows else "new rows appended to the LLM's vocabulary"
     return f"a {tok.family} tokenizer ({shape} codes per image) over {tok.num_codes} codes, read and written as {rows}"
 
 
 def _report(cfg, test: dict, t_train: float, t_total: float, tok, preset: str = "tiny") -> str:
     layers = "; ".join(f"{n}: {u:.0%} / {p:.0f}" for n, u, p in zip(test["layers"], test["usage"], test["perplexity"]))
-    cosine = (f"| mean cosine(visual codebook, LLM rows) | {test['codebook_cosine_llm']:.4f} |\n"
-              if "codebook_cosine_llm" in test else "")
+    cosine = (
+        f"| mean cosine(visual codebook, LLM rows) | {test['codebook_cosine_llm']:.4f} |\n"
+        if "codebook_cosine_llm" in test
+        else ""
+    )
+
+    def pct(key):
+        return f"{test.get(key, float('nan')):.1%}"
+
     return f"""# unicodebook demo report
 
 Shapes world at {tok.image_size} px, `{preset}` preset: {_describe(cfg, tok)}.
 
-## Stage I — visual tokenizer (test split: {test['n_images']} images never seen in training)
+## Stage I — visual tokenizer (test split: {test["n_images"]} images never seen in training)
 
 | metric | value |
 |---|---|
-| PSNR | {test['psnr']:.2f} dB |
-| SSIM | {test['ssim']:.4f} |
-| codebook usage, mean over layers | {test['usage_mean']:.1%} |
-| codebook usage, any layer | {test['usage_all']:.1%} |
+| PSNR | {test["psnr"]:.2f} dB |
+| SSIM | {test["ssim"]:.4f} |
+| codebook usage, mean over layers | {test["usage_mean"]:.1%} |
+| codebook usage, any layer | {test["usage_all"]:.1%} |
 | usage / perplexity per layer | {layers} |
-{cosine}| judge reads the reconstruction as the true scene | {test.get('judge_accuracy', float('nan')):.1%} (seen combinations {test.get('judge_accuracy_seen', float('nan')):.1%}, held-out {test.get('judge_accuracy_held_out', float('nan')):.1%}) |
+{cosine}| judge reads the reconstruction as the true scene | {pct("judge_accuracy")} \
+(seen combinations {pct("judge_accuracy_seen")}, held-out {pct("judge_accuracy_held_out")}) |
 | training time | {t_train / 60:.1f} min |
 | demo wall time | {t_total / 60:.1f} min |
 

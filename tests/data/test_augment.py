@@ -22,7 +22,7 @@ def test_choices_depend_on_seed_and_step_only_and_shard_like_the_global_batch():
     assert torch.equal(a, augment_batch(images, "dihedral", seed=3, step=17))  # a resumed step: the same
     assert not torch.equal(a, augment_batch(images, "dihedral", seed=3, step=18))
     # two ranks with four images each augment exactly as one process with all eight
-    halves = [augment_batch(images[r * 4:(r + 1) * 4], "dihedral", 3, 17, first=r * 4, total=8) for r in (0, 1)]
+    halves = [augment_batch(images[r * 4 : (r + 1) * 4], "dihedral", 3, 17, first=r * 4, total=8) for r in (0, 1)]
     assert torch.equal(torch.cat(halves), a)
     assert augment_batch(images, "none", 3, 17) is images
 
@@ -35,7 +35,10 @@ def test_non_square_images_and_captioned_recipes_are_refused(shapes_dir, tmp_pat
     with pytest.raises(ValueError, match=r"needs square images, got \(4, 6\)"):
         augment_batch(torch.rand(2, 3, 4, 6), "dihedral", 0, 0)
     cfg = load_config("seed-tiny", ["train_tokenizer.augment=dihedral"])
-    with pytest.raises(UnicodebookError, match=r"flips images their captions describe; the SEED recipe trains on "
-                                               r"captions, so it takes augment=none$"):
+    with pytest.raises(
+        UnicodebookError,
+        match=r"flips images their captions describe; the SEED recipe trains on "
+        r"captions, so it takes augment=none$",
+    ):
         train_tokenizer(cfg, shapes_dir, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything is written

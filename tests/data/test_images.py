@@ -37,8 +37,11 @@ def test_bad_files_are_one_clear_error(tmp_path):
     good = _rgb(tmp_path / "good.png")
     (tmp_path / "trunc.png").write_bytes(good.read_bytes()[:60])
     (tmp_path / "notes.png").write_text("not an image at all")
-    for name, msg in [("trunc.png", "corrupt or truncated image"), ("notes.png", "not an image file"),
-                      ("missing.png", "no such file")]:
+    for name, msg in [
+        ("trunc.png", "corrupt or truncated image"),
+        ("notes.png", "not an image file"),
+        ("missing.png", "no such file"),
+    ]:
         with pytest.raises(BadImageError) as e:
             load_image(tmp_path / name)
         assert msg in str(e.value) and "\n" not in str(e.value)

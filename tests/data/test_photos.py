@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_OVERRIDES
 from PIL import Image
 
-from conftest import TINY_OVERRIDES
 from unicodebook.cli import main
 from unicodebook.data.photos import PHOTOS, SPLITS, crops, find_photos, write_photo_set
 from unicodebook.errors import UnicodebookError
@@ -34,8 +34,11 @@ def test_the_set_is_deterministic_and_in_the_split_layout(tmp_path):
         for f in files:
             assert f.read_bytes() == (tmp_path / "b" / split / "images" / f.name).read_bytes()
             assert Image.open(f).size == (24, 24) and Image.open(f).mode == "RGB"
-    other = [(tmp_path / "a" / "train/images" / f"{i:06d}.png").read_bytes()
-             != (tmp_path / "c" / "train/images" / f"{i:06d}.png").read_bytes() for i in range(6)]
+    other = [
+        (tmp_path / "a" / "train/images" / f"{i:06d}.png").read_bytes()
+        != (tmp_path / "c" / "train/images" / f"{i:06d}.png").read_bytes()
+        for i in range(6)
+    ]
     assert all(other)  # another seed, other crops
     assert json.loads((tmp_path / "a" / "meta.json").read_text())["photos"]["test"] == a["photos"]["test"]
 
@@ -63,16 +66,25 @@ def _one_error_line(capsys, *argv) -> str:
 
 def test_a_photo_set_too_small_for_the_codebook_is_one_error_line(tmp_path, capsys):
     write_photo_set(tmp_path / "few", size=32, n_train=1, n_val=1, n_test=1)
-    line = _one_error_line(capsys, "train-tokenizer", "--data", str(tmp_path / "few"), "--out", str(tmp_path / "tok"),
-                           *TINY_OVERRIDES, "model.codebook.num_rows=128")
+    line = _one_error_line(
+        capsys,
+        "train-tokenizer",
+        "--data",
+        str(tmp_path / "few"),
+        "--out",
+        str(tmp_path / "tok"),
+        *TINY_OVERRIDES,
+        "model.codebook.num_rows=128",
+    )
     assert "1 training images give 64 latent vectors" in line and "fewer than the 128 codebook rows" in line
     assert not (tmp_path / "tok" / "model.safetensors").exists()
 
 
 def test_crops_smaller_than_the_model_images_are_one_error_line(tmp_path, capsys):
     write_photo_set(tmp_path / "small", size=16, n_train=40, n_val=2, n_test=2)
-    line = _one_error_line(capsys, "train-tokenizer", "--data", str(tmp_path / "small"), "--out", str(tmp_path / "tok"),
-                           *TINY_OVERRIDES)
+    line = _one_error_line(
+        capsys, "train-tokenizer", "--data", str(tmp_path / "small"), "--out", str(tmp_path / "tok"), *TINY_OVERRIDES
+    )
     assert "are 16 px, smaller than model.image_size 32" in line and "data photos --size 32" in line
 
 
@@ -87,9 +99,18 @@ def _captioned(root: Path, split: str, n: int, seed: int) -> None:
         for i, arr in enumerate(crops([found[photo]], n, 32, seed * 10 + k)):
             name = f"images/{what}_{i:03d}.png"
             Image.fromarray(arr).save(root / split / name)
-            convs.append({"id": f"{what}{i}", "image": name, "conversations": [
-                {"from": "human", "value": "<image>\nwhat is in the photo?"}, {"from": "gpt", "value": what},
-                {"from": "human", "value": "what colour is it?"}, {"from": "gpt", "value": colour}]})
+            convs.append(
+                {
+                    "id": f"{what}{i}",
+                    "image": name,
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nwhat is in the photo?"},
+                        {"from": "gpt", "value": what},
+                        {"from": "human", "value": "what colour is it?"},
+                        {"from": "gpt", "value": colour},
+                    ],
+                }
+            )
             pairs.append({"image": name, "caption": f"a photo of {what}"})
     (root / split / "instruct.json").write_text(json.dumps(convs))
     (root / split / "t2i.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -102,9 +123,25 @@ def test_stage_two_on_photographs_trains_chats_and_draws(tmp_path, capsys):
     _captioned(root, "test", 4, seed=1)
     tok, lm = tmp_path / "tok", tmp_path / "lm"
     assert main(["train-tokenizer", "--data", str(root), "--out", str(tok), *TINY_OVERRIDES]) == 0
-    assert main(["train-lm", "--tokenizer", str(tok), "--data", str(root), "--out", str(lm), *TINY_OVERRIDES,
-                 "train_lm.steps=80", "train_lm.lr=5e-3", "train_lm.log_every=1",
-                 "train_lm.tasks={decompress: 1, instruct: 2, t2i: 1}"]) == 0
+    assert (
+        main(
+            [
+                "train-lm",
+                "--tokenizer",
+                str(tok),
+                "--data",
+                str(root),
+                "--out",
+                str(lm),
+                *TINY_OVERRIDES,
+                "train_lm.steps=80",
+                "train_lm.lr=5e-3",
+                "train_lm.log_every=1",
+                "train_lm.tasks={decompress: 1, instruct: 2, t2i: 1}",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (lm / "metrics.jsonl").read_text().splitlines()]
     instruct = [r["loss_instruct"] for r in rows if "loss_instruct" in r]
     assert len(instruct) >= 20 and np.mean(instruct[-5:]) < 0.5 * np.mean(instruct[:3])  # it learns to answer
@@ -162,9 +199,14 @@ def test_a_budget_that_does_not_divide_the_code_grid_is_one_error_line(tmp_path)
     import sys
 
     bench = Path(__file__).resolve().parents[2] / "bench" / "rate_distortion.py"
-    run = subprocess.run([sys.executable, str(bench), "--out", str(tmp_path), "--bits", "729", "1000"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(bench), "--out", str(tmp_path), "--bits", "729", "1000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1 and run.stderr.strip().splitlines() == [
         "error: a budget of 1000 bits does not divide the 9×9 code grid at 9 bits a code: "
-        "use multiples of 729 (729, 1458, 2916, …)"]
+        "use multiples of 729 (729, 1458, 2916, …)"
+    ]
     assert not any(tmp_path.iterdir())  # refused before the photo set is written

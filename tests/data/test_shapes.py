@@ -18,10 +18,10 @@ from unicodebook.data import shapes as S
 from unicodebook.data.shapes import (
     BACKGROUND,
     COLOURS,
-    HELD_OUT,
-    POSITIONS,
     DESCRIBE,
+    HELD_OUT,
     INSTRUCT_TYPES,
+    POSITIONS,
     QA_TYPES,
     SHAPES,
     SIZES,
@@ -30,7 +30,6 @@ from unicodebook.data.shapes import (
     Scene,
     caption,
     judge,
-    judge_scene,
     matches_prompt,
     object_extent,
     parse_objects,
@@ -42,6 +41,11 @@ from unicodebook.data.shapes import (
     t2i_prompt,
     write_dataset,
 )
+
+
+def _judged_scene(image) -> Scene:
+    """The judge's reading of an image as a Scene (0 or more objects)."""
+    return Scene(tuple(Obj.from_dict(d) for d in judge(image)))
 
 
 def _box_blur3(a: np.ndarray) -> np.ndarray:
@@ -288,7 +292,7 @@ def test_judge_edge_cases() -> None:
     # non-square input is resized to square first
     wide = render(sc, 48).resize((64, 48), Image.Resampling.NEAREST)
     assert judge(wide) == [o.to_dict() for o in sc.objects]
-    assert judge_scene(render(sc)) == sc
+    assert _judged_scene(render(sc)) == sc
 
 
 def test_judge_same_colour_neighbours_after_blur() -> None:
@@ -469,4 +473,4 @@ def test_write_dataset_other_size(tmp_path: Path) -> None:
     for r in rows:
         im = Image.open(tmp_path / "val" / r["image"])
         assert im.size == (48, 48)
-        assert judge_scene(im) == Scene.from_dict(r["scene"])
+        assert _judged_scene(im) == Scene.from_dict(r["scene"])

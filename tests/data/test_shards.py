@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader
 from unicodebook.data.images import list_images, load_image
 from unicodebook.data.multimodal import read_records
 from unicodebook.data.shards import (
+    FolderSamples,
     ShardStream,
     count_samples,
     decode_image,
     decode_record,
     expand_braces,
     list_shards,
-    pack_folder,
     write_shards,
 )
 from unicodebook.errors import UnicodebookError
@@ -42,7 +42,7 @@ def _simple(n: int) -> list[dict]:
 def packed(shapes_dir, tmp_path_factory):
     """The val split of the shapes world (24 images: conversations + captions) in shards of 8."""
     split = shapes_dir / "val"
-    paths = pack_folder(split, tmp_path_factory.mktemp("shards"), samples_per_shard=8)
+    paths = write_shards(FolderSamples(split), tmp_path_factory.mktemp("shards"), samples_per_shard=8)
     return split, paths, read_records(split)
 
 
@@ -70,7 +70,7 @@ def test_a_packed_split_reads_back_every_sample_once_with_its_texts(packed):
 
 def test_a_plain_image_folder_packs_its_image_bytes_unchanged(shapes_dir, tmp_path):
     files = list_images(shapes_dir / "test" / "images")
-    paths = pack_folder(shapes_dir / "test" / "images", tmp_path / "sh", samples_per_shard=10)
+    paths = write_shards(FolderSamples(shapes_dir / "test" / "images"), tmp_path / "sh", samples_per_shard=10)
     assert [p.name for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert not [p for p in (tmp_path / "sh").iterdir() if p.suffix != ".tar"]  # no temporary files left
     with tarfile.open(paths[0]) as tf:
@@ -81,7 +81,7 @@ def test_a_plain_image_folder_packs_its_image_bytes_unchanged(shapes_dir, tmp_pa
     assert n_bad == 0 and images.shape == want.shape
     assert sorted(map(tuple, images.flatten(1).tolist())) == sorted(map(tuple, want.flatten(1).tolist()))
     with pytest.raises(UnicodebookError, match="already holds 3 shards"):
-        pack_folder(shapes_dir / "test" / "images", tmp_path / "sh")
+        write_shards(FolderSamples(shapes_dir / "test" / "images"), tmp_path / "sh", 1000)
 
 
 def test_two_ranks_read_disjoint_shards_that_cover_every_sample(packed):
@@ -139,8 +139,13 @@ def test_bad_samples_and_a_truncated_shard_are_skipped_counted_and_logged(tmp_pa
     assert all(b["image"].shape == (0, 3, 16, 16) and b["key"] == [] for b in empty)  # steps stay aligned
     warned = [r.getMessage() for r in caplog.records if r.name == "unicodebook.data"]
     assert len(warned) == len(planted)
-    for key, shard in [("s01", "shard-000000.tar"), ("s03", "shard-000000.tar"), ("s05", "shard-000001.tar"),
-                       ("s06", "shard-000001.tar"), ("s10", "shard-000002.tar")]:
+    for key, shard in [
+        ("s01", "shard-000000.tar"),
+        ("s03", "shard-000000.tar"),
+        ("s05", "shard-000001.tar"),
+        ("s06", "shard-000001.tar"),
+        ("s10", "shard-000002.tar"),
+    ]:
         assert any(f"'{key}' of shard {shard}" in m for m in warned), warned
     assert any("truncated" in m for m in warned)
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unicodebook.eval.metrics import CodeUsage, codebook_stats, psnr, ssim
-
+from unicodebook.eval.metrics import CodeUsage, psnr, ssim
 
 # ---------------------------------------------------------------- numpy reference SSIM
 
@@ -103,6 +102,11 @@ def test_shape_mismatch_raises():
 
 
 # ---------------------------------------------------------------- codebook stats
+
+
+def codebook_stats(codes, num_codes: int) -> dict:
+    """The statistics of one batch of codes, (N,) or (N, D), in one update."""
+    return CodeUsage(num_codes, 1 if codes.dim() == 1 else codes.shape[1]).update(codes).stats()
 
 
 def test_codebook_stats_1d():

@@ -24,8 +24,9 @@ def test_a_model_that_emits_the_reference_codes_scores_the_reference_ceiling(mod
         return torch.stack([queue.pop(0) for _ in prompts])
 
     monkeypatch.setattr(model, "generate_codes", reference_codes)
-    res = evaluate_model(model, shapes_dir, "test", batch_size=5, max_vqa=0, max_decompress=0, max_describe=0,
-                         progress=False)
+    res = evaluate_model(
+        model, shapes_dir, "test", batch_size=5, max_vqa=0, max_decompress=0, max_describe=0, progress=False
+    )
     assert not queue  # every prompt was drawn, in order
     assert res["t2i_n_seen"] > 0 and res["t2i_n_held_out"] > 0
     for name in ("seen", "held_out"):
@@ -48,7 +49,7 @@ def test_descriptions_are_scored_whole_and_apart_from_the_questions(model, shape
     for suffix, expected in (("", 1.0), (" too", 0.0)):
         queue = questions + [d + suffix for d in descriptions]  # asked in this order: questions, then descriptions
 
-        def answer(codes, asked, max_new_tokens=16):
+        def answer(codes, asked, max_new_tokens=16, queue=queue):
             return [queue.pop(0) for _ in asked]
 
         monkeypatch.setattr(model, "answer", answer)
@@ -71,10 +72,21 @@ def test_the_text_to_image_picture_shows_seen_prompts_then_held_out_ones(model, 
     monkeypatch.setattr(model, "generate_codes", lambda prompts, *a, **k: torch.stack([queue.pop(0) for _ in prompts]))
     drawn = []
     original = plots.captioned_grid
-    monkeypatch.setattr(plots, "captioned_grid", lambda images, caps, **k: drawn.append(caps) or original(images, caps, **k))
+    monkeypatch.setattr(
+        plots, "captioned_grid", lambda images, caps, **k: drawn.append(caps) or original(images, caps, **k)
+    )
 
-    res = evaluate_model(model, shapes_dir, "test", batch_size=5, max_vqa=0, max_decompress=0, max_describe=0,
-                         progress=False, pictures=tmp_path)
+    res = evaluate_model(
+        model,
+        shapes_dir,
+        "test",
+        batch_size=5,
+        max_vqa=0,
+        max_decompress=0,
+        max_describe=0,
+        progress=False,
+        pictures=tmp_path,
+    )
     seen = [p.caption.removeprefix("draw ") for p in pairs if not p.held_out][:8]
     held = [p.caption.removeprefix("draw ") for p in pairs if p.held_out][:8]
     assert res["t2i_n_held_out"] > 0 and len(drawn) == 1
@@ -95,15 +107,18 @@ def test_vqa_is_also_scored_apart_for_images_holding_a_held_out_pair(model, shap
     from unicodebook.eval.model import questions_of
 
     folder = shapes_dir / "test"
-    held = {r["image"]: Scene.from_dict(r["scene"]).held_out
-            for r in map(json.loads, (folder / "scenes.jsonl").read_text().splitlines())}
+    held = {
+        r["image"]: Scene.from_dict(r["scene"]).held_out
+        for r in map(json.loads, (folder / "scenes.jsonl").read_text().splitlines())
+    }
     convs, _ = read_llava(folder / "instruct.json")
     qs = [q for q in questions_of(convs) if q[3] != DESCRIBE_TYPE]
     queue = ["nothing" if held[img] else a for img, _, a, _ in qs]  # "nothing": never a shapes-world answer
     assert any(held[q[0]] for q in qs) and not all(held[q[0]] for q in qs)
     monkeypatch.setattr(model, "answer", lambda codes, asked, max_new_tokens=16: [queue.pop(0) for _ in asked])
-    res = evaluate_model(model, shapes_dir, "test", batch_size=6, max_decompress=0, max_t2i=0, max_describe=0,
-                         progress=False)
+    res = evaluate_model(
+        model, shapes_dir, "test", batch_size=6, max_decompress=0, max_t2i=0, max_describe=0, progress=False
+    )
     assert not queue
     assert res["vqa_accuracy_seen"] == 1.0 and res["vqa_accuracy_held_out"] == 0.0
     assert res["vqa_n_seen"] + res["vqa_n_held_out"] == res["vqa_n"] == len(qs)

@@ -3,8 +3,8 @@
 import json
 
 import torch
-
 from conftest import tiny_config
+
 from unicodebook.data.images import load_image
 from unicodebook.data.shapes import Scene
 from unicodebook.eval.tokenizer import _judge, _judge_summary, evaluate_tokenizer
@@ -18,7 +18,9 @@ def test_judge_reads_ground_truth_images_as_their_scenes(shapes_dir):
     assert all(ok for ok, _ in judged)
     assert _judge_summary(judged)["judge_accuracy"] == 1.0
     # a blank image is no scene at all
-    assert not any(ok for ok, _ in _judge(torch.ones(len(recs), 3, 32, 32), [Scene.from_dict(r["scene"]) for r in recs]))
+    assert not any(
+        ok for ok, _ in _judge(torch.ones(len(recs), 3, 32, 32), [Scene.from_dict(r["scene"]) for r in recs])
+    )
 
 
 def test_eval_reports_per_layer_health_and_judge_accuracy(shapes_dir):

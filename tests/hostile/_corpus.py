@@ -60,9 +60,16 @@ def _bytes_of(img: Image.Image, fmt: str) -> bytes:
 
 
 LEGAL = [
-    Entry("gray.png", True), Entry("rgba.png", True), Entry("palette.png", True), Entry("deep16.png", True),
-    Entry("cmyk.jpg", True), Entry("one.png", True), Entry("thin.png", True), Entry("animated.gif", True),
-    Entry("lossy.webp", True), Entry("UPPER.PNG", True),
+    Entry("gray.png", True),
+    Entry("rgba.png", True),
+    Entry("palette.png", True),
+    Entry("deep16.png", True),
+    Entry("cmyk.jpg", True),
+    Entry("one.png", True),
+    Entry("thin.png", True),
+    Entry("animated.gif", True),
+    Entry("lossy.webp", True),
+    Entry("UPPER.PNG", True),
 ]
 UNUSABLE = [
     Entry("empty.png", False, "empty file"),
@@ -134,8 +141,12 @@ def write_records(folder: Path, good_image: Path, images: Path) -> dict[str, int
     rel = images.relative_to(folder)
 
     def conv(image, q="<image>\nwhat colour is the object?", a="red", **kw):
-        return {"id": "x", "image": image, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
-                **kw}
+        return {
+            "id": "x",
+            "image": image,
+            "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
+            **kw,
+        }
 
     bad_images = ["../outside.png", "missing.png"] + [f"{rel}/{e.name}" for e in UNUSABLE if usable_here(e)]
     good_convs = [conv("good.png"), conv("good.png", a="blue")] + [conv(f"{rel}/{e.name}") for e in LEGAL]
@@ -149,13 +160,15 @@ def write_records(folder: Path, good_image: Path, images: Path) -> dict[str, int
     ]
     items = good_convs + malformed_convs + [conv(p) for p in bad_images]
     (folder / "instruct.json").write_text(json.dumps(items))
-    lines = [json.dumps({"image": "good.png", "caption": "a small red circle"}),
-             json.dumps({"image": "good.png", "caption": "a big blue square"}),
-             "{not json",
-             json.dumps({"image": "good.png"}),  # missing key
-             json.dumps({"image": "good.png", "caption": 7}),  # wrong type
-             json.dumps(["a", "list"]),  # not an object
-             json.dumps({"image": "good.png", "caption": "red " * 1000})]  # past data.max_caption_chars
+    lines = [
+        json.dumps({"image": "good.png", "caption": "a small red circle"}),
+        json.dumps({"image": "good.png", "caption": "a big blue square"}),
+        "{not json",
+        json.dumps({"image": "good.png"}),  # missing key
+        json.dumps({"image": "good.png", "caption": 7}),  # wrong type
+        json.dumps(["a", "list"]),  # not an object
+        json.dumps({"image": "good.png", "caption": "red " * 1000}),
+    ]  # past data.max_caption_chars
     lines += [json.dumps({"image": p, "caption": "a red circle"}) for p in bad_images]
     (folder / "t2i.jsonl").write_text("\n".join(lines) + "\n")
     return {"malformed": len(malformed_convs) + 5, "bad_image": 2 * len(bad_images)}

@@ -16,18 +16,29 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from _corpus import ENTRIES, LEGAL, UNUSABLE, stderr_lines as _lines, usable_here, write_images, write_records
+from _corpus import ENTRIES, UNUSABLE, usable_here, write_images, write_records
+from _corpus import stderr_lines as _lines
 from conftest import TINY_OVERRIDES
+
 from unicodebook.cli import main
 
-CASES = [pytest.param(e, id=e.name, marks=[] if usable_here(e) else pytest.mark.skip(
-    reason="running as root: a mode-000 file is still readable")) for e in ENTRIES]
+CASES = [
+    pytest.param(
+        e,
+        id=e.name,
+        marks=[] if usable_here(e) else pytest.mark.skip(reason="running as root: a mode-000 file is still readable"),
+    )
+    for e in ENTRIES
+]
 
 
 def _tree_hash(*folders: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for f in folders for p in sorted(f.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for f in folders
+        for p in sorted(f.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def _cli(capsys, *args) -> tuple[int, str, str]:
@@ -51,16 +62,19 @@ def good_image(shapes_dir) -> Path:
 # ------------------------------------------------------------------------------ one file, one answer
 @pytest.mark.parametrize("entry", CASES)
 @pytest.mark.parametrize("command", ["tokenize", "reconstruct", "chat"])
-def test_a_single_file_command_answers_or_gives_one_error_line(command, entry, corpus, tokenizer_run, model_run,
-                                                               tmp_path, capsys):
+def test_a_single_file_command_answers_or_gives_one_error_line(
+    command, entry, corpus, tokenizer_run, model_run, tmp_path, capsys
+):
     out = tmp_path / "out"
     out.mkdir()
     (out / "recon.png").write_bytes(b"an earlier result")
     before = _tree_hash(out, tokenizer_run, model_run)
     path = corpus / entry.name
-    args = {"tokenize": ["tokenize", "--tokenizer", tokenizer_run, path],
-            "reconstruct": ["reconstruct", "--tokenizer", tokenizer_run, path, "--out", out / "recon.png"],
-            "chat": ["chat", "--model", model_run, "--image", path, "--max-new-tokens", "2", "what colour is it?"]}
+    args = {
+        "tokenize": ["tokenize", "--tokenizer", tokenizer_run, path],
+        "reconstruct": ["reconstruct", "--tokenizer", tokenizer_run, path, "--out", out / "recon.png"],
+        "chat": ["chat", "--model", model_run, "--image", path, "--max-new-tokens", "2", "what colour is it?"],
+    }
     rc, stdout, err = _cli(capsys, *args[command])
     assert "Traceback" not in stdout + err
     if entry.legal:
@@ -91,17 +105,24 @@ def test_odd_images_are_converted_not_just_accepted(corpus):
 
 
 # ------------------------------------------------------------------------------ the server
-@pytest.mark.parametrize("entry", [e for e in ENTRIES if e.name not in ("folder.png", "dangling.png", "unreadable.png")],
-                         ids=lambda e: e.name)
+@pytest.mark.parametrize(
+    "entry",
+    [e for e in ENTRIES if e.name not in ("folder.png", "dangling.png", "unreadable.png")],
+    ids=lambda e: e.name,
+)
 def test_the_server_answers_200_or_a_4xx(entry, corpus, served):
     url = "data:image/png;base64," + base64.b64encode((corpus / entry.name).read_bytes()).decode()
     parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what colour is it?"}]
-    res = served.post("/v1/chat/completions",
-                      json={"model": "model", "messages": [{"role": "user", "content": parts}], "max_tokens": 2})
+    res = served.post(
+        "/v1/chat/completions",
+        json={"model": "model", "messages": [{"role": "user", "content": parts}], "max_tokens": 2},
+    )
     if entry.legal:
         assert res.status_code == 200, res.text
     else:
-        assert 400 <= res.status_code < 500 and set(res.json()["error"]) == {"message", "type", "param", "code"}, res.text
+        assert 400 <= res.status_code < 500 and set(res.json()["error"]) == {"message", "type", "param", "code"}, (
+            res.text
+        )
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +172,18 @@ def test_eval_tokenizer_reports_counts_and_skips_the_bad_files(image_folder, tok
 
 
 def test_a_stage1_data_pass_reports_counts_and_skips_the_bad_files(image_folder, tmp_path, capsys):
-    rc, out, err = _cli(capsys, "train-tokenizer", "--data", image_folder, "--out", tmp_path / "run", *TINY_OVERRIDES,
-                        "train_tokenizer.steps=1", "train_tokenizer.batch_size=8", "train_tokenizer.save_every=1")
+    rc, out, err = _cli(
+        capsys,
+        "train-tokenizer",
+        "--data",
+        image_folder,
+        "--out",
+        tmp_path / "run",
+        *TINY_OVERRIDES,
+        "train_tokenizer.steps=1",
+        "train_tokenizer.batch_size=8",
+        "train_tokenizer.save_every=1",
+    )
     assert rc == 0, err
     _assert_each_reported_once(err, image_folder, _skipped_in_a_folder())
     assert (tmp_path / "run" / "model.safetensors").exists()
@@ -180,8 +211,20 @@ def records(corpus, good_image, tmp_path) -> tuple[Path, dict]:
 def test_a_stage2_data_pass_reports_counts_and_skips_bad_records(records, tokenizer_run, tmp_path, capsys):
     folder, n = records
     before = _tree_hash(tokenizer_run)
-    rc, out, err = _cli(capsys, "train-lm", "--tokenizer", tokenizer_run, "--data", folder, "--out", tmp_path / "m",
-                        *TINY_OVERRIDES, "train_lm.steps=1", "train_lm.save_every=1", "train_lm.batch_size=4")
+    rc, out, err = _cli(
+        capsys,
+        "train-lm",
+        "--tokenizer",
+        tokenizer_run,
+        "--data",
+        folder,
+        "--out",
+        tmp_path / "m",
+        *TINY_OVERRIDES,
+        "train_lm.steps=1",
+        "train_lm.save_every=1",
+        "train_lm.batch_size=4",
+    )
     assert rc == 0, err
     last = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["bad_records"] == n["malformed"] + n["bad_image"]  # a record whose image is bad is skipped too
@@ -194,8 +237,9 @@ def test_a_stage2_data_pass_reports_counts_and_skips_bad_records(records, tokeni
 def test_eval_model_reports_counts_and_skips_bad_records(records, model_run, capsys):
     folder, n = records
     before = _tree_hash(model_run)
-    rc, out, err = _cli(capsys, "eval", "model", "--model", model_run, "--data", folder, "--max-t2i", "2",
-                        "--max-vqa", "2")
+    rc, out, err = _cli(
+        capsys, "eval", "model", "--model", model_run, "--data", folder, "--max-t2i", "2", "--max-vqa", "2"
+    )
     res = json.loads(out)
     assert rc == 1 and res["bad_records"] == n["malformed"], (res, err)
     assert res["bad_images"] == n["bad_image"] // 2  # each bad image serves one conversation and one caption
@@ -219,10 +263,14 @@ def test_the_reported_bomb_gets_one_line_from_the_real_command(corpus, tokenizer
     import subprocess
     import sys
 
-    for cmd in (["tokenize", "--tokenizer", tokenizer_run, corpus / "bomb.png"],
-                ["reconstruct", "--tokenizer", tokenizer_run, corpus / "bomb.png", "--out", corpus.parent / "r.png"]):
+    for cmd in (
+        ["tokenize", "--tokenizer", tokenizer_run, corpus / "bomb.png"],
+        ["reconstruct", "--tokenizer", tokenizer_run, corpus / "bomb.png", "--out", corpus.parent / "r.png"],
+    ):
         p = subprocess.run([sys.executable, "-m", "unicodebook", *map(str, cmd)], capture_output=True, text=True)
         assert p.returncode == (1 if cmd[0] == "tokenize" else 2) and p.stdout == ""
-        assert p.stderr.splitlines() == [f"error: {corpus / 'bomb.png'}: too large to decode (Image size (3600000000 "
-                                         "pixels) exceeds limit of 178956970 pixels)"], p.stderr
+        assert p.stderr.splitlines() == [
+            f"error: {corpus / 'bomb.png'}: too large to decode (Image size (3600000000 "
+            "pixels) exceeds limit of 178956970 pixels)"
+        ], p.stderr
         assert not (corpus.parent / "r.png").exists()

@@ -14,8 +14,16 @@ def _llm():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    ).eval()
 
 
 @pytest.mark.parametrize("extra", [6, 3])  # 3: the last steps go past the reservation
@@ -38,7 +46,9 @@ def test_reserved_cache_decodes_as_the_default_cache(extra):
             got = []
             for tok in steps:
                 m = torch.cat([m, m.new_ones(2, 1)], 1)
-                out = llm(input_ids=tok[:, None], attention_mask=m, position_ids=pos[:, None], use_cache=True, **{name: cache})
+                out = llm(
+                    input_ids=tok[:, None], attention_mask=m, position_ids=pos[:, None], use_cache=True, **{name: cache}
+                )
                 cache, pos = kv_cache(out), pos + 1
                 got.append(out.logits[:, -1])
             logits[reserved] = torch.stack(got)

@@ -23,8 +23,17 @@ def tiny(family: str, **over):
     vocabulary that are not multiples of the kernel's tiles."""
     import transformers
 
-    kw = dict(vocab_size=101, hidden_size=64, intermediate_size=90, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=90,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+    )
     kw.update(over)
     config = getattr(transformers, f"{family}Config")(**kw)
     torch.manual_seed(0)
@@ -43,17 +52,25 @@ def prefill(model, lengths=(5, 9, 2)):
     ids = torch.randint(3, 100, (len(lengths), n), generator=g)
     mask = torch.zeros_like(ids)
     for i, m in enumerate(lengths):
-        mask[i, n - m:] = 1
+        mask[i, n - m :] = 1
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     return out.logits[:, -1], kv_cache(out), mask, pos[:, -1] + 1
 
 
 @needs_kernel
-@pytest.mark.parametrize("family,over", [("Llama", {}), ("Qwen2", {}), ("Mistral", {"sliding_window": None}),
-                                         ("Llama", {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}),
-                                         ("Llama", {"head_dim": 40}), ("Llama", {"head_dim": 72}),
-                                         ("Llama", {"head_dim": 12})])
+@pytest.mark.parametrize(
+    "family,over",
+    [
+        ("Llama", {}),
+        ("Qwen2", {}),
+        ("Mistral", {"sliding_window": None}),
+        ("Llama", {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}),
+        ("Llama", {"head_dim": 40}),
+        ("Llama", {"head_dim": 72}),
+        ("Llama", {"head_dim": 12}),
+    ],
+)
 @torch.inference_mode()
 def test_each_step_gives_transformers_logits(family, over):
     """Left padding, grouped-query heads, biases, the model's rotary tables and head sizes that
@@ -70,8 +87,13 @@ def test_each_step_gives_transformers_logits(family, over):
     for _ in range(steps):
         tok = torch.randint(3, 100, (mask.shape[0], 1), generator=g)
         mask = torch.cat([mask, torch.ones_like(tok)], 1)
-        out = model(input_ids=tok, attention_mask=mask, position_ids=pos[:, None], use_cache=True,
-                    **{cache_argument(model): cache})
+        out = model(
+            input_ids=tok,
+            attention_mask=mask,
+            position_ids=pos[:, None],
+            use_cache=True,
+            **{cache_argument(model): cache},
+        )
         cache, pos = kv_cache(out), pos + 1
         got = ours.step(model.get_input_embeddings()(tok))
         torch.testing.assert_close(got, out.logits[:, -1], atol=2e-5, rtol=1e-4)
@@ -99,10 +121,17 @@ def test_decodes_in_the_buffers_reserve_cache_made():
     for tok in torch.tensor([[7, 8, 9], [10, 11, 12], [3, 4, 5], [60, 61, 62]]):
         tok = tok[:, None]
         mask = torch.cat([mask, torch.ones_like(tok)], 1)
-        out = model(input_ids=tok, attention_mask=mask, position_ids=pos[:, None], use_cache=True,
-                    **{cache_argument(model): cache})
+        out = model(
+            input_ids=tok,
+            attention_mask=mask,
+            position_ids=pos[:, None],
+            use_cache=True,
+            **{cache_argument(model): cache},
+        )
         cache, pos = kv_cache(out), pos + 1
-        torch.testing.assert_close(ours.step(model.get_input_embeddings()(tok)), out.logits[:, -1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            ours.step(model.get_input_embeddings()(tok)), out.logits[:, -1], atol=2e-5, rtol=1e-4
+        )
 
 
 @needs_kernel
@@ -116,8 +145,9 @@ def test_logits_restricted_to_rows_are_those_rows():
     full = CPUDecoder(model, cache, mask, pos, 1).step(emb)
     for rows in (torch.arange(40, 72), torch.tensor([3, 99, 50, 4])):
         _, cache, mask, pos = prefill(model)
-        torch.testing.assert_close(CPUDecoder(model, cache, mask, pos, 1, out_rows=rows).step(emb), full[:, rows],
-                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            CPUDecoder(model, cache, mask, pos, 1, out_rows=rows).step(emb), full[:, rows], atol=1e-6, rtol=1e-6
+        )
 
 
 @needs_kernel
@@ -127,18 +157,24 @@ def test_what_it_cannot_decode_is_named():
         assert unsupported(model, 64) is None
     assert unsupported(model, 64) == "autograd is on (the kernels have no backward)"
     with torch.inference_mode():
-        assert unsupported(tiny("Mistral", sliding_window=8), 64) == \
-            "layer 0: a sliding window of 8 positions (decoding reaches 64)"
+        assert (
+            unsupported(tiny("Mistral", sliding_window=8), 64)
+            == "layer 0: a sliding window of 8 positions (decoding reaches 64)"
+        )
         assert unsupported(tiny("Mistral", sliding_window=8), 8) is None
         assert unsupported(tiny("Llama", hidden_act="gelu"), 64) == "only SiLU MLPs without tensor-parallel slicing"
         assert unsupported(model.to(torch.bfloat16), 64) == "fp32 weights on the CPU only"
-        assert unsupported(tiny("Gemma", head_dim=16), 64) == \
-            "GemmaForCausalLM is not one of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+        assert (
+            unsupported(tiny("Gemma", head_dim=16), 64)
+            == "GemmaForCausalLM is not one of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+        )
         from peft import LoraConfig, get_peft_model
 
         lora = get_peft_model(tiny("Llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).base_model.model
-        assert unsupported(lora, 64) == \
-            "layer 0: its projections are not plain contiguous nn.Linear (LoRA, quantized or fused)"
+        assert (
+            unsupported(lora, 64)
+            == "layer 0: its projections are not plain contiguous nn.Linear (LoRA, quantized or fused)"
+        )
 
 
 def test_without_the_kernels_decoding_keeps_transformers(monkeypatch):

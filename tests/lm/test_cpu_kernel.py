@@ -81,8 +81,10 @@ def test_without_a_compiler_decoding_keeps_pytorchs_kernels(tmp_path, monkeypatc
         build(tmp_path, compiler="false")  # a compiler that fails without a word
     broken = tmp_path / "bin" / "broken-cc"
     broken.parent.mkdir()
-    broken.write_text("#!/bin/sh\necho 'In file included from x.c:1:' >&2\necho 'x.c:9: error: no AVX2 here' >&2\n"
-                      "echo 'compilation terminated.' >&2\nexit 1\n")
+    broken.write_text(
+        "#!/bin/sh\necho 'In file included from x.c:1:' >&2\necho 'x.c:9: error: no AVX2 here' >&2\n"
+        "echo 'compilation terminated.' >&2\nexit 1\n"
+    )
     broken.chmod(0o755)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match=r"broken-cc failed: x\.c:9: error: no AVX2 here$"):

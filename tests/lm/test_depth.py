@@ -3,11 +3,11 @@ codebook rows, the LLM reading each written position back as the Ẑ it reads in
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from unicodebook.errors import UnicodebookError
-from unicodebook.quantize import position_embeddings
 from unicodebook.lm.model import load_model
+from unicodebook.quantize import position_embeddings
 from unicodebook.train.stage2 import train_lm
 
 
@@ -32,7 +32,9 @@ def test_hq_position_aggregate_is_the_mean_of_its_latent_cells():
     from unicodebook.quantize import UnifiedCodebook, build_quantizer
     from unicodebook.quantize.codebook import CodebookRule
 
-    cb = UnifiedCodebook(torch.arange(64), 16, CodebookRule(mode="frozen", restart_every=0)).bind(torch.nn.Embedding(64, 16))
+    cb = UnifiedCodebook(torch.arange(64), 16, CodebookRule(mode="frozen", restart_every=0)).bind(
+        torch.nn.Embedding(64, 16)
+    )
     hq = build_quantizer("hq", cb, 2, 0.25, 0.0, 0.1).eval()
     codes = torch.randint(0, 64, (3, 2, 2, 10))  # a 4×4 latent: 2×2 positions of 1 top + 4 bottom codes × depth 2
     z = hq.codes_to_embeddings(codes)  # (3, 4, 4, 16)
@@ -52,7 +54,7 @@ def _slow_greedy(model, prompt: str) -> torch.Tensor:
             emb = table(torch.tensor([ids + [model.fmt.image_id] * t]))
             if t:
                 lat = model.tokenizer.position_latents(torch.stack(written, 1))
-                emb[0, len(ids):] = lat[0] + model.image_pos.latents()[:t]
+                emb[0, len(ids) :] = lat[0] + model.image_pos.latents()[:t]
             h = model._hidden(emb, torch.ones(emb.shape[:2], dtype=torch.long)).last_hidden_state[:, -1]
             codes = rows.new_zeros(1, 0, dtype=torch.long)
             for _ in range(model.tokenizer.grid_shape[2]):  # the training forward, rerun for each code
@@ -111,8 +113,9 @@ def test_every_generated_depth_image_is_code_rows_and_decodes(model, cfg_scale, 
     images = model.tokenizer.decode(codes)
     assert tuple(images.shape) == (2, 3, model.tokenizer.image_size, model.tokenizer.image_size)
     a = model.generate_image(prompts[0], n=2, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, seed=4)
-    assert torch.equal(a, model.generate_image(prompts[0], n=2, cfg_scale=cfg_scale, temperature=temperature,
-                                               top_k=top_k, seed=4))
+    assert torch.equal(
+        a, model.generate_image(prompts[0], n=2, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, seed=4)
+    )
 
 
 def test_depth_decompression_reads_z_and_learns_to_copy_it(model, tokenizer_run, shapes_dir, tmp_path):
@@ -127,19 +130,34 @@ def test_depth_decompression_reads_z_and_learns_to_copy_it(model, tokenizer_run,
     assert torch.equal(s.codes, codes[0].flatten(0, 1))
 
     def accuracy(m):
-        return evaluate_model(m, shapes_dir, split="test", max_t2i=0, max_vqa=1, max_describe=1, max_decompress=24,
-                              progress=False)["decompression_code_accuracy"]
+        return evaluate_model(
+            m, shapes_dir, split="test", max_t2i=0, max_vqa=1, max_describe=1, max_decompress=24, progress=False
+        )["decompression_code_accuracy"]
 
-    cfg = tiny_config("train_lm.image_layout=depth", "train_lm.depth_head.heads=2", "train_lm.steps=120",
-                      "train_lm.lr=5e-3", "train_lm.tasks.instruct=0", "train_lm.tasks.t2i=0", "train_lm.save_every=0")
+    cfg = tiny_config(
+        "train_lm.image_layout=depth",
+        "train_lm.depth_head.heads=2",
+        "train_lm.steps=120",
+        "train_lm.lr=5e-3",
+        "train_lm.tasks.instruct=0",
+        "train_lm.tasks.t2i=0",
+        "train_lm.save_every=0",
+    )
     train_lm(cfg, tokenizer_run, shapes_dir, tmp_path / "run", progress=False)
     before, after = accuracy(model), accuracy(load_model(tmp_path / "run"))
     assert after > before + 0.05, (before, after)  # measured: 0.393 → 0.498
 
 
 def test_depth_training_lowers_the_text_to_image_loss(tokenizer_run, shapes_dir, tmp_path):
-    cfg = tiny_config("train_lm.image_layout=depth", "train_lm.depth_head.heads=2", "train_lm.steps=30",
-                      "train_lm.lr=3e-3", "train_lm.tasks.decompress=0", "train_lm.tasks.instruct=0", "train_lm.save_every=0")
+    cfg = tiny_config(
+        "train_lm.image_layout=depth",
+        "train_lm.depth_head.heads=2",
+        "train_lm.steps=30",
+        "train_lm.lr=3e-3",
+        "train_lm.tasks.decompress=0",
+        "train_lm.tasks.instruct=0",
+        "train_lm.save_every=0",
+    )
     train_lm(cfg, tokenizer_run, shapes_dir, tmp_path / "run", progress=False)
     import json
 
@@ -151,14 +169,24 @@ def test_a_depth_head_needs_codes_in_depth(tokenizer_run, shapes_dir, tmp_path):
     from unicodebook.train.stage1 import train_tokenizer
 
     flat_tok = tmp_path / "tok1"
-    train_tokenizer(tiny_config("model.quantizer.depth=1", "train_tokenizer.steps=2"), shapes_dir, flat_tok, progress=False)
-    with pytest.raises(UnicodebookError, match=r"a depth head needs several codes per position; this tokenizer's grid "
-                                               r"8×8×1 has 1"):
+    train_tokenizer(
+        tiny_config("model.quantizer.depth=1", "train_tokenizer.steps=2"), shapes_dir, flat_tok, progress=False
+    )
+    with pytest.raises(
+        UnicodebookError,
+        match=r"a depth head needs several codes per position; this tokenizer's grid "
+        r"8×8×1 has 1",
+    ):
         train_lm(tiny_config("train_lm.image_layout=depth"), flat_tok, shapes_dir, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_init_from_a_model_of_the_other_layout_is_refused(depth_model_run, tokenizer_run, shapes_dir, tmp_path):
     with pytest.raises(UnicodebookError, match="writes images in the depth layout, this run flat"):
-        train_lm(tiny_config(f"train_lm.init_from={depth_model_run}"), tokenizer_run, shapes_dir, tmp_path / "r",
-                 progress=False)
+        train_lm(
+            tiny_config(f"train_lm.init_from={depth_model_run}"),
+            tokenizer_run,
+            shapes_dir,
+            tmp_path / "r",
+            progress=False,
+        )

@@ -25,14 +25,17 @@ def test_latents_replace_exactly_the_image_slots(model):
     emb = model.embed_inputs(input_ids, image_at, z)
     plain = model.llm.get_input_embeddings()(input_ids)
     n = model.tokenizer.num_latents
-    assert torch.allclose(emb[0, at:at + n], z[0] + model.image_pos.latents())  # Ẑ plus where each slot sits
-    assert torch.equal(emb[0, :at], plain[0, :at]) and torch.equal(emb[0, at + n:], plain[0, at + n:])
+    assert torch.allclose(emb[0, at : at + n], z[0] + model.image_pos.latents())  # Ẑ plus where each slot sits
+    assert torch.equal(emb[0, :at], plain[0, :at]) and torch.equal(emb[0, at + n :], plain[0, at + n :])
     assert torch.equal(emb[1], plain[1])
 
 
 @pytest.mark.parametrize("cfg_scale,temperature,top_k", [(1.0, 0.0, 0), (3.0, 1.0, 5), (2.0, 0.7, 0)])
 def test_every_generated_sequence_decodes_to_an_image(model, cfg_scale, temperature, top_k):
-    prompts = ["draw a small red circle at the top left", "draw a large blue square in the center and a small green triangle at the top"]
+    prompts = [
+        "draw a small red circle at the top left",
+        "draw a large blue square in the center and a small green triangle at the top",
+    ]
     g = torch.Generator().manual_seed(0)
     codes = model.generate_codes(prompts, cfg_scale, temperature, top_k, g)
     assert tuple(codes.shape) == (2, *model.tokenizer.grid_shape)
@@ -52,7 +55,9 @@ def test_kv_cache_decoding_matches_full_recomputation(model):
     with torch.no_grad():
         for _ in range(12):
             x = torch.tensor([ids])
-            emb = model.embed_inputs(x, torch.tensor([-1]), None, torch.tensor([start]), torch.tensor([len(ids) - start]))
+            emb = model.embed_inputs(
+                x, torch.tensor([-1]), None, torch.tensor([start]), torch.tensor([len(ids) - start])
+            )
             logits = model.llm(inputs_embeds=emb).logits[0, -1]
             k = int(logits[model.code_token_ids].argmax())
             slow.append(k)
@@ -128,8 +133,16 @@ def test_the_kv_cache_goes_by_the_name_the_llm_forward_takes():
             return {"past_key_values": past_key_values}
 
     assert cache_argument(OldStyle()) == "past_key_values"
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=2))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     name = cache_argument(llm)
     first = llm(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
     cache = kv_cache(first)

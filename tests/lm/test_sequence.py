@@ -6,7 +6,11 @@ from unicodebook.lm.sequence import IGNORE, SequenceFormat, collate, corrupt_cod
 from unicodebook.lm.text import train_word_tokenizer
 from unicodebook.tokenizers.base import CodeLayout
 
-TEXTS = ["USER: what colour is the object at the top left ? ASSISTANT:", "red", "draw a small red circle at the top left"]
+TEXTS = [
+    "USER: what colour is the object at the top left ? ASSISTANT:",
+    "red",
+    "draw a small red circle at the top left",
+]
 
 
 def make_format(grid=(2, 2, 3), offset=100):
@@ -18,10 +22,14 @@ def make_format(grid=(2, 2, 3), offset=100):
 
 def test_conversation_labels_only_the_assistant_turns_and_places_the_image_slots():
     fmt, tok = make_format()
-    turns = [{"from": "human", "value": "<image>\nwhat colour is the object at the top left?"}, {"from": "gpt", "value": "red"},
-             {"from": "human", "value": "what colour is the object at the top left?"}, {"from": "gpt", "value": "red"}]
+    turns = [
+        {"from": "human", "value": "<image>\nwhat colour is the object at the top left?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "what colour is the object at the top left?"},
+        {"from": "gpt", "value": "red"},
+    ]
     s = fmt.conversation(turns)
-    assert s.input_ids[s.image_at:s.image_at + fmt.num_latents] == [fmt.image_id] * fmt.num_latents
+    assert s.input_ids[s.image_at : s.image_at + fmt.num_latents] == [fmt.image_id] * fmt.num_latents
     assert s.input_ids.count(fmt.image_id) == fmt.num_latents
     labelled = [i for i, lab in zip(s.input_ids, s.labels) if lab != IGNORE]
     assert tok.decode(labelled) == "red </s> red </s>"
@@ -47,7 +55,7 @@ def test_decompression_segments_cover_every_code_once():
     for seg in range(3):
         s = fmt.decompression(codes, segments=3, segment=seg)
         got += [lab for lab in s.labels if lab != IGNORE and lab not in (fmt.start_id, fmt.end_id, fmt.eos_id)]
-        assert s.input_ids[s.image_at:s.image_at + fmt.num_latents] == [fmt.image_id] * fmt.num_latents
+        assert s.input_ids[s.image_at : s.image_at + fmt.num_latents] == [fmt.image_id] * fmt.num_latents
     assert got == all_ids
 
 
@@ -62,16 +70,22 @@ def test_text_to_image_labels_the_image_and_dropout_leaves_no_caption():
     assert u.input_ids[:2] == [tok.bos_token_id, fmt.start_id]
     b = collate([s, u], pad_id=0)
     assert b.attention_mask.sum(1).tolist() == [len(s.input_ids), len(u.input_ids)]
-    assert (b.labels[1, len(u.input_ids):] == IGNORE).all()
+    assert (b.labels[1, len(u.input_ids) :] == IGNORE).all()
 
 
 def test_code_noise_touches_only_the_code_inputs_and_keeps_the_targets():
     fmt, _ = make_format(grid=(4, 4, 4), offset=100)
     torch.manual_seed(0)
-    samples = [fmt.text_to_image("draw a small red circle at the top left", torch.randint(0, 16, (4, 4, 4))),
-               fmt.decompression(torch.randint(0, 16, (4, 4, 4))),
-               fmt.conversation([{"from": "human", "value": "<image>\nwhat colour is the object at the top left?"},
-                                 {"from": "gpt", "value": "red"}])]
+    samples = [
+        fmt.text_to_image("draw a small red circle at the top left", torch.randint(0, 16, (4, 4, 4))),
+        fmt.decompression(torch.randint(0, 16, (4, 4, 4))),
+        fmt.conversation(
+            [
+                {"from": "human", "value": "<image>\nwhat colour is the object at the top left?"},
+                {"from": "gpt", "value": "red"},
+            ]
+        ),
+    ]
     clean = collate(samples, pad_id=0)
     noisy = corrupt_codes(clean, fmt.code_token_ids, 0.5, torch.Generator().manual_seed(1))
     changed = noisy.input_ids != clean.input_ids
@@ -80,8 +94,8 @@ def test_code_noise_touches_only_the_code_inputs_and_keeps_the_targets():
         at, n = int(clean.codes_at[row]), int(clean.n_codes[row])
         outside = torch.ones_like(changed[row])
         if at >= 0:
-            outside[at:at + n] = False
-            assert 0.3 < changed[row, at:at + n].float().mean() < 0.7  # about half of the 64 codes
-            assert ((noisy.input_ids[row, at:at + n] >= 100) & (noisy.input_ids[row, at:at + n] < 116)).all()
+            outside[at : at + n] = False
+            assert 0.3 < changed[row, at : at + n].float().mean() < 0.7  # about half of the 64 codes
+            assert ((noisy.input_ids[row, at : at + n] >= 100) & (noisy.input_ids[row, at : at + n] < 116)).all()
         assert not changed[row][outside].any()  # text, markers, Ẑ slots and padding untouched
     assert corrupt_codes(clean, fmt.code_token_ids, 0.0, torch.Generator()) is clean

@@ -53,8 +53,9 @@ def test_llm_scale_search_never_materialises_n_by_v_by_d():
 # ------------------------------------------------------------------ certified bf16 prefilter
 
 
-@pytest.mark.parametrize("n,v,d,chunk,scale", [(257, 1000, 64, 128, 1.0), (64, 33, 16, 7, 1e-3),
-                                               (300, 2048, 1024, 512, 30.0)])
+@pytest.mark.parametrize(
+    "n,v,d,chunk,scale", [(257, 1000, 64, 128, 1.0), (64, 33, 16, 7, 1e-3), (300, 2048, 1024, 512, 30.0)]
+)
 def test_certified_bf16_search_returns_the_exact_nearest_code(n, v, d, chunk, scale):
     g = torch.Generator().manual_seed(n + v)
     z, cb = scale * torch.randn(n, d, generator=g), scale * torch.randn(v, d, generator=g)
@@ -69,7 +70,9 @@ def test_certified_search_resolves_what_bf16_cannot_tell_apart():
     base = torch.randn(1, 256, generator=g)
     cb = base + 3e-2 * torch.randn(500, 256, generator=g)
     z = base + 3e-2 * torch.randn(200, 256, generator=g)
-    lossy = (z.bfloat16().float() @ cb.bfloat16().float().t()).mul(-2).add(cb.bfloat16().float().pow(2).sum(1)).argmin(1)
+    lossy = (
+        (z.bfloat16().float() @ cb.bfloat16().float().t()).mul(-2).add(cb.bfloat16().float().pow(2).sum(1)).argmin(1)
+    )
     exact = brute_force_nearest(z, cb)
     assert torch.equal(nearest_code(z, cb)[0], exact)  # fp32 resolves them
     assert (lossy != exact).float().mean() > 0.1  # bf16 alone gets many of them wrong

@@ -142,5 +142,6 @@ def test_split_rows_refuse_what_cannot_split():
     with pytest.raises(ValueError, match="do not split into 3 equal blocks"):
         ResidualQuantizer(_codebook(v=128), 3, layer_rows="split")
     from unicodebook.quantize.stacked import build_quantizer
+
     with pytest.raises(ValueError, match="needs the rq quantizer"):
         build_quantizer("hq", _codebook(v=128), 2, 0.25, layer_rows="split")

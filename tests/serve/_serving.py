@@ -54,7 +54,7 @@ def png_pixels(b64: str) -> np.ndarray:
 
 def sse_events(text: str) -> list[str]:
     """The ``data:`` payloads of a server-sent-event stream, in order."""
-    return [block[len("data: "):] for block in text.split("\n\n") if block.startswith("data: ")]
+    return [block[len("data: ") :] for block in text.split("\n\n") if block.startswith("data: ")]
 
 
 @contextlib.contextmanager
@@ -63,8 +63,25 @@ def server_process(model: Path, *extra: str, timeout: float = 120):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     src = Path(__file__).resolve().parents[2] / "src"
     env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])  # this checkout's package
-    proc = subprocess.Popen([sys.executable, "-m", "unicodebook", "serve", "--model", str(model), "--host", "127.0.0.1",
-                             "--port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "unicodebook",
+            "serve",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()  # the one line it prints once it listens
         if not line:

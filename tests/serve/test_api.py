@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
+from _serving import QUESTION, chat_body, data_url, png_pixels, sse_events, talking_copy  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from _serving import QUESTION, chat_body, data_url, png_pixels, sse_events, talking_copy  # noqa: E402
 from unicodebook.data.images import load_image, tensor_to_pil  # noqa: E402
 from unicodebook.lm.model import load_model  # noqa: E402
 from unicodebook.serve import create_app  # noqa: E402
@@ -61,14 +61,18 @@ def test_greedy_chat_is_the_models_answer_with_openai_usage(client, model, image
     assert usage["prompt_tokens"] == len(ids) > model.fmt.num_latents  # the image's slots are counted
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert 0 < usage["completion_tokens"] <= model.config.generate.max_new_tokens
-    assert choice["finish_reason"] == ("length" if usage["completion_tokens"] == model.config.generate.max_new_tokens
-                                       else "stop")
+    assert choice["finish_reason"] == (
+        "length" if usage["completion_tokens"] == model.config.generate.max_new_tokens else "stop"
+    )
 
 
 def test_a_streamed_answer_joins_to_the_same_text_and_ends_with_done(client, image):
     whole = client.post("/v1/chat/completions", json=chat_body(data_url(image))).json()
-    with client.stream("POST", "/v1/chat/completions",
-                       json=chat_body(data_url(image), stream=True, stream_options={"include_usage": True})) as res:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json=chat_body(data_url(image), stream=True, stream_options={"include_usage": True}),
+    ) as res:
         assert res.status_code == 200 and res.headers["content-type"].startswith("text/event-stream")
         events = sse_events(res.read().decode())
     assert events[-1] == "[DONE]"
@@ -104,11 +108,15 @@ def test_max_tokens_bounds_the_answer(client, image):
 
 def test_image_generation_returns_the_seeded_pictures_and_their_codes(client, model):
     g = model.config.generate
-    res = client.post("/v1/images/generations", json={"prompt": PROMPT, "n": 2, "seed": 4, "response_format": "b64_json"})
+    res = client.post(
+        "/v1/images/generations", json={"prompt": PROMPT, "n": 2, "seed": 4, "response_format": "b64_json"}
+    )
     assert res.status_code == 200
     body = res.json()
     assert body["seed"] == 4 and len(body["data"]) == 2
-    expected = model.generate_image(PROMPT, n=2, cfg_scale=g.cfg_scale, temperature=g.temperature, top_k=g.top_k, seed=4)
+    expected = model.generate_image(
+        PROMPT, n=2, cfg_scale=g.cfg_scale, temperature=g.temperature, top_k=g.top_k, seed=4
+    )
     for item, picture in zip(body["data"], expected):
         pixels = png_pixels(item["b64_json"])
         assert pixels.shape == (model.tokenizer.image_size, model.tokenizer.image_size, 3)
@@ -146,8 +154,9 @@ def test_an_http_image_url_is_refused_in_openais_error_shape(client):
 def test_fastapis_own_validation_errors_come_in_openais_shape(client):
     res = client.post("/v1/images/generations", json={"n": 1})
     assert res.status_code == 400
-    assert res.json() == {"error": {"message": "prompt: Field required", "type": "invalid_request_error",
-                                    "param": "prompt", "code": None}}
+    assert res.json() == {
+        "error": {"message": "prompt: Field required", "type": "invalid_request_error", "param": "prompt", "code": None}
+    }
     res = client.post("/v1/chat/completions", json={"model": "model", "messages": [{"role": "robot", "content": "hi"}]})
     assert res.status_code == 400 and res.json()["error"]["param"] == "messages.0.role"
     res = client.get("/v1/nothing")
@@ -159,8 +168,17 @@ def test_the_page_is_self_contained(client):
     assert res.status_code == 200 and res.headers["content-type"].startswith("text/html")
     page = res.text
     assert "http://" not in page and "https://" not in page  # no CDN: it works offline
-    for part in ('id="image-input"', 'id="question"', 'id="answer"', 'id="prompt"', 'id="gallery"', 'id="progress"',
-                 "image-rendering: pixelated", "/v1/chat/completions", "/v1/images/generations"):
+    for part in (
+        'id="image-input"',
+        'id="question"',
+        'id="answer"',
+        'id="prompt"',
+        'id="gallery"',
+        'id="progress"',
+        "image-rendering: pixelated",
+        "/v1/chat/completions",
+        "/v1/images/generations",
+    ):
         assert part in page
 
 

@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
+from _serving import chat_body, data_url, sse_events  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _serving import chat_body, data_url, sse_events  # noqa: E402
 from unicodebook.lm.model import load_model  # noqa: E402
 from unicodebook.serve import Limits, create_app  # noqa: E402
 
@@ -82,8 +82,11 @@ def test_a_body_past_the_limit_is_a_413(model, image):
     with TestClient(create_app(model, "model", Limits(max_body_bytes=300))) as c:
         res = c.post("/v1/chat/completions", json=chat_body(data_url(image)))
         assert res.status_code == 413 and "larger than 300 bytes" in res.json()["error"]["message"]
-        chunked = c.post("/v1/chat/completions", content=iter([b"{" + b" " * 200, b" " * 200 + b"}"]),
-                         headers={"content-type": "application/json"})
+        chunked = c.post(
+            "/v1/chat/completions",
+            content=iter([b"{" + b" " * 200, b" " * 200 + b"}"]),
+            headers={"content-type": "application/json"},
+        )
         assert chunked.status_code == 413  # no Content-Length: counted as it arrives
         assert c.post("/v1/images/generations", json={"prompt": "a red circle"}).status_code == 200
 

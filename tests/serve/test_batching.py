@@ -13,11 +13,15 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from _serving import png_pixels  # noqa: E402
+
 from unicodebook.lm.model import load_model  # noqa: E402
 from unicodebook.serve import Limits, create_app  # noqa: E402
 
-PROMPTS = ["a red circle in the center", "a small blue square at the top left and a green triangle on the right",
-           "two yellow stars"]
+PROMPTS = [
+    "a red circle in the center",
+    "a small blue square at the top left and a green triangle on the right",
+    "two yellow stars",
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +71,10 @@ def test_waiting_greedy_drawings_share_one_call_and_draw_what_they_draw_alone(mo
     # the held call drew 1 image; the three waiting requests (4 images) were drawn by one call
     assert calls == [1, 4]
     assert [r.json()["batched_requests"] for r in responses] == [1, 3, 3, 3]
-    alone = [model.generate_image(b["prompt"], n=b["n"], cfg_scale=model.config.generate.cfg_scale, temperature=0.0)
-             for b in bodies]
+    alone = [
+        model.generate_image(b["prompt"], n=b["n"], cfg_scale=model.config.generate.cfg_scale, temperature=0.0)
+        for b in bodies
+    ]
     assert not np.array_equal(alone[0][0].numpy(), alone[1][0].numpy())  # the prompts draw different pictures
     from unicodebook.data.images import tensor_to_pil
 
@@ -81,12 +87,15 @@ def test_waiting_greedy_drawings_share_one_call_and_draw_what_they_draw_alone(mo
 
 def test_a_batched_call_holds_at_most_max_draw_batch_images_and_sampled_requests_draw_alone(model):
     app = create_app(model, "model", Limits(max_draw_batch=3))
-    bodies = [{"prompt": PROMPTS[0], "n": 2}, {"prompt": PROMPTS[1], "n": 2},
-              {"prompt": PROMPTS[2], "temperature": 1.0, "seed": 3}, {"prompt": PROMPTS[2], "n": 1}]
+    bodies = [
+        {"prompt": PROMPTS[0], "n": 2},
+        {"prompt": PROMPTS[1], "n": 2},
+        {"prompt": PROMPTS[2], "temperature": 1.0, "seed": 3},
+        {"prompt": PROMPTS[2], "n": 1},
+    ]
     *responses, calls = _held_scenario(model, app, bodies)
     assert all(r.status_code == 200 for r in responses)
     # 2 + 2 greedy images exceed 3: two calls; the greedy 1 joins the second; the sampled one draws alone
     assert sorted(calls[1:]) == [1, 2, 3] and len(calls) == 4
     served = [r.json()["batched_requests"] for r in responses[1:]]
     assert served[0] == 1 and served[1] == served[3] == 2 and served[2] == 1
-

@@ -58,8 +58,9 @@ def test_the_page_asks_about_an_uploaded_image_and_draws(model_run, shapes_dir, 
                 sync_api.expect(page.locator("#progress")).not_to_have_class("on")
                 assert page.inner_text("#draw-error") == "" and not errors
 
-                page.set_input_files("#image-input", files=[{"name": "notes.png", "mimeType": "image/png",
-                                                              "buffer": b"not a picture"}])
+                page.set_input_files(
+                    "#image-input", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not a picture"}]
+                )
                 page.click("#ask")
                 sync_api.expect(page.locator("#ask-error")).to_contain_text("not an image file")
 

@@ -6,8 +6,8 @@ import io
 import re
 
 import pytest
-
 from _serving import QUESTION, talking_copy
+
 from unicodebook.cli import main
 
 

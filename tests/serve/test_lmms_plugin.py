@@ -7,9 +7,9 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 import pytest
+from _serving import QUESTION, talking_copy
 from PIL import Image
 
-from _serving import QUESTION, talking_copy
 from unicodebook.data.images import load_image
 from unicodebook.errors import UnicodebookError
 from unicodebook.eval.lmms_plugin import Request, answer_requests
@@ -39,15 +39,17 @@ def test_the_plugin_is_declared_where_lmms_eval_looks_for_models():
 def test_batched_greedy_requests_get_the_answers_asked_alone_cut_at_until(model, images):
     questions = [QUESTION, "how many objects are there?", "is there a red circle?", QUESTION, "describe the image."]
     budgets = [16, 16, 4, 16, 8]
-    requests = [Request(q, [Image.open(p).convert("RGB")], {"max_new_tokens": b, "temperature": 0})
-                for q, p, b in zip(questions, images, budgets)]
+    requests = [
+        Request(q, [Image.open(p).convert("RGB")], {"max_new_tokens": b, "temperature": 0})
+        for q, p, b in zip(questions, images, budgets)
+    ]
     got = answer_requests(model, requests, batch_size=2)
     alone = [_alone(model, p, q, b) for q, p, b in zip(questions, images, budgets)]
     assert got == [a.strip() for a in alone]
     assert any(len(a.split()) > 1 for a in got)  # the answers say something: the comparison is not '' == ''
     word = got[0].split()[1]
     cut = answer_requests(model, [Request(QUESTION, [Image.open(images[0])], {"until": [word]})])[0]
-    assert cut == got[0][:got[0].index(word)].strip()
+    assert cut == got[0][: got[0].index(word)].strip()
 
 
 def test_a_seed_fixes_a_sampled_answer_and_a_request_without_an_image_is_refused(model, images):
@@ -73,6 +75,7 @@ def test_lmms_eval_loads_the_model_through_its_registry(model_run, images):
             self.args = args
 
     lm.task_dict = {"t": {"test": {0: {"image": Image.open(images[0])}}}}
-    out = lm.generate_until([Instance(("<image>\n" + QUESTION, {"max_new_tokens": 8}, lambda doc: [doc["image"]],
-                                       0, "t", "test"))])
+    out = lm.generate_until(
+        [Instance(("<image>\n" + QUESTION, {"max_new_tokens": 8}, lambda doc: [doc["image"]], 0, "t", "test"))]
+    )
     assert out == [_alone(lm.model, images[0], QUESTION, 8).strip()]

@@ -13,6 +13,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from _serving import QUESTION, chat_body, data_url, png_pixels, server_process, sse_events, talking_copy  # noqa: E402
+
 from unicodebook.cli import main  # noqa: E402
 
 PROMPT = "draw a small red circle at the top left"
@@ -29,8 +30,27 @@ def test_the_served_model_answers_and_draws_as_the_cli_does(talk, shapes_dir, tm
     for img in images:
         assert main(["chat", "--model", str(talk), "--image", str(img), QUESTION]) == 0
         cli_answers.append(capsys.readouterr().out.strip())
-    assert main(["generate", "--model", str(talk), PROMPT, "--out", str(tmp_path / "g.png"), "--n", "2",
-                 "--temperature", "1", "--top-k", "8", "--seed", "7"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(talk),
+                PROMPT,
+                "--out",
+                str(tmp_path / "g.png"),
+                "--n",
+                "2",
+                "--temperature",
+                "1",
+                "--top-k",
+                "8",
+                "--seed",
+                "7",
+            ]
+        )
+        == 0
+    )
     cli_pictures = [np.asarray(Image.open(p).convert("RGB")) for p in json.loads(capsys.readouterr().out)["images"]]
     assert any(cli_answers)
 
@@ -44,11 +64,16 @@ def test_the_served_model_answers_and_draws_as_the_cli_does(talk, shapes_dir, tm
                 assert res.status_code == 200 and res.json()["choices"][0]["message"]["content"] == expected
                 streamed = sse_events(c.post("/v1/chat/completions", json=chat_body(data_url(img), stream=True)).text)
                 assert streamed[-1] == "[DONE]"
-                text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "")
-                               for e in streamed[:-1] if json.loads(e)["choices"])
+                text = "".join(
+                    json.loads(e)["choices"][0]["delta"].get("content", "")
+                    for e in streamed[:-1]
+                    if json.loads(e)["choices"]
+                )
                 assert text == expected
-            res = c.post("/v1/images/generations", json={"prompt": PROMPT, "n": 2, "temperature": 1, "top_k": 8,
-                                                         "seed": 7, "response_format": "b64_json"})
+            res = c.post(
+                "/v1/images/generations",
+                json={"prompt": PROMPT, "n": 2, "temperature": 1, "top_k": 8, "seed": 7, "response_format": "b64_json"},
+            )
             assert res.status_code == 200
             served = [png_pixels(d["b64_json"]) for d in res.json()["data"]]
             assert len(served) == 2 and all(np.array_equal(a, b) for a, b in zip(served, cli_pictures))

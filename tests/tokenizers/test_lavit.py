@@ -12,10 +12,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_OVERRIDES
 from unicodebook.config import LavitModelConfig, load_config
 from unicodebook.errors import ConfigError, UnicodebookError
 from unicodebook.tokenizers.base import PAD_CODE, load_tokenizer
@@ -25,12 +25,29 @@ from unicodebook.tokenizers.lavit.quantizer import NormEMAQuantizer
 
 LLM = [o for o in TINY_OVERRIDES if o.startswith(("llm.", "train_lm."))]
 LAVIT_TINY = [  # 32 px in 8-px patches: 16 patches, ~5 kept
-    "model.image_size=32", "model.vit.patch_size=8", "model.vit.width=32", "model.vit.layers=1", "model.vit.heads=2",
-    "model.vit.embed_dim=16", "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
-    "model.merger.layers=1", "model.merger.heads=2", "model.detokenizer.layers=1", "model.detokenizer.heads=2",
-    "model.num_codes=64", "model.code_dim=8", "model.decoder_ch=8", "model.restart_dead=5",
-    "train_tokenizer.steps=30", "train_tokenizer.batch_size=16", "train_tokenizer.warmup_steps=2",
-    "train_tokenizer.log_every=5", "train_tokenizer.save_every=10", "train_tokenizer.keep_last=3",
+    "model.image_size=32",
+    "model.vit.patch_size=8",
+    "model.vit.width=32",
+    "model.vit.layers=1",
+    "model.vit.heads=2",
+    "model.vit.embed_dim=16",
+    "model.text.width=32",
+    "model.text.layers=1",
+    "model.text.heads=2",
+    "model.merger.layers=1",
+    "model.merger.heads=2",
+    "model.detokenizer.layers=1",
+    "model.detokenizer.heads=2",
+    "model.num_codes=64",
+    "model.code_dim=8",
+    "model.decoder_ch=8",
+    "model.restart_dead=5",
+    "train_tokenizer.steps=30",
+    "train_tokenizer.batch_size=16",
+    "train_tokenizer.warmup_steps=2",
+    "train_tokenizer.log_every=5",
+    "train_tokenizer.save_every=10",
+    "train_tokenizer.keep_last=3",
     "train_tokenizer.grid_every=0",
     "train_tokenizer.phases=[{name: vit, steps: 10}, {name: tokenizer, steps: 10}, {name: decoder, steps: 10}]",
 ]
@@ -58,7 +75,17 @@ def lavit_run(shapes_dir, tmp_path_factory):
     from unicodebook.cli import main
 
     run = tmp_path_factory.mktemp("lavit") / "run"
-    args = ["train-tokenizer", "--config", "lavit-tiny", "--data", str(shapes_dir), "--out", str(run), *LLM, *LAVIT_TINY]
+    args = [
+        "train-tokenizer",
+        "--config",
+        "lavit-tiny",
+        "--data",
+        str(shapes_dir),
+        "--out",
+        str(run),
+        *LLM,
+        *LAVIT_TINY,
+    ]
     assert main(args) == 0
     return run
 
@@ -91,7 +118,9 @@ def test_the_codebook_stays_on_the_sphere_and_follows_its_features():
     before = float(q(z, step=1)[2])
     for step in range(2, 12):
         q(z, step=step)
-    assert float(q(z, step=12)[2]) <= before and torch.allclose(q.embedding.weight.norm(dim=-1), torch.ones(8), atol=1e-5)
+    assert float(q(z, step=12)[2]) <= before and torch.allclose(
+        q.embedding.weight.norm(dim=-1), torch.ones(8), atol=1e-5
+    )
     assert not q.embedding.weight.requires_grad and zq.requires_grad is False  # EMA, not gradients
 
 
@@ -100,9 +129,14 @@ def test_the_kept_fraction_is_pulled_to_rho(lavit_run, shapes_dir, tmp_path):
     ends near ρ = 1/3."""
     from unicodebook.train.lavit import train_lavit_tokenizer
 
-    cfg = lavit_config(f"model.vit_path={lavit_run / 'vit'}", "train_tokenizer.steps=81", "train_tokenizer.lr=3e-3",
-                       "train_tokenizer.log_every=1", "train_tokenizer.save_every=0",
-                       "train_tokenizer.phases=[{name: tokenizer, steps: 80}, {name: decoder, steps: 1}]")
+    cfg = lavit_config(
+        f"model.vit_path={lavit_run / 'vit'}",
+        "train_tokenizer.steps=81",
+        "train_tokenizer.lr=3e-3",
+        "train_tokenizer.log_every=1",
+        "train_tokenizer.save_every=0",
+        "train_tokenizer.phases=[{name: tokenizer, steps: 80}, {name: decoder, steps: 1}]",
+    )
     train_lavit_tokenizer(cfg, shapes_dir, tmp_path / "run", progress=False, val_split=None)
     kept = [r["keep_fraction"] for r in _rows(tmp_path / "run") if "keep_fraction" in r]
     first, last = sum(kept[:5]) / 5, sum(kept[-20:]) / 20
@@ -144,7 +178,7 @@ def _confident(run, folder) -> LavitTokenizer:
     with torch.no_grad():
         for m in tok.token_predictor.modules():
             if isinstance(m, torch.nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
         tok.token_predictor.out_conv[4].weight.mul_(20)
     tok.save_frozen(folder)
     return tok
@@ -230,17 +264,26 @@ def test_bad_lavit_configs_and_folders_are_one_line_errors(lavit_run, shapes_dir
     assert lavit_config("model.keep_ratio=1").model.keep_ratio == 1.0
     with pytest.raises(ConfigError, match=r"model.keep_ratio_over: 'pixel' is not one of image, batch"):
         lavit_config("model.keep_ratio_over=pixel")
-    for other, key in (("model.qformer.queries=8", "model.qformer"), ("model.recon_blocks=1", "model.recon_blocks"),
-                       ("model.autoencoder.ch=8", "model.autoencoder"), ("model.codebook.mode=frozen", "model.codebook")):
+    for other, key in (
+        ("model.qformer.queries=8", "model.qformer"),
+        ("model.recon_blocks=1", "model.recon_blocks"),
+        ("model.autoencoder.ch=8", "model.autoencoder"),
+        ("model.codebook.mode=frozen", "model.codebook"),
+    ):
         with pytest.raises(ConfigError, match=rf"^unknown config key '{key}' \(known: "):  # SEED's, UniCode's
             lavit_config(other)
     with pytest.raises(ConfigError, match=r"model.family: 'nope' is not one of unicode, seed, lavit"):
         load_config("tiny", ["model.family=nope"])
     with pytest.raises(ConfigError, match=r"^model: min_tokens 17 is not in \[1, 16\] \(the image's patches\)$"):
         lavit_config("model.min_tokens=17")
-    bad = lavit_config("train_tokenizer.steps=20", "train_tokenizer.phases=[{name: vit, steps: 10}, {name: vq, steps: 10}]")
-    with pytest.raises(UnicodebookError, match=r"^a LaVIT run declares train_tokenizer.phases named vit, tokenizer, "
-                                               r"decoder in that order .*got vit, vq$"):
+    bad = lavit_config(
+        "train_tokenizer.steps=20", "train_tokenizer.phases=[{name: vit, steps: 10}, {name: vq, steps: 10}]"
+    )
+    with pytest.raises(
+        UnicodebookError,
+        match=r"^a LaVIT run declares train_tokenizer.phases named vit, tokenizer, "
+        r"decoder in that order .*got vit, vq$",
+    ):
         train_lavit_tokenizer(bad, shapes_dir, tmp_path / "r", progress=False)
 
     torn = tmp_path / "torn"
@@ -269,8 +312,9 @@ def test_stage2_writes_images_of_variable_length_that_end_at_img_end(lavit_run, 
     assert model.text_tok.convert_ids_to_tokens(model.code_token_ids[:2].tolist()) == ["<img_00000>", "<img_00001>"]
     with torch.no_grad():
         model.llm.model.norm.weight.zero_()
-    codes = model.generate_codes(["draw a small red circle"] * 48, cfg_scale=1.0, temperature=1.0,
-                                 generator=torch.Generator().manual_seed(0))
+    codes = model.generate_codes(
+        ["draw a small red circle"] * 48, cfg_scale=1.0, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
     lengths = model.tokenizer.layout.lengths(codes)
     assert codes.shape == (48, 16) and int(lengths.min()) >= 1 and int(lengths.max()) == 16
     assert int((lengths < 16).sum()) >= 3  # </img> ends some before the maximum (1 in 65 a step)
@@ -279,8 +323,18 @@ def test_stage2_writes_images_of_variable_length_that_end_at_img_end(lavit_run, 
     assert model.tokenizer.decode(codes).shape == (48, 3, 32, 32)
     # the evaluation counts how the drawn images ended: sampled, some at </img> inside the range
     from unicodebook.eval.model import evaluate_model
-    r = evaluate_model(model, shapes_dir, max_t2i=24, max_vqa=4, max_describe=2, max_decompress=2, cfg_scale=1.0,
-                       temperature=1.0, progress=False)
+
+    r = evaluate_model(
+        model,
+        shapes_dir,
+        max_t2i=24,
+        max_vqa=4,
+        max_describe=2,
+        max_decompress=2,
+        cfg_scale=1.0,
+        temperature=1.0,
+        progress=False,
+    )
     assert 0 < r["t2i_ended_in_range"] < 1 and 1 <= r["t2i_codes_mean"] < 16
 
     # greedy with every logit equal picks the first code at each step, never </img>: the image is
@@ -288,13 +342,29 @@ def test_stage2_writes_images_of_variable_length_that_end_at_img_end(lavit_run, 
     from safetensors.torch import save_file
 
     from unicodebook.cli import main
+
     weights = tmp_path / "lm" / "llm" / "model.safetensors"
     state = load_file(weights)
     state["model.norm.weight"].zero_()
     save_file(state, weights, metadata={"format": "pt"})
     capsys.readouterr()
-    assert main(["generate", "--model", str(tmp_path / "lm"), "draw a small red circle", "--out", str(tmp_path / "g.png"),
-                 "--temperature", "0", "--cfg", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "lm"),
+                "draw a small red circle",
+                "--out",
+                str(tmp_path / "g.png"),
+                "--temperature",
+                "0",
+                "--cfg",
+                "1",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     reply = json.loads(out)
     assert reply["codes"] == [16] and reply["ended_at_max"] == [True]
@@ -302,12 +372,24 @@ def test_stage2_writes_images_of_variable_length_that_end_at_img_end(lavit_run, 
     assert Image.open(tmp_path / "g.png").size == (32, 32)
 
 
-OFFICIAL = ["model.image_size=224", "model.vit.patch_size=14", "model.vit.width=1408", "model.vit.layers=40",
-            "model.vit.heads=16", f"model.vit.mlp_ratio={6144 / 1408}", "model.vit.embed_dim=0",
-            "model.merger.layers=12", "model.merger.heads=16", "model.merger.mlp_ratio=4.3637",
-            "model.detokenizer.layers=12", "model.detokenizer.heads=16", "model.detokenizer.mlp_ratio=4.3637",
-            "model.num_codes=16384", "model.code_dim=32",
-            "model.token_pos_embed=0"]  # the official merger has no position table (the preset's is ours)
+OFFICIAL = [
+    "model.image_size=224",
+    "model.vit.patch_size=14",
+    "model.vit.width=1408",
+    "model.vit.layers=40",
+    "model.vit.heads=16",
+    f"model.vit.mlp_ratio={6144 / 1408}",
+    "model.vit.embed_dim=0",
+    "model.merger.layers=12",
+    "model.merger.heads=16",
+    "model.merger.mlp_ratio=4.3637",
+    "model.detokenizer.layers=12",
+    "model.detokenizer.heads=16",
+    "model.detokenizer.mlp_ratio=4.3637",
+    "model.num_codes=16384",
+    "model.code_dim=32",
+    "model.token_pos_embed=0",
+]  # the official merger has no position table (the preset's is ours)
 
 
 def _official_state() -> tuple[dict, dict, dict]:
@@ -320,30 +402,74 @@ def _official_state() -> tuple[dict, dict, dict]:
     w = 1408
     lin = lambda name, o, i: {f"{name}.weight": m(o, i), f"{name}.bias": m(o)}  # noqa: E731
     ln = lambda name: {f"{name}.weight": m(w), f"{name}.bias": m(w)}  # noqa: E731
-    enc = {**ln("token_predictor.in_conv.0"), **lin("token_predictor.in_conv.1", w, w),
-           **lin("token_predictor.out_conv.0", 704, w), **lin("token_predictor.out_conv.2", 352, 704),
-           **lin("token_predictor.out_conv.4", 2, 352), **ln("causal_encoder.ln_vision"), **ln("causal_encoder.norm"),
-           **lin("encode_task_layer.0", w, w), **lin("encode_task_layer.2", 32, w),
-           "quantize.embedding.weight": m(16384, 32), **lin("vit_proj", 4096, w)}
+    enc = {
+        **ln("token_predictor.in_conv.0"),
+        **lin("token_predictor.in_conv.1", w, w),
+        **lin("token_predictor.out_conv.0", 704, w),
+        **lin("token_predictor.out_conv.2", 352, 704),
+        **lin("token_predictor.out_conv.4", 2, 352),
+        **ln("causal_encoder.ln_vision"),
+        **ln("causal_encoder.norm"),
+        **lin("encode_task_layer.0", w, w),
+        **lin("encode_task_layer.2", 32, w),
+        "quantize.embedding.weight": m(16384, 32),
+        **lin("vit_proj", 4096, w),
+    }
     for i in range(12):
         b = f"causal_encoder.blocks.{i}."
-        enc |= {**ln(b + "norm0"), **ln(b + "norm1"), **ln(b + "norm2"), **lin(b + "token_causal_attn.qkv", 3 * w, w),
-                **lin(b + "token_causal_attn.proj", w, w), **lin(b + "mlp.fc1", 6144, w), **lin(b + "mlp.fc2", w, 6144)}
-        enc |= {k: v for p in ("query", "key", "value", "proj") for k, v in lin(b + f"token_cross_attn.{p}", w, w).items()}
-    dec = {**lin("in_proj", w, 32), "pos_embed": m(1, 256, w), "query_embed": m(1, 256, w), **ln("norm"),
-           **lin("decode_task_layer.0", w, w), **lin("decode_task_layer.2", w, w), **lin("unet_proj", 768, w)}
+        enc |= {
+            **ln(b + "norm0"),
+            **ln(b + "norm1"),
+            **ln(b + "norm2"),
+            **lin(b + "token_causal_attn.qkv", 3 * w, w),
+            **lin(b + "token_causal_attn.proj", w, w),
+            **lin(b + "mlp.fc1", 6144, w),
+            **lin(b + "mlp.fc2", w, 6144),
+        }
+        enc |= {
+            k: v for p in ("query", "key", "value", "proj") for k, v in lin(b + f"token_cross_attn.{p}", w, w).items()
+        }
+    dec = {
+        **lin("in_proj", w, 32),
+        "pos_embed": m(1, 256, w),
+        "query_embed": m(1, 256, w),
+        **ln("norm"),
+        **lin("decode_task_layer.0", w, w),
+        **lin("decode_task_layer.2", w, w),
+        **lin("unet_proj", 768, w),
+    }
     for i in range(12):
         b = f"blocks.{i}."
-        dec |= {**ln(b + "norm0"), **ln(b + "norm1"), **ln(b + "norm2"), **lin(b + "self_attn.qkv", 3 * w, w),
-                **lin(b + "self_attn.proj", w, w), **lin(b + "mlp.fc1", 6144, w), **lin(b + "mlp.fc2", w, 6144)}
+        dec |= {
+            **ln(b + "norm0"),
+            **ln(b + "norm1"),
+            **ln(b + "norm2"),
+            **lin(b + "self_attn.qkv", 3 * w, w),
+            **lin(b + "self_attn.proj", w, w),
+            **lin(b + "mlp.fc1", 6144, w),
+            **lin(b + "mlp.fc2", w, 6144),
+        }
         dec |= {k: v for p in ("query", "key", "value", "proj") for k, v in lin(b + f"cross_attn.{p}", w, w).items()}
-    vit = {"cls_token": m(1, 1, w), "pos_embed": m(1, 257, w), "patch_embed.proj.weight": m(w, 3, 14, 14),
-           "patch_embed.proj.bias": m(w), **ln("norm"), **lin("head", 1024, w)}
+    vit = {
+        "cls_token": m(1, 1, w),
+        "pos_embed": m(1, 257, w),
+        "patch_embed.proj.weight": m(w, 3, 14, 14),
+        "patch_embed.proj.bias": m(w),
+        **ln("norm"),
+        **lin("head", 1024, w),
+    }
     for i in range(40):
         b = f"blocks.{i}."
-        vit |= {**ln(b + "norm1"), **ln(b + "norm2"), b + "attn.qkv.weight": m(3 * w, w), b + "attn.q_bias": m(w),
-                b + "attn.v_bias": m(w), **lin(b + "attn.proj", w, w), **lin(b + "mlp.fc1", 6144, w),
-                **lin(b + "mlp.fc2", w, 6144)}
+        vit |= {
+            **ln(b + "norm1"),
+            **ln(b + "norm2"),
+            b + "attn.qkv.weight": m(3 * w, w),
+            b + "attn.q_bias": m(w),
+            b + "attn.v_bias": m(w),
+            **lin(b + "attn.proj", w, w),
+            **lin(b + "mlp.fc1", 6144, w),
+            **lin(b + "mlp.fc2", w, 6144),
+        }
     return enc, dec, vit
 
 
@@ -354,14 +480,23 @@ def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
         tok = build_tokenizer(load_config("lavit-tiny", OFFICIAL))
     enc, dec, vit = _official_state()
     report = load_mapped(tok, enc, dec, vit)
-    assert report["left_out"] == ["encoder.head.bias", "encoder.head.weight", "tokenizer_decoder.unet_proj.bias",
-                                  "tokenizer_decoder.unet_proj.weight", "vit_proj.bias", "vit_proj.weight"]
+    assert report["left_out"] == [
+        "encoder.head.bias",
+        "encoder.head.weight",
+        "tokenizer_decoder.unet_proj.bias",
+        "tokenizer_decoder.unet_proj.weight",
+        "vit_proj.bias",
+        "vit_proj.weight",
+    ]
     assert {k.split(".")[0] for k in report["missing"]} == {"pixel_decoder", "quantize"}
     assert [k for k in report["missing"] if k.startswith("quantize.")] == ["quantize.initialised", "quantize.last_used"]
     assert report["loaded"] == len(enc) + len(dec) + len(vit) - 6 - 40  # q_bias and v_bias: one qkv.bias per block
     enc["quantize.embedding.weight"] = torch.empty(8192, 32, device="meta")
-    with pytest.raises(UnicodebookError, match=r"quantize.embedding.weight has shape \(8192, 32\), this tokenizer's "
-                                               r"\(16384, 32\)"):
+    with pytest.raises(
+        UnicodebookError,
+        match=r"quantize.embedding.weight has shape \(8192, 32\), this tokenizer's "
+        r"\(16384, 32\)",
+    ):
         load_mapped(tok, enc, dec, vit)
 
 
@@ -369,8 +504,13 @@ def test_the_diffusion_pixel_decoder_decodes_the_same_pixels_after_a_folder_roun
     pytest.importorskip("diffusers")
     from unicodebook.tokenizers.lavit import save_tokenizer
 
-    cfg = lavit_config("model.image_size=36", "model.vit.patch_size=6", "model.pixel_decoder=diffusion",
-                       "model.diffusion.channels=[8,16]", "model.diffusion.steps=2")
+    cfg = lavit_config(
+        "model.image_size=36",
+        "model.vit.patch_size=6",
+        "model.pixel_decoder=diffusion",
+        "model.diffusion.channels=[8,16]",
+        "model.diffusion.steps=2",
+    )
     tok = build_tokenizer(cfg).eval()
     codes = torch.randint(0, 64, (3, 36), generator=torch.Generator().manual_seed(0))
     codes[0, 5:], codes[1, 12:] = PAD_CODE, PAD_CODE  # ragged
@@ -388,8 +528,9 @@ def test_the_spatial_pixel_decoder_draws_each_feature_where_its_patch_is_and_rou
     from unicodebook.tokenizers.lavit.model import SpatialPixelDecoder
 
     # 36 px in 6-px patches: the 6×6 features resized to the conv decoder's 9×9 latent, then ×4
-    cfg = lavit_config("model.image_size=36", "model.vit.patch_size=6", "model.pixel_reader=spatial",
-                       "model.token_pos_embed=1.0")
+    cfg = lavit_config(
+        "model.image_size=36", "model.vit.patch_size=6", "model.pixel_reader=spatial", "model.token_pos_embed=1.0"
+    )
     tok = build_tokenizer(cfg).eval()
     assert isinstance(tok.pixel_decoder, SpatialPixelDecoder) and tok.token_pos_embed.shape == (1, 36, 32)
     feats = torch.randn(2, 36, 32, generator=torch.Generator().manual_seed(0))

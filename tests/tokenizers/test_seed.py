@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import SEED_TINY, TINY_OVERRIDES
 from safetensors.torch import load_file
 
-from conftest import SEED_TINY, TINY_OVERRIDES
 from unicodebook.config import load_config
 from unicodebook.errors import ConfigError, UnicodebookError
 from unicodebook.tokenizers.base import load_tokenizer
@@ -79,7 +79,9 @@ def test_each_phase_trains_only_its_own_modules_and_logs_its_loss(seed_run):
     from unicodebook.tokenizers.vit import load_local_vit  # stage 0 as a folder of its own
 
     x = torch.rand(2, 3, 32, 32)
-    assert torch.equal(load_local_vit(seed_run / "vit").embedding(x), load_tokenizer(seed_run).visual_encoder.embedding(x))
+    assert torch.equal(
+        load_local_vit(seed_run / "vit").embedding(x), load_tokenizer(seed_run).visual_encoder.embedding(x)
+    )
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(seed_run, shapes_dir, tmp_path):
@@ -96,9 +98,13 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(seed_run, s
 def test_the_contrastive_phase_learns_to_match_captions(shapes_dir, tmp_path):
     from unicodebook.train.seed import train_seed_tokenizer
 
-    cfg = seed_config("train_tokenizer.steps=105", "train_tokenizer.lr=3e-3", "train_tokenizer.save_every=0",
-                      "train_tokenizer.phases=[{name: vit, steps: 90}, {name: qformer, steps: 5}, {name: vq, steps: 5}, "
-                      "{name: decoder, steps: 5}]")
+    cfg = seed_config(
+        "train_tokenizer.steps=105",
+        "train_tokenizer.lr=3e-3",
+        "train_tokenizer.save_every=0",
+        "train_tokenizer.phases=[{name: vit, steps: 90}, {name: qformer, steps: 5}, {name: vq, steps: 5}, "
+        "{name: decoder, steps: 5}]",
+    )
     train_seed_tokenizer(cfg, shapes_dir, tmp_path / "run", progress=False, val_split=None)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     vit = [(r["loss_vit"], r["contrastive_acc"]) for r in rows if "loss_vit" in r]
@@ -114,8 +120,12 @@ def test_bad_seed_configs_are_one_line_errors(shapes_dir, tmp_path):
         load_config("tiny", ["model.family=nope"])
     with pytest.raises(ConfigError, match=r"decoder_mult has 2 levels; the pixel decoder upsamples ×4: 3 levels$"):
         seed_config("model.decoder_mult=[1,2]")
-    bad = seed_config("train_tokenizer.steps=20", "train_tokenizer.phases=[{name: vq, steps: 10}, {name: decoder, steps: 10}]")
-    with pytest.raises(UnicodebookError, match=r"phases named vit, qformer, vq, decoder in that order .*got vq, decoder$"):
+    bad = seed_config(
+        "train_tokenizer.steps=20", "train_tokenizer.phases=[{name: vq, steps: 10}, {name: decoder, steps: 10}]"
+    )
+    with pytest.raises(
+        UnicodebookError, match=r"phases named vit, qformer, vq, decoder in that order .*got vq, decoder$"
+    ):
         train_seed_tokenizer(bad, shapes_dir, tmp_path / "r", progress=False)
 
 
@@ -126,8 +136,9 @@ def test_stage2_reads_and_writes_through_seed_codes(seed_run, shapes_dir, tmp_pa
     train_lm(seed_config(), seed_run, shapes_dir, tmp_path / "lm", progress=False)
     model = load_model(tmp_path / "lm")
     assert model.reads_codes and model.tokenizer.family == "seed"
-    codes = model.generate_codes(["draw a small red circle"] * 2, cfg_scale=1.0, temperature=1.0,
-                                 generator=torch.Generator().manual_seed(0))
+    codes = model.generate_codes(
+        ["draw a small red circle"] * 2, cfg_scale=1.0, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert codes.shape == (2, 8) and int(codes.min()) >= 0
     ids = model.code_token_ids
     assert model.text_tok.convert_ids_to_tokens(ids[:2].tolist()) == ["<img_00000>", "<img_00001>"]
@@ -135,7 +146,7 @@ def test_stage2_reads_and_writes_through_seed_codes(seed_run, shapes_dir, tmp_pa
 
 
 def test_a_fresh_tokenizer_from_a_local_vit_takes_its_sizes(tmp_path):
-    from unicodebook.tokenizers.vit import ViTConfig, VisionTransformer, save_vit
+    from unicodebook.tokenizers.vit import VisionTransformer, ViTConfig, save_vit
 
     vit = VisionTransformer(ViTConfig(image_size=32, patch_size=4, width=24, layers=1, heads=2, embed_dim=12))
     save_vit(vit, tmp_path / "vit")
@@ -153,27 +164,55 @@ def _official_state() -> dict:
     blocks; a one-query reverse Q-Former; 1024-d generation embedding), written out from the
     official modules' definitions, on the meta device."""
     m = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
-    s = {"visual_encoder.patch_embed.proj.weight": m(1408, 3, 14, 14), "visual_encoder.patch_embed.proj.bias": m(1408),
-         "visual_encoder.cls_token": m(1, 1, 1408), "visual_encoder.pos_embed": m(1, 257, 1408),
-         "ln_vision.weight": m(1408), "ln_vision.bias": m(1408), "query_tokens": m(1, 32, 768),
-         "encode_task_layer.0.weight": m(768, 768), "encode_task_layer.0.bias": m(768),
-         "encode_task_layer.2.weight": m(32, 768), "encode_task_layer.2.bias": m(32),
-         "quantize.embedding.weight": m(8192, 32),
-         "decode_task_layer.0.weight": m(32, 32), "decode_task_layer.0.bias": m(32),
-         "decode_task_layer.2.weight": m(768, 32), "decode_task_layer.2.bias": m(768),
-         "pos_embed": m(1, 32, 768), "pos_embed_image": m(1, 32, 768), "reverse_tokens": m(1, 1, 768),
-         "distill_image_proj.weight": m(1024, 768), "distill_image_proj.bias": m(1024),
-         "vision_proj.weight": m(256, 768), "vision_proj.bias": m(256),
-         # BLIP-2's text side, which we do not have
-         "text_proj.weight": m(256, 768), "temp": m(), "Qformer.cls.predictions.bias": m(30523),
-         "Qformer.bert.embeddings.position_ids": m(1, 512)}
+    s = {
+        "visual_encoder.patch_embed.proj.weight": m(1408, 3, 14, 14),
+        "visual_encoder.patch_embed.proj.bias": m(1408),
+        "visual_encoder.cls_token": m(1, 1, 1408),
+        "visual_encoder.pos_embed": m(1, 257, 1408),
+        "ln_vision.weight": m(1408),
+        "ln_vision.bias": m(1408),
+        "query_tokens": m(1, 32, 768),
+        "encode_task_layer.0.weight": m(768, 768),
+        "encode_task_layer.0.bias": m(768),
+        "encode_task_layer.2.weight": m(32, 768),
+        "encode_task_layer.2.bias": m(32),
+        "quantize.embedding.weight": m(8192, 32),
+        "decode_task_layer.0.weight": m(32, 32),
+        "decode_task_layer.0.bias": m(32),
+        "decode_task_layer.2.weight": m(768, 32),
+        "decode_task_layer.2.bias": m(768),
+        "pos_embed": m(1, 32, 768),
+        "pos_embed_image": m(1, 32, 768),
+        "reverse_tokens": m(1, 1, 768),
+        "distill_image_proj.weight": m(1024, 768),
+        "distill_image_proj.bias": m(1024),
+        "vision_proj.weight": m(256, 768),
+        "vision_proj.bias": m(256),
+        # BLIP-2's text side, which we do not have
+        "text_proj.weight": m(256, 768),
+        "temp": m(),
+        "Qformer.cls.predictions.bias": m(30523),
+        "Qformer.bert.embeddings.position_ids": m(1, 512),
+    }
     for i in range(39):
         b = f"visual_encoder.blocks.{i}."
-        s.update({b + "norm1.weight": m(1408), b + "norm1.bias": m(1408), b + "attn.qkv.weight": m(4224, 1408),
-                  b + "attn.q_bias": m(1408), b + "attn.v_bias": m(1408), b + "attn.proj.weight": m(1408, 1408),
-                  b + "attn.proj.bias": m(1408), b + "norm2.weight": m(1408), b + "norm2.bias": m(1408),
-                  b + "mlp.fc1.weight": m(6144, 1408), b + "mlp.fc1.bias": m(6144), b + "mlp.fc2.weight": m(1408, 6144),
-                  b + "mlp.fc2.bias": m(1408)})
+        s.update(
+            {
+                b + "norm1.weight": m(1408),
+                b + "norm1.bias": m(1408),
+                b + "attn.qkv.weight": m(4224, 1408),
+                b + "attn.q_bias": m(1408),
+                b + "attn.v_bias": m(1408),
+                b + "attn.proj.weight": m(1408, 1408),
+                b + "attn.proj.bias": m(1408),
+                b + "norm2.weight": m(1408),
+                b + "norm2.bias": m(1408),
+                b + "mlp.fc1.weight": m(6144, 1408),
+                b + "mlp.fc1.bias": m(6144),
+                b + "mlp.fc2.weight": m(1408, 6144),
+                b + "mlp.fc2.bias": m(1408),
+            }
+        )
     for name, kv in (("Qformer", 1408), ("Reverse_Qformer", 768)):
         s[f"{name}.bert.embeddings.LayerNorm.weight"] = m(768)
         s[f"{name}.bert.embeddings.LayerNorm.bias"] = m(768)
@@ -185,24 +224,58 @@ def _official_state() -> dict:
                     s[f"{b}{att}.self.{proj}.weight"], s[f"{b}{att}.self.{proj}.bias"] = m(768, d_in), m(768)
                 s[f"{b}{att}.output.dense.weight"], s[f"{b}{att}.output.dense.bias"] = m(768, 768), m(768)
                 s[f"{b}{att}.output.LayerNorm.weight"], s[f"{b}{att}.output.LayerNorm.bias"] = m(768), m(768)
-            s.update({b + "intermediate_query.dense.weight": m(3072, 768), b + "intermediate_query.dense.bias": m(3072),
-                      b + "output_query.dense.weight": m(768, 3072), b + "output_query.dense.bias": m(768),
-                      b + "output_query.LayerNorm.weight": m(768), b + "output_query.LayerNorm.bias": m(768)})
+            s.update(
+                {
+                    b + "intermediate_query.dense.weight": m(3072, 768),
+                    b + "intermediate_query.dense.bias": m(3072),
+                    b + "output_query.dense.weight": m(768, 3072),
+                    b + "output_query.dense.bias": m(768),
+                    b + "output_query.LayerNorm.weight": m(768),
+                    b + "output_query.LayerNorm.bias": m(768),
+                }
+            )
     for name in ("blocks", "blocks_image"):
         for i in range(4):
             b = f"{name}.{i}."
-            s.update({b + "norm1.weight": m(768), b + "norm1.bias": m(768), b + "attn.qkv.weight": m(2304, 768),
-                      b + "attn.qkv.bias": m(2304), b + "attn.proj.weight": m(768, 768), b + "attn.proj.bias": m(768),
-                      b + "norm2.weight": m(768), b + "norm2.bias": m(768), b + "mlp.fc1.weight": m(3072, 768),
-                      b + "mlp.fc1.bias": m(3072), b + "mlp.fc2.weight": m(768, 3072), b + "mlp.fc2.bias": m(768)})
+            s.update(
+                {
+                    b + "norm1.weight": m(768),
+                    b + "norm1.bias": m(768),
+                    b + "attn.qkv.weight": m(2304, 768),
+                    b + "attn.qkv.bias": m(2304),
+                    b + "attn.proj.weight": m(768, 768),
+                    b + "attn.proj.bias": m(768),
+                    b + "norm2.weight": m(768),
+                    b + "norm2.bias": m(768),
+                    b + "mlp.fc1.weight": m(3072, 768),
+                    b + "mlp.fc1.bias": m(3072),
+                    b + "mlp.fc2.weight": m(768, 3072),
+                    b + "mlp.fc2.bias": m(768),
+                }
+            )
     return s
 
 
-OFFICIAL = ["model.image_size=224", "model.vit.patch_size=14", "model.vit.width=1408", "model.vit.layers=39",
-            "model.vit.heads=16", f"model.vit.mlp_ratio={6144 / 1408}", "model.vit.embed_dim=0",
-            "model.qformer.queries=32", "model.qformer.width=768", "model.qformer.layers=12", "model.qformer.heads=12",
-            "model.num_codes=8192", "model.code_dim=32", "model.recon_blocks=4", "model.gen_blocks=4",
-            "model.reverse_layers=12", "model.generation_dim=1024", "model.contrastive_dim=256"]
+OFFICIAL = [
+    "model.image_size=224",
+    "model.vit.patch_size=14",
+    "model.vit.width=1408",
+    "model.vit.layers=39",
+    "model.vit.heads=16",
+    f"model.vit.mlp_ratio={6144 / 1408}",
+    "model.vit.embed_dim=0",
+    "model.qformer.queries=32",
+    "model.qformer.width=768",
+    "model.qformer.layers=12",
+    "model.qformer.heads=12",
+    "model.num_codes=8192",
+    "model.code_dim=32",
+    "model.recon_blocks=4",
+    "model.gen_blocks=4",
+    "model.reverse_layers=12",
+    "model.generation_dim=1024",
+    "model.contrastive_dim=256",
+]
 
 
 def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
@@ -211,17 +284,26 @@ def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
     with torch.device("meta"):
         tok = build_tokenizer(load_config("seed-tiny", OFFICIAL))
     report = load_mapped(tok, _official_state())
-    assert report["left_out"] == ["Qformer.bert.embeddings.position_ids", "Qformer.cls.predictions.bias", "temp",
-                                  "text_proj.weight"]
+    assert report["left_out"] == [
+        "Qformer.bert.embeddings.position_ids",
+        "Qformer.cls.predictions.bias",
+        "temp",
+        "text_proj.weight",
+    ]
     missing = {k.split(".")[0] if not k.startswith("visual_encoder.") else k for k in report["missing"]}
     assert missing == {"pixel_decoder", "quantize", "visual_encoder.norm.weight", "visual_encoder.norm.bias"}
-    assert all(k.startswith("quantize.") is False or k in ("quantize.initialised", "quantize.last_used")
-               for k in report["missing"])
+    assert all(
+        k.startswith("quantize.") is False or k in ("quantize.initialised", "quantize.last_used")
+        for k in report["missing"]
+    )
     assert report["loaded"] == len(_official_state()) - 4 - 39  # q_bias and v_bias become one qkv.bias per block
     bad = _official_state()
     bad["quantize.embedding.weight"] = torch.empty(16384, 32, device="meta")
-    with pytest.raises(UnicodebookError, match=r"quantize.embedding.weight has shape \(16384, 32\), this tokenizer's "
-                                               r"\(8192, 32\)"):
+    with pytest.raises(
+        UnicodebookError,
+        match=r"quantize.embedding.weight has shape \(16384, 32\), this tokenizer's "
+        r"\(8192, 32\)",
+    ):
         load_mapped(tok, bad)
 
 
@@ -233,7 +315,9 @@ def test_the_demo_runs_on_seed_and_its_report_says_so(tmp_path):
 
     report = run_demo(tmp_path / "demo", LLM + SEED_TINY, n_train=64, n_val=16, n_test=16, preset="seed-tiny")
     text = report.read_text()
-    assert "`seed-tiny` preset: a seed tokenizer (8 codes per image) over 64 codes, read and written as new rows" in text
+    assert (
+        "`seed-tiny` preset: a seed tokenizer (8 codes per image) over 64 codes, read and written as new rows" in text
+    )
     assert "images enter as their code tokens and leave as `<img>` + 8 code ids + `</img>`" in text
     assert "mean cosine" not in text  # a UniCode figure: SEED's codebook is its own
     assert "decompression" not in text and "nan" not in text  # SEED has no decompression task: no empty row
@@ -245,7 +329,7 @@ def test_the_demo_runs_on_seed_and_its_report_says_so(tmp_path):
 
 def test_a_torn_seed_folder_and_an_unfit_vit_are_one_error_line(seed_run, shapes_dir, tmp_path, capsys):
     from unicodebook.cli import main
-    from unicodebook.tokenizers.vit import ViTConfig, VisionTransformer, save_vit
+    from unicodebook.tokenizers.vit import VisionTransformer, ViTConfig, save_vit
 
     torn = tmp_path / "torn"
     shutil.copytree(seed_run, torn, ignore=shutil.ignore_patterns("checkpoints", "vit"))
@@ -257,9 +341,20 @@ def test_a_torn_seed_folder_and_an_unfit_vit_are_one_error_line(seed_run, shapes
     assert err.startswith(f"error: {torn}/model.safetensors is corrupt or truncated (") and "\n" not in err
 
     save_vit(VisionTransformer(ViTConfig(image_size=64, patch_size=8, width=32, layers=1, heads=2)), tmp_path / "vit64")
-    args = ["train-tokenizer", "--config", "seed-tiny", "--data", str(shapes_dir), "--out", str(tmp_path / "r"),
-            *LLM, *SEED_TINY, f"model.vit_path={tmp_path / 'vit64'}", "train_tokenizer.steps=30",
-            "train_tokenizer.phases=[{name: qformer, steps: 10}, {name: vq, steps: 10}, {name: decoder, steps: 10}]"]
+    args = [
+        "train-tokenizer",
+        "--config",
+        "seed-tiny",
+        "--data",
+        str(shapes_dir),
+        "--out",
+        str(tmp_path / "r"),
+        *LLM,
+        *SEED_TINY,
+        f"model.vit_path={tmp_path / 'vit64'}",
+        "train_tokenizer.steps=30",
+        "train_tokenizer.phases=[{name: qformer, steps: 10}, {name: vq, steps: 10}, {name: decoder, steps: 10}]",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: model.vit_path: {tmp_path / 'vit64'} takes 64 px images, the model 32"

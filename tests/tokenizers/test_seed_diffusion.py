@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 pytest.importorskip("diffusers")
 
 from test_seed import LLM, SEED_TINY  # noqa: E402
+
 from unicodebook.cli import main  # noqa: E402
 from unicodebook.config import DiffusionConfig, load_config  # noqa: E402
 from unicodebook.errors import ConfigError, UnicodebookError  # noqa: E402
@@ -23,8 +24,13 @@ from unicodebook.tokenizers.base import load_tokenizer  # noqa: E402
 from unicodebook.tokenizers.seed import build_tokenizer, save_tokenizer  # noqa: E402
 from unicodebook.tokenizers.seed.diffusion import DiffusionDecoder, local_unet, new_unet  # noqa: E402
 
-DIFFUSION = ["model.image_size=36", "model.vit.patch_size=6", "model.pixel_decoder=diffusion",
-             "model.diffusion.channels=[8,16]", "model.diffusion.steps=2"]
+DIFFUSION = [
+    "model.image_size=36",
+    "model.vit.patch_size=6",
+    "model.pixel_decoder=diffusion",
+    "model.diffusion.channels=[8,16]",
+    "model.diffusion.steps=2",
+]
 
 
 def diffusion_config(*extra: str):
@@ -40,13 +46,14 @@ def blobs(n: int) -> torch.Tensor:
     """n fixed 36-px images: a coloured square on a grey ground, each at its own place."""
     x = torch.full((n, 3, 36, 36), 0.5)
     for i in range(n):
-        x[i, :, 4 + 6 * i:16 + 6 * i, 6 + 5 * i:18 + 5 * i] = torch.tensor([1.0, 0.2 * i, 0.0])[:, None, None]
+        x[i, :, 4 + 6 * i : 16 + 6 * i, 6 + 5 * i : 18 + 5 * i] = torch.tensor([1.0, 0.2 * i, 0.0])[:, None, None]
     return x
 
 
 def test_the_diffusion_loss_falls_when_a_tiny_decoder_trains_on_fixed_images():
     dec = tiny_decoder()
     images, cond = blobs(4), torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+
     def held() -> float:  # the loss at 16 fixed (image, timestep, noise) draws
         with torch.no_grad():
             return float(dec.loss(images.repeat(4, 1, 1, 1), cond.repeat(4, 1), torch.Generator().manual_seed(7)))
@@ -66,11 +73,15 @@ def test_the_diffusion_options_are_config_keys_checked_in_one_line():
     cfg = diffusion_config()
     assert cfg.model.pixel_decoder == "diffusion" and cfg.model.diffusion.channels == [8, 16]
     assert load_config("seed-tiny", LLM + SEED_TINY).model.pixel_decoder == "conv"  # the default
-    for extra, want in (("model.diffusion.nope=1", r"^unknown config key 'model.diffusion.nope' \(known: channels, "),
-                        ("model.pixel_decoder=unclip", r"^model.pixel_decoder: 'unclip' is not one of conv, diffusion$"),
-                        ("model.diffusion.channels=[8,16,32,64]",
-                         r"^model: diffusion.channels: 4 blocks halve the image 3 times, which image_size 36 does not "
-                         r"allow$")):
+    for extra, want in (
+        ("model.diffusion.nope=1", r"^unknown config key 'model.diffusion.nope' \(known: channels, "),
+        ("model.pixel_decoder=unclip", r"^model.pixel_decoder: 'unclip' is not one of conv, diffusion$"),
+        (
+            "model.diffusion.channels=[8,16,32,64]",
+            r"^model: diffusion.channels: 4 blocks halve the image 3 times, which image_size 36 does not "
+            r"allow$",
+        ),
+    ):
         with pytest.raises(ConfigError, match=want):
             load_config("seed-tiny", LLM + SEED_TINY + DIFFUSION + [extra])
 
@@ -78,6 +89,7 @@ def test_the_diffusion_options_are_config_keys_checked_in_one_line():
 def test_sampling_is_deterministic_given_a_generator_and_lands_in_the_decoders_range():
     dec = tiny_decoder().eval()
     cond = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+
     def draw(seed: int, guidance: float = 1.0) -> torch.Tensor:
         return dec.sample(cond, 3, guidance, torch.Generator().manual_seed(seed))
 
@@ -98,12 +110,22 @@ def test_a_local_unet_loads_and_one_of_the_wrong_size_is_one_error_line(tmp_path
     tok = build_tokenizer(diffusion_config(f"model.diffusion.unet_path={tmp_path / 'ok'}"))
     assert all(torch.equal(v, tok.pixel_decoder.unet.state_dict()[k]) for k, v in mine.state_dict().items())
 
-    UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
-                         up_block_types=("CrossAttnUpBlock2D",) * 2, norm_num_groups=8, cross_attention_dim=16,
-                         attention_head_dim=1).save_pretrained(tmp_path / "big")
-    want = (f"model.diffusion.unet_path: {tmp_path / 'big'} is a UNet for 64 px images with 4 channels; "
-            f"the model draws 36 px RGB")
+    UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2,
+        norm_num_groups=8,
+        cross_attention_dim=16,
+        attention_head_dim=1,
+    ).save_pretrained(tmp_path / "big")
+    want = (
+        f"model.diffusion.unet_path: {tmp_path / 'big'} is a UNet for 64 px images with 4 channels; "
+        f"the model draws 36 px RGB"
+    )
     with pytest.raises(UnicodebookError) as e:
         local_unet(tmp_path / "big", 36)
     assert str(e.value) == want
@@ -111,8 +133,11 @@ def test_a_local_unet_loads_and_one_of_the_wrong_size_is_one_error_line(tmp_path
 
 def test_without_diffusers_the_decoder_asks_for_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed: its import fails
-    with pytest.raises(UnicodebookError, match=r"^model.pixel_decoder diffusion needs diffusers: "
-                                               r"pip install 'unicodebook\[diffusion\]'$"):
+    with pytest.raises(
+        UnicodebookError,
+        match=r"^model.pixel_decoder diffusion needs diffusers: "
+        r"pip install 'unicodebook\[diffusion\]'$",
+    ):
         build_tokenizer(diffusion_config())
 
 
@@ -122,7 +147,9 @@ def test_a_diffusion_seed_tokenizer_decodes_the_same_pixels_after_its_folder_rou
     out = tok.decode(codes)
     assert out.shape == (3, 3, 36, 36) and float(out.min()) >= 0 and float(out.max()) <= 1
     assert torch.equal(tok.decode(codes), out)  # decode samples from a fixed seed ...
-    assert (tok.decode(codes[1:2]) - out[1:2]).abs().max() < 1e-2  # ... each image's: alone as in a batch (batched float sums drift; other noise differs by ~1)
+    assert (
+        tok.decode(codes[1:2]) - out[1:2]
+    ).abs().max() < 1e-2  # ... each image's: alone as in a batch (batched float sums drift; other noise differs by ~1)
     save_tokenizer(tok, tmp_path / "tok")
     assert (tmp_path / "tok" / "pixel_unet" / "config.json").is_file()
     assert [p.name for p in (tmp_path / "tok").rglob("*.safetensors")] == ["model.safetensors"]  # the UNet's inside
@@ -132,10 +159,22 @@ def test_a_diffusion_seed_tokenizer_decodes_the_same_pixels_after_its_folder_rou
 
 def test_a_toy_seed_run_trains_its_diffusion_decoder_from_the_cli_and_reconstructs(shapes_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["train-tokenizer", "--config", "seed-tiny", "--data", str(shapes_dir), *LLM, *SEED_TINY,
-            *DIFFUSION, "train_tokenizer.steps=12", "train_tokenizer.batch_size=8", "train_tokenizer.save_every=6",
-            "train_tokenizer.log_every=2", "train_tokenizer.phases=[{name: vit, steps: 2}, {name: qformer, steps: 2}, "
-            "{name: vq, steps: 2}, {name: decoder, steps: 6}]"]
+    args = [
+        "train-tokenizer",
+        "--config",
+        "seed-tiny",
+        "--data",
+        str(shapes_dir),
+        *LLM,
+        *SEED_TINY,
+        *DIFFUSION,
+        "train_tokenizer.steps=12",
+        "train_tokenizer.batch_size=8",
+        "train_tokenizer.save_every=6",
+        "train_tokenizer.log_every=2",
+        "train_tokenizer.phases=[{name: vit, steps: 2}, {name: qformer, steps: 2}, "
+        "{name: vq, steps: 2}, {name: decoder, steps: 6}]",
+    ]
     assert main([*args, "--out", str(run)]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r["diffusion"] for r in rows if r.get("phase") == "decoder"]
@@ -167,10 +206,23 @@ def test_a_toy_seed_run_trains_its_diffusion_decoder_from_the_cli_and_reconstruc
 
 def test_a_wrong_local_unet_stops_the_cli_run_with_one_error_line(shapes_dir, tmp_path, capsys):
     new_unet(DiffusionConfig(channels=[8, 16]), 32).save_pretrained(tmp_path / "unet32")
-    args = ["train-tokenizer", "--config", "seed-tiny", "--data", str(shapes_dir), "--out", str(tmp_path / "r"), *LLM,
-            *SEED_TINY, *DIFFUSION, f"model.diffusion.unet_path={tmp_path / 'unet32'}"]
+    args = [
+        "train-tokenizer",
+        "--config",
+        "seed-tiny",
+        "--data",
+        str(shapes_dir),
+        "--out",
+        str(tmp_path / "r"),
+        *LLM,
+        *SEED_TINY,
+        *DIFFUSION,
+        f"model.diffusion.unet_path={tmp_path / 'unet32'}",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: model.diffusion.unet_path: {tmp_path / 'unet32'} is a UNet for 32 px images with 3 "
-                   f"channels; the model draws 36 px RGB")
+    assert err == (
+        f"error: model.diffusion.unet_path: {tmp_path / 'unet32'} is a UNet for 32 px images with 3 "
+        f"channels; the model draws 36 px RGB"
+    )
     assert not (tmp_path / "r" / "model.safetensors").exists()

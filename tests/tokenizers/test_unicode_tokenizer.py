@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from unicodebook.errors import UnicodebookError
 from unicodebook.lm.llm import input_embedding
 from unicodebook.tokenizers.unicode import build_tokenizer, load_tokenizer, save_tokenizer
@@ -13,7 +13,9 @@ from unicodebook.tokenizers.unicode import build_tokenizer, load_tokenizer, save
 
 @pytest.mark.parametrize("kind,grid", [("rq", (8, 8, 4)), ("hq", (4, 4, 10))])
 def test_encode_embed_decode_interface(kind, grid):
-    tok = build_tokenizer(tiny_config(f"model.quantizer.kind={kind}", "model.quantizer.depth=" + ("4" if kind == "rq" else "2")))
+    tok = build_tokenizer(
+        tiny_config(f"model.quantizer.kind={kind}", "model.quantizer.depth=" + ("4" if kind == "rq" else "2"))
+    )
     tok.train()
     tok(torch.rand(4, 3, 32, 32))  # k-means init
     tok.eval()
@@ -45,14 +47,16 @@ def test_circular_padding_gives_an_object_the_same_codes_in_every_cell():
     for padding in ("zeros", "circular"):
         tok = build_tokenizer(tiny_config("model.image_size=36", f"model.autoencoder.padding={padding}")).eval()
         codes = tok.encode(x)  # (9, 9, 9, D)
-        blocks[padding] = {tuple(codes[i, 3 * (i // 3):3 * (i // 3) + 3, 3 * (i % 3):3 * (i % 3) + 3].flatten().tolist())
-                           for i in range(9)}
+        blocks[padding] = {
+            tuple(codes[i, 3 * (i // 3) : 3 * (i // 3) + 3, 3 * (i % 3) : 3 * (i % 3) + 3].flatten().tolist())
+            for i in range(9)
+        }
         if padding == "circular":  # and the decoder draws the same object back in every cell
             out = tok.decode(codes)
             first = out[0, :, 0:12, 0:12]
             for i in range(9):
                 r, c = 12 * (i // 3), 12 * (i % 3)
-                torch.testing.assert_close(out[i, :, r:r + 12, c:c + 12], first, atol=1e-5, rtol=0)
+                torch.testing.assert_close(out[i, :, r : r + 12, c : c + 12], first, atol=1e-5, rtol=0)
     assert len(blocks["circular"]) == 1
     assert len(blocks["zeros"]) > 1  # the default: the border shows through in the codes
 
@@ -89,8 +93,16 @@ def test_hf_llm_from_a_local_folder_binds_and_is_fingerprinted(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2))
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     hf.save_pretrained(tmp_path / "llm")
     cfg = tiny_config(f"llm.name={tmp_path / 'llm'}", "model.codebook.mode=frozen", "model.codebook.rows=[3,7,250,299]")
     tok = build_tokenizer(cfg)

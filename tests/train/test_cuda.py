@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 from safetensors.torch import load_file
 
-from conftest import TINY_OVERRIDES
 from unicodebook.data.images import list_images, load_image
 from unicodebook.lm.model import load_model
 from unicodebook.tokenizers.unicode import load_tokenizer
@@ -46,8 +46,17 @@ def _max_diff(a: dict, b: dict) -> float:
 def gpu_tokenizer(shapes_dir, tmp_path_factory) -> Path:
     """Stage I on the GPU in bf16."""
     run = tmp_path_factory.mktemp("cuda") / "s1"
-    _cli("train-tokenizer", "--data", str(shapes_dir / "train"), "--out", str(run), *TINY_OVERRIDES,
-         "train_tokenizer.steps=60", "train_tokenizer.precision=bf16", "train_tokenizer.grid_every=0")
+    _cli(
+        "train-tokenizer",
+        "--data",
+        str(shapes_dir / "train"),
+        "--out",
+        str(run),
+        *TINY_OVERRIDES,
+        "train_tokenizer.steps=60",
+        "train_tokenizer.precision=bf16",
+        "train_tokenizer.grid_every=0",
+    )
     return run
 
 
@@ -63,8 +72,20 @@ def test_stage1_trains_on_cuda_in_bf16_and_runs_on_the_cpu(gpu_tokenizer, shapes
 
 def test_stage2_trains_on_cuda_in_bf16_with_checkpointing_and_generates_on_both(gpu_tokenizer, shapes_dir, tmp_path):
     run = tmp_path / "s2"
-    _cli("train-lm", "--tokenizer", str(gpu_tokenizer), "--data", str(shapes_dir), "--out", str(run), *TINY_OVERRIDES,
-         "train_lm.steps=30", "train_lm.precision=bf16", "train_lm.gradient_checkpointing=true", "train_lm.lr=3e-3")
+    _cli(
+        "train-lm",
+        "--tokenizer",
+        str(gpu_tokenizer),
+        "--data",
+        str(shapes_dir),
+        "--out",
+        str(run),
+        *TINY_OVERRIDES,
+        "train_lm.steps=30",
+        "train_lm.precision=bf16",
+        "train_lm.gradient_checkpointing=true",
+        "train_lm.lr=3e-3",
+    )
     m = [r for r in _metrics(run) if "loss_instruct" in r]
     assert m[-1]["loss_instruct"] < 0.9 * m[0]["loss_instruct"]
     for device in ("cuda", "cpu"):
@@ -72,7 +93,9 @@ def test_stage2_trains_on_cuda_in_bf16_with_checkpointing_and_generates_on_both(
         images = model.generate_image("draw a red circle", n=2, cfg_scale=2.0, temperature=1.0, top_k=0, seed=0)
         assert images.shape == (2, 3, 32, 32) and images.device.type == device
         assert isinstance(model.chat(images[0].cpu(), "what colour is the circle?", max_new_tokens=4), str)
-    out = _cli("generate", "--model", str(run), "draw a blue square", "--out", str(tmp_path / "g.png"), "--device", "cuda")
+    out = _cli(
+        "generate", "--model", str(run), "draw a blue square", "--out", str(tmp_path / "g.png"), "--device", "cuda"
+    )
     assert json.loads(out.stdout)["images"] == [str(tmp_path / "g.png")]
 
 
@@ -107,15 +130,33 @@ def test_stage2_under_fsdp_matches_one_process_and_resumes(gpu_tokenizer, shapes
     opt_a = load_file(plain / "checkpoints" / "step_0000008" / "optimizers.safetensors")
     opt_b = load_file(fsdp / "checkpoints" / "step_0000008" / "optimizers.safetensors")
     assert opt_a.keys() == opt_b.keys()
-    assert _max_diff({k: v for k, v in opt_a.items() if "rng" not in k},
-                     {k: v for k, v in opt_b.items() if "rng" not in k}) < TOL
+    assert (
+        _max_diff(
+            {k: v for k, v in opt_a.items() if "rng" not in k}, {k: v for k, v in opt_b.items() if "rng" not in k}
+        )
+        < TOL
+    )
 
     # resume under FSDP from step 4: the uninterrupted FSDP run's weights
     shutil.rmtree(fsdp / "checkpoints" / "step_0000008")
     kept = load_file(fsdp / "llm" / "model.safetensors")
     shutil.rmtree(fsdp / "llm")
-    _cli("train-lm", "--tokenizer", str(gpu_tokenizer), "--data", str(shapes_dir), "--out", str(fsdp), "--resume",
-         launcher=launch)
+    _cli(
+        "train-lm",
+        "--tokenizer",
+        str(gpu_tokenizer),
+        "--data",
+        str(shapes_dir),
+        "--out",
+        str(fsdp),
+        "--resume",
+        launcher=launch,
+    )
     assert _max_diff(kept, load_file(fsdp / "llm" / "model.safetensors")) < 1e-4
     model = load_model(fsdp, device="cuda")  # the folder an FSDP run writes is a working model
-    assert model.generate_image("draw a red circle", n=1, cfg_scale=1.0, temperature=0.0, top_k=0, seed=0).shape == (1, 3, 32, 32)
+    assert model.generate_image("draw a red circle", n=1, cfg_scale=1.0, temperature=0.0, top_k=0, seed=0).shape == (
+        1,
+        3,
+        32,
+        32,
+    )

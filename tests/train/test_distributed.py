@@ -7,16 +7,23 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import TINY_OVERRIDES
+from safetensors.torch import load_file
 
 # six steps with dead-code restarts every 2 (a fast EMA decay makes codes die quickly); batch
 # 16 × 64 positions = 1024 vectors, so the usage-entropy term scores the whole batch
-COMMON = [*TINY_OVERRIDES, "train_tokenizer.steps=6", "train_tokenizer.threads=1", "train_tokenizer.grid_every=0",
-          "model.codebook.restart_every=2", "model.codebook.ema_decay=0.8", "model.codebook.dead_threshold=0.9",
-          "model.quantizer.entropy_weight=0.2",
-          "train_lm.threads=1", "train_lm.steps=6"]
+COMMON = [
+    *TINY_OVERRIDES,
+    "train_tokenizer.steps=6",
+    "train_tokenizer.threads=1",
+    "train_tokenizer.grid_every=0",
+    "model.codebook.restart_every=2",
+    "model.codebook.ema_decay=0.8",
+    "model.codebook.dead_threshold=0.9",
+    "model.quantizer.entropy_weight=0.2",
+    "train_lm.threads=1",
+    "train_lm.steps=6",
+]
 # The stated tolerance: the only difference between one process and two is the float32
 # summation order of the gradient all-reduce (7.5e-7 after one step). Adam amplifies it
 # (measured 1.4e-3 after 6 steps); a flipped nearest-code assignment would amplify it
@@ -34,6 +41,7 @@ def _flipped_codes(a, b) -> int:
     total = (a[EMA[1]].double() - b[EMA[1]].double()).abs().reshape(*count.shape, -1).amax(-1) > TOL
     return int((count | total).sum())
 
+
 pytestmark = pytest.mark.slow
 
 
@@ -41,8 +49,16 @@ def _run(args, world: int, port: int):
     if world == 1:
         cmd = [sys.executable, "-m", "unicodebook", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}",
-               "-m", "unicodebook", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={world}",
+            f"--master_port={port}",
+            "-m",
+            "unicodebook",
+            *args,
+        ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     reports = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -90,9 +106,22 @@ def test_two_processes_match_one_process_in_both_stages(shapes_dir, tmp_path):
 
 
 def test_an_uneven_split_of_the_global_batch_is_refused(shapes_dir, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", "-m", "unicodebook",
-           "train-tokenizer", "--data", str(shapes_dir / "train"), "--out", str(tmp_path / "r"), *COMMON,
-           "train_tokenizer.batch_size=15"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29519",
+        "-m",
+        "unicodebook",
+        "train-tokenizer",
+        "--data",
+        str(shapes_dir / "train"),
+        "--out",
+        str(tmp_path / "r"),
+        *COMMON,
+        "train_tokenizer.batch_size=15",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "batch_size 15 does not split evenly over 2 processes" in out.stderr
@@ -120,17 +149,31 @@ def test_a_checkpoint_write_the_main_process_fails_stops_every_rank(shapes_dir, 
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK_ON_STEP_4)
     run = tmp_path / "r"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29520", str(script),
-           "train-tokenizer", "--data", str(shapes_dir / "train"), "--out", str(run), *COMMON,
-           "train_tokenizer.save_every=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29520",
+        str(script),
+        "train-tokenizer",
+        "--data",
+        str(shapes_dir / "train"),
+        "--out",
+        str(run),
+        *COMMON,
+        "train_tokenizer.save_every=2",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     good = run / "checkpoints" / "step_0000002"
     # two processes share one stderr with their progress bars, so lines may interleave: look for each whole
-    for line in (f"error: could not write checkpoint {run / 'checkpoints' / 'step_0000004'} (No space left on device); "
-                 f"the last good checkpoint is {good} (make room, then --resume)",
-                 f"error: the main process could not write checkpoint step 4 of {run} (its error line says why); "
-                 "this rank stops with it"):
+    for line in (
+        f"error: could not write checkpoint {run / 'checkpoints' / 'step_0000004'} (No space left on device); "
+        f"the last good checkpoint is {good} (make room, then --resume)",
+        f"error: the main process could not write checkpoint step 4 of {run} (its error line says why); "
+        "this rank stops with it",
+    ):
         assert line in out.stderr, out.stderr[-3000:]
     assert "src/unicodebook/" not in out.stderr  # the launcher prints its own traceback; ours print none
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]

@@ -7,12 +7,17 @@ import errno
 import os
 
 import pytest
-
 from conftest import SEED_TINY, TINY_OVERRIDES
+
 from unicodebook.cli import main
 
-RUN4 = [*TINY_OVERRIDES, "train_tokenizer.steps=4", "train_tokenizer.save_every=2", "train_tokenizer.grid_every=0",
-        "train_tokenizer.log_every=2"]
+RUN4 = [
+    *TINY_OVERRIDES,
+    "train_tokenizer.steps=4",
+    "train_tokenizer.save_every=2",
+    "train_tokenizer.grid_every=0",
+    "train_tokenizer.log_every=2",
+]
 
 
 def _cli(capsys, *args):
@@ -32,7 +37,8 @@ def _train(capsys, data, run, *extra):
 
 
 def test_a_checkpoint_write_that_runs_out_of_space_stops_in_one_line_and_keeps_the_last_good_one(
-        shapes_dir, tmp_path, capsys, monkeypatch):
+    shapes_dir, tmp_path, capsys, monkeypatch
+):
     from unicodebook.train import checkpoint
     from unicodebook.utils.io import atomic_save_tensors
 
@@ -46,8 +52,10 @@ def test_a_checkpoint_write_that_runs_out_of_space_stops_in_one_line_and_keeps_t
     rc, out, err = _train(capsys, shapes_dir, run, *RUN4)
     good = run / "checkpoints" / "step_0000002"
     assert rc == 2 and out == ""
-    assert _errors(err) == [f"error: could not write checkpoint {run / 'checkpoints' / 'step_0000004'} (No space "
-                            f"left on device); the last good checkpoint is {good} (make room, then --resume)"]
+    assert _errors(err) == [
+        f"error: could not write checkpoint {run / 'checkpoints' / 'step_0000004'} (No space "
+        f"left on device); the last good checkpoint is {good} (make room, then --resume)"
+    ]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]  # no half-written folder
     monkeypatch.undo()  # space again: the run resumes from that checkpoint and finishes
     rc, out, err = _train(capsys, shapes_dir, run, "--resume")
@@ -63,7 +71,8 @@ def test_a_second_process_in_the_same_run_folder_is_refused(shapes_dir, tmp_path
         rc, out, err = _train(capsys, shapes_dir, run, *RUN4)
         assert rc == 2 and _errors(err) == [
             f"error: {run} is in use by another training process (pid {os.getpid()}, {run / '.lock'}); "
-            "wait for it to end or choose another --out"]
+            "wait for it to end or choose another --out"
+        ]
         assert not (run / "checkpoints").exists()
     rc, out, err = _train(capsys, shapes_dir, run, *RUN4)  # released: the folder is free again
     assert rc == 0, err
@@ -89,7 +98,8 @@ def test_a_checkpoint_edited_by_hand_is_refused_on_resume_naming_the_file(shapes
     rc, out, err = _train(capsys, shapes_dir, run, "--resume")
     assert rc == 2 and _errors(err) == [
         f"error: checkpoint {last}: {name} was changed after it was saved (its sha256 is not the one state.json "
-        "recorded); restore it or remove this checkpoint"]
+        "recorded); restore it or remove this checkpoint"
+    ]
 
 
 def _sigterm_then_resume(args, steps: int, stage: str, run, ref, finished: str, compare: tuple[str, ...]):
@@ -114,8 +124,10 @@ def _sigterm_then_resume(args, steps: int, stage: str, run, ref, finished: str, 
     assert len(stopped) == 1 and "Traceback" not in err, err
     at = int(stopped[0].split("at step ")[1].split()[0])
     assert 10 <= at < steps
-    assert stopped[0].endswith(f"{stage} stopped by SIGTERM at step {at} of {steps}: checkpoint "
-                               f"{run}/checkpoints/step_{at:07d} written; continue with --resume")
+    assert stopped[0].endswith(
+        f"{stage} stopped by SIGTERM at step {at} of {steps}: checkpoint "
+        f"{run}/checkpoints/step_{at:07d} written; continue with --resume"
+    )
     assert (run / "checkpoints" / f"step_{at:07d}").is_dir() and not (run / finished).exists()
     res = subprocess.run([*args(run), "--resume"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -124,17 +136,39 @@ def _sigterm_then_resume(args, steps: int, stage: str, run, ref, finished: str, 
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs"
 
 
-def test_sigterm_saves_and_exits_cleanly_and_resume_gives_the_uninterrupted_weights(tokenizer_run, shapes_dir, tmp_path):
+def test_sigterm_saves_and_exits_cleanly_and_resume_gives_the_uninterrupted_weights(
+    tokenizer_run, shapes_dir, tmp_path
+):
     """A scheduler's SIGTERM (preemption): the run saves at the end of its step, says so on one
     line and exits 143; ``--resume`` then ends at the weights of a run never stopped."""
     import sys
 
     def args(run):
-        return [sys.executable, "-m", "unicodebook", "train-lm", "--tokenizer", str(tokenizer_run), "--data",
-                str(shapes_dir), "--out", str(run), *TINY_OVERRIDES, "train_lm.steps=40", "train_lm.save_every=10"]
+        return [
+            sys.executable,
+            "-m",
+            "unicodebook",
+            "train-lm",
+            "--tokenizer",
+            str(tokenizer_run),
+            "--data",
+            str(shapes_dir),
+            "--out",
+            str(run),
+            *TINY_OVERRIDES,
+            "train_lm.steps=40",
+            "train_lm.save_every=10",
+        ]
 
-    _sigterm_then_resume(args, 40, "stage II", tmp_path / "run", tmp_path / "ref", "llm",
-                         ("llm/model.safetensors", "image_positions.safetensors"))
+    _sigterm_then_resume(
+        args,
+        40,
+        "stage II",
+        tmp_path / "run",
+        tmp_path / "ref",
+        "llm",
+        ("llm/model.safetensors", "image_positions.safetensors"),
+    )
 
 
 def test_sigterm_stops_a_phased_stage_one_and_resume_gives_the_uninterrupted_weights(shapes_dir, tmp_path):
@@ -142,16 +176,42 @@ def test_sigterm_stops_a_phased_stage_one_and_resume_gives_the_uninterrupted_wei
     the signal landing in one of them, the resumed run crossing the rest)."""
     import sys
 
-    phases = ("train_tokenizer.phases=[{name: vit, steps: 40}, {name: qformer, steps: 40}, {name: vq, steps: 40}, "
-              "{name: decoder, steps: 40}]")
+    phases = (
+        "train_tokenizer.phases=[{name: vit, steps: 40}, {name: qformer, steps: 40}, {name: vq, steps: 40}, "
+        "{name: decoder, steps: 40}]"
+    )
     llm = [o for o in TINY_OVERRIDES if o.startswith(("llm.", "train_lm."))]
-    over = [o for o in SEED_TINY if not o.startswith(("train_tokenizer.steps", "train_tokenizer.phases",
-                                                      "train_tokenizer.save_every"))]
+    over = [
+        o
+        for o in SEED_TINY
+        if not o.startswith(("train_tokenizer.steps", "train_tokenizer.phases", "train_tokenizer.save_every"))
+    ]
 
     def args(run):
-        return [sys.executable, "-m", "unicodebook", "train-tokenizer", "--config", "seed-tiny", "--data",
-                str(shapes_dir), "--out", str(run), *llm, *over, "train_tokenizer.steps=160", phases,
-                "train_tokenizer.save_every=10"]
+        return [
+            sys.executable,
+            "-m",
+            "unicodebook",
+            "train-tokenizer",
+            "--config",
+            "seed-tiny",
+            "--data",
+            str(shapes_dir),
+            "--out",
+            str(run),
+            *llm,
+            *over,
+            "train_tokenizer.steps=160",
+            phases,
+            "train_tokenizer.save_every=10",
+        ]
 
-    _sigterm_then_resume(args, 160, "SEED stage I", tmp_path / "run", tmp_path / "ref", "reconstructions.png",
-                         ("model.safetensors", "text_tower.safetensors"))
+    _sigterm_then_resume(
+        args,
+        160,
+        "SEED stage I",
+        tmp_path / "run",
+        tmp_path / "ref",
+        "reconstructions.png",
+        ("model.safetensors", "text_tower.safetensors"),
+    )

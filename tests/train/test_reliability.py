@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES, tiny_config
 from safetensors.torch import load_file
 
-from conftest import TINY_OVERRIDES, tiny_config
 from unicodebook.cli import main as cli_main
 from unicodebook.data.images import list_images, load_image
 from unicodebook.eval.metrics import psnr
@@ -44,8 +44,11 @@ def _all_finite(tensors: dict) -> bool:
 def _adam_steps(ckpt, name):
     """The optimizer's update count, as the checkpoint holds it: the most any parameter had (a
     parameter a task leaves without a gradient, e.g. the depth table, is not updated that step)."""
-    return max(float(v) for k, v in load_file(ckpt / "optimizers.safetensors").items()
-               if k.startswith(f"{name}/state.") and k.endswith(".step"))
+    return max(
+        float(v)
+        for k, v in load_file(ckpt / "optimizers.safetensors").items()
+        if k.startswith(f"{name}/state.") and k.endswith(".step")
+    )
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
@@ -89,8 +92,9 @@ NO_EXTRAS = ["train_tokenizer.grid_every=0"]
 def test_stage1_isolated_nan_steps_are_skipped_logged_and_leave_the_weights_finite(shapes_dir, tmp_path, monkeypatch):
     _poison_stage1(monkeypatch, lambda s: s in (3, 8))
     run = tmp_path / "run"
-    cfg = tiny_config(*NO_EXTRAS, "train_tokenizer.steps=12", "train_tokenizer.max_nonfinite=3",
-                      "train_tokenizer.save_every=0")
+    cfg = tiny_config(
+        *NO_EXTRAS, "train_tokenizer.steps=12", "train_tokenizer.max_nonfinite=3", "train_tokenizer.save_every=0"
+    )
     res = train_tokenizer(cfg, shapes_dir / "train", run, progress=False)
     assert res.steps == 12
     assert _skipped(run) == [{"step": 3, "skipped": "non-finite loss"}, {"step": 8, "skipped": "non-finite loss"}]
@@ -111,8 +115,10 @@ def test_stage1_stops_after_max_nonfinite_in_a_row_naming_the_last_good_checkpoi
     with pytest.raises(NonFiniteError) as e:
         train_tokenizer(tiny_config(*steps), shapes_dir / "train", run, progress=False)
     good = run / "checkpoints" / "step_0000005"
-    assert str(e.value) == (f"stage I stopped at step 9: 3 steps in a row had a non-finite loss; the last good "
-                            f"checkpoint is {good} (lower the learning rate and --resume)")
+    assert str(e.value) == (
+        f"stage I stopped at step 9: 3 steps in a row had a non-finite loss; the last good "
+        f"checkpoint is {good} (lower the learning rate and --resume)"
+    )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000005"]
     assert _skipped(run) == [{"step": s, "skipped": "non-finite loss"} for s in (7, 8, 9)]
     # the checkpoint is the uninterrupted run's step 5, bit for bit, and loads into a fresh tokenizer
@@ -131,10 +137,17 @@ def test_stage1_stops_after_max_nonfinite_in_a_row_naming_the_last_good_checkpoi
 def test_stage1_non_finite_gradient_is_reported_as_such(shapes_dir, tmp_path, monkeypatch):
     _poison_stage1(monkeypatch, lambda s: s == 2, how="grad")
     run = tmp_path / "run"
-    with pytest.raises(NonFiniteError, match=r"^stage I stopped at step 2: .* non-finite gradient; "
-                                             r"the last good checkpoint is \(none yet\)"):
-        train_tokenizer(tiny_config(*NO_EXTRAS, "train_tokenizer.steps=4", "train_tokenizer.max_nonfinite=1"),
-                        shapes_dir / "train", run, progress=False)
+    with pytest.raises(
+        NonFiniteError,
+        match=r"^stage I stopped at step 2: .* non-finite gradient; "
+        r"the last good checkpoint is \(none yet\)",
+    ):
+        train_tokenizer(
+            tiny_config(*NO_EXTRAS, "train_tokenizer.steps=4", "train_tokenizer.max_nonfinite=1"),
+            shapes_dir / "train",
+            run,
+            progress=False,
+        )
     assert _skipped(run) == [{"step": 2, "skipped": "non-finite gradient"}]
 
 
@@ -176,9 +189,12 @@ def _timed(args):
 
 # the flat layout as one phase; the depth layout as a two-phase curriculum (killed in the middle of
 # the first phase, the resumed run crosses into the second)
-CURRICULUM = ["train_lm.image_layout=depth", "train_lm.depth_head.heads=2",
-              "train_lm.phases=[{steps: 10, name: draw, tasks: {decompress: 0, instruct: 0, t2i: 1}, code_noise: 0.5}, "
-              "{steps: 14, name: mix, lr: 1e-3, warmup_steps: 3, caption_dropout: 0.3}]"]
+CURRICULUM = [
+    "train_lm.image_layout=depth",
+    "train_lm.depth_head.heads=2",
+    "train_lm.phases=[{steps: 10, name: draw, tasks: {decompress: 0, instruct: 0, t2i: 1}, code_noise: 0.5}, "
+    "{steps: 14, name: mix, lr: 1e-3, warmup_steps: 3, caption_dropout: 0.3}]",
+]
 
 
 @pytest.mark.parametrize("extra", [[], CURRICULUM], ids=["flat", "depth-phases"])
@@ -186,8 +202,17 @@ def test_stage2_resume_after_sigkill_matches_an_uninterrupted_run(tokenizer_run,
     steps = ["train_lm.steps=24", "train_lm.save_every=4", *extra]
 
     def args(run):
-        return _cli("train-lm", "--tokenizer", str(tokenizer_run), "--data", str(shapes_dir), "--out", str(run),
-                    *TINY_OVERRIDES, *steps)
+        return _cli(
+            "train-lm",
+            "--tokenizer",
+            str(tokenizer_run),
+            "--data",
+            str(shapes_dir),
+            "--out",
+            str(run),
+            *TINY_OVERRIDES,
+            *steps,
+        )
 
     ref = tmp_path / "ref"
     out, ref_s = _timed(args(ref))
@@ -204,16 +229,24 @@ def test_stage2_resume_after_sigkill_matches_an_uninterrupted_run(tokenizer_run,
     assert "step_0000008" in done and "step_0000024" not in done, f"not killed mid-run: {done}"
     assert not (run / "llm").exists()
 
-    out, resume_s = _timed(_cli("train-lm", "--tokenizer", str(tokenizer_run), "--data", str(shapes_dir),
-                                "--out", str(run), "--resume"))
+    out, resume_s = _timed(
+        _cli("train-lm", "--tokenizer", str(tokenizer_run), "--data", str(shapes_dir), "--out", str(run), "--resume")
+    )
     assert out.returncode == 0, out.stderr
     resumed_from = int(done[-1].split("_")[1])
-    print(f"\nstage II, 24 steps: uninterrupted run {ref_s:.1f} s; resumed from step {resumed_from} in {resume_s:.1f} s "
-          f"(wall seconds of each subprocess)")
-    for name in ("llm/model.safetensors", "image_positions.safetensors") + (("depth_head.safetensors",) if extra else ()):
+    print(
+        f"\nstage II, 24 steps: uninterrupted run {ref_s:.1f} s; resumed from step {resumed_from} in {resume_s:.1f} s "
+        f"(wall seconds of each subprocess)"
+    )
+    for name in ("llm/model.safetensors", "image_positions.safetensors") + (
+        ("depth_head.safetensors",) if extra else ()
+    ):
         assert _same_tensors(load_file(ref / name), load_file(run / name)), f"{name} differs from the uninterrupted run"
+
     # the log reads as one run: every step once, the same losses
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+
     logged = [r["step"] for r in _metrics(run)]
     assert logged == sorted(set(logged)) == list(range(2, 25, 2))
     assert strip(_metrics(run)) == strip(_metrics(ref))
@@ -240,6 +273,7 @@ def _drop_keys(*keys):
     def damage(ckpt):
         state = json.loads((ckpt / "state.json").read_text())
         (ckpt / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k not in keys}))
+
     return damage
 
 
@@ -247,7 +281,10 @@ TORN = {  # damage → what the one error line says after "checkpoint PATH is to
     "truncated weights": (lambda c: _truncate(c / "model.safetensors"), None),
     "truncated optimizer state": (lambda c: _truncate(c / "optimizers.safetensors"), None),
     "garbage state.json": (lambda c: (c / "state.json").write_text('{"version": 1, "kind": "tok'), None),
-    "state.json not an object": (lambda c: (c / "state.json").write_text("[1, 2]"), "(state.json is not a JSON object)"),
+    "state.json not an object": (
+        lambda c: (c / "state.json").write_text("[1, 2]"),
+        "(state.json is not a JSON object)",
+    ),
     "state.json without step": (_drop_keys("step"), "(state.json lacks step)"),
     "state.json without RNG": (_drop_keys("python_rng", "numpy_rng"), "(state.json lacks python_rng, numpy_rng)"),
     "state.json without optimizer": (_drop_keys("optimizers"), "(state.json lacks optimizers)"),
@@ -278,8 +315,12 @@ def test_a_torn_stage2_checkpoint_is_refused_by_the_cli(model_run, tokenizer_run
     w = ckpt / "llm.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
     before = (run / "llm" / "model.safetensors").read_bytes()
-    out = subprocess.run(_cli("train-lm", "--tokenizer", str(tokenizer_run), "--data", str(shapes_dir), "--out", str(run),
-                              "--resume"), check=False, capture_output=True, text=True)
+    out = subprocess.run(
+        _cli("train-lm", "--tokenizer", str(tokenizer_run), "--data", str(shapes_dir), "--out", str(run), "--resume"),
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert _one_error_line(out.stderr).startswith(f"error: checkpoint {ckpt} is torn or unreadable (")
     assert (run / "llm" / "model.safetensors").read_bytes() == before
@@ -291,8 +332,9 @@ def test_a_stage1_checkpoint_in_a_stage2_run_is_refused(model_run, tokenizer_run
     foreign = run / "checkpoints" / "step_0000009"
     shutil.copytree(tokenizer_run / "checkpoints" / "step_0000010", foreign)
     before = (run / "llm" / "model.safetensors").read_bytes()
-    code, err = _cli_in_process(capsys, "train-lm", "--tokenizer", str(tokenizer_run), "--data", str(shapes_dir),
-                                "--out", str(run), "--resume")
+    code, err = _cli_in_process(
+        capsys, "train-lm", "--tokenizer", str(tokenizer_run), "--data", str(shapes_dir), "--out", str(run), "--resume"
+    )
     assert code == 2
     assert _one_error_line(err) == f"error: checkpoint {foreign} is not a lm checkpoint of this version"
     assert (run / "llm" / "model.safetensors").read_bytes() == before
@@ -302,27 +344,38 @@ def test_a_checkpoint_of_a_wider_autoencoder_is_refused(tokenizer_run, shapes_di
     run = tmp_path / "run"
     shutil.copytree(tokenizer_run, run)
     wide = build_tokenizer(tiny_config("model.autoencoder.ch=16"))
-    foreign = save_checkpoint(run, 11, {"model": wide}, {"model": torch.optim.AdamW(wide.parameters())}, {},
-                              keep=0, kind="tokenizer")
+    foreign = save_checkpoint(
+        run, 11, {"model": wide}, {"model": torch.optim.AdamW(wide.parameters())}, {}, keep=0, kind="tokenizer"
+    )
     before = (run / "model.safetensors").read_bytes()
     code, err = _cli_in_process(capsys, "train-tokenizer", "--data", str(shapes_dir), "--out", str(run), "--resume")
     assert code == 2
-    assert _one_error_line(err) == (f"error: checkpoint {foreign} belongs to another model "
-                                    f"(first mismatching key: model.encoder.conv_in.weight (shape (16, 3, 3, 3) != (8, 3, 3, 3)))")
+    assert _one_error_line(err) == (
+        f"error: checkpoint {foreign} belongs to another model "
+        f"(first mismatching key: model.encoder.conv_in.weight (shape (16, 3, 3, 3) != (8, 3, 3, 3)))"
+    )
     assert (run / "model.safetensors").read_bytes() == before
 
 
 # ------------------------------------------------------------------------------------ bf16
 def test_stage1_trains_in_bf16_on_cpu(shapes_dir, tmp_path):
     run = tmp_path / "run"
-    train_tokenizer(tiny_config(*NO_EXTRAS, "train_tokenizer.precision=bf16", "train_tokenizer.steps=3",
-                                "train_tokenizer.log_every=1"), shapes_dir / "train", run, progress=False)
+    train_tokenizer(
+        tiny_config(
+            *NO_EXTRAS, "train_tokenizer.precision=bf16", "train_tokenizer.steps=3", "train_tokenizer.log_every=1"
+        ),
+        shapes_dir / "train",
+        run,
+        progress=False,
+    )
     logged = [r for r in _metrics(run) if "loss" in r]
     assert [r["step"] for r in logged] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["psnr"]])).all() for r in logged)
     weights = load_file(run / "model.safetensors")
     assert _all_finite(weights)
-    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}  # autocast, fp32 master weights
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {
+        torch.float32
+    }  # autocast, fp32 master weights
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -343,8 +396,14 @@ def test_precision_auto_autocasts_only_where_bf16_is_native(native, monkeypatch,
             with eng.autocast("bf16"):
                 assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     warned = [r.getMessage() for r in caplog.records if "native bf16" in r.getMessage()]
-    assert warned == ([] if native else ["precision bf16 on a CPU without native bf16 kernels: expect it to be "
-                                         "several times slower than fp32 (precision=auto picks fp32 here)"])
+    assert warned == (
+        []
+        if native
+        else [
+            "precision bf16 on a CPU without native bf16 kernels: expect it to be "
+            "several times slower than fp32 (precision=auto picks fp32 here)"
+        ]
+    )
 
 
 def test_native_bf16_needs_the_cpu_instructions_not_only_onednn(monkeypatch):
@@ -386,8 +445,11 @@ def test_bf16_encode_gives_the_fp32_codes_and_the_quantizer_sees_fp32(tokenizer_
     agree = (fp32 == bf16).float()
     per_layer = agree.reshape(-1, agree.shape[-1]).mean(0)
     psnr32, psnr16 = (float(psnr(tok.decode(c), images).mean()) for c in (fp32, bf16))
-    print(f"\nbf16 vs fp32 codes ({fp32.numel()} codes of {images.shape[0]} images): {agree.mean():.2%} agree; "
-          f"per layer {', '.join(f'{v:.2%}' for v in per_layer)}; PSNR of the decoded codes {psnr32:.3f} / {psnr16:.3f} dB")
+    print(
+        f"\nbf16 vs fp32 codes ({fp32.numel()} codes of {images.shape[0]} images): {agree.mean():.2%} agree; "
+        f"per layer {', '.join(f'{v:.2%}' for v in per_layer)}; "
+        f"PSNR of the decoded codes {psnr32:.3f} / {psnr16:.3f} dB"
+    )
     # measured (10-step tokenizer, 24 val images): 95.6% overall, 98.6% on layer 0, the same PSNR to
     # 0.001 dB. The deeper RQ layers quantize ever smaller residuals of a latent that bf16 rounds
     # to ~3 digits, so a few borderline codes flip there; the first layer and the picture hold.
@@ -453,7 +515,11 @@ def test_stage2_gradient_checkpointing_gives_the_same_gradients(model_run, shape
         calls.clear()
         out = model(batch, latents)
         out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+        return (
+            out.loss.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            len(calls),
+        )
 
     loss0, g0, n0 = grads()
     enable_checkpointing(model.llm)
@@ -464,8 +530,9 @@ def test_stage2_gradient_checkpointing_gives_the_same_gradients(model_run, shape
     assert all(torch.allclose(g0[k], g1[k], rtol=1e-5, atol=1e-7) for k in g0)
 
 
-def test_stage2_gradient_checkpointing_switch_trains_to_the_same_weights(model_run, tokenizer_run, shapes_dir, tmp_path,
-                                                                         monkeypatch):
+def test_stage2_gradient_checkpointing_switch_trains_to_the_same_weights(
+    model_run, tokenizer_run, shapes_dir, tmp_path, monkeypatch
+):
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     real, calls = LlamaMLP.forward, []
@@ -499,7 +566,9 @@ def test_fsdp_optimizer_layout_converts_exactly_to_the_single_process_one():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     model[0].bias.requires_grad_(False)  # a frozen parameter is not in the optimizer
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for _, p in trainable[:1]]}, {"params": [p for _, p in trainable[1:]], "lr": 0.1}])
+    opt = torch.optim.AdamW(
+        [{"params": [p for _, p in trainable[:1]]}, {"params": [p for _, p in trainable[1:]], "lr": 0.1}]
+    )
     model(torch.randn(5, 4)).square().sum().backward()
     opt.step()
     names = [n for n, _ in trainable]

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES, tiny_config
 from safetensors.torch import load_file
 
-from conftest import TINY_OVERRIDES, tiny_config
 from unicodebook.errors import UnicodebookError
 from unicodebook.tokenizers.unicode import load_tokenizer
 from unicodebook.train.stage1 import train_tokenizer
@@ -28,8 +28,16 @@ def test_loss_falls_and_the_run_folder_describes_itself(shapes_dir, tmp_path):
     rows = [r for r in _metrics(run) if "loss" in r]
     assert rows[-1]["l1"] < 0.6 * rows[0]["l1"]
     assert rows[-1]["psnr"] > rows[0]["psnr"] + 3
-    for name in ("config.yaml", "model.safetensors", "binding.json", "llm/config.json", "metrics.jsonl",
-                 "reconstructions.png", "codebook_usage.png", "curves.png"):
+    for name in (
+        "config.yaml",
+        "model.safetensors",
+        "binding.json",
+        "llm/config.json",
+        "metrics.jsonl",
+        "reconstructions.png",
+        "codebook_usage.png",
+        "curves.png",
+    ):
         assert (run / name).exists(), name
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000020", "step_0000030"]  # keep_last=2
@@ -60,8 +68,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(shapes_dir, tmp_path)
     done = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")]
     assert "step_0000060" not in done, "the run finished before it could be killed"
 
-    out = subprocess.run(_cli("train-tokenizer", "--data", str(shapes_dir / "train"), "--out", str(run), "--resume"),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        _cli("train-tokenizer", "--data", str(shapes_dir / "train"), "--out", str(run), "--resume"),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     a, b = load_file(ref / "model.safetensors"), load_file(run / "model.safetensors")
     assert a.keys() == b.keys()
@@ -101,12 +112,23 @@ def test_optional_perceptual_and_gan_terms_train_and_resume(shapes_dir, tmp_path
     from unicodebook.train.losses import LPIPS
 
     m = LPIPS()
-    save_file({f"features.{k}": v.clone() for k, v in m.net.features.state_dict().items()}, str(tmp_path / "vgg.safetensors"))
-    save_file({f"lin{i}.model.1.weight": torch.rand_like(l.model[1].weight) * 0.1 for i, l in enumerate(m.lins)},
-              str(tmp_path / "lin.safetensors"))
-    extra = ["loss.perceptual=0.1", f"loss.perceptual_vgg={tmp_path / 'vgg.safetensors'}",
-             f"loss.perceptual_lin={tmp_path / 'lin.safetensors'}", "loss.gan=0.1", "loss.gan_start=2",
-             "train_tokenizer.steps=4", "train_tokenizer.save_every=2", "train_tokenizer.batch_size=4"]
+    save_file(
+        {f"features.{k}": v.clone() for k, v in m.net.features.state_dict().items()}, str(tmp_path / "vgg.safetensors")
+    )
+    save_file(
+        {f"lin{i}.model.1.weight": torch.rand_like(lin.model[1].weight) * 0.1 for i, lin in enumerate(m.lins)},
+        str(tmp_path / "lin.safetensors"),
+    )
+    extra = [
+        "loss.perceptual=0.1",
+        f"loss.perceptual_vgg={tmp_path / 'vgg.safetensors'}",
+        f"loss.perceptual_lin={tmp_path / 'lin.safetensors'}",
+        "loss.gan=0.1",
+        "loss.gan_start=2",
+        "train_tokenizer.steps=4",
+        "train_tokenizer.save_every=2",
+        "train_tokenizer.batch_size=4",
+    ]
     run = tmp_path / "run"
     train_tokenizer(tiny_config(*extra), shapes_dir / "train", run, progress=False)
     last = [r for r in _metrics(run) if "loss" in r][-1]

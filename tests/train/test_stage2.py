@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from unicodebook.errors import UnicodebookError
 from unicodebook.lm.model import load_model
 from unicodebook.train.stage2 import train_lm
@@ -19,8 +19,13 @@ def _metrics(run):
 
 
 def test_instruction_loss_falls(tokenizer_run, shapes_dir, tmp_path):
-    cfg = tiny_config("train_lm.steps=30", "train_lm.lr=3e-3", "train_lm.tasks.decompress=0", "train_lm.tasks.t2i=0",
-                      "train_lm.save_every=0")
+    cfg = tiny_config(
+        "train_lm.steps=30",
+        "train_lm.lr=3e-3",
+        "train_lm.tasks.decompress=0",
+        "train_lm.tasks.t2i=0",
+        "train_lm.save_every=0",
+    )
     train_lm(cfg, tokenizer_run, shapes_dir, tmp_path / "run", progress=False)
     m = _metrics(tmp_path / "run")
     assert m[-1]["loss_instruct"] < 0.7 * m[0]["loss_instruct"]
@@ -40,13 +45,19 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(model_run, tokeniz
     assert strip(_metrics(copy)) == strip(_metrics(model_run))
 
 
-def test_sampling_during_training_writes_grids_and_leaves_training_unchanged(model_run, tokenizer_run, shapes_dir, tmp_path):
+def test_sampling_during_training_writes_grids_and_leaves_training_unchanged(
+    model_run, tokenizer_run, shapes_dir, tmp_path
+):
     """Preview grids every 2 steps (decoding in inference mode, seeded apart from training):
     the same final weights as the run that never sampled."""
     run = tmp_path / "run"
     train_lm(tiny_config("train_lm.sample_every=2"), tokenizer_run, shapes_dir, run, progress=False)
     assert sorted(p.name for p in (run / "samples").glob("t2i_*.png")) == [
-        "t2i_0000002.png", "t2i_0000004.png", "t2i_0000006.png", "t2i_final.png"]  # the last step: final
+        "t2i_0000002.png",
+        "t2i_0000004.png",
+        "t2i_0000006.png",
+        "t2i_final.png",
+    ]  # the last step: final
     a, b = load_file(model_run / "llm" / "model.safetensors"), load_file(run / "llm" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -85,16 +96,30 @@ def test_a_local_hugging_face_llama_works_end_to_end(shapes_dir, tmp_path):
     vocab = {w: i for i, w in enumerate(w for w in hf_tok.get_vocab() if w not in ("<image>", "<img>", "</img>"))}
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    plain = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     folder = tmp_path / "hf-llama"
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(plain), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                                       bos_token_id=plain.bos_token_id, eos_token_id=plain.eos_token_id,
-                                       pad_token_id=plain.pad_token_id))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(plain),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=plain.bos_token_id,
+            eos_token_id=plain.eos_token_id,
+            pad_token_id=plain.pad_token_id,
+        )
+    )
     llm.save_pretrained(folder)
     plain.save_pretrained(folder)
 
-    cfg = tiny_config(f"llm.name={folder}", "model.codebook.row_offset=0", "model.codebook.num_rows=32", "train_tokenizer.steps=6")
+    cfg = tiny_config(
+        f"llm.name={folder}", "model.codebook.row_offset=0", "model.codebook.num_rows=32", "train_tokenizer.steps=6"
+    )
     train_tokenizer(cfg, shapes_dir, tmp_path / "stage1", progress=False)
     train_lm(cfg, tmp_path / "stage1", shapes_dir, tmp_path / "stage2", progress=False)
     model = load_model(tmp_path / "stage2")
@@ -122,18 +147,26 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(tokenizer_run, shape
             assert torch.equal(merged[k], v), k
 
 
-def test_a_run_started_from_another_begins_with_its_weights_and_text_tokenizer(model_run, tokenizer_run, shapes_dir,
-                                                                                tmp_path):
+def test_a_run_started_from_another_begins_with_its_weights_and_text_tokenizer(
+    model_run, tokenizer_run, shapes_dir, tmp_path
+):
     """``train_lm.init_from`` (a curriculum: one task mix, then another). With lr 0 nothing moves,
     so the new run saves the start model's LLM and image positions bit for bit, and its text
     tokenizer."""
     run = tmp_path / "run"
-    train_lm(tiny_config("train_lm.steps=2", "train_lm.lr=0", f"train_lm.init_from={model_run}"), tokenizer_run,
-             shapes_dir, run, progress=False)
+    train_lm(
+        tiny_config("train_lm.steps=2", "train_lm.lr=0", f"train_lm.init_from={model_run}"),
+        tokenizer_run,
+        shapes_dir,
+        run,
+        progress=False,
+    )
     for part in ("llm/model.safetensors", "image_positions.safetensors"):
         a, b = load_file(model_run / part), load_file(run / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-    assert (run / "text_tokenizer" / "tokenizer.json").read_text() == (model_run / "text_tokenizer" / "tokenizer.json").read_text()
+    assert (run / "text_tokenizer" / "tokenizer.json").read_text() == (
+        model_run / "text_tokenizer" / "tokenizer.json"
+    ).read_text()
 
 
 def test_a_start_model_on_another_visual_tokenizer_is_refused(model_run, tokenizer_run, shapes_dir, tmp_path):
@@ -145,9 +178,16 @@ def test_a_start_model_on_another_visual_tokenizer_is_refused(model_run, tokeniz
     k = next(k for k, v in vt.items() if v.is_floating_point())
     vt[k] = vt[k] + 1
     save_file(vt, other / "visual_tokenizer" / "model.safetensors")
-    with pytest.raises(UnicodebookError, match=r"^train_lm.init_from: .*other was trained on another visual tokenizer than this run's$"):
-        train_lm(tiny_config("train_lm.steps=1", f"train_lm.init_from={other}"), tokenizer_run, shapes_dir,
-                 tmp_path / "run", progress=False)
+    with pytest.raises(
+        UnicodebookError, match=r"^train_lm.init_from: .*other was trained on another visual tokenizer than this run's$"
+    ):
+        train_lm(
+            tiny_config("train_lm.steps=1", f"train_lm.init_from={other}"),
+            tokenizer_run,
+            shapes_dir,
+            tmp_path / "run",
+            progress=False,
+        )
 
 
 def test_phases_declared_in_the_config_set_each_steps_tasks_and_learning_rate(tokenizer_run, shapes_dir, tmp_path):
@@ -155,11 +195,17 @@ def test_phases_declared_in_the_config_set_each_steps_tasks_and_learning_rate(to
     second only reads (from 5e-4); the log shows each step under its phase's settings."""
     from unicodebook.train.stage1 import lr_at
 
-    cfg = tiny_config("train_lm.log_every=1", "train_lm.save_every=0",
-                      "train_lm.phases=[{steps: 4, name: draw, lr: 1e-3, warmup_steps: 2, tasks: {decompress: 0, instruct: 0, t2i: 1}},"
-                      " {steps: 4, name: read, lr: 5e-4, warmup_steps: 1, tasks: {decompress: 0, instruct: 1, t2i: 0}}]")
+    cfg = tiny_config(
+        "train_lm.log_every=1",
+        "train_lm.save_every=0",
+        "train_lm.phases=[{steps: 4, name: draw, lr: 1e-3, warmup_steps: 2,"
+        " tasks: {decompress: 0, instruct: 0, t2i: 1}},"
+        " {steps: 4, name: read, lr: 5e-4, warmup_steps: 1, tasks: {decompress: 0, instruct: 1, t2i: 0}}]",
+    )
     train_lm(cfg, tokenizer_run, shapes_dir, tmp_path / "run", progress=False)
-    rows = _metrics(tmp_path / "run")[:-1] if "seconds" in _metrics(tmp_path / "run")[-1] else _metrics(tmp_path / "run")
+    rows = (
+        _metrics(tmp_path / "run")[:-1] if "seconds" in _metrics(tmp_path / "run")[-1] else _metrics(tmp_path / "run")
+    )
     rows = [r for r in rows if "step" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all("loss_t2i" in r and "loss_instruct" not in r for r in rows[:4])

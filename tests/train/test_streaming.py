@@ -7,10 +7,10 @@ import tarfile
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
-from unicodebook.data.shards import pack_folder
+from unicodebook.data.shards import FolderSamples, write_shards
 from unicodebook.train.stage1 import train_tokenizer
 from unicodebook.train.stage2 import train_lm
 
@@ -22,12 +22,16 @@ def _metrics(run):
 @pytest.fixture(scope="module")
 def shards(shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    paths = pack_folder(shapes_dir / "train", out, samples_per_shard=40)
+    paths = write_shards(FolderSamples(shapes_dir / "train"), out, samples_per_shard=40)
     # plant one corrupt image and one malformed conversation in an extra shard
     good = (shapes_dir / "train" / "images" / "000000.png").read_bytes()
     with tarfile.open(out / "shard-999999.tar", "w") as tar:
-        for name, data in (("bad_a.png", good[:40]), ("bad_a.txt", b"a caption"),
-                           ("bad_b.png", good), ("bad_b.json", b"{not json")):
+        for name, data in (
+            ("bad_a.png", good[:40]),
+            ("bad_a.txt", b"a caption"),
+            ("bad_b.png", good),
+            ("bad_b.json", b"{not json"),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -28,8 +28,9 @@ def dihedral(images: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def augment_batch(images: torch.Tensor, kind: str, seed: int, step: int, first: int = 0,
-                  total: int | None = None) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor, kind: str, seed: int, step: int, first: int = 0, total: int | None = None
+) -> torch.Tensor:
     """``images`` under augmentation ``kind`` (one of ``AUGMENTS``). ``images`` are items
     ``first …`` of a global batch of ``total``: the choices are drawn for the whole global batch
     from (seed, step), so a run on W ranks augments exactly as one process would, and a resumed
@@ -39,5 +40,5 @@ def augment_batch(images: torch.Tensor, kind: str, seed: int, step: int, first: 
     if kind == "dihedral":
         total = images.shape[0] if total is None else total
         which = torch.randint(0, 8, (total,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
-        return dihedral(images, which[first:first + images.shape[0]])
+        return dihedral(images, which[first : first + images.shape[0]])
     raise ValueError(f"unknown augmentation {kind!r}; expected one of {', '.join(AUGMENTS)}")

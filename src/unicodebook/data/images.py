@@ -58,9 +58,15 @@ def _has_image_signature(path: Path) -> bool:
     return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def load_image(path: str | Path, size: int | None = None, odd_size: str = "resize", *,
-               max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES,
-               root: str | Path | None = None) -> torch.Tensor:
+def load_image(
+    path: str | Path,
+    size: int | None = None,
+    odd_size: str = "resize",
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    root: str | Path | None = None,
+) -> torch.Tensor:
     """Read one image as (3, size, size) float in [0, 1]; raise :class:`BadImageError` on bad input.
 
     ``root``: the dataset folder the path must stay inside (a record's ``../x.png`` is refused).
@@ -85,7 +91,9 @@ def load_image(path: str | Path, size: int | None = None, odd_size: str = "resiz
             raise BadImageError(f"{path}: corrupt or truncated image (header unreadable)") from None
         raise BadImageError(f"{path}: not an image file") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImageError(f"{path}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise BadImageError(
+            f"{path}: corrupt or truncated image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     return pil_to_tensor(img, size=size, odd_size=odd_size, name=str(path))
 
 
@@ -110,11 +118,15 @@ def _check_pixels(img: Image.Image, max_pixels: int, name: str | Path) -> None:
         raise BadImageError(f"{name}: {w}×{h} px, more than the {max_pixels:,} pixels accepted (data.max_image_pixels)")
 
 
-def pil_to_tensor(img: Image.Image, size: int | None = None, odd_size: str = "resize", name: str = "image") -> torch.Tensor:
+def pil_to_tensor(
+    img: Image.Image, size: int | None = None, odd_size: str = "resize", name: str = "image"
+) -> torch.Tensor:
     img = _to_rgb(img)
     if size is not None and img.size != (size, size):
         if odd_size == "refuse":
-            raise BadImageError(f"{name}: size {img.size[0]}×{img.size[1]}, expected {size}×{size} (data.odd_size=refuse)")
+            raise BadImageError(
+                f"{name}: size {img.size[0]}×{img.size[1]}, expected {size}×{size} (data.odd_size=refuse)"
+            )
         img = img.resize((size, size), Image.BICUBIC if min(img.size) < size else Image.LANCZOS)
     arr = np.asarray(img, dtype=np.uint8).copy()
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
@@ -171,8 +183,15 @@ class ImageFolder(torch.utils.data.Dataset):
     read on access and a bad one yields ``None``, which :func:`collate_images` drops.
     """
 
-    def __init__(self, folder: str | Path, size: int, odd_size: str = "resize", preload: bool = True, progress: bool = False,
-                 limits: dict | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        size: int,
+        odd_size: str = "resize",
+        preload: bool = True,
+        progress: bool = False,
+        limits: dict | None = None,
+    ):
         self.files = list_images(folder)
         self.size, self.odd_size, self.limits = size, odd_size, limits or {}
         self.bad: list[str] = []

@@ -59,7 +59,9 @@ def split_folder(data: str | Path, split: str | None) -> Path:
     return data
 
 
-MAX_CAPTION_CHARS = DataConfig.max_caption_chars  # the defaults of data.max_caption_chars and data.max_conversation_chars
+MAX_CAPTION_CHARS = (
+    DataConfig.max_caption_chars
+)  # the defaults of data.max_caption_chars and data.max_conversation_chars
 MAX_CONVERSATION_CHARS = DataConfig.max_conversation_chars
 
 
@@ -116,10 +118,17 @@ def read_pairs(path: Path, max_chars: int = MAX_CAPTION_CHARS) -> tuple[list[Cap
                 if not isinstance(rec.get("image"), str) or not isinstance(rec.get("caption"), str):
                     raise ValueError("needs string 'image' and 'caption'")
                 if len(rec["caption"]) > max_chars:
-                    raise ValueError(f"caption of {len(rec['caption'])} characters, more than the {max_chars} "
-                                     "accepted (data.max_caption_chars)")
+                    raise ValueError(
+                        f"caption of {len(rec['caption'])} characters, more than the {max_chars} "
+                        "accepted (data.max_caption_chars)"
+                    )
             except (json.JSONDecodeError, ValueError, AttributeError) as e:
-                log.warning("skipping %s line %d: %s", path.name, n, "not valid JSON" if isinstance(e, json.JSONDecodeError) else e)
+                log.warning(
+                    "skipping %s line %d: %s",
+                    path.name,
+                    n,
+                    "not valid JSON" if isinstance(e, json.JSONDecodeError) else e,
+                )
                 bad += 1
                 continue
             out.append(Caption(rec["image"], rec["caption"], bool(rec.get("held_out", False))))
@@ -165,8 +174,16 @@ class CodeCache:
         return (self.codes.reshape(self.codes.shape[0], -1) != PAD_CODE).sum(1)
 
 
-def cached_codes(tok, folder: Path, images: list[str], fallback: Path | None = None, batch_size: int = 256,
-                 progress: bool = True, odd_size: str = "resize", limits: dict | None = None) -> CodeCache:
+def cached_codes(
+    tok,
+    folder: Path,
+    images: list[str],
+    fallback: Path | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+    odd_size: str = "resize",
+    limits: dict | None = None,
+) -> CodeCache:
     """Codes of ``images`` (paths relative to ``folder``, which they must not leave), encoded once
     by the visual tokenizer ``tok`` and cached on disk; ``odd_size``: what to do with images not
     at its size; ``limits``: :func:`~unicodebook.data.images.image_limits`."""

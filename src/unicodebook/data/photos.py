@@ -36,9 +36,23 @@ class Photo:
 
 #: Which photo goes to which split. Grey photos are read as RGB (three equal channels).
 PHOTOS: tuple[Photo, ...] = (
-    *(Photo("skimage", f"data/{n}", "train") for n in (
-        "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
-        "hubble_deep_field.jpg", "retina.jpg", "camera.png", "brick.png", "grass.png", "moon.png", "cell.png")),
+    *(
+        Photo("skimage", f"data/{n}", "train")
+        for n in (
+            "astronaut.png",
+            "coffee.png",
+            "rocket.jpg",
+            "motorcycle_left.png",
+            "motorcycle_right.png",
+            "hubble_deep_field.jpg",
+            "retina.jpg",
+            "camera.png",
+            "brick.png",
+            "grass.png",
+            "moon.png",
+            "cell.png",
+        )
+    ),
     Photo("skimage", "data/ihc.png", "val"),
     Photo("skimage", "data/gravel.png", "val"),
     Photo("skimage", "data/chelsea.png", "test"),
@@ -64,8 +78,10 @@ def find_photos() -> dict[str, list[Path]]:
             found[p.split].append(root / p.path)
     empty = [s for s in SPLITS if not found[s]]
     if empty:
-        raise UnicodebookError(f"no photographs for the {', '.join(empty)} split: the photo set is cut from the test "
-                               f"images scikit-image and matplotlib ship (pip install scikit-image matplotlib)")
+        raise UnicodebookError(
+            f"no photographs for the {', '.join(empty)} split: the photo set is cut from the test "
+            f"images scikit-image and matplotlib ship (pip install scikit-image matplotlib)"
+        )
     return found
 
 
@@ -95,12 +111,13 @@ def crops(photos: list[Path], n: int, size: int, seed: int) -> list[np.ndarray]:
         levels = pyramids[i % len(pyramids)]
         arr = levels[rng.randrange(len(levels))]
         y, x = rng.randrange(arr.shape[0] - size + 1), rng.randrange(arr.shape[1] - size + 1)
-        out.append(arr[y:y + size, x:x + size].copy())
+        out.append(arr[y : y + size, x : x + size].copy())
     return out
 
 
-def write_photo_set(out: Path | str, size: int = 36, n_train: int = 20_000, n_val: int = 500, n_test: int = 2000,
-                    seed: int = 0) -> dict:
+def write_photo_set(
+    out: Path | str, size: int = 36, n_train: int = 20_000, n_val: int = 500, n_test: int = 2000, seed: int = 0
+) -> dict:
     """Write crops of the installed photographs to ``out/{train,val,test}/images/*.png`` and
     ``out/meta.json`` (which photos, how many crops, the size). Deterministic for a seed."""
     if size < 8:
@@ -108,8 +125,13 @@ def write_photo_set(out: Path | str, size: int = 36, n_train: int = 20_000, n_va
     out = Path(out)
     found = find_photos()
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    meta = {"size": size, "seed": seed, "counts": counts, "scales": list(SCALES),
-            "photos": {s: [f"{p.parent.name}/{p.name}" for p in found[s]] for s in SPLITS}}
+    meta = {
+        "size": size,
+        "seed": seed,
+        "counts": counts,
+        "scales": list(SCALES),
+        "photos": {s: [f"{p.parent.name}/{p.name}" for p in found[s]] for s in SPLITS},
+    }
     for k, split in enumerate(SPLITS):
         d = out / split / "images"
         d.mkdir(parents=True, exist_ok=True)
@@ -132,6 +154,8 @@ def check_crop_size(data: Path | str, image_size: int) -> None:
             return  # not ours: a folder may hold any meta.json
         size = info.get("size") if isinstance(info, dict) and "photos" in info else None
         if isinstance(size, int) and size < image_size:
-            raise UnicodebookError(f"the photo crops in {folder} are {size} px, smaller than model.image_size "
-                                   f"{image_size}: write the set again with `unicodebook data photos --size {image_size}`")
+            raise UnicodebookError(
+                f"the photo crops in {folder} are {size} px, smaller than model.image_size "
+                f"{image_size}: write the set again with `unicodebook data photos --size {image_size}`"
+            )
         return

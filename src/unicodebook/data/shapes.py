@@ -46,7 +46,8 @@ colours. **No train text-to-image target contains a held-out pair**: train's
 hold one (colour and shape uniform over all 18 pairs), so the visual tokenizer and
 the LLM's understanding tasks (questions, in-context decompression) see what a
 yellow square looks like alone, in pairs and in threes, while the text-to-image
-task never asks for one: drawing a held-out pair from text tests composition. The val and test splits contain both kinds; about half of their
+task never asks for one: drawing a held-out pair from text tests composition. The val
+and test splits contain both kinds; about half of their
 text-to-image records (1-2 object scenes) deliberately contain a held-out pair and
 are flagged ``"held_out": true``.
 
@@ -99,7 +100,6 @@ __all__ = [
     "SPLITS",
     "Obj",
     "Scene",
-    "is_held_out",
     "sample_scene",
     "object_extent",
     "render",
@@ -111,7 +111,6 @@ __all__ = [
     "vocab_words",
     "write_dataset",
     "judge",
-    "judge_scene",
     "score",
     "matches_prompt",
 ]
@@ -136,9 +135,15 @@ SIZES: tuple[str, ...] = ("small", "medium", "large")
 SIZE_FRACTIONS: dict[str, float] = {"small": 0.42, "medium": 0.58, "large": 0.81}
 #: Grid cells in row-major order; index = 3 * row + col.
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 #: The image side in px of the shapes world the tiny preset reads: its 3×3 object grid falls on
 #: whole 4-px code cells (a 9×9 code grid).
@@ -159,9 +164,15 @@ MAX_T2I_OBJECTS = 2
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 _NUMBER_WORDS = ("zero", "one", "two", "three")
 _PREPOSITION = {
-    "top left": "at the", "top": "at the", "top right": "at the",
-    "left": "on the", "center": "in the", "right": "on the",
-    "bottom left": "at the", "bottom": "at the", "bottom right": "at the",
+    "top left": "at the",
+    "top": "at the",
+    "top right": "at the",
+    "left": "on the",
+    "center": "in the",
+    "right": "on the",
+    "bottom left": "at the",
+    "bottom": "at the",
+    "bottom right": "at the",
 }
 
 PUNCTUATION: tuple[str, ...] = ("?",)
@@ -269,11 +280,6 @@ def read_scenes(folder: Path | str) -> dict[str, Scene]:
             except (ValueError, KeyError, TypeError):
                 continue
     return out
-
-
-def is_held_out(colour: str, shape: str) -> bool:
-    """Whether the (colour, shape) pair is in :data:`HELD_OUT`."""
-    return (colour, shape) in HELD_OUT
 
 
 # --------------------------------------------------------------------------- sampling
@@ -711,11 +717,7 @@ def _detect(arr: np.ndarray) -> list[dict[str, Any]]:
         own1 = _dilate(m)
         # coverage of colour k, without other objects (and their first ring) and pixels
         # that clearly belong to another colour
-        keep = (
-            ~(_dilate(taken & ~m) & ~own1)
-            & (resid[k] <= RESIDUAL_THRESHOLD)
-            & ((best == k) | (a_best < 0.15))
-        )
+        keep = ~(_dilate(taken & ~m) & ~own1) & (resid[k] <= RESIDUAL_THRESHOLD) & ((best == k) | (a_best < 0.15))
         obs = np.where(keep, alpha[k], 0.0)
         # soft area / centroid over the mask and two rings around it (the blur fringe)
         soft = np.where(_dilate(own1) & (obs >= SOFT_FLOOR), obs, 0.0)
@@ -726,9 +728,7 @@ def _detect(arr: np.ndarray) -> list[dict[str, Any]]:
         r0, c0 = max(int(round(cy)) - win, 0), max(int(round(cx)) - win, 0)
         sub = obs[r0 : int(round(cy)) + win + 1, c0 : int(round(cx)) + win + 1]
         shape, size = _match_template(sub, cy - r0, cx - c0, s)
-        out.append(
-            {"colour": _COLOUR_NAMES[k], "shape": shape, "size": size, "area": area, "cy": cy, "cx": cx}
-        )
+        out.append({"colour": _COLOUR_NAMES[k], "shape": shape, "size": size, "area": area, "cy": cy, "cx": cx})
     return out
 
 
@@ -772,11 +772,6 @@ def judge(image: Image.Image | np.ndarray) -> list[dict[str, str]]:
     ]
 
 
-def judge_scene(image: Image.Image | np.ndarray) -> Scene:
-    """:func:`judge` as a :class:`Scene` (may have 0 or more than 3 objects)."""
-    return Scene(tuple(Obj.from_dict(d) for d in judge(image)))
-
-
 def score(image: Image.Image | np.ndarray, scene: Scene) -> dict[str, Any]:
     """Compare the judged image with the intended scene.
 
@@ -798,9 +793,7 @@ def score(image: Image.Image | np.ndarray, scene: Scene) -> dict[str, Any]:
     return res
 
 
-def matches_prompt(
-    image: Image.Image | np.ndarray, objects: Iterable[Obj | Mapping[str, str]] | Scene | str
-) -> bool:
+def matches_prompt(image: Image.Image | np.ndarray, objects: Iterable[Obj | Mapping[str, str]] | Scene | str) -> bool:
     """True if every object named in a prompt is present with all its named attributes.
 
     ``objects`` is a :class:`Scene`, a sequence of :class:`Obj` / partial attribute

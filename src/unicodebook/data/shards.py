@@ -12,8 +12,8 @@ form the sample ``dir/000042``); the rest of the basename is the *extension*:
 * ``txt`` -- a caption (UTF-8),
 * ``held_out`` -- optional, ignored when reading.
 
-:func:`write_shards` writes shards (each to a temporary name, then renamed), :func:`pack_folder`
-packs an image folder or a stage II split (``instruct.json`` / ``t2i.jsonl``, see
+:func:`write_shards` writes shards (each to a temporary name, then renamed); given a
+:class:`FolderSamples` it packs an image folder or a stage II split (``instruct.json`` / ``t2i.jsonl``, see
 :mod:`~unicodebook.data.multimodal`), :func:`list_shards` resolves a folder, a file or a brace
 pattern (``dir/shard-{000000..000011}.tar``), and :class:`ShardStream` reads them.
 
@@ -77,7 +77,8 @@ log = logging.getLogger("unicodebook.data")
 
 # Image extensions in order of preference when a sample holds more than one.
 SHARD_IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp") + tuple(
-    e.lstrip(".") for e in IMAGE_EXTS if e.lstrip(".") not in ("png", "jpg", "jpeg", "webp"))
+    e.lstrip(".") for e in IMAGE_EXTS if e.lstrip(".") not in ("png", "jpg", "jpeg", "webp")
+)
 
 _END_OF_ARCHIVE = b"\0" * 1024  # two zero blocks close every well-formed tar
 
@@ -101,8 +102,9 @@ def _check_key(key: Any) -> str:
     return key
 
 
-def write_shards(samples: Iterable[dict], out_dir: str | Path, samples_per_shard: int = 1000,
-                 prefix: str = "shard") -> list[Path]:
+def write_shards(
+    samples: Iterable[dict], out_dir: str | Path, samples_per_shard: int = 1000, prefix: str = "shard"
+) -> list[Path]:
     """Write ``samples`` as tar shards ``out_dir/{prefix}-{i:06d}.tar``; return their paths.
 
     Each sample is a dict with ``"__key__"`` and extension → bytes (a ``str`` is written as
@@ -119,8 +121,9 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, samples_per_shard
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = sorted(out_dir.glob(f"{prefix}-*.tar"))
     if stale:
-        raise UnicodebookError(f"'{out_dir}' already holds {len(stale)} shards ({stale[0].name}, ...); "
-                               "write to an empty folder")
+        raise UnicodebookError(
+            f"'{out_dir}' already holds {len(stale)} shards ({stale[0].name}, ...); write to an empty folder"
+        )
     paths: list[Path] = []
     it = iter(samples)
     while True:
@@ -233,11 +236,6 @@ def _is_records_folder(src: Path) -> bool:
     return (src / "instruct.json").exists() or (src / "t2i.jsonl").exists()
 
 
-def pack_folder(src: str | Path, out_dir: str | Path, samples_per_shard: int = 1000) -> list[Path]:
-    """Pack an image folder or a stage II folder (a shapes split) into shards (see :class:`FolderSamples`)."""
-    return write_shards(FolderSamples(src), out_dir, samples_per_shard)
-
-
 # ------------------------------------------------------------------------------ listing
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -253,7 +251,7 @@ def expand_braces(pattern: str) -> list[str]:
         if "{" in pattern or "}" in pattern:
             raise UnicodebookError(f"unbalanced or nested braces in '{pattern}'")
         return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
     rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if rng:
         lo, hi = int(rng.group(1)), int(rng.group(2))
@@ -278,8 +276,9 @@ def list_shards(spec: str | Path) -> list[Path]:
         if len(missing) == len(paths):
             raise UnicodebookError(f"no shard matches '{text}'")
         if missing:
-            raise UnicodebookError(f"{len(missing)} of the {len(paths)} shards named by '{text}' do not exist "
-                                   f"(first: {missing[0]})")
+            raise UnicodebookError(
+                f"{len(missing)} of the {len(paths)} shards named by '{text}' do not exist (first: {missing[0]})"
+            )
         return paths
     path = Path(text)
     if path.is_dir():
@@ -375,8 +374,9 @@ def _image_member(sample: dict) -> tuple[str, bytes]:
     raise BadSampleError(f"no image member ({'/'.join(SHARD_IMAGE_EXTS[:4])})")
 
 
-def decode_image_bytes(data: bytes, size: int | None = None, odd_size: str = "resize",
-                       name: str = "image") -> torch.Tensor:
+def decode_image_bytes(
+    data: bytes, size: int | None = None, odd_size: str = "resize", name: str = "image"
+) -> torch.Tensor:
     """Image bytes → (3, size, size) float in [0, 1]; :class:`BadImageError` if they cannot be read."""
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -441,10 +441,12 @@ class RecordDecoder(ImageDecoder):
 
     def collate(self, items: list[StreamRecord]) -> dict[str, Any]:  # type: ignore[override]
         """``{"image": (B, 3, S, S), "conversation": [...], "caption": [...], "key": [...]}``."""
-        return {"image": super().collate([r.image for r in items]),
-                "conversation": [r.conversation for r in items],
-                "caption": [r.caption for r in items],
-                "key": [r.key for r in items]}
+        return {
+            "image": super().collate([r.image for r in items]),
+            "conversation": [r.conversation for r in items],
+            "caption": [r.caption for r in items],
+            "key": [r.key for r in items],
+        }
 
 
 def decode_image(size: int, odd_size: str = "resize") -> ImageDecoder:
@@ -496,9 +498,18 @@ class ShardStream(torch.utils.data.IterableDataset):
     spin on empty batches.
     """
 
-    def __init__(self, shards: str | Path | Sequence[str | Path], batch_size: int,
-                 decode: Callable[[dict], Any], *, rank: int = 0, world: int = 1, seed: int = 0,
-                 start_batch: int = 0, collate: Callable[[list], Any] | None = None):
+    def __init__(
+        self,
+        shards: str | Path | Sequence[str | Path],
+        batch_size: int,
+        decode: Callable[[dict], Any],
+        *,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        start_batch: int = 0,
+        collate: Callable[[list], Any] | None = None,
+    ):
         super().__init__()
         if batch_size < 1:
             raise UnicodebookError(f"batch size must be >= 1, got {batch_size}")
@@ -517,13 +528,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         if len(self.shards) < need:
             raise UnicodebookError(
                 f"{len(self.shards)} shards are too few for {self.world} ranks × {num_workers} DataLoader "
-                f"workers: needs at least {need} (world × num_workers; write smaller shards, or use fewer workers)")
+                f"workers: needs at least {need} (world × num_workers; write smaller shards, or use fewer workers)"
+            )
 
     def shards_for(self, epoch: int, role: int = 0, num_workers: int = 1) -> list[Path]:
         """The shards that worker role ``role`` of ``num_workers`` on this rank reads in ``epoch``, in order."""
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         order = [self.shards[i] for i in torch.randperm(len(self.shards), generator=g).tolist()]
-        return order[self.rank::self.world][role::num_workers]
+        return order[self.rank :: self.world][role::num_workers]
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         info = torch.utils.data.get_worker_info()

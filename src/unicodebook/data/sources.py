@@ -32,8 +32,15 @@ class ResumableBatches(torch.utils.data.Sampler):
     together train on exactly the batches one process would.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, total_steps: int | None = None,
-                 shard=lambda batch: batch):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        total_steps: int | None = None,
+        shard=lambda batch: batch,
+    ):
         if n == 0:
             raise UnicodebookError("no training images")
         self.n, self.bs, self.seed = n, min(batch_size, n), seed
@@ -62,16 +69,25 @@ class FolderImages:
         check_crop_size(data, cfg.model.image_size)
         self.cfg, self.engine = cfg, engine
         self.val_root = data if is_split_root(data) else None
-        self.dataset = ImageFolder(resolve_image_folder(data, "train"), cfg.model.image_size, cfg.data.odd_size,
-                                   preload=cfg.data.preload, progress=progress, limits=image_limits(cfg.data))
+        self.dataset = ImageFolder(
+            resolve_image_folder(data, "train"),
+            cfg.model.image_size,
+            cfg.data.odd_size,
+            preload=cfg.data.preload,
+            progress=progress,
+            limits=image_limits(cfg.data),
+        )
         self.bad_at_start = len(self.dataset.bad)
 
     def batches(self, start: int, steps: int) -> Iterator[tuple[torch.Tensor, int]]:
         tc = self.cfg.train_tokenizer
         self.engine.local_batch_size(min(tc.batch_size, len(self.dataset)))  # fail early on an uneven split
         sampler = ResumableBatches(len(self.dataset), tc.batch_size, tc.seed, start, steps, shard=self.engine.shard)
-        return iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate_images,
-                                                num_workers=self.cfg.data.num_workers))
+        return iter(
+            torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=sampler, collate_fn=collate_images, num_workers=self.cfg.data.num_workers
+            )
+        )
 
     def fixed(self, n: int) -> torch.Tensor:
         """The first ``n`` readable images (for reconstruction grids)."""
@@ -95,9 +111,15 @@ class ShardImages:
         from .shards import ShardStream, decode_image
 
         tc, dc = self.cfg.train_tokenizer, self.cfg.data
-        stream = ShardStream(self.shards, self.engine.local_batch_size(tc.batch_size),
-                             decode_image(self.cfg.model.image_size, dc.odd_size), rank=self.engine.rank,
-                             world=self.engine.world, seed=tc.seed, start_batch=start)
+        stream = ShardStream(
+            self.shards,
+            self.engine.local_batch_size(tc.batch_size),
+            decode_image(self.cfg.model.image_size, dc.odd_size),
+            rank=self.engine.rank,
+            world=self.engine.world,
+            seed=tc.seed,
+            start_batch=start,
+        )
         return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=dc.num_workers)
 
     def batches(self, start: int, steps: int) -> Iterator[tuple[torch.Tensor, int]]:
@@ -135,8 +157,15 @@ class ShardRecords:
     def batches(self, batch_size: int, start: int) -> Iterator[tuple[dict, int]]:
         from .shards import ShardStream, decode_record
 
-        stream = ShardStream(self.shards, self.engine.local_batch_size(batch_size), decode_record(self.size, self.odd_size),
-                             rank=self.engine.rank, world=self.engine.world, seed=self.seed, start_batch=start)
+        stream = ShardStream(
+            self.shards,
+            self.engine.local_batch_size(batch_size),
+            decode_record(self.size, self.odd_size),
+            rank=self.engine.rank,
+            world=self.engine.world,
+            seed=self.seed,
+            start_batch=start,
+        )
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers))
 
     def texts(self, limit: int = 20_000) -> tuple[list[str], list[str]]:

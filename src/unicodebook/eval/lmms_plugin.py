@@ -44,7 +44,7 @@ def _question(context: str) -> str:
 def _cut(text: str, until: Sequence[str]) -> str:
     for stop in until:
         if stop and stop in text:
-            text = text[:text.index(stop)]
+            text = text[: text.index(stop)]
     return text.strip()
 
 
@@ -60,8 +60,9 @@ def answer_requests(model, requests: Sequence[Request], batch_size: int = 8) -> 
 
     def read(r: Request) -> torch.Tensor:
         if not r.images:
-            raise UnicodebookError(f"lmms-eval request '{r.question[:60]}' has no image: this model answers "
-                                   "questions about an image")
+            raise UnicodebookError(
+                f"lmms-eval request '{r.question[:60]}' has no image: this model answers questions about an image"
+            )
         return pil_to_tensor(r.images[0], size=size, odd_size=odd, name="lmms-eval visual")
 
     def until(r: Request) -> list[str]:
@@ -70,7 +71,7 @@ def answer_requests(model, requests: Sequence[Request], batch_size: int = 8) -> 
 
     greedy = [i for i, r in enumerate(requests) if not r.gen_kwargs.get("temperature")]
     for start in range(0, len(greedy), batch_size):
-        chunk = greedy[start:start + batch_size]
+        chunk = greedy[start : start + batch_size]
         by_budget: dict[int, list[int]] = {}
         for i in chunk:  # one decoding per max_new_tokens in the chunk
             by_budget.setdefault(int(requests[i].gen_kwargs.get("max_new_tokens", default_budget)), []).append(i)
@@ -83,8 +84,13 @@ def answer_requests(model, requests: Sequence[Request], batch_size: int = 8) -> 
         if answers[i] is None:
             with torch.inference_mode():
                 codes = model.tokenizer.encode(read(r)[None].to(model.device))[0]
-            pieces = model.stream_answer(codes, r.question, int(r.gen_kwargs.get("max_new_tokens", default_budget)),
-                                         temperature=float(r.gen_kwargs["temperature"]), seed=r.gen_kwargs.get("seed"))
+            pieces = model.stream_answer(
+                codes,
+                r.question,
+                int(r.gen_kwargs.get("max_new_tokens", default_budget)),
+                temperature=float(r.gen_kwargs["temperature"]),
+                seed=r.gen_kwargs.get("seed"),
+            )
             answers[i] = _cut("".join(pieces), until(r))
     return answers  # type: ignore[return-value]
 
@@ -102,6 +108,7 @@ except ImportError:  # lmms-eval not installed: answer_requests still works
     _LMMs = None
 
 if _LMMs is not None:
+
     class UnicodebookLMMs(_LMMs):
         """lmms-eval's view of a stage II model folder (``pretrained=RUN``)."""
 
@@ -123,8 +130,10 @@ if _LMMs is not None:
             return answer_requests(self.model, mine, self.batch_size_per_gpu)
 
         def loglikelihood(self, requests):
-            raise NotImplementedError("the unicodebook lmms-eval model generates answers; "
-                                      "log-likelihood scoring (multiple-choice tasks) is not offered")
+            raise NotImplementedError(
+                "the unicodebook lmms-eval model generates answers; "
+                "log-likelihood scoring (multiple-choice tasks) is not offered"
+            )
 
         def generate_until_multi_round(self, requests):
             raise NotImplementedError("the unicodebook model answers one question about one image")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["psnr", "ssim", "codebook_stats", "CodeUsage"]
+__all__ = ["psnr", "ssim", "CodeUsage"]
 
 
 # --------------------------------------------------------------------------- PSNR
@@ -189,16 +189,3 @@ class CodeUsage:
             "usage_all": float(used.any(dim=0).sum()) / self.num_codes,
             "perplexity_all": _perplexity(pooled),
         }
-
-
-def codebook_stats(codes: Tensor, num_codes: int) -> dict:
-    """One-shot codebook statistics (see :meth:`CodeUsage.stats`).
-
-    Args:
-        codes: integer tensor ``(N,)`` (one codebook) or ``(N, D)`` (D layers).
-        num_codes: codebook size K.
-    """
-    if codes.dim() not in (1, 2):
-        raise ValueError(f"codes must be (N,) or (N, D), got shape {tuple(codes.shape)}")
-    depth = 1 if codes.dim() == 1 else codes.shape[1]
-    return CodeUsage(num_codes, depth).update(codes).stats()

@@ -49,10 +49,22 @@ def questions_of(conversations) -> list[tuple[str, str, str, str]]:
 
 
 @torch.no_grad()
-def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int = 64, max_t2i: int | None = None,
-                   max_vqa: int | None = None, max_decompress: int = 200, max_describe: int = 200, cfg_scale: float | None = None,
-                   temperature: float | None = None, top_k: int | None = None, seed: int = 0,
-                   progress: bool = True, pictures: Path | None = None) -> dict:
+def evaluate_model(
+    model,
+    data: str | Path,
+    split: str = "test",
+    batch_size: int = 64,
+    max_t2i: int | None = None,
+    max_vqa: int | None = None,
+    max_decompress: int = 200,
+    max_describe: int = 200,
+    cfg_scale: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    pictures: Path | None = None,
+) -> dict:
     """Metrics of a stage II model on a split (a shapes-world root or a folder with the files)."""
     folder = split_folder(data, split)
     g = model.config.generate
@@ -61,23 +73,41 @@ def evaluate_model(model, data: str | Path, split: str = "test", batch_size: int
     top_k = g.top_k if top_k is None else top_k
     res: dict = {"split": split}
     d = model.config.data
-    convs, bad = read_llava(folder / "instruct.json", d.max_conversation_chars) if (folder / "instruct.json").exists() \
+    convs, bad = (
+        read_llava(folder / "instruct.json", d.max_conversation_chars)
+        if (folder / "instruct.json").exists()
         else ([], 0)
+    )
     pairs, bad2 = read_pairs(folder / "t2i.jsonl", d.max_caption_chars) if (folder / "t2i.jsonl").exists() else ([], 0)
     if not convs and not pairs:
         raise UnicodebookError(f"{folder}: nothing to evaluate (no instruct.json or t2i.jsonl records)")
     res["bad_records"] = bad + bad2
     tok = model.tokenizer
-    cache = cached_codes(tok, folder, [c.image for c in convs] + [p.image for p in pairs], progress=progress,
-                         odd_size=d.odd_size, limits=image_limits(d))
+    cache = cached_codes(
+        tok,
+        folder,
+        [c.image for c in convs] + [p.image for p in pairs],
+        progress=progress,
+        odd_size=d.odd_size,
+        limits=image_limits(d),
+    )
     res["bad_images"] = len(cache.bad)
     was = model.training
     model.eval()
     if convs:
         qs = questions_of(convs)
         held_out = {image: sc.held_out for image, sc in read_scenes(folder).items()}
-        res.update(_vqa(model, cache, [q for q in qs if q[3] != DESCRIBE_TYPE][:max_vqa], batch_size, progress, pictures,
-                        held_out))
+        res.update(
+            _vqa(
+                model,
+                cache,
+                [q for q in qs if q[3] != DESCRIBE_TYPE][:max_vqa],
+                batch_size,
+                progress,
+                pictures,
+                held_out,
+            )
+        )
         described = [q for q in qs if q[3] == DESCRIBE_TYPE][:max_describe]
         if described:
             res.update(_describe(model, cache, described, batch_size))
@@ -96,14 +126,15 @@ def _answered(model, cache, qs, batch_size: int, max_new_tokens: int = 16, desc:
     """(image, question, truth, type, prediction) for each question whose image has codes, greedy."""
     qs = [q for q in qs if q[0] in cache.index]
     for s in tqdm(range(0, len(qs), batch_size), desc=desc, disable=desc is None, leave=False):
-        chunk = qs[s:s + batch_size]
+        chunk = qs[s : s + batch_size]
         codes = cache.codes[[cache.index[q[0]] for q in chunk]].long()
         answers = model.answer(codes, [q[1] for q in chunk], max_new_tokens=max_new_tokens)
         yield from ((*q, pred) for q, pred in zip(chunk, answers))
 
 
-def _vqa(model, cache, qs, batch_size: int, progress: bool, pictures: Path | None,
-         held_out: dict[str, bool] | None = None) -> dict:
+def _vqa(
+    model, cache, qs, batch_size: int, progress: bool, pictures: Path | None, held_out: dict[str, bool] | None = None
+) -> dict:
     right: dict[str, list[bool]] = defaultdict(list)
     by_scene: dict[bool, list[bool]] = defaultdict(list)
     held_out = held_out or {}
@@ -120,8 +151,11 @@ def _vqa(model, cache, qs, batch_size: int, progress: bool, pictures: Path | Non
     if pictures is not None and examples:
         _vqa_picture(model, cache, examples, pictures / "vqa_examples.png")
     allr = right["all"]
-    res = {"vqa_accuracy": sum(allr) / max(1, len(allr)), "vqa_n": len(allr),
-           "vqa_by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(right.items()) if t != "all"}}
+    res = {
+        "vqa_accuracy": sum(allr) / max(1, len(allr)),
+        "vqa_n": len(allr),
+        "vqa_by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(right.items()) if t != "all"},
+    }
     for name, flag in (("seen", False), ("held_out", True)):
         if by_scene[flag]:
             res[f"vqa_accuracy_{name}"] = sum(by_scene[flag]) / len(by_scene[flag])
@@ -156,7 +190,7 @@ def _decompression(model, cache, images: list[str], batch_size: int) -> float:
     fmt = model.fmt
     right = total = 0.0
     for s in range(0, len(images), batch_size):
-        codes = cache.codes[[cache.index[i] for i in images[s:s + batch_size]]].long()
+        codes = cache.codes[[cache.index[i] for i in images[s : s + batch_size]]].long()
         batch = collate([fmt.decompression(c) for c in codes], fmt.pad_id if fmt.pad_id is not None else 0)
         out = model(batch, model.latents(codes))
         n = codes.shape[0] * model.codes_per_image
@@ -183,17 +217,29 @@ def _t2i_reference(model, cache, pairs, batch_size: int) -> dict:
     pairs = [p for p in pairs if p.image in cache.index]
     ok: dict[bool, list[bool]] = {False: [], True: []}
     for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
+        chunk = pairs[s : s + batch_size]
         images = model.tokenizer.decode(cache.codes[[cache.index[p.image] for p in chunk]].long()).cpu()
         hits = _judge(images, [p.caption for p in chunk])
         for p, hit in zip(chunk, hits):
             ok[p.held_out].append(hit)
-    return {f"t2i_reference_accuracy_{name}": sum(ok[flag]) / len(ok[flag])
-            for name, flag in (("seen", False), ("held_out", True)) if ok[flag]}
+    return {
+        f"t2i_reference_accuracy_{name}": sum(ok[flag]) / len(ok[flag])
+        for name, flag in (("seen", False), ("held_out", True))
+        if ok[flag]
+    }
 
 
-def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, top_k: int, seed: int, progress: bool,
-         pictures: Path | None) -> dict:
+def _t2i(
+    model,
+    pairs,
+    batch_size: int,
+    cfg_scale: float,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    progress: bool,
+    pictures: Path | None,
+) -> dict:
     from ..data.shapes import parse_objects
 
     judged = all(parse_objects(p.caption) for p in pairs)
@@ -203,7 +249,7 @@ def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, to
     layout = model.tokenizer.layout
     lengths: list[int] = []  # a variable layout's generated lengths
     for s in tqdm(range(0, len(pairs), batch_size), desc="text-to-image", disable=not progress, leave=False):
-        chunk = pairs[s:s + batch_size]
+        chunk = pairs[s : s + batch_size]
         codes = model.generate_codes([p.caption for p in chunk], cfg_scale, temperature, top_k, gen)
         images = model.tokenizer.decode(codes).cpu()
         if not layout.fixed:
@@ -213,7 +259,9 @@ def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, to
             ok[p.held_out].append(hit)
             if len(shown[p.held_out]) < 8:
                 verdict = f", {'right' if hit else 'wrong'}" if judged else ""
-                shown[p.held_out].append((img, f"{p.caption.removeprefix('draw ')} [{'held-out' if p.held_out else 'seen'}{verdict}]"))
+                shown[p.held_out].append(
+                    (img, f"{p.caption.removeprefix('draw ')} [{'held-out' if p.held_out else 'seen'}{verdict}]")
+                )
     out: dict = {"t2i_n": len(pairs), "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k}
     if judged:
         allr = ok[False] + ok[True]
@@ -229,5 +277,7 @@ def _t2i(model, pairs, batch_size: int, cfg_scale: float, temperature: float, to
     if pictures is not None and tiles:
         from .plots import captioned_grid
 
-        captioned_grid(torch.stack([t for t, _ in tiles]), [c for _, c in tiles], cols=4).save(pictures / "t2i_samples.png")
+        captioned_grid(torch.stack([t for t, _ in tiles]), [c for _, c in tiles], cols=4).save(
+            pictures / "t2i_samples.png"
+        )
     return out

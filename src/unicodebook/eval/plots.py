@@ -30,7 +30,9 @@ def image_grid(rows: list[torch.Tensor], scale: int = 4, pad: int = 2, labels: l
     return grid
 
 
-def plot_codebook_usage(counts: torch.Tensor, path: Path, layer_names: list[str] | None = None, title: str = "") -> None:
+def plot_codebook_usage(
+    counts: torch.Tensor, path: Path, layer_names: list[str] | None = None, title: str = ""
+) -> None:
     """counts (L, V): how often each code was chosen per layer → sorted-frequency plot per layer."""
     import matplotlib
 
@@ -48,7 +50,9 @@ def plot_codebook_usage(counts: torch.Tensor, path: Path, layer_names: list[str]
         ppl = float(torch.exp(-(nz * nz.log()).sum())) if nz.numel() else 0.0
         ax = axes[0, i]
         ax.bar(np.arange(v), np.sort(p.numpy())[::-1], width=1.0, color="tab:blue")
-        ax.set_title(f"{layer_names[i] if layer_names else f'layer {i}'}\nused {used:.0%}, ppl {ppl:.0f}/{v}", fontsize=9)
+        ax.set_title(
+            f"{layer_names[i] if layer_names else f'layer {i}'}\nused {used:.0%}, ppl {ppl:.0f}/{v}", fontsize=9
+        )
         ax.set_xlabel("codes (sorted)")
     axes[0, 0].set_ylabel("frequency")
     if title:
@@ -80,8 +84,9 @@ def plot_curves(metrics_path: Path, path: Path, keys: tuple[str, ...] = ("loss",
     plt.close(fig)
 
 
-def captioned_grid(images: torch.Tensor, captions: list[str], cols: int = 4, scale: int = 4, pad: int = 4,
-                   width_chars: int = 22) -> Image.Image:
+def captioned_grid(
+    images: torch.Tensor, captions: list[str], cols: int = 4, scale: int = 4, pad: int = 4, width_chars: int = 22
+) -> Image.Image:
     """Images (B, 3, H, W) in [0, 1], each with its (wrapped) caption underneath."""
     import textwrap
 

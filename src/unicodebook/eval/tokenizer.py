@@ -18,16 +18,28 @@ from .plots import plot_codebook_usage
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tok, data: str | Path, split: str | None = "test", batch_size: int = 100,
-                       progress: bool = True, usage_plot: Path | None = None, odd_size: str | None = None) -> dict:
+def evaluate_tokenizer(
+    tok,
+    data: str | Path,
+    split: str | None = "test",
+    batch_size: int = 100,
+    progress: bool = True,
+    usage_plot: Path | None = None,
+    odd_size: str | None = None,
+) -> dict:
     """PSNR / SSIM (mean over images), codebook usage and perplexity per code layer (the
     tokenizer's ``code_layers``), codes per image, and the family's own ``health`` figures.
 
     Bad images are reported, counted (``n_bad``) and skipped.
     """
     folder = resolve_image_folder(data, split)
-    ds = ImageFolder(folder, tok.image_size, odd_size or odd_size_of(tok), preload=False,
-                     limits=image_limits(tok.config.data if tok.config is not None else None))
+    ds = ImageFolder(
+        folder,
+        tok.image_size,
+        odd_size or odd_size_of(tok),
+        preload=False,
+        limits=image_limits(tok.config.data if tok.config is not None else None),
+    )
     scenes = _shapes_scenes(folder)
     was = tok.training
     tok.eval()

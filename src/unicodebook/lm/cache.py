@@ -55,6 +55,6 @@ if DynamicLayer is not None:
                 self._k = torch.cat([self._k[:, :, :n], key_states], dim=-2)
                 self._v = torch.cat([self._v[:, :, :n], value_states], dim=-2)
             else:
-                self._k[:, :, n:n + m], self._v[:, :, n:n + m] = key_states, value_states
-            self.keys, self.values = self._k[:, :, :n + m], self._v[:, :, :n + m]
+                self._k[:, :, n : n + m], self._v[:, :, n : n + m] = key_states, value_states
+            self.keys, self.values = self._k[:, :, : n + m], self._v[:, :, : n + m]
             return self.keys, self.values

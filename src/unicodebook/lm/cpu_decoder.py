@@ -59,7 +59,8 @@ def unsupported(llm: nn.Module, positions: int) -> str | None:
         if window is not None and positions > window:
             return f"layer {i}: a sliding window of {window} positions (decoding reaches {positions})"
         if attn.config.num_attention_heads % attn.config.num_key_value_heads:
-            return f"layer {i}: {attn.config.num_attention_heads} heads do not group over {attn.config.num_key_value_heads}"
+            heads, kv = attn.config.num_attention_heads, attn.config.num_key_value_heads
+            return f"layer {i}: {heads} heads do not group over {kv}"
     return None
 
 
@@ -70,8 +71,16 @@ class CPUDecoder:
     :meth:`step` returns (all of them by default); ``hidden``: it returns the last normed hidden
     states instead (the depth layout scores them with its own head). Check :func:`unsupported` first."""
 
-    def __init__(self, llm: nn.Module, cache, mask: Tensor, pos: Tensor, extra: int, out_rows: Tensor | None = None,
-                 hidden: bool = False):
+    def __init__(
+        self,
+        llm: nn.Module,
+        cache,
+        mask: Tensor,
+        pos: Tensor,
+        extra: int,
+        out_rows: Tensor | None = None,
+        hidden: bool = False,
+    ):
         self.kernel, self.linear = decode_layer_kernel(), small_linear_kernel()
         cfg = llm.config
         self.layers = llm.model.layers
@@ -93,7 +102,9 @@ class CPUDecoder:
         cos, sin = llm.model.rotary_emb(self.k[0], ahead)
         self.cos, self.sin = cos.transpose(0, 1).contiguous(), sin.transpose(0, 1).contiguous()
         self.weights = [_pointers(layer) for layer in self.layers]
-        self.scratch = torch.empty(b * (2 * cfg.hidden_size + 2 * heads * hd + 2 * kv_heads * hd + 2 * width + heads * total))
+        self.scratch = torch.empty(
+            b * (2 * cfg.hidden_size + 2 * heads * hd + 2 * kv_heads * hd + 2 * width + heads * total)
+        )
         self.head = None if hidden else _rows(llm.get_output_embeddings().weight, out_rows)
         self.t = 0
         self.threads = torch.get_num_threads()
@@ -106,9 +117,21 @@ class CPUDecoder:
         x = emb.reshape(self.b, -1).to(torch.float32, copy=True).contiguous()
         cos, sin, n = self.cos[self.t], self.sin[self.t], self.n + self.t
         for w, k, v in zip(self.weights, self.k, self.v):
-            self.kernel(x.data_ptr(), ctypes.addressof(w), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                        self.start.data_ptr(), n, self.dims.data_ptr(), self.eps, self.scale,
-                        self.scratch.data_ptr(), self.threads)
+            self.kernel(
+                x.data_ptr(),
+                ctypes.addressof(w),
+                k.data_ptr(),
+                v.data_ptr(),
+                cos.data_ptr(),
+                sin.data_ptr(),
+                self.start.data_ptr(),
+                n,
+                self.dims.data_ptr(),
+                self.eps,
+                self.scale,
+                self.scratch.data_ptr(),
+                self.threads,
+            )
         self.t += 1
         if self.head is None:
             return self.norm(x)
@@ -153,5 +176,5 @@ def _rows(weight: Tensor, rows: Tensor | None) -> Tensor:
     rows = rows.cpu()
     lo = int(rows[0])
     if torch.equal(rows, torch.arange(lo, lo + len(rows))):
-        return weight.detach()[lo:lo + len(rows)]
+        return weight.detach()[lo : lo + len(rows)]
     return weight.detach()[rows].contiguous()

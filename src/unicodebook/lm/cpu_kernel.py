@@ -38,7 +38,10 @@ ISA_FLAGS = {"avx2": [], "avx512": ["-mavx512f", "-DUB_AVX512"]}  # the linear k
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("UNICODEBOOK_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unicodebook"
+    root = (
+        os.environ.get("UNICODEBOOK_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unicodebook"
+    )
     return Path(root) / "kernels"
 
 
@@ -83,7 +86,9 @@ def build(out_dir: Path | None = None, compiler: str | None = None, target: str 
         res = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if res.returncode != 0:
             lines = res.stderr.strip().splitlines()
-            first_error = next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit status {res.returncode}")
+            first_error = next(
+                (ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit status {res.returncode}"
+            )
             raise RuntimeError(f"{cc} failed: {first_error}")
         os.replace(tmp, lib)  # atomic: a concurrent build or an interrupted one never leaves half a library
     finally:
@@ -96,8 +101,14 @@ def load(path: Path):
     """The built library at ``path`` with its two functions' signatures declared."""
     lib = ctypes.CDLL(str(path))
     lib.small_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    lib.decode_layer.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_float,
-                                                         ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    lib.decode_layer.argtypes = [ctypes.c_void_p] * 7 + [
+        ctypes.c_long,
+        ctypes.c_void_p,
+        ctypes.c_float,
+        ctypes.c_float,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
     lib.small_linear.restype = lib.decode_layer.restype = None
     return lib
 
@@ -160,6 +171,14 @@ def run_kernel(kernel, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     rows = x.numel() // k
     xc = x.reshape(rows, k).contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
-    kernel(weight.data_ptr(), xc.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
-           rows, out_features, k, torch.get_num_threads())
+    kernel(
+        weight.data_ptr(),
+        xc.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        y.data_ptr(),
+        rows,
+        out_features,
+        k,
+        torch.get_num_threads(),
+    )
     return y

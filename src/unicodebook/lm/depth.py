@@ -27,8 +27,16 @@ class DepthHead(nn.Module):
     per code when decoding a large LLM; its inputs are projected down and its outputs back up to
     d, where they are scored against the code rows."""
 
-    def __init__(self, dim: int, depth: int, layers: int = 2, heads: int = 4, mlp_ratio: int = 4, width: int = 0,
-                 std: float = 0.02):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        layers: int = 2,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        width: int = 0,
+        std: float = 0.02,
+    ):
         super().__init__()
         if depth < 2:
             raise ValueError(f"a depth head needs codes of depth ≥ 2 per position; this tokenizer has {depth}")
@@ -39,8 +47,11 @@ class DepthHead(nn.Module):
         self.down = nn.Identity() if width == dim else nn.Linear(dim, width, bias=False)
         self.pos = nn.Parameter(torch.randn(depth, width) * std)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, mlp_ratio * width, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True) for _ in range(layers))
+            nn.TransformerEncoderLayer(
+                width, heads, mlp_ratio * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim, bias=False)
         self.register_buffer("causal", torch.triu(torch.full((depth, depth), float("-inf")), 1), persistent=False)
@@ -76,25 +87,41 @@ class HeadDecoder:
     def __init__(self, head: DepthHead, rows: Tensor, linear=F.linear):
         self.head, self.linear = head, linear
         rows = rows.to(head.pos.dtype)
-        self.in_rows = head.down(rows).contiguous()            # (K, width): a code's input before its depth embedding
+        self.in_rows = head.down(rows).contiguous()  # (K, width): a code's input before its depth embedding
         self.out_rows = (rows @ head.out.weight).contiguous()  # (K, width): f·out_rowsᵀ = out(f)·rowsᵀ
         self.layers = []
         for blk in head.blocks:
             attn = blk.self_attn
-            self.layers.append((blk.norm1, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight,
-                                attn.out_proj.bias, blk.norm2, blk.linear1, blk.linear2, attn.num_heads))
+            self.layers.append(
+                (
+                    blk.norm1,
+                    attn.in_proj_weight,
+                    attn.in_proj_bias,
+                    attn.out_proj.weight,
+                    attn.out_proj.bias,
+                    blk.norm2,
+                    blk.linear1,
+                    blk.linear2,
+                    attn.num_heads,
+                )
+            )
 
     def _step(self, x: Tensor, k: int, keys: list[Tensor], values: list[Tensor]) -> Tensor:
         """Input ``x`` (B, width) at depth step ``k`` → the normed output there; fills the caches."""
         lin = self.linear
         for i, (n1, w_qkv, b_qkv, w_o, b_o, n2, fc1, fc2, heads) in enumerate(self.layers):
             b, w = x.shape
-            q, key, value = lin(F.layer_norm(x, (w,), n1.weight, n1.bias, n1.eps), w_qkv, b_qkv).view(b, 3, heads, 1, -1).unbind(1)
-            keys[i][:, :, k:k + 1], values[i][:, :, k:k + 1] = key, value
-            o = F.scaled_dot_product_attention(q, keys[i][:, :, :k + 1], values[i][:, :, :k + 1])  # (B, heads, 1, e)
+            q, key, value = (
+                lin(F.layer_norm(x, (w,), n1.weight, n1.bias, n1.eps), w_qkv, b_qkv).view(b, 3, heads, 1, -1).unbind(1)
+            )
+            keys[i][:, :, k : k + 1], values[i][:, :, k : k + 1] = key, value
+            o = F.scaled_dot_product_attention(q, keys[i][:, :, : k + 1], values[i][:, :, : k + 1])  # (B, heads, 1, e)
             x = x + lin(o.reshape(b, w), w_o, b_o)
-            x = x + lin(F.gelu(lin(F.layer_norm(x, (w,), n2.weight, n2.bias, n2.eps), fc1.weight, fc1.bias)),
-                        fc2.weight, fc2.bias)
+            x = x + lin(
+                F.gelu(lin(F.layer_norm(x, (w,), n2.weight, n2.bias, n2.eps), fc1.weight, fc1.bias)),
+                fc2.weight,
+                fc2.bias,
+            )
         norm = self.head.norm
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 

@@ -8,8 +8,8 @@ ids come from ``tokenizer.attach`` (UniCode: rows the LLM already has; other fam
 theirs). Writing, in one of two layouts:
 ``flat`` (the paper's) — between ``<img>`` and ``</img>`` the model emits the code token ids
 (constrained decoding with a KV cache: exactly h·w·D for a fixed layout; for a variable one
-``</img>`` ends the image, allowed from the layout's minimum, forced at its maximum); ``depth`` — the LLM steps once per code
-position and a small depth transformer (:mod:`.depth`) emits that position's codes, scored
+``</img>`` ends the image, allowed from the layout's minimum, forced at its maximum); ``depth`` — the LLM
+steps once per code position and a small depth transformer (:mod:`.depth`) emits that position's codes, scored
 against the same codebook rows, the LLM reading back each position's aggregated Ẑ (a tokenizer
 with a depth grid, read as latents). Either way the tokenizer's ``decode`` turns the codes into
 a picture.
@@ -62,8 +62,11 @@ def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) ->
     if rows > SMALL_ROWS:
         return F.linear(x, weight, bias)
     kernel = small_linear_kernel()
-    if (kernel is not None and unsupported(x, weight, bias) is None
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):  # no backward
+    if (
+        kernel is not None
+        and unsupported(x, weight, bias) is None
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):  # no backward
         return run_kernel(kernel, x, weight, bias)
     # both sides contiguous row-major: a (rows, K) input laid out column-major (the transposed
     # output of the previous W·xᵀ, carried through an elementwise op) sends MKL down a 3× slower path
@@ -152,7 +155,8 @@ def attention_kernel(llm) -> str:
 def image_block_mask(mask: Tensor, image_at: Tensor, slots: int | Tensor, llm) -> Tensor:
     """The LLM's attention mask (B, 1, L, L) for a right- or left-padded batch: causal over the
     keys ``mask`` (B, L) keeps, except that the ``slots`` (an int, or one per row) image input
-    positions from ``image_at`` (rows ≥ 0) also see each other (a prefix-LM over the image it reads; what it writes stays causal).
+    positions from ``image_at`` (rows ≥ 0) also see each other (a prefix-LM over the image it reads; what it
+    writes stays causal).
     Every position sees itself, so no row of a left-padded prefill is empty (an empty row is NaN
     in SDPA, and a pad's NaN value would reach the real rows through a zero weight). Boolean
     (True: attend) for SDPA-style kernels, additive for the eager one."""
@@ -177,8 +181,16 @@ class UniCodeLM(nn.Module):
     layers, heads, mlp_ratio). With the depth layout the image slots an LLM reads are the code
     positions too (for RQ exactly Ẑ; for HQ Ẑ averaged over each position's 2×2 cells)."""
 
-    def __init__(self, llm, tokenizer, text_tok, image_positions: bool = True, layout: str = "flat",
-                 depth_head: dict | None = None, image_attention: str = "causal"):
+    def __init__(
+        self,
+        llm,
+        tokenizer,
+        text_tok,
+        image_positions: bool = True,
+        layout: str = "flat",
+        depth_head: dict | None = None,
+        image_attention: str = "causal",
+    ):
         super().__init__()
         if layout not in LAYOUTS:
             raise UnicodebookError(f"image layout '{layout}' is not one of {', '.join(LAYOUTS)}")
@@ -186,8 +198,10 @@ class UniCodeLM(nn.Module):
             raise UnicodebookError(f"image attention '{image_attention}' is not one of {', '.join(IMAGE_ATTENTION)}")
         kernel = attention_kernel(llm)
         if image_attention == "bidirectional" and kernel not in ("sdpa", "eager"):
-            raise UnicodebookError(f"image attention 'bidirectional' needs a 4-D attention mask, which the LLM's "
-                                   f"'{kernel}' attention does not take (sdpa and eager do)")
+            raise UnicodebookError(
+                f"image attention 'bidirectional' needs a 4-D attention mask, which the LLM's "
+                f"'{kernel}' attention does not take (sdpa and eager do)"
+            )
         self.image_attention = image_attention
         self.llm = llm
         self.layout = layout
@@ -197,11 +211,15 @@ class UniCodeLM(nn.Module):
         reads_codes = tokenizer.reads == "codes"
         depth = layout == "depth"
         if depth and codes.depth < 2:
-            raise UnicodebookError(f"a depth head needs several codes per position; this tokenizer's grid "
-                                   f"{'×'.join(map(str, codes.shape))} has {codes.depth}")
+            raise UnicodebookError(
+                f"a depth head needs several codes per position; this tokenizer's grid "
+                f"{'×'.join(map(str, codes.shape))} has {codes.depth}"
+            )
         if depth and reads_codes:
-            raise UnicodebookError(f"a depth head feeds each written position back as latents; the {tokenizer.family} "
-                                   f"tokenizer is read through its codes")
+            raise UnicodebookError(
+                f"a depth head feeds each written position back as latents; the {tokenizer.family} "
+                f"tokenizer is read through its codes"
+            )
         if tokenizer.reads not in ("latents", "codes"):
             raise UnicodebookError(f"a tokenizer is read as 'latents' or 'codes', not '{tokenizer.reads}'")
         grid = codes.grid or (1, codes.length, 1)
@@ -218,8 +236,10 @@ class UniCodeLM(nn.Module):
         self.fmt = SequenceFormat(text_tok, code_ids, codes, slots, layout)
         vocab = input_embedding(llm).weight.shape[0]
         if len(code_ids) != tokenizer.num_codes or int(code_ids.max()) >= vocab:
-            raise UnicodebookError(f"the {tokenizer.family} tokenizer's {tokenizer.num_codes} codes are not "
-                                   f"attached to the LLM's {vocab} rows")
+            raise UnicodebookError(
+                f"the {tokenizer.family} tokenizer's {tokenizer.num_codes} codes are not "
+                f"attached to the LLM's {vocab} rows"
+            )
         allowed = allowed_text_ids(text_tok, vocab)
         if not tokenizer.shares_text_rows:  # its codes are rows of their own: never part of an answer
             allowed[code_ids] = False
@@ -282,12 +302,21 @@ class UniCodeLM(nn.Module):
         offs = torch.arange(emb.shape[1], device=emb.device) - at[:, None]
         inside = (at[:, None] >= 0) & (offs >= 0) & (offs < n.to(emb.device)[:, None])
         if bool(inside.any()):
-            emb = emb.index_put(inside.nonzero(as_tuple=True), emb[inside] + self.image_pos.codes(offs[inside]).to(emb.dtype))
+            emb = emb.index_put(
+                inside.nonzero(as_tuple=True), emb[inside] + self.image_pos.codes(offs[inside]).to(emb.dtype)
+            )
         return emb
 
-    def embed_inputs(self, input_ids: Tensor, image_at: Tensor, latents: Tensor | None,
-                     codes_at: Tensor | None = None, n_codes: Tensor | None = None,
-                     written: Tensor | None = None, image_len: Tensor | None = None) -> Tensor:
+    def embed_inputs(
+        self,
+        input_ids: Tensor,
+        image_at: Tensor,
+        latents: Tensor | None,
+        codes_at: Tensor | None = None,
+        n_codes: Tensor | None = None,
+        written: Tensor | None = None,
+        image_len: Tensor | None = None,
+    ) -> Tensor:
         """Token embeddings with Ẑ written over the h·w slots starting at ``image_at`` (rows ≥ 0)
         — or, for a tokenizer read through its codes, the ``image_len`` code tokens there as they
         are —, and (with image positions) the position embeddings of those slots and of the
@@ -326,8 +355,9 @@ class UniCodeLM(nn.Module):
         dev = self.device
         ids, labels, mask = batch.input_ids.to(dev), batch.labels.to(dev), batch.attention_mask.to(dev)
         image_at, image_len = batch.image_at.to(dev), batch.image_len.to(dev)
-        emb = self.embed_inputs(ids, image_at, latents, batch.codes_at.to(dev), batch.n_codes.to(dev),
-                                image_len=image_len)
+        emb = self.embed_inputs(
+            ids, image_at, latents, batch.codes_at.to(dev), batch.n_codes.to(dev), image_len=image_len
+        )
         logits = self.llm(inputs_embeds=emb, attention_mask=self.attention_mask(mask, image_at, image_len)).logits
         # shift the labels, not the logits: no copy of the (B, L, V) tensor
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
@@ -372,8 +402,10 @@ class UniCodeLM(nn.Module):
             at = codes_at[rows, None] - 1 + torch.arange(n, device=dev)  # <img> and every slot but the last
             h = hidden[rows[:, None], at].flatten(0, 1)
             table = input_embedding(self.llm)
-            code_emb = table(self.code_token_ids[codes_in[..., :g - 1]]).flatten(0, 1)
-            d_loss, d_right = depth_loss(self.depth_head(h, code_emb, table.weight[self.code_token_ids]), codes.flatten(0, 1))
+            code_emb = table(self.code_token_ids[codes_in[..., : g - 1]]).flatten(0, 1)
+            d_loss, d_right = depth_loss(
+                self.depth_head(h, code_emb, table.weight[self.code_token_ids]), codes.flatten(0, 1)
+            )
             loss, right, n_codes = loss + d_loss, right + d_right, codes.numel()
             code_acc = d_right.float() / n_codes
         total = max(n_text + n_codes, 1)
@@ -384,8 +416,15 @@ class UniCodeLM(nn.Module):
         if n > self.max_positions:
             raise UnicodebookError(f"{what} needs {n} positions but the model's context is {self.max_positions}")
 
-    def _prefill(self, rows: list[list[int]], image_at: list[int], latents: Tensor | None, extra: int,
-                 hidden: bool = False, image_len: list[int] | None = None):
+    def _prefill(
+        self,
+        rows: list[list[int]],
+        image_at: list[int],
+        latents: Tensor | None,
+        extra: int,
+        hidden: bool = False,
+        image_len: list[int] | None = None,
+    ):
         """Left-pad ``rows``, run them through the LLM once; → (last logits — or with ``hidden``
         the last normed hidden states —, cache, mask, next positions)."""
         dev = self.device
@@ -396,8 +435,8 @@ class UniCodeLM(nn.Module):
         mask = torch.zeros((len(rows), n), dtype=torch.long, device=dev)
         at = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
         for i, r in enumerate(rows):
-            ids[i, n - len(r):] = torch.tensor(r, device=dev)
-            mask[i, n - len(r):] = 1
+            ids[i, n - len(r) :] = torch.tensor(r, device=dev)
+            mask[i, n - len(r) :] = 1
             if image_at[i] >= 0:
                 at[i] = image_at[i] + n - len(r)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -413,8 +452,9 @@ class UniCodeLM(nn.Module):
         return last, reserve_cache(kv_cache(out), extra), mask, pos[:, -1] + 1
 
     @contextmanager
-    def _decoder(self, cache, mask: Tensor, pos: Tensor, extra: int, out_rows: Tensor | None = None,
-                 hidden: bool = False):
+    def _decoder(
+        self, cache, mask: Tensor, pos: Tensor, extra: int, out_rows: Tensor | None = None, hidden: bool = False
+    ):
         """Decoding from a prefill's state, for up to ``extra`` tokens: yields ``step(emb (B, 1, d))
         → logits (B, rows) fp32`` over the output rows ``out_rows`` (all by default), or with
         ``hidden`` the last normed hidden states (B, d).
@@ -434,8 +474,13 @@ class UniCodeLM(nn.Module):
                 out = self._hidden(emb, mask, cache, position_ids=pos[:, None], use_cache=True)
                 state[:] = kv_cache(out), mask, pos + 1
                 return out.last_hidden_state[:, -1]
-            out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos[:, None], use_cache=True,
-                           **{cache_argument(self.llm): cache})
+            out = self.llm(
+                inputs_embeds=emb,
+                attention_mask=mask,
+                position_ids=pos[:, None],
+                use_cache=True,
+                **{cache_argument(self.llm): cache},
+            )
             state[:] = kv_cache(out), mask, pos + 1
             logits = out.logits[:, -1].float()
             return logits if out_rows is None else logits[:, out_rows]
@@ -444,8 +489,15 @@ class UniCodeLM(nn.Module):
             yield step
 
     @torch.inference_mode()
-    def generate_codes(self, prompts: list[str | None], cfg_scale: float = 3.0, temperature: float = 1.0,
-                       top_k: int = 0, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    def generate_codes(
+        self,
+        prompts: list[str | None],
+        cfg_scale: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
         """Constrained decoding: for each prompt the code ids after ``<img>`` — exactly the
         layout's number for a fixed layout; for a variable one until ``</img>``, which is allowed
         from the layout's minimum and forced at its maximum.
@@ -469,8 +521,16 @@ class UniCodeLM(nn.Module):
         self.train(was)
         return self.fmt.ids_to_codes(codes)
 
-    def _generate_flat(self, rows: list[list[int]], b: int, cfg_scale: float, temperature: float, top_k: int,
-                       generator: torch.Generator | None, progress: bool) -> Tensor:
+    def _generate_flat(
+        self,
+        rows: list[list[int]],
+        b: int,
+        cfg_scale: float,
+        temperature: float,
+        top_k: int,
+        generator: torch.Generator | None,
+        progress: bool,
+    ) -> Tensor:
         """Flat layout: code ids one LLM step each (the output restricted to the code rows, and
         ``</img>`` where the layout's length varies). → (B, length) code indices, padded."""
         from tqdm.auto import tqdm
@@ -502,8 +562,16 @@ class UniCodeLM(nn.Module):
                 sub = step(self.code_embedding(torch.cat([nxt, nxt]) if guided else nxt, t))
         return codes
 
-    def _generate_depth(self, rows: list[list[int]], b: int, cfg_scale: float, temperature: float, top_k: int,
-                        generator: torch.Generator | None, progress: bool) -> Tensor:
+    def _generate_depth(
+        self,
+        rows: list[list[int]],
+        b: int,
+        cfg_scale: float,
+        temperature: float,
+        top_k: int,
+        generator: torch.Generator | None,
+        progress: bool,
+    ) -> Tensor:
         """Depth layout: one LLM step per code position, its codes from the depth head, the
         position's aggregate (and its image position) fed back. → (B, gh, gw, G)."""
         from tqdm.auto import tqdm
@@ -526,15 +594,22 @@ class UniCodeLM(nn.Module):
                 codes[:, t] = head.sample(h, pick, b if guided else 0, cfg_scale)
                 if t == n - 1:
                     break
-                x = self.tokenizer.position_latents(codes[:, t:t + 1])[:, 0].to(table.weight.device)
+                x = self.tokenizer.position_latents(codes[:, t : t + 1])[:, 0].to(table.weight.device)
                 if cells is not None:
                     x = x + cells[t]
                 h = step((torch.cat([x, x]) if guided else x)[:, None].to(table.weight.dtype))
         return codes.reshape(b, *self.fmt.grid_shape)
 
     @torch.no_grad()
-    def generate_image(self, prompt: str | list[str], n: int = 1, cfg_scale: float = 3.0, temperature: float = 1.0,
-                       top_k: int = 0, seed: int | None = None) -> Tensor:
+    def generate_image(
+        self,
+        prompt: str | list[str],
+        n: int = 1,
+        cfg_scale: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> Tensor:
         """Prompt(s) → images (B, 3, H, W) in [0, 1]; ``n`` samples per prompt."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(n)]
@@ -550,8 +625,13 @@ class UniCodeLM(nn.Module):
         codes = codes.cpu()
         prompts = [self.fmt.prompt(q, codes=c) for q, c in zip(questions, codes)]
         latents = self.latents(codes)
-        logits, cache, mask, pos = self._prefill([p for p, _ in prompts], [a for _, a in prompts], latents, max_new_tokens,
-                                                 image_len=[self.fmt.read_length(c) for c in codes])
+        logits, cache, mask, pos = self._prefill(
+            [p for p, _ in prompts],
+            [a for _, a in prompts],
+            latents,
+            max_new_tokens,
+            image_len=[self.fmt.read_length(c) for c in codes],
+        )
         eos = self.fmt.eos_id
         out = [[] for _ in questions]
         done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
@@ -568,8 +648,9 @@ class UniCodeLM(nn.Module):
         self.train(was)
         return [self.text_tok.decode(o, skip_special_tokens=True).strip() for o in out]
 
-    def stream_answer(self, codes: Tensor, question: str, max_new_tokens: int = 16, temperature: float = 0.0,
-                      seed: int | None = None):
+    def stream_answer(
+        self, codes: Tensor, question: str, max_new_tokens: int = 16, temperature: float = 0.0, seed: int | None = None
+    ):
         """The answer to one question about one image (codes (*layout.shape)), yielded as text
         pieces while it is decoded; the pieces join to what :meth:`answer` returns when
         ``temperature`` is 0 (greedy), else tokens are sampled (``seed`` fixes them).
@@ -582,8 +663,9 @@ class UniCodeLM(nn.Module):
             codes = codes.cpu()
             ids, at = self.fmt.prompt(question, codes=codes)
             latents = self.latents(codes[None])
-            logits, cache, mask, pos = self._prefill([ids], [at], latents, max_new_tokens,
-                                                     image_len=[self.fmt.read_length(codes)])
+            logits, cache, mask, pos = self._prefill(
+                [ids], [at], latents, max_new_tokens, image_len=[self.fmt.read_length(codes)]
+            )
             gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
             decoder = self._decoder(cache, mask, pos, max_new_tokens)
             step = decoder.__enter__()
@@ -599,7 +681,7 @@ class UniCodeLM(nn.Module):
                 # text decoded so far, less trailing blanks a later token may still join onto
                 text = self.text_tok.decode(out, skip_special_tokens=True).strip()
                 if text.startswith(sent) and len(text) > len(sent):
-                    piece, sent = text[len(sent):], text
+                    piece, sent = text[len(sent) :], text
                     yield piece
                 if len(out) == max_new_tokens:
                     break
@@ -607,7 +689,7 @@ class UniCodeLM(nn.Module):
                     logits = step(input_embedding(self.llm)(nxt[:, None]))
             text = self.text_tok.decode(out, skip_special_tokens=True).strip()
             if text != sent and text.startswith(sent):
-                yield text[len(sent):]
+                yield text[len(sent) :]
             return len(out)
         finally:
             decoder.__exit__(None, None, None)
@@ -643,12 +725,17 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, 
     model.tokenizer.save_frozen(folder / "visual_tokenizer")
     states = states or {}
     if model.image_pos is not None:
-        atomic_save_tensors(states.get("image_positions") or model.image_pos.state_dict(),
-                            folder / "image_positions.safetensors")
+        atomic_save_tensors(
+            states.get("image_positions") or model.image_pos.state_dict(), folder / "image_positions.safetensors"
+        )
     if model.depth_head is not None:
-        atomic_save_tensors(states.get("depth_head") or model.depth_head.state_dict(), folder / "depth_head.safetensors")
+        atomic_save_tensors(
+            states.get("depth_head") or model.depth_head.state_dict(), folder / "depth_head.safetensors"
+        )
     llm = model.llm
-    if hasattr(llm, "merge_and_unload") and "llm" not in states:  # LoRA: save the merged weights, keep training the adapter
+    if (
+        hasattr(llm, "merge_and_unload") and "llm" not in states
+    ):  # LoRA: save the merged weights, keep training the adapter
         import copy
 
         llm = copy.deepcopy(llm).merge_and_unload()
@@ -658,14 +745,25 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, 
         model.text_tok.save_pretrained(str(tmp))
     tok = model.tokenizer
     codes = tok.layout
-    atomic_write_json(folder / "model.json", {
-        "format": MODEL_FORMAT, "version": MODEL_VERSION, "tokenizer_run": str(tokenizer_run), "family": tok.family,
-        "image_size": tok.image_size, "code_shape": list(codes.shape), "codes_per_image": codes.length,
-        "min_codes_per_image": codes.shortest, "reads": tok.reads, "num_codes": tok.num_codes,
-        "image_positions": model.image_pos is not None, "layout": model.layout,
-        "image_attention": model.image_attention,
-        **({"depth_head": model.depth_head_args} if model.depth_head is not None else {}),
-    })
+    atomic_write_json(
+        folder / "model.json",
+        {
+            "format": MODEL_FORMAT,
+            "version": MODEL_VERSION,
+            "tokenizer_run": str(tokenizer_run),
+            "family": tok.family,
+            "image_size": tok.image_size,
+            "code_shape": list(codes.shape),
+            "codes_per_image": codes.length,
+            "min_codes_per_image": codes.shortest,
+            "reads": tok.reads,
+            "num_codes": tok.num_codes,
+            "image_positions": model.image_pos is not None,
+            "layout": model.layout,
+            "image_attention": model.image_attention,
+            **({"depth_head": model.depth_head_args} if model.depth_head is not None else {}),
+        },
+    )
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCodeLM:
@@ -681,11 +779,20 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
     except (OSError, json.JSONDecodeError):
         raise UnicodebookError(f"{folder}: not a model folder (missing or unreadable model.json)") from None
     if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
-        old = meta.get("format") == MODEL_FORMAT and isinstance(meta.get("version"), int) and meta["version"] < MODEL_VERSION
-        raise UnicodebookError(f"{folder}: model.json is not a {MODEL_FORMAT} v{MODEL_VERSION} file"
-                               + (f" (v{meta['version']}: written by an earlier unicodebook; train it again)" if old else ""))
-    for name, what in (("visual_tokenizer", "visual tokenizer"), ("text_tokenizer", "text tokenizer"),
-                       ("llm/config.json", "LLM")):
+        old = (
+            meta.get("format") == MODEL_FORMAT
+            and isinstance(meta.get("version"), int)
+            and meta["version"] < MODEL_VERSION
+        )
+        raise UnicodebookError(
+            f"{folder}: model.json is not a {MODEL_FORMAT} v{MODEL_VERSION} file"
+            + (f" (v{meta['version']}: written by an earlier unicodebook; train it again)" if old else "")
+        )
+    for name, what in (
+        ("visual_tokenizer", "visual tokenizer"),
+        ("text_tokenizer", "text tokenizer"),
+        ("llm/config.json", "LLM"),
+    ):
         if not (folder / name).exists():
             raise UnicodebookError(f"{folder}: no bound {what} (missing {name})")
     cfg = config_from_dict(read_yaml(folder / "config.yaml"))
@@ -698,16 +805,24 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
     except (OSError, ValueError) as e:
         raise UnicodebookError(f"cannot load the LLM in {folder}/llm: {str(e).splitlines()[0]}") from None
     text_tok = load_text_tokenizer(folder / "text_tokenizer")
-    model = UniCodeLM(llm, tok, text_tok, image_positions=bool(meta.get("image_positions")),
-                      layout=meta.get("layout", "flat"), depth_head=meta.get("depth_head"),
-                      image_attention=meta.get("image_attention", "causal")).eval()
+    model = UniCodeLM(
+        llm,
+        tok,
+        text_tok,
+        image_positions=bool(meta.get("image_positions")),
+        layout=meta.get("layout", "flat"),
+        depth_head=meta.get("depth_head"),
+        image_attention=meta.get("image_attention", "causal"),
+    ).eval()
     for part, name in ((model.image_pos, "image_positions"), (model.depth_head, "depth_head")):
         if part is None:
             continue
         try:
             part.load_state_dict(load_file(folder / f"{name}.safetensors"))
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise UnicodebookError(f"{folder}/{name}.safetensors is missing or does not fit ({str(e).splitlines()[0]})") from None
+            raise UnicodebookError(
+                f"{folder}/{name}.safetensors is missing or does not fit ({str(e).splitlines()[0]})"
+            ) from None
     model.to(device)
     model.tokenizer.to(device)
     model.__dict__["config"] = cfg

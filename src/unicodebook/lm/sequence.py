@@ -64,8 +64,14 @@ class SequenceFormat:
     ``num_latents``: the Ẑ slots of an image it reads, or None when it reads the image's codes;
     ``layout``: how images are written (``flat`` or ``depth``)."""
 
-    def __init__(self, text_tok, code_token_ids: torch.Tensor, code_layout: CodeLayout, num_latents: int | None,
-                 layout: str = "flat"):
+    def __init__(
+        self,
+        text_tok,
+        code_token_ids: torch.Tensor,
+        code_layout: CodeLayout,
+        num_latents: int | None,
+        layout: str = "flat",
+    ):
         self.tok = text_tok
         ids = marker_ids(text_tok)
         self.image_id, self.start_id, self.end_id = ids[IMAGE_TOKEN], ids[IMG_START], ids[IMG_END]
@@ -146,7 +152,9 @@ class SequenceFormat:
                 labels += part
         return Sample(ids, labels, image_at, self.read_length(codes) if image_at >= 0 else 0)
 
-    def prompt(self, question: str, with_image: bool = True, codes: torch.Tensor | None = None) -> tuple[list[int], int]:
+    def prompt(
+        self, question: str, with_image: bool = True, codes: torch.Tensor | None = None
+    ) -> tuple[list[int], int]:
         """The input of one question: ``<s> USER: [image] question ASSISTANT:`` → (ids, image_at)."""
         body = f"{IMAGE_TOKEN}\n{question}" if with_image else question
         part, at = self._with_images(f"{USER} {body} {ASSISTANT}", codes)
@@ -158,8 +166,15 @@ class SequenceFormat:
         slots = [self.image_id] * self.positions
         ids = prefix + [self.start_id] + slots + [self.end_id, self.eos_id]
         labels = [IGNORE] * len(prefix) + [self.start_id] + [IGNORE] * len(slots) + [self.end_id, self.eos_id]
-        return Sample(ids, labels, image_at, self.num_latents if image_at >= 0 else 0, len(prefix) + 1,
-                      self.positions, codes.reshape(self.positions, self.grid_shape[2]).long())
+        return Sample(
+            ids,
+            labels,
+            image_at,
+            self.num_latents if image_at >= 0 else 0,
+            len(prefix) + 1,
+            self.positions,
+            codes.reshape(self.positions, self.grid_shape[2]).long(),
+        )
 
     def decompression(self, codes: torch.Tensor, segments: int = 1, segment: int = 0) -> Sample:
         if self.reads_codes:
@@ -220,8 +235,16 @@ def collate(samples: list[Sample], pad_id: int) -> Batch:
         return torch.tensor([getattr(s, name) for s in samples])
 
     written = [s.codes for s in samples if s.codes is not None]
-    return Batch(ids, labels, mask, col("image_at"), col("image_len"), col("codes_at"), col("n_codes"),
-                 torch.stack(written) if written else None)
+    return Batch(
+        ids,
+        labels,
+        mask,
+        col("image_at"),
+        col("image_len"),
+        col("codes_at"),
+        col("n_codes"),
+        torch.stack(written) if written else None,
+    )
 
 
 def corrupt_codes(batch: Batch, code_token_ids: torch.Tensor, rate: float, generator: torch.Generator) -> Batch:
@@ -237,8 +260,11 @@ def corrupt_codes(batch: Batch, code_token_ids: torch.Tensor, rate: float, gener
         noisy[hit] = torch.randint(len(code_token_ids), (int(hit.sum()),), generator=generator)
         return dataclasses.replace(batch, codes_in=noisy)
     pos = torch.arange(batch.input_ids.shape[1])
-    inside = (batch.codes_at[:, None] >= 0) & (pos >= batch.codes_at[:, None]) \
+    inside = (
+        (batch.codes_at[:, None] >= 0)
+        & (pos >= batch.codes_at[:, None])
         & (pos < (batch.codes_at + batch.n_codes)[:, None])
+    )
     hit = inside & (torch.rand(batch.input_ids.shape, generator=generator) < rate)
     ids = batch.input_ids.clone()
     ids[hit] = code_token_ids[torch.randint(len(code_token_ids), (int(hit.sum()),), generator=generator)]

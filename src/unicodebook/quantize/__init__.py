@@ -2,7 +2,14 @@
 
 from .codebook import CodebookRule, UnifiedCodebook
 from .search import nearest_code
-from .stacked import HierarchicalQuantizer, QuantOutput, ResidualQuantizer, build_quantizer, code_grid_shape, position_embeddings
+from .stacked import (
+    HierarchicalQuantizer,
+    QuantOutput,
+    ResidualQuantizer,
+    build_quantizer,
+    code_grid_shape,
+    position_embeddings,
+)
 
 __all__ = [
     "CodebookRule",

@@ -114,7 +114,9 @@ class UnifiedCodebook(nn.Module):
         self.register_buffer("ema_sum", torch.zeros(v, dim))  # (V, d)
         self.register_buffer("initialised", torch.tensor(False))
         self._llm: list[nn.Embedding] = []  # reference, not a registered submodule
-        self._index: dict[tuple[int, int], tuple[tuple, SearchIndex]] = {}  # search cache per row block, keyed by the codebook's version
+        self._index: dict[
+            tuple[int, int], tuple[tuple, SearchIndex]
+        ] = {}  # search cache per row block, keyed by the codebook's version
         self.groups = 1  # equal blocks of rows, one per code layer (split_rows); 1: every layer searches all rows
         first = int(token_ids[0])
         contiguous = bool((token_ids == torch.arange(first, first + v, device="cpu")).all())
@@ -182,7 +184,9 @@ class UnifiedCodebook(nn.Module):
         starts and restarts only rows [l·V/groups, (l+1)·V/groups). A code still names one
         LLM row; it carries log2(V/groups) bits, the layer being known from its place."""
         if groups < 1 or self.num_codes % groups:
-            raise ValueError(f"{self.num_codes} codebook rows do not split into {groups} equal blocks (one per code layer)")
+            raise ValueError(
+                f"{self.num_codes} codebook rows do not split into {groups} equal blocks (one per code layer)"
+            )
         self.groups = groups
         return self
 
@@ -234,7 +238,9 @@ class UnifiedCodebook(nn.Module):
 
     # ---------------------------------------------------------------- learning
     @torch.no_grad()
-    def update(self, features: Tensor, codes: Tensor, progress: float, step: int, generator: torch.Generator | None = None) -> int:
+    def update(
+        self, features: Tensor, codes: Tensor, progress: float, step: int, generator: torch.Generator | None = None
+    ) -> int:
         """One training-step update of the visual codebook.
 
         Args:
@@ -310,8 +316,9 @@ class UnifiedCodebook(nn.Module):
         return restarted
 
     @torch.no_grad()
-    def kmeans_init(self, features: Tensor, iters: int = 10, generator: torch.Generator | None = None,
-                    group: int | None = None) -> None:
+    def kmeans_init(
+        self, features: Tensor, iters: int = 10, generator: torch.Generator | None = None, group: int | None = None
+    ) -> None:
         """Start the visual codebook at k-means centroids of a batch of features (N, d): all rows,
         or those of layer ``group`` of a split codebook (the codebook counts as started once
         its last group is)."""

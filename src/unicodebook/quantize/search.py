@@ -96,8 +96,9 @@ class SearchIndex:
 
 
 @torch.no_grad()
-def nearest_code_certified(z: Tensor, index: SearchIndex, chunk_size: int = 4096,
-                           rescore_block: int = 512) -> tuple[Tensor, Tensor]:
+def nearest_code_certified(
+    z: Tensor, index: SearchIndex, chunk_size: int = 4096, rescore_block: int = 512
+) -> tuple[Tensor, Tensor]:
     """The fp32 nearest code via a bf16 prefilter with a certified error bound (module docstring).
 
     With z = z̃ + Δz and C = C̃ + ΔC (bf16 parts and their exact fp32 rounding errors), the bf16

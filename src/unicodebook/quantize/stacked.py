@@ -52,8 +52,15 @@ class ResidualQuantizer(nn.Module):
     costs D times the LLM rows; on photos one shared table loses most of what depth adds (docs/tokenizers.md).
     """
 
-    def __init__(self, codebook: UnifiedCodebook, depth: int, beta: float = 0.25,
-                 entropy_weight: float = 0.0, entropy_temperature: float = 0.1, layer_rows: str = "shared"):
+    def __init__(
+        self,
+        codebook: UnifiedCodebook,
+        depth: int,
+        beta: float = 0.25,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.1,
+        layer_rows: str = "shared",
+    ):
         super().__init__()
         if depth < 1:
             raise ValueError("quantizer depth must be >= 1")
@@ -171,8 +178,14 @@ class ResidualQuantizer(nn.Module):
 class HierarchicalQuantizer(nn.Module):
     """Top map at half resolution + bottom map on the residual; F = concat → 1×1 projection."""
 
-    def __init__(self, codebook: UnifiedCodebook, depth: int, beta: float = 0.25,
-                 entropy_weight: float = 0.0, entropy_temperature: float = 0.1):
+    def __init__(
+        self,
+        codebook: UnifiedCodebook,
+        depth: int,
+        beta: float = 0.25,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.1,
+    ):
         super().__init__()
         d = codebook.dim
         self.codebook = codebook
@@ -221,9 +234,15 @@ class HierarchicalQuantizer(nn.Module):
         return torch.cat([f for f, _ in parts]), torch.cat([c for _, c in parts])
 
 
-def build_quantizer(kind: str, codebook: UnifiedCodebook, depth: int, beta: float,
-                    entropy_weight: float = 0.0, entropy_temperature: float = 0.1,
-                    layer_rows: str = "shared") -> nn.Module:
+def build_quantizer(
+    kind: str,
+    codebook: UnifiedCodebook,
+    depth: int,
+    beta: float,
+    entropy_weight: float = 0.0,
+    entropy_temperature: float = 0.1,
+    layer_rows: str = "shared",
+) -> nn.Module:
     if kind == "rq":
         return ResidualQuantizer(codebook, depth, beta, entropy_weight, entropy_temperature, layer_rows)
     if kind == "hq":

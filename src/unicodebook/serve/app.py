@@ -52,8 +52,11 @@ def conversation_parts(messages: list[ChatMessage], limits: Limits) -> tuple[str
                     raise APIError(400, "an image_url part needs image_url.url", param)
                 images.append((url, param))
     if len(images) > limits.max_images:
-        raise APIError(400, f"the conversation holds {len(images)} images; this model reads at most {limits.max_images}",
-                       "messages")
+        raise APIError(
+            400,
+            f"the conversation holds {len(images)} images; this model reads at most {limits.max_images}",
+            "messages",
+        )
     last = messages[-1]
     if last.role != "user":
         raise APIError(400, f"the last message must be the user's question, not a '{last.role}' message", "messages")
@@ -63,15 +66,17 @@ def conversation_parts(messages: list[ChatMessage], limits: Limits) -> tuple[str
     if not question:
         raise APIError(400, "the last user message has no text: ask a question about the image", "messages")
     if len(question) > limits.max_prompt_chars:
-        raise APIError(400, f"the question is {len(question)} characters long; at most {limits.max_prompt_chars}",
-                       "messages")
+        raise APIError(
+            400, f"the question is {len(question)} characters long; at most {limits.max_prompt_chars}", "messages"
+        )
     return question, images
 
 
 def _check_model(asked: str | None, served: str) -> None:
     if asked is not None and asked != served:
-        raise APIError(404, f"the model '{asked}' does not exist here; this server serves '{served}'", "model",
-                       "model_not_found")
+        raise APIError(
+            404, f"the model '{asked}' does not exist here; this server serves '{served}'", "model", "model_not_found"
+        )
 
 
 class _ClosingStream(StreamingResponse):
@@ -112,9 +117,20 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": model_id, "object": "model", "created": started, "owned_by": "unicodebook",
-            "image_size": size, "codes_per_image": model.codes_per_image, "context": model.max_positions}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": started,
+                    "owned_by": "unicodebook",
+                    "image_size": size,
+                    "codes_per_image": model.codes_per_image,
+                    "context": model.max_positions,
+                }
+            ],
+        }
 
     @app.get("/v1/models/{name}")
     def one_model(name: str) -> dict:
@@ -132,22 +148,31 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
             raise APIError(400, "n: this server returns one answer per request", "n")
         question, images = conversation_parts(req.messages, limits)
         if not images:
-            raise APIError(400, "this model answers questions about an image: add an image_url part "
-                           "(data:image/png;base64,…) to the user message", "messages")
+            raise APIError(
+                400,
+                "this model answers questions about an image: add an image_url part "
+                "(data:image/png;base64,…) to the user message",
+                "messages",
+            )
         url, param = images[0]
         max_tokens = req.max_completion_tokens or req.max_tokens
         max_tokens = defaults.max_new_tokens if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= limits.max_tokens:
             raise APIError(400, f"max_tokens must be within 1..{limits.max_tokens}, got {max_tokens}", "max_tokens")
-        image = decode_image(data_url_bytes(url, f"{param}.url"), size, odd_size, limits.max_image_pixels,
-                             f"{param}.url")
+        image = decode_image(
+            data_url_bytes(url, f"{param}.url"), size, odd_size, limits.max_image_pixels, f"{param}.url"
+        )
         codes = await worker.run(encode, image)
         ids, _ = model.fmt.prompt(question, codes=codes)
         prompt_tokens = len(ids)  # the image's slots included
         if prompt_tokens + max_tokens > model.max_positions:
-            raise APIError(400, f"the prompt takes {prompt_tokens} tokens (the image's included) and max_tokens "
-                           f"asks {max_tokens} more, past the model's context of {model.max_positions}", "messages",
-                           "context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt takes {prompt_tokens} tokens (the image's included) and max_tokens "
+                f"asks {max_tokens} more, past the model's context of {model.max_positions}",
+                "messages",
+                "context_length_exceeded",
+            )
         temperature = req.temperature or 0.0
         seed = req.seed if req.seed is not None else (secrets.randbits(31) if temperature > 0 else None)
         gen = model.stream_answer(codes, question, max_tokens, temperature=temperature, seed=seed)
@@ -163,16 +188,31 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
 
         if not req.stream:
             pieces = [p async for p in worker.stream(gen, counted.append)]
-            return {**head, "object": "chat.completion", "system_fingerprint": None, "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                "logprobs": None, "finish_reason": finish()}], "usage": usage()}
+            return {
+                **head,
+                "object": "chat.completion",
+                "system_fingerprint": None,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(pieces)},
+                        "logprobs": None,
+                        "finish_reason": finish(),
+                    }
+                ],
+                "usage": usage(),
+            }
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
             chunk = {**head, "object": "chat.completion.chunk"}
-            yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None}]})
+            yield _sse(
+                {
+                    **chunk,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                }
+            )
             async for piece in worker.stream(gen, counted.append):
                 yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
             yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish()}]})
@@ -182,12 +222,15 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
 
         return _ClosingStream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def draw(prompt: str, n: int, cfg: float, temperature: float, top_k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(
+        prompt: str, n: int, cfg: float, temperature: float, top_k: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # generate_image's own steps, keeping the codes: the same seed gives `unicodebook generate`'s pictures
         return draw_batch([prompt] * n, cfg, temperature, top_k, torch.Generator(device=model.device).manual_seed(seed))
 
-    def draw_batch(prompts: list[str], cfg: float, temperature: float, top_k: int,
-                   gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw_batch(
+        prompts: list[str], cfg: float, temperature: float, top_k: int, gen: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         codes = model.generate_codes(prompts, cfg, temperature, top_k, gen)
         with torch.no_grad():
             return codes.cpu(), model.tokenizer.decode(codes).cpu()
@@ -200,8 +243,11 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
     async def images(req: ImageRequest):
         _check_model(req.model, model_id)
         if req.response_format != "b64_json":
-            raise APIError(400, f"response_format '{req.response_format}': this server returns images inline, "
-                           "as b64_json", "response_format")
+            raise APIError(
+                400,
+                f"response_format '{req.response_format}': this server returns images inline, as b64_json",
+                "response_format",
+            )
         if not 1 <= req.n <= limits.max_n:
             raise APIError(400, f"n must be within 1..{limits.max_n}, got {req.n}", "n")
         if req.size is not None and req.size != f"{size}x{size}":
@@ -210,25 +256,39 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
         if not prompt:
             raise APIError(400, "prompt is empty: describe the picture to draw", "prompt")
         if len(prompt) > limits.max_prompt_chars:
-            raise APIError(400, f"the prompt is {len(prompt)} characters long; at most {limits.max_prompt_chars}",
-                           "prompt")
+            raise APIError(
+                400, f"the prompt is {len(prompt)} characters long; at most {limits.max_prompt_chars}", "prompt"
+            )
         needed = len(model.fmt.t2i_prefix(prompt)) + model.steps_per_image + 2
         if needed > model.max_positions:
-            raise APIError(400, f"the prompt and its image need {needed} positions, past the model's context of "
-                           f"{model.max_positions}; shorten the prompt", "prompt", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt and its image need {needed} positions, past the model's context of "
+                f"{model.max_positions}; shorten the prompt",
+                "prompt",
+                "context_length_exceeded",
+            )
         seed = req.seed if req.seed is not None else secrets.randbits(31)
         cfg = defaults.cfg_scale if req.cfg_scale is None else req.cfg_scale
         temperature = defaults.temperature if req.temperature is None else req.temperature
         top_k = defaults.top_k if req.top_k is None else req.top_k
         if temperature == 0:  # greedy: the seed plays no part, so waiting requests share one call
-            drawn, served = await worker.run_batched(("greedy", cfg), [prompt] * req.n, draw_greedy,
-                                                     limits.max_draw_batch)
+            drawn, served = await worker.run_batched(
+                ("greedy", cfg), [prompt] * req.n, draw_greedy, limits.max_draw_batch
+            )
         else:  # sampled: its own call, so a seed gives `unicodebook generate`'s pictures
             codes, pictures = await worker.run(draw, prompt, req.n, cfg, temperature, top_k, seed)
             drawn, served = list(zip(codes, pictures)), 1
-        return {"created": int(time.time()), "model": model_id, "seed": seed,
-                "cfg_scale": cfg, "temperature": temperature, "top_k": top_k, "batched_requests": served,
-                "data": [{"b64_json": png_base64(p), "codes": c.tolist()} for c, p in drawn]}
+        return {
+            "created": int(time.time()),
+            "model": model_id,
+            "seed": seed,
+            "cfg_scale": cfg,
+            "temperature": temperature,
+            "top_k": top_k,
+            "batched_requests": served,
+            "data": [{"b64_json": png_base64(p), "codes": c.tolist()} for c, p in drawn],
+        }
 
     return app
 
@@ -254,7 +314,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        message = f"no such endpoint: {request.method} {request.url.path}" if err.status_code == 404 else str(err.detail)
+        message = (
+            f"no such endpoint: {request.method} {request.url.path}" if err.status_code == 404 else str(err.detail)
+        )
         return JSONResponse(error_body(message, code=str(err.status_code)), status_code=err.status_code)
 
     @app.exception_handler(UnicodebookError)
@@ -275,10 +337,16 @@ class BodyLimit:
         self.app, self.max_bytes = app, max_bytes
 
     async def _refuse(self, send) -> None:
-        body = json.dumps(error_body(f"the request body is larger than {self.max_bytes:,} bytes",
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            error_body(f"the request body is larger than {self.max_bytes:,} bytes", code="request_too_large")
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send) -> None:

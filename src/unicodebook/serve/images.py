@@ -16,8 +16,9 @@ from ..data.images import pil_to_tensor, tensor_to_pil
 from ..errors import BadImageError
 from .errors import APIError
 
-_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)",
-                       re.DOTALL)
+_DATA_URL = re.compile(
+    r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)", re.DOTALL
+)
 # the first bytes of the formats Pillow reads here: a failed decode after one of them means a
 # corrupt or truncated file rather than something that is not an image at all
 _SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -26,8 +27,12 @@ _SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x
 def data_url_bytes(url: str, param: str) -> bytes:
     """The bytes of a ``data:image/…;base64,…`` URL; anything else is a 400."""
     if re.match(r"https?://", url, re.IGNORECASE):
-        raise APIError(400, "image URLs are not fetched: send the image inline as data:image/png;base64,…", param,
-                       "image_url_not_supported")
+        raise APIError(
+            400,
+            "image URLs are not fetched: send the image inline as data:image/png;base64,…",
+            param,
+            "image_url_not_supported",
+        )
     m = _DATA_URL.fullmatch(url.strip())
     if m is None:
         raise APIError(400, "an image_url must be a data URL (data:image/png;base64,…)", param, "invalid_image_url")
@@ -50,8 +55,12 @@ def decode_image(data: bytes, size: int, odd_size: str, max_pixels: int, param: 
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size  # from the header: a huge image is refused before it is decoded
                 if w * h > max_pixels:
-                    raise APIError(400, f"the image is {w}×{h} px; at most {max_pixels:,} pixels are accepted", param,
-                                   "image_too_large")
+                    raise APIError(
+                        400,
+                        f"the image is {w}×{h} px; at most {max_pixels:,} pixels are accepted",
+                        param,
+                        "image_too_large",
+                    )
                 img.load()
                 return pil_to_tensor(img, size=size, odd_size=odd_size, name="the image")
     except APIError:
@@ -65,7 +74,9 @@ def decode_image(data: bytes, size: int, odd_size: str, max_pixels: int, param: 
         raise APIError(400, f"the image data is {what}", param, "invalid_image") from None
     except (OSError, SyntaxError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise APIError(400, f"the image data is a corrupt or truncated image ({reason})", param, "invalid_image") from None
+        raise APIError(
+            400, f"the image data is a corrupt or truncated image ({reason})", param, "invalid_image"
+        ) from None
 
 
 def png_base64(image: torch.Tensor) -> str:

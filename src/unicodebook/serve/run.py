@@ -45,7 +45,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, device="cpu", limits: Limits | None = None) -> int:
+def serve(
+    model_dir: Path, host: str = "127.0.0.1", port: int = 8000, device="cpu", limits: Limits | None = None
+) -> int:
     """Serve the model folder until interrupted (Ctrl-C ends it cleanly, exit status 0)."""
     model = load_model(model_dir, device=device)
     sock = bind(host, port)  # after loading: the printed URL means the model is ready

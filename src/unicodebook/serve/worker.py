@@ -38,8 +38,9 @@ class ModelWorker:
         finally:
             self.waiting -= 1
 
-    async def run_batched(self, key: Hashable, items: Sequence, fn: Callable[[Hashable, list], list],
-                          max_items: int) -> tuple[list, int]:
+    async def run_batched(
+        self, key: Hashable, items: Sequence, fn: Callable[[Hashable, list], list], max_items: int
+    ) -> tuple[list, int]:
         """``fn(key, items)``'s results for ``items``, computed in one call together with the
         items of every other request of the same ``key`` that is waiting when the model frees
         (at most ``max_items`` a call; ``fn`` returns one result per item, in order).
@@ -79,11 +80,12 @@ class ModelWorker:
         start = 0
         for items, fut in taken:
             if not fut.done():
-                fut.set_result((results[start:start + len(items)], len(taken)))
+                fut.set_result((results[start : start + len(items)], len(taken)))
             start += len(items)
 
-    async def stream(self, gen: Generator[T, None, Any], on_return: Callable[[Any], None] | None = None
-                     ) -> AsyncIterator[T]:
+    async def stream(
+        self, gen: Generator[T, None, Any], on_return: Callable[[Any], None] | None = None
+    ) -> AsyncIterator[T]:
         """The items of ``gen``, each produced in a worker thread, the lock held throughout.
 
         If the consumer stops (a client disconnected: the task is cancelled between two items),

@@ -160,8 +160,11 @@ def limits_of(tok: VisualTokenizer) -> dict:
 
 
 # ---------------------------------------------------------------------------------- registry
-_FAMILIES: dict[str, Any] = {"unicode": "unicodebook.tokenizers.unicode", "seed": "unicodebook.tokenizers.seed",
-                             "lavit": "unicodebook.tokenizers.lavit"}
+_FAMILIES: dict[str, Any] = {
+    "unicode": "unicodebook.tokenizers.unicode",
+    "seed": "unicodebook.tokenizers.seed",
+    "lavit": "unicodebook.tokenizers.lavit",
+}
 
 
 def register_family(name: str, loader) -> None:
@@ -199,8 +202,9 @@ def read_family(folder: str | Path) -> dict:
     try:
         info = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UnicodebookError(f"{folder}: not a tokenizer folder (no {FAMILY_FILE}: not written, or torn "
-                               f"before its save finished)") from None
+        raise UnicodebookError(
+            f"{folder}: not a tokenizer folder (no {FAMILY_FILE}: not written, or torn before its save finished)"
+        ) from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise UnicodebookError(f"{folder}: {FAMILY_FILE} is unreadable") from None
     if not isinstance(info, dict) or info.get("format") != FAMILY_FORMAT or not isinstance(info.get("family"), str):
@@ -227,8 +231,10 @@ def append_code_tokens(llm, text_tok, count: int, prefix: str = "img") -> Tensor
     vocab = text_tok.get_vocab()
     missing = [n for n in names if n not in vocab]
     if missing and len(missing) != count:
-        raise UnicodebookError(f"the text tokenizer holds {count - len(missing)} of the {count} code tokens "
-                               f"<{prefix}_…>: it was attached to another tokenizer")
+        raise UnicodebookError(
+            f"the text tokenizer holds {count - len(missing)} of the {count} code tokens "
+            f"<{prefix}_…>: it was attached to another tokenizer"
+        )
     if missing:
         text_tok.add_tokens(missing, special_tokens=True)
     ids = torch.tensor(text_tok.convert_tokens_to_ids(names), dtype=torch.long)

@@ -21,14 +21,18 @@ class TextTower(nn.Module):
         self.max_length = max_length
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.randn(max_length, width) * 0.01)
-        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                                               batch_first=True, norm_first=True) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Linear(width, embed_dim, bias=False)
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        ids, mask = ids[:, :self.max_length], mask[:, :self.max_length].bool()
-        x = self.token_embedding(ids) + self.positional_embedding[:ids.shape[1]]
+        ids, mask = ids[:, : self.max_length], mask[:, : self.max_length].bool()
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
         for blk in self.blocks:
             x = blk(x, src_key_padding_mask=~mask)
         x = self.ln_final(x)
@@ -38,13 +42,15 @@ class TextTower(nn.Module):
 
 def tokenize_captions(text_tok, captions: list[str], max_length: int) -> tuple[Tensor, Tensor]:
     """Captions → (ids (B, T), mask (B, T)), right-padded, cut at ``max_length`` tokens."""
-    rows = [text_tok(c, add_special_tokens=False)["input_ids"][:max_length] or [text_tok.unk_token_id] for c in captions]
+    rows = [
+        text_tok(c, add_special_tokens=False)["input_ids"][:max_length] or [text_tok.unk_token_id] for c in captions
+    ]
     n = max(len(r) for r in rows)
     ids = torch.full((len(rows), n), text_tok.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
     return ids, mask
 
 
@@ -55,7 +61,9 @@ def contrastive_loss(a: Tensor, b: Tensor, logit_scale: Tensor, label_smoothing:
     a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
     logits = logit_scale.exp().clamp(max=100) * a @ b.t()
     target = torch.arange(len(a), device=a.device)
-    loss = (F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits.t(), target, label_smoothing=label_smoothing)) / 2
+    loss = (
+        F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits.t(), target, label_smoothing=label_smoothing)
+    ) / 2
     acc = ((logits.argmax(1) == target).float().mean() + (logits.argmax(0) == target).float().mean()) / 2
     return loss, acc

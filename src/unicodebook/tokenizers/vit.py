@@ -160,7 +160,7 @@ class VisionTransformer(nn.Module):
 
     def patch_features(self, images: Tensor, normed: bool = True) -> Tensor:
         """(B, N, W): the patch tokens, the class token dropped."""
-        return self.forward_tokens(images, normed)[:, int(self.config.class_token):]
+        return self.forward_tokens(images, normed)[:, int(self.config.class_token) :]
 
     def embedding(self, images: Tensor) -> Tensor:
         """(B, e): the class token (or the patches' mean without one) after the final norm, through
@@ -179,22 +179,51 @@ def save_vit(model: VisionTransformer, folder: str | Path) -> None:
     (folder / CONFIG).unlink(missing_ok=True)
     atomic_save_tensors(model.state_dict(), folder / WEIGHTS, metadata={"format": "pt"})
     pool = "token" if c.class_token else "avg"
-    atomic_write_json(folder / CONFIG, {
-        "architecture": "vit_custom", "num_classes": 0, "num_features": c.width, "global_pool": pool,
-        "model_args": {"img_size": c.image_size, "patch_size": c.patch_size, "embed_dim": c.width, "depth": c.layers,
-                       "num_heads": c.heads, "mlp_ratio": c.mlp_ratio, "class_token": c.class_token,
-                       "global_pool": pool, "fc_norm": False},
-        "pretrained_cfg": {"custom_load": False, "input_size": [3, c.image_size, c.image_size],
-                           "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0,
-                           "crop_mode": "center", "mean": c.mean, "std": c.std, "num_classes": 0,
-                           "first_conv": "patch_embed.proj", "classifier": "head"},
-        "unicodebook": {"embed_dim": c.embed_dim, "mean": c.mean, "std": c.std},
-    })
+    atomic_write_json(
+        folder / CONFIG,
+        {
+            "architecture": "vit_custom",
+            "num_classes": 0,
+            "num_features": c.width,
+            "global_pool": pool,
+            "model_args": {
+                "img_size": c.image_size,
+                "patch_size": c.patch_size,
+                "embed_dim": c.width,
+                "depth": c.layers,
+                "num_heads": c.heads,
+                "mlp_ratio": c.mlp_ratio,
+                "class_token": c.class_token,
+                "global_pool": pool,
+                "fc_norm": False,
+            },
+            "pretrained_cfg": {
+                "custom_load": False,
+                "input_size": [3, c.image_size, c.image_size],
+                "fixed_input_size": True,
+                "interpolation": "bicubic",
+                "crop_pct": 1.0,
+                "crop_mode": "center",
+                "mean": c.mean,
+                "std": c.std,
+                "num_classes": 0,
+                "first_conv": "patch_embed.proj",
+                "classifier": "head",
+            },
+            "unicodebook": {"embed_dim": c.embed_dim, "mean": c.mean, "std": c.std},
+        },
+    )
 
 
 # timm's plain ViTs by size: (width, depth, heads, mlp_ratio); a name is vit_{size}_patch{p}_{image size}
-TIMM_SIZES = {"tiny": (192, 12, 3, 4.0), "small": (384, 12, 6, 4.0), "base": (768, 12, 12, 4.0),
-              "large": (1024, 24, 16, 4.0), "huge": (1280, 32, 16, 4.0), "giant": (1408, 40, 16, 48 / 11)}
+TIMM_SIZES = {
+    "tiny": (192, 12, 3, 4.0),
+    "small": (384, 12, 6, 4.0),
+    "base": (768, 12, 12, 4.0),
+    "large": (1024, 24, 16, 4.0),
+    "huge": (1280, 32, 16, 4.0),
+    "giant": (1408, 40, 16, 48 / 11),
+}
 _TIMM_NAME = re.compile(r"vit_(tiny|small|base|large|huge|giant)_patch(\d+)_(\d+)")
 
 
@@ -228,13 +257,21 @@ def _timm_config(meta: dict) -> tuple[ViTConfig, bool]:
     named = _TIMM_NAME.fullmatch(str(meta["architecture"]).split(".")[0])
     if named:
         w, d, h, r = TIMM_SIZES[named[1]]
-        sizes = {"embed_dim": w, "depth": d, "num_heads": h, "mlp_ratio": r, "patch_size": int(named[2]),
-                 "img_size": int(named[3])}
+        sizes = {
+            "embed_dim": w,
+            "depth": d,
+            "num_heads": h,
+            "mlp_ratio": r,
+            "patch_size": int(named[2]),
+            "img_size": int(named[3]),
+        }
     sizes |= {k: v for k, v in args.items() if k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size")}
     missing = [k for k in ("embed_dim", "depth", "num_heads", "patch_size") if k not in sizes]
     if missing:
-        raise ValueError(f"architecture '{meta['architecture']}' is not a plain timm ViT name (vit_{{size}}_patch"
-                         f"{{p}}_{{px}}) and model_args lack {', '.join(missing)}")
+        raise ValueError(
+            f"architecture '{meta['architecture']}' is not a plain timm ViT name (vit_{{size}}_patch"
+            f"{{p}}_{{px}}) and model_args lack {', '.join(missing)}"
+        )
     if "img_size" in args:
         size = args["img_size"]
     elif "input_size" in pre:
@@ -248,18 +285,28 @@ def _timm_config(meta: dict) -> tuple[ViTConfig, bool]:
     if args.get("act_layer") not in (None, "gelu"):  # other structural model_args show in the weights' keys
         raise ValueError(f"act_layer '{args['act_layer']}' is not our exact GELU")
     embed_dim = ours.get("embed_dim", 0)
-    cfg = ViTConfig(image_size=_square(size, "image size"), patch_size=_square(sizes["patch_size"], "patch size"),
-                    width=int(sizes["embed_dim"]), layers=int(sizes["depth"]), heads=int(sizes["num_heads"]),
-                    mlp_ratio=float(sizes.get("mlp_ratio", 4.0)), embed_dim=int(embed_dim),
-                    mean=_triple(ours.get("mean", pre.get("mean", 0.5)), "mean"),
-                    std=_triple(ours.get("std", pre.get("std", 0.5)), "std"), class_token=bool(class_token))
+    cfg = ViTConfig(
+        image_size=_square(size, "image size"),
+        patch_size=_square(sizes["patch_size"], "patch size"),
+        width=int(sizes["embed_dim"]),
+        layers=int(sizes["depth"]),
+        heads=int(sizes["num_heads"]),
+        mlp_ratio=float(sizes.get("mlp_ratio", 4.0)),
+        embed_dim=int(embed_dim),
+        mean=_triple(ours.get("mean", pre.get("mean", 0.5)), "mean"),
+        std=_triple(ours.get("std", pre.get("std", 0.5)), "std"),
+        class_token=bool(class_token),
+    )
     return cfg, int(meta.get("num_classes", pre.get("num_classes", 0)) or 0) > 0 and not embed_dim
 
 
 def _hf_config(meta: dict, folder: Path) -> ViTConfig:
     """A transformers ``ViTConfig`` (+ ``preprocessor_config.json``, if any) → ours."""
-    bad = [f"{k} {meta[k]!r}" for k, ok in (("hidden_act", "gelu"), ("num_channels", 3), ("qkv_bias", True))
-           if k in meta and meta[k] != ok]
+    bad = [
+        f"{k} {meta[k]!r}"
+        for k, ok in (("hidden_act", "gelu"), ("num_channels", 3), ("qkv_bias", True))
+        if k in meta and meta[k] != ok
+    ]
     if bad:
         raise ValueError(f"{', '.join(bad)}: only an RGB ViT with exact GELU and query/key/value biases maps onto ours")
     mean, std = [0.5] * 3, [0.5] * 3
@@ -277,20 +324,45 @@ def _hf_config(meta: dict, folder: Path) -> ViTConfig:
     ratio = hidden / w
     if int(w * ratio) != hidden:  # one ulp up, so that int(width · ratio) gives the hidden size back
         ratio = math.nextafter(ratio, math.inf)
-    return ViTConfig(image_size=_square(meta["image_size"], "image_size"),
-                     patch_size=_square(meta["patch_size"], "patch_size"), width=w,
-                     layers=int(meta["num_hidden_layers"]), heads=int(meta["num_attention_heads"]), mlp_ratio=ratio,
-                     embed_dim=0, mean=mean, std=std)
+    return ViTConfig(
+        image_size=_square(meta["image_size"], "image_size"),
+        patch_size=_square(meta["patch_size"], "patch_size"),
+        width=w,
+        layers=int(meta["num_hidden_layers"]),
+        heads=int(meta["num_attention_heads"]),
+        mlp_ratio=ratio,
+        embed_dim=0,
+        mean=mean,
+        std=std,
+    )
 
 
 # ours ← transformers' names: as ``save_pretrained`` writes them, and as transformers ≥ 5 holds them in memory
 _HF_NAMES = {  # (layer prefix, block modules, attention module, its query/key/value names)
-    "saved": ("encoder.layer.{}.", {"norm1": "layernorm_before", "norm2": "layernorm_after",
-                                    "attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense",
-                                    "mlp.fc2": "output.dense"}, "attention.attention.{}", ("query", "key", "value")),
-    "memory": ("layers.{}.", {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
-                              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}, "attention.{}",
-               ("q_proj", "k_proj", "v_proj")),
+    "saved": (
+        "encoder.layer.{}.",
+        {
+            "norm1": "layernorm_before",
+            "norm2": "layernorm_after",
+            "attn.proj": "attention.output.dense",
+            "mlp.fc1": "intermediate.dense",
+            "mlp.fc2": "output.dense",
+        },
+        "attention.attention.{}",
+        ("query", "key", "value"),
+    ),
+    "memory": (
+        "layers.{}.",
+        {
+            "norm1": "layernorm_before",
+            "norm2": "layernorm_after",
+            "attn.proj": "attention.o_proj",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        },
+        "attention.{}",
+        ("q_proj", "k_proj", "v_proj"),
+    ),
 }
 
 
@@ -305,8 +377,12 @@ def _from_hf(state: dict[str, Tensor], layers: int, folder: Path) -> dict[str, T
         return state.pop(key)
 
     layer, names, qkv, parts = _HF_NAMES["memory" if any(k.startswith("layers.") for k in state) else "saved"]
-    out = {"cls_token": take("embeddings.cls_token"), "pos_embed": take("embeddings.position_embeddings"),
-           "norm.weight": take("layernorm.weight"), "norm.bias": take("layernorm.bias")}
+    out = {
+        "cls_token": take("embeddings.cls_token"),
+        "pos_embed": take("embeddings.position_embeddings"),
+        "norm.weight": take("layernorm.weight"),
+        "norm.bias": take("layernorm.bias"),
+    }
     for p in ("weight", "bias"):
         out[f"patch_embed.proj.{p}"] = take(f"embeddings.patch_embeddings.projection.{p}")
         for i in range(layers):
@@ -322,8 +398,10 @@ def _shape_error(folder: Path, key: str, got: tuple, want: tuple, cfg: ViTConfig
         n = got[1] - int(cfg.class_token)
         side = math.isqrt(max(n, 0))
         made = f"{side * cfg.patch_size} px images" if side * side == n else f"{n} patches"
-        msg += (f" (weights made for {made}, the config's are {cfg.image_size} px at patch {cfg.patch_size}; "
-                f"position embeddings are not interpolated)")
+        msg += (
+            f" (weights made for {made}, the config's are {cfg.image_size} px at patch {cfg.patch_size}; "
+            f"position embeddings are not interpolated)"
+        )
     return UnicodebookError(msg)
 
 
@@ -345,8 +423,9 @@ def load_local_vit(folder: str | Path) -> VisionTransformer:
     if not isinstance(meta, dict) or not (hf or "architecture" in meta):
         kind = meta.get("model_type") if isinstance(meta, dict) else None
         why = "no model_type" if kind is None else f"model_type '{kind}', not 'vit'"
-        raise UnicodebookError(f"{folder}: {CONFIG} is neither timm's (no architecture) nor a transformers ViT's "
-                               f"({why})")
+        raise UnicodebookError(
+            f"{folder}: {CONFIG} is neither timm's (no architecture) nor a transformers ViT's ({why})"
+        )
     try:
         cfg, drop_head = (_hf_config(meta, folder), False) if hf else _timm_config(meta)
     except KeyError as e:
@@ -356,8 +435,9 @@ def load_local_vit(folder: str | Path) -> VisionTransformer:
     path = folder / WEIGHTS
     if not path.exists():
         pickle = (folder / "pytorch_model.bin").exists()
-        raise UnicodebookError(f"{folder}: no {WEIGHTS}" + (" (pytorch_model.bin is not read: save it as safetensors)"
-                                                             if pickle else ""))
+        raise UnicodebookError(
+            f"{folder}: no {WEIGHTS}" + (" (pytorch_model.bin is not read: save it as safetensors)" if pickle else "")
+        )
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as e:

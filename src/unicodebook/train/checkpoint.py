@@ -71,6 +71,7 @@ def _np_state() -> list:
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) -> None:
     """Restore this rank's row of the saved per-rank RNG states (row 0 stands in for ranks a
     run with fewer processes did not have)."""
+
     def row(t: torch.Tensor) -> torch.Tensor:
         return t if t.ndim == 1 else t[rank if rank < t.shape[0] else 0]
 
@@ -83,9 +84,16 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) -
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(run: Path, step: int, modules: dict[str, torch.nn.Module | dict],
-                    optimizers: dict[str, torch.optim.Optimizer | dict], extra: dict, keep: int = 2,
-                    kind: str = "tokenizer", rng: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    run: Path,
+    step: int,
+    modules: dict[str, torch.nn.Module | dict],
+    optimizers: dict[str, torch.optim.Optimizer | dict],
+    extra: dict,
+    keep: int = 2,
+    kind: str = "tokenizer",
+    rng: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``RUN/checkpoints/step_XXXXXX`` atomically and prune to the last ``keep``.
 
     ``modules`` / ``optimizers`` map names to modules (or their full state dicts). Each module
@@ -104,11 +112,20 @@ def save_checkpoint(run: Path, step: int, modules: dict[str, torch.nn.Module | d
     rng_tensors.update(rng or {})
     with write_errors(run, f"checkpoint {dest}"), atomic_dir(dest) as tmp:
         for name, module in modules.items():
-            atomic_save_tensors(module if isinstance(module, dict) else module.state_dict(), tmp / f"{name}.safetensors")
+            atomic_save_tensors(
+                module if isinstance(module, dict) else module.state_dict(), tmp / f"{name}.safetensors"
+            )
         atomic_save_tensors({**opt_tensors, **rng_tensors}, tmp / "optimizers.safetensors")
-        state = {"version": STATE_VERSION, "kind": kind, "step": step, "modules": sorted(modules),
-                 "optimizers": opt_meta, **rng_meta, **extra,
-                 "sha256": {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}}
+        state = {
+            "version": STATE_VERSION,
+            "kind": kind,
+            "step": step,
+            "modules": sorted(modules),
+            "optimizers": opt_meta,
+            **rng_meta,
+            **extra,
+            "sha256": {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
+        }
         (tmp / "state.json").write_text(json.dumps(state))
     for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -132,8 +149,9 @@ def write_errors(run: Path, what: str) -> Iterator[None]:
     except OSError as e:
         ckpts = list_checkpoints(run)
         last = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-        raise UnicodebookError(f"could not write {what} ({e.strerror or e}); {last} (make room, then --resume)") \
-            from None
+        raise UnicodebookError(
+            f"could not write {what} ({e.strerror or e}); {last} (make room, then --resume)"
+        ) from None
 
 
 LOCK = ".lock"
@@ -155,8 +173,10 @@ def run_lock(run: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise UnicodebookError(f"{run} is in use by another training process (pid {f.read().strip() or '?'}, "
-                                   f"{run / LOCK}); wait for it to end or choose another --out") from None
+            raise UnicodebookError(
+                f"{run} is in use by another training process (pid {f.read().strip() or '?'}, "
+                f"{run / LOCK}); wait for it to end or choose another --out"
+            ) from None
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -182,11 +202,18 @@ def list_checkpoints(run: Path) -> list[Path]:
     root = Path(run) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "state.json").exists())
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "state.json").exists()
+    )
 
 
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer | None],
-                    kind: str = "tokenizer", rank: int = 0) -> dict:
+def load_checkpoint(
+    path: Path,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer | None],
+    kind: str = "tokenizer",
+    rank: int = 0,
+) -> dict:
     """Restore modules, optimizers and RNG from a checkpoint folder; refuse torn or foreign ones.
 
     Everything is read and checked before anything is loaded, so a refused checkpoint leaves
@@ -211,8 +238,10 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers:
         opt = load_file(path / "optimizers.safetensors")
         for name, digest in state.get("sha256", {}).items():  # loads, yet edited? (older: none recorded)
             if file_sha256(path / name) != digest:
-                raise UnicodebookError(f"checkpoint {path}: {name} was changed after it was saved (its sha256 is not "
-                                       "the one state.json recorded); restore it or remove this checkpoint")
+                raise UnicodebookError(
+                    f"checkpoint {path}: {name} was changed after it was saved (its sha256 is not "
+                    "the one state.json recorded); restore it or remove this checkpoint"
+                )
     except (OSError, json.JSONDecodeError, SafetensorError) as e:
         raise UnicodebookError(f"checkpoint {path} is torn or unreadable ({str(e).splitlines()[0]})") from None
     for name, module in modules.items():
@@ -224,7 +253,7 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers:
     state["optimizer_states"] = {}
     for name, optimizer in optimizers.items():
         prefix = f"{name}/"
-        tensors = {k[len(prefix):]: v for k, v in opt.items() if k.startswith(prefix)}
+        tensors = {k[len(prefix) :]: v for k, v in opt.items() if k.startswith(prefix)}
         sd = _unflatten_optimizer(tensors, state["optimizers"][name])
         if optimizer is None:
             state["optimizer_states"][name] = sd

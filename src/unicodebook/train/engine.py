@@ -66,8 +66,9 @@ class Engine:
             # silently falls back to DDP or one process: say so rather than leave it unnoticed
             kind = self.acc.distributed_type.name
             kind = {"NO": "one process", "MULTI_CPU": f"DDP over {self.world} CPU processes"}.get(kind, kind)
-            log.warning("the accelerate config asks for %s, which Accelerate runs on GPUs only; this run uses %s",
-                        asked, kind)
+            log.warning(
+                "the accelerate config asks for %s, which Accelerate runs on GPUs only; this run uses %s", asked, kind
+            )
 
     # ---------------------------------------------------------------- data
     def local_batch_size(self, global_batch: int) -> int:
@@ -78,7 +79,7 @@ class Engine:
     def shard(self, items: list) -> list:
         """This rank's contiguous slice of a global batch (rank 0 first)."""
         n = self.local_batch_size(len(items))
-        return items[self.rank * n:(self.rank + 1) * n]
+        return items[self.rank * n : (self.rank + 1) * n]
 
     # ---------------------------------------------------------------- precision
     def autocast(self, precision: str):
@@ -94,8 +95,11 @@ class Engine:
         if precision == "bf16" and not self.native_bf16 and not self._warned_bf16:
             self._warned_bf16 = True
             if self.is_main:
-                log.warning("precision bf16 on a %s without native bf16 kernels: expect it to be several times "
-                            "slower than fp32 (precision=auto picks fp32 here)", self.device.type.upper())
+                log.warning(
+                    "precision bf16 on a %s without native bf16 kernels: expect it to be several times "
+                    "slower than fp32 (precision=auto picks fp32 here)",
+                    self.device.type.upper(),
+                )
         return precision == "bf16"
 
     # ---------------------------------------------------------------- model
@@ -112,8 +116,13 @@ class Engine:
         """Clip gradients (``max_norm`` > 0) and say why this step must be skipped, if it must:
         a non-finite loss on any rank or a non-finite gradient norm. Every rank agrees."""
         norm = self.acc.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0,
-                            0.0 if torch.isfinite(torch.as_tensor(norm)).all() else 1.0], device=self.device)
+        bad = torch.tensor(
+            [
+                0.0 if torch.isfinite(loss.detach()).all() else 1.0,
+                0.0 if torch.isfinite(torch.as_tensor(norm)).all() else 1.0,
+            ],
+            device=self.device,
+        )
         if self.world > 1:
             dist.all_reduce(bad)
         if bad[0] > 0:
@@ -140,7 +149,9 @@ class Engine:
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         return by_index(full) if full.get("param_groups") else {}
 
     def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict, names: list[str]) -> None:
@@ -151,7 +162,9 @@ class Engine:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, by_name(state, names), options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            model, optimizer, by_name(state, names), options=StateDictOptions(full_state_dict=True)
+        )
 
     # ---------------------------------------------------------------- sync
     def barrier(self) -> None:
@@ -189,14 +202,18 @@ def by_index(state: dict) -> dict:
     """An optimizer state keyed by parameter name (torch.distributed.checkpoint's layout) →
     keyed by position in the optimizer's parameter order (``Optimizer.state_dict()``'s)."""
     ids = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
-    return {"state": {ids[name]: st for name, st in state["state"].items()},
-            "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in state["param_groups"]]}
+    return {
+        "state": {ids[name]: st for name, st in state["state"].items()},
+        "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def by_name(state: dict, names: list[str]) -> dict:
     """The inverse of :func:`by_index`; ``names[i]`` is the name of parameter ``i``."""
-    return {"state": {names[i]: st for i, st in state["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    return {
+        "state": {names[i]: st for i, st in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 class NonFiniteGuard:
@@ -219,8 +236,10 @@ class NonFiniteGuard:
 
             ckpts = list_checkpoints(self.run)
             last = str(ckpts[-1]) if ckpts else "(none yet)"
-            raise NonFiniteError(f"{self.stage} stopped at step {step}: {self.in_row} steps in a row had a {why}; "
-                                 f"the last good checkpoint is {last} (lower the learning rate and --resume)")
+            raise NonFiniteError(
+                f"{self.stage} stopped at step {step}: {self.in_row} steps in a row had a {why}; "
+                f"the last good checkpoint is {last} (lower the learning rate and --resume)"
+            )
 
 
 class StopOnSigterm:
@@ -247,12 +266,23 @@ class StopOnSigterm:
         return self.engine.sum(float(self.asked)) > 0
 
     def stop(self, stage: str, step: int, steps: int, run) -> TrainingStopped:
-        return TrainingStopped(f"{stage} stopped by SIGTERM at step {step} of {steps}: checkpoint "
-                               f"{run}/checkpoints/step_{step:07d} written; continue with --resume")
+        return TrainingStopped(
+            f"{stage} stopped by SIGTERM at step {step} of {steps}: checkpoint "
+            f"{run}/checkpoints/step_{step:07d} written; continue with --resume"
+        )
 
 
-def save_training_checkpoint(engine: Engine, run, step: int, modules: dict, optimizers: dict, extra: dict,
-                             keep: int, kind: str, model: torch.nn.Module | None = None):
+def save_training_checkpoint(
+    engine: Engine,
+    run,
+    step: int,
+    modules: dict,
+    optimizers: dict,
+    extra: dict,
+    keep: int,
+    kind: str,
+    model: torch.nn.Module | None = None,
+):
     """Collective: every rank contributes its RNG state (and, under FSDP, its shards); the
     main process writes the checkpoint (atomically); all ranks wait for it. A write the main
     process fails (no space left, say) stops every rank with one error line, none waiting on a
@@ -270,7 +300,9 @@ def save_training_checkpoint(engine: Engine, run, step: int, modules: dict, opti
         except UnicodebookError as e:
             failed = e
     if engine.sum(float(failed is not None)) > 0:  # every rank learns whether the write failed
-        raise failed or UnicodebookError(f"the main process could not write checkpoint step {step} of {run} "
-                                         f"(its error line says why); this rank stops with it")
+        raise failed or UnicodebookError(
+            f"the main process could not write checkpoint step {step} of {run} "
+            f"(its error line says why); this rank stops with it"
+        )
     engine.barrier()
     return path

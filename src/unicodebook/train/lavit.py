@@ -56,8 +56,17 @@ def _noise(cfg: Config, step: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.train_tokenizer.seed * 1_000_003 + salt * 7_919 + step)
 
 
-def _phase_loss(name: str, cfg: Config, tok: LavitTokenizer, tower: TextTower, scales: Scales, text_tok,
-                images: torch.Tensor, captions: list[str], step: int) -> tuple[torch.Tensor, dict]:
+def _phase_loss(
+    name: str,
+    cfg: Config,
+    tok: LavitTokenizer,
+    tower: TextTower,
+    scales: Scales,
+    text_tok,
+    images: torch.Tensor,
+    captions: list[str],
+    step: int,
+) -> tuple[torch.Tensor, dict]:
     lc = cfg.loss
     if name == "tokenizer":
         out = tok(images, step, _noise(cfg, step, 1))
@@ -68,11 +77,15 @@ def _phase_loss(name: str, cfg: Config, tok: LavitTokenizer, tower: TextTower, s
         else:
             ratio = ((kept - tok.keep_ratio) ** 2).mean()
         real = out.codes != PAD_CODE
-        parts = {"feature_recon": float(rec.detach()), "vq": float(out.vq_loss.detach()), "ratio": float(ratio.detach()),
-                 "keep_fraction": float(kept.detach().mean()),
-                 "keep_fraction_inference": float(keep_decisions(out.log_probs.detach(), 1, tok.inference_rule).mean()),
-                 "tokens_per_image": float(real.sum(1).float().mean()),
-                 "batch_usage": out.codes[real].unique().numel() / tok.num_codes}
+        parts = {
+            "feature_recon": float(rec.detach()),
+            "vq": float(out.vq_loss.detach()),
+            "ratio": float(ratio.detach()),
+            "keep_fraction": float(kept.detach().mean()),
+            "keep_fraction_inference": float(keep_decisions(out.log_probs.detach(), 1, tok.inference_rule).mean()),
+            "tokens_per_image": float(real.sum(1).float().mean()),
+            "batch_usage": out.codes[real].unique().numel() / tok.num_codes,
+        }
         return lc.feature_recon * rec + lc.vq * out.vq_loss + lc.ratio * ratio, parts
     with torch.no_grad():  # the codes as encode gives them (sampled from a (seed, step) generator, if asked)
         recon = tok.reconstruct_features(tok.encode(images, generator=_noise(cfg, step, 2)))
@@ -81,8 +94,11 @@ def _phase_loss(name: str, cfg: Config, tok: LavitTokenizer, tower: TextTower, s
         return d, {"diffusion": float(d.detach())}
     pixels = tok.pixel_decoder(recon)
     a, b = F.l1_loss(pixels, images), F.mse_loss(pixels, images)
-    return lc.l1 * a + lc.l2 * b, {"l1": float(a.detach()), "l2": float(b.detach()),
-                                   "psnr": float(psnr(pixels.detach().clamp(0, 1), images).mean())}
+    return lc.l1 * a + lc.l2 * b, {
+        "l1": float(a.detach()),
+        "l2": float(b.detach()),
+        "psnr": float(psnr(pixels.detach().clamp(0, 1), images).mean()),
+    }
 
 
 def _after_step(name: str, cfg: Config, tok: LavitTokenizer, images: torch.Tensor, step: int) -> int:
@@ -99,11 +115,26 @@ def _after_step(name: str, cfg: Config, tok: LavitTokenizer, images: torch.Tenso
     return tok.quantize.restart_dead(z, step, every, _noise(cfg, step, 4))
 
 
-LAVIT = PhasedFamily(title="LaVIT", phases=PHASES, temperatures=("vit",), build=build_tokenizer, save=save_tokenizer,
-                     vit=lambda tok: tok.encoder, trainable=_trainable, loss=_phase_loss, after_step=_after_step)
+LAVIT = PhasedFamily(
+    title="LaVIT",
+    phases=PHASES,
+    temperatures=("vit",),
+    build=build_tokenizer,
+    save=save_tokenizer,
+    vit=lambda tok: tok.encoder,
+    trainable=_trainable,
+    loss=_phase_loss,
+    after_step=_after_step,
+)
 
 
-def train_lavit_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
-                          progress: bool = True, val_split: str | None = "val") -> Stage1Result:
+def train_lavit_tokenizer(
+    cfg: Config,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    val_split: str | None = "val",
+) -> Stage1Result:
     """Run the three (or two) LaVIT phases of ``cfg.train_tokenizer.phases`` on ``data``."""
     return train_in_phases(LAVIT, cfg, data, out, resume=resume, progress=progress, val_split=val_split)

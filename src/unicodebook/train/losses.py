@@ -26,7 +26,6 @@ __all__ = [
     "hinge_d_loss",
     "hinge_g_loss",
     "adaptive_gan_weight",
-    "gan_warmup_weight",
 ]
 
 # --------------------------------------------------------------------------- VGG16 trunk
@@ -351,16 +350,3 @@ def adaptive_gan_weight(
     g_grad = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
     weight = nll_grad.norm() / (g_grad.norm() + eps)
     return weight.clamp(0.0, max).detach()
-
-
-def gan_warmup_weight(step: int, start: int, weight: float = 1.0, ramp: int = 0) -> float:
-    """GAN-term weight: 0 before ``start`` (taming's ``adopt_weight``), then ``weight``.
-
-    With ``ramp > 0`` the weight rises linearly from 0 to ``weight`` over ``ramp`` steps
-    starting at ``start``.
-    """
-    if step < start:
-        return 0.0
-    if ramp > 0:
-        return weight * min(1.0, (step - start + 1) / ramp)
-    return weight

@@ -73,8 +73,10 @@ def phase_plan(family: PhasedFamily, cfg: Config) -> list[tuple[int, str, object
     names = tuple(p.name for p in tc.phases)
     if names != want:
         why = "model.vit_path is set, so no vit phase" if mc.vit_path else "the ViT is trained here first"
-        raise UnicodebookError(f"a {family.title} run declares train_tokenizer.phases named {', '.join(want)} in that "
-                               f"order ({why}); got {', '.join(names) or 'none'}")
+        raise UnicodebookError(
+            f"a {family.title} run declares train_tokenizer.phases named {', '.join(want)} in that "
+            f"order ({why}); got {', '.join(names) or 'none'}"
+        )
     out, at = [], 0
     for p in tc.phases:
         over = {k: getattr(p, k) for k in ("lr", "warmup_steps", "min_lr_ratio") if getattr(p, k) is not None}
@@ -111,7 +113,9 @@ class Pairs:
         n = len(self.captions)
         per_epoch = max(1, n // size)
         epoch, k = divmod(step, per_epoch)
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[k * size:(k + 1) * size]
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[
+            k * size : (k + 1) * size
+        ]
         return self.images[idx], [self.captions[i] for i in idx.tolist()]
 
 
@@ -135,8 +139,9 @@ def contrastive_figures(acc: torch.Tensor, scale: nn.Parameter) -> dict:
     return {"contrastive_acc": float(acc.detach()), "temperature": float(1 / scale.detach().exp())}
 
 
-def vit_loss(vit: nn.Module, tower: TextTower, scale: nn.Parameter, text_tok, images: torch.Tensor,
-             captions: list[str]) -> tuple[torch.Tensor, dict]:
+def vit_loss(
+    vit: nn.Module, tower: TextTower, scale: nn.Parameter, text_tok, images: torch.Tensor, captions: list[str]
+) -> tuple[torch.Tensor, dict]:
     """Stage 0: the ViT's image embedding against its caption's (CLIP's loss) → (loss, figures)."""
     ids, mask = caption_batch(text_tok, captions, tower, images.device)
     loss, acc = contrastive_loss(vit.embedding(images), tower(ids, mask), scale)
@@ -149,15 +154,32 @@ def _trainable(family: PhasedFamily, name: str, tok, tower: TextTower, scales: S
     return family.trainable(name, tok, tower, scales)
 
 
-def _phase_loss(family: PhasedFamily, name: str, cfg: Config, tok, tower: TextTower, scales: Scales, text_tok,
-                images: torch.Tensor, captions: list[str], step: int) -> tuple[torch.Tensor, dict]:
+def _phase_loss(
+    family: PhasedFamily,
+    name: str,
+    cfg: Config,
+    tok,
+    tower: TextTower,
+    scales: Scales,
+    text_tok,
+    images: torch.Tensor,
+    captions: list[str],
+    step: int,
+) -> tuple[torch.Tensor, dict]:
     if name == "vit":
         return vit_loss(family.vit(tok), tower, scales.vit, text_tok, images, captions)
     return family.loss(name, cfg, tok, tower, scales, text_tok, images, captions, step)
 
 
-def train_in_phases(family: PhasedFamily, cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
-                    progress: bool = True, val_split: str | None = "val") -> Stage1Result:
+def train_in_phases(
+    family: PhasedFamily,
+    cfg: Config,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    val_split: str | None = "val",
+) -> Stage1Result:
     """Run the phases of ``cfg.train_tokenizer.phases`` of ``family`` on ``data``."""
     tc, mc = cfg.train_tokenizer, cfg.model
     run = Path(out)
@@ -165,12 +187,15 @@ def train_in_phases(family: PhasedFamily, cfg: Config, data: str | Path, out: st
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if tc.augment != "none":
-        raise UnicodebookError(f"train_tokenizer.augment={tc.augment} flips images their captions describe; the "
-                               f"{family.title} recipe trains on captions, so it takes augment=none")
+        raise UnicodebookError(
+            f"train_tokenizer.augment={tc.augment} flips images their captions describe; the "
+            f"{family.title} recipe trains on captions, so it takes augment=none"
+        )
     engine = Engine()
     if engine.world > 1:
-        raise UnicodebookError(f"the {family.title} recipe runs in one process (its phases are small); launch it "
-                               f"without torchrun")
+        raise UnicodebookError(
+            f"the {family.title} recipe runs in one process (its phases are small); launch it without torchrun"
+        )
     ckpts = check_resume(run, cfg, resume)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
@@ -208,8 +233,16 @@ def train_in_phases(family: PhasedFamily, cfg: Config, data: str | Path, out: st
     fixed = pairs.images[:8]
 
     def checkpoint(at: int) -> None:
-        save_training_checkpoint(engine, run, at, {k: m.state_dict() for k, m in modules.items()}, {"model": opt},
-                                 {"bad_images": pairs.bad}, tc.keep_last, "tokenizer")
+        save_training_checkpoint(
+            engine,
+            run,
+            at,
+            {k: m.state_dict() for k, m in modules.items()},
+            {"model": opt},
+            {"bad_images": pairs.bad},
+            tc.keep_last,
+            "tokenizer",
+        )
         family.save(tok, run)
         atomic_save_tensors(tower.state_dict(), run / "text_tower.safetensors")
         if any(name == "vit" for _, name, _ in plan) and at >= plan[0][2].steps:  # stage 0 done: a ViT folder
@@ -251,8 +284,16 @@ def train_in_phases(family: PhasedFamily, cfg: Config, data: str | Path, out: st
             bar.update(1)
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps or done == first + pc.steps:
-                last = {"step": done, "phase": name, f"loss_{name}": float(loss.detach()), **parts, "lr": lr,
-                        "restarted_codes": restarted, "bad_images": pairs.bad, "elapsed_s": round(time.time() - t0, 2)}
+                last = {
+                    "step": done,
+                    "phase": name,
+                    f"loss_{name}": float(loss.detach()),
+                    **parts,
+                    "lr": lr,
+                    "restarted_codes": restarted,
+                    "bad_images": pairs.bad,
+                    "elapsed_s": round(time.time() - t0, 2),
+                }
                 log.write(last, scalars=True)
                 bar.set_postfix(phase=name, loss=f"{float(loss.detach()):.4f}")
             if tc.grid_every and name == "decoder" and (done % tc.grid_every == 0 or done == tc.steps):
@@ -276,8 +317,7 @@ def train_in_phases(family: PhasedFamily, cfg: Config, data: str | Path, out: st
         val = evaluate_tokenizer(tok, root, split=val_split, progress=progress, usage_plot=run / "codebook_usage.png")
         log.write({"step": tc.steps, "split": val_split, **val})
     log.close()
-    plot_curves(run / "metrics.jsonl", run / "curves.png",
-                keys=tuple(f"loss_{n}" for _, n, _ in plan))
+    plot_curves(run / "metrics.jsonl", run / "curves.png", keys=tuple(f"loss_{n}" for _, n, _ in plan))
     return Stage1Result(run, tc.steps, last, val, time.time() - t0)
 
 

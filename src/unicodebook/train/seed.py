@@ -37,17 +37,38 @@ PHASES = ("vit", "qformer", "vq", "decoder")
 def _trainable(name: str, tok: SeedTokenizer, tower: TextTower, scales: Scales) -> list[nn.Parameter]:
     """The parameters a phase after ``vit`` trains (the others get no gradient in it)."""
     if name == "qformer":
-        return [tok.query_tokens, *tok.ln_vision.parameters(), *tok.Qformer.parameters(), *tok.vision_proj.parameters(),
-                scales.qformer]
+        return [
+            tok.query_tokens,
+            *tok.ln_vision.parameters(),
+            *tok.Qformer.parameters(),
+            *tok.vision_proj.parameters(),
+            scales.qformer,
+        ]
     if name == "vq":
-        mods = (tok.encode_task_layer, tok.quantize, tok.decode_task_layer, tok.blocks, tok.blocks_image,
-                tok.Reverse_Qformer, tok.distill_image_proj)
+        mods = (
+            tok.encode_task_layer,
+            tok.quantize,
+            tok.decode_task_layer,
+            tok.blocks,
+            tok.blocks_image,
+            tok.Reverse_Qformer,
+            tok.distill_image_proj,
+        )
         return [p for m in mods for p in m.parameters()] + [tok.pos_embed, tok.pos_embed_image, tok.reverse_tokens]
     return list(tok.pixel_decoder.parameters())
 
 
-def _phase_loss(name: str, cfg: Config, tok: SeedTokenizer, tower: TextTower, scales: Scales, text_tok,
-                images: torch.Tensor, captions: list[str], step: int) -> tuple[torch.Tensor, dict]:
+def _phase_loss(
+    name: str,
+    cfg: Config,
+    tok: SeedTokenizer,
+    tower: TextTower,
+    scales: Scales,
+    text_tok,
+    images: torch.Tensor,
+    captions: list[str],
+    step: int,
+) -> tuple[torch.Tensor, dict]:
     lc = cfg.loss
     if name == "qformer":
         ids, mask = caption_batch(text_tok, captions, tower, images.device)
@@ -62,8 +83,12 @@ def _phase_loss(name: str, cfg: Config, tok: SeedTokenizer, tower: TextTower, sc
         zq, codes, vq = tok.quantize(tok.encode_task_layer(causal), step)
         recon, gen = tok.detokenize(zq)
         rec, g = feature_loss(recon, causal), F.mse_loss(gen.float(), target.float())
-        parts = {"vq": float(vq.detach()), "feature_recon": float(rec.detach()), "generation": float(g.detach()),
-                 "batch_usage": codes.unique().numel() / tok.num_codes}
+        parts = {
+            "vq": float(vq.detach()),
+            "feature_recon": float(rec.detach()),
+            "generation": float(g.detach()),
+            "batch_usage": codes.unique().numel() / tok.num_codes,
+        }
         return lc.vq * vq + lc.feature_recon * rec + lc.generation * g, parts
     with torch.no_grad():
         recon, gen = tok.detokenize(tok.quantize.embedding(tok.encode(images)))
@@ -73,7 +98,11 @@ def _phase_loss(name: str, cfg: Config, tok: SeedTokenizer, tower: TextTower, sc
         return d, {"diffusion": float(d.detach())}
     out = tok.pixel_decoder(recon)
     a, b = F.l1_loss(out, images), F.mse_loss(out, images)
-    return lc.l1 * a + lc.l2 * b, {"l1": float(a.detach()), "l2": float(b.detach()), "psnr": float(psnr(out.detach().clamp(0, 1), images).mean())}
+    return lc.l1 * a + lc.l2 * b, {
+        "l1": float(a.detach()),
+        "l2": float(b.detach()),
+        "psnr": float(psnr(out.detach().clamp(0, 1), images).mean()),
+    }
 
 
 def _after_step(name: str, cfg: Config, tok: SeedTokenizer, images: torch.Tensor, step: int) -> int:
@@ -90,19 +119,38 @@ def _after_step(name: str, cfg: Config, tok: SeedTokenizer, images: torch.Tensor
 def _check(cfg: Config, tok: SeedTokenizer) -> None:
     mc, e = cfg.model, tok.visual_encoder.embed_dim
     if mc.generation_dim not in (0, e):
-        raise UnicodebookError(f"model.generation_dim {mc.generation_dim}: the generation branch regresses the ViT's "
-                               f"{e}-d image embedding here (0 takes its size)")
+        raise UnicodebookError(
+            f"model.generation_dim {mc.generation_dim}: the generation branch regresses the ViT's "
+            f"{e}-d image embedding here (0 takes its size)"
+        )
     if mc.contrastive_dim not in (0, e):
-        raise UnicodebookError(f"model.contrastive_dim {mc.contrastive_dim}: the Q-Former is aligned with the caption "
-                               f"encoder of stage 0, whose space is the ViT's {e}-d (0 takes it)")
+        raise UnicodebookError(
+            f"model.contrastive_dim {mc.contrastive_dim}: the Q-Former is aligned with the caption "
+            f"encoder of stage 0, whose space is the ViT's {e}-d (0 takes it)"
+        )
 
 
-SEED = PhasedFamily(title="SEED", phases=PHASES, temperatures=("vit", "qformer"), build=build_tokenizer,
-                    save=save_tokenizer, vit=lambda tok: tok.visual_encoder, trainable=_trainable, loss=_phase_loss,
-                    after_step=_after_step, check=_check)
+SEED = PhasedFamily(
+    title="SEED",
+    phases=PHASES,
+    temperatures=("vit", "qformer"),
+    build=build_tokenizer,
+    save=save_tokenizer,
+    vit=lambda tok: tok.visual_encoder,
+    trainable=_trainable,
+    loss=_phase_loss,
+    after_step=_after_step,
+    check=_check,
+)
 
 
-def train_seed_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
-                         progress: bool = True, val_split: str | None = "val") -> Stage1Result:
+def train_seed_tokenizer(
+    cfg: Config,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    val_split: str | None = "val",
+) -> Stage1Result:
     """Run the four (or three) SEED phases of ``cfg.train_tokenizer.phases`` on ``data``."""
     return train_in_phases(SEED, cfg, data, out, resume=resume, progress=progress, val_split=val_split)

@@ -51,8 +51,14 @@ class Stage1Result:
     main: bool = True  # the main process of the run (the one that reports)
 
 
-def train_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
-                    progress: bool = True, val_split: str | None = "val") -> Stage1Result:
+def train_tokenizer(
+    cfg: Config,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    val_split: str | None = "val",
+) -> Stage1Result:
     """Stage I of the family ``cfg.model.family`` names: each family's tokenizer has its own recipe;
     the run folder is locked while it trains (:func:`~unicodebook.train.checkpoint.run_lock`)."""
     with run_lock(Path(out)):
@@ -71,8 +77,14 @@ def _train_family(cfg: Config, data, out, resume: bool, progress: bool, val_spli
     return train_unicode_tokenizer(cfg, data, out, resume=resume, progress=progress, val_split=val_split)
 
 
-def train_unicode_tokenizer(cfg: Config, data: str | Path, out: str | Path, resume: bool = False,
-                            progress: bool = True, val_split: str | None = "val") -> Stage1Result:
+def train_unicode_tokenizer(
+    cfg: Config,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    val_split: str | None = "val",
+) -> Stage1Result:
     """Run UniCode's stage I (``Stage1Recipe``). ``data``: a shapes-world root (uses
     ``train``/``val``), an image folder, or WebDataset tar shards (a folder of ``*.tar``, one
     ``.tar`` or a ``{000..011}`` pattern)."""
@@ -90,20 +102,31 @@ class Stage1Recipe:
     run folder.
     """
 
-    def __init__(self, cfg: Config, data: str | Path, out: str | Path, resume: bool = False, progress: bool = True,
-                 val_split: str | None = "val"):
+    def __init__(
+        self,
+        cfg: Config,
+        data: str | Path,
+        out: str | Path,
+        resume: bool = False,
+        progress: bool = True,
+        val_split: str | None = "val",
+    ):
         self.cfg, self.tc = cfg, cfg.train_tokenizer
         tc = self.tc
         self.run_dir, self.progress, self.val_split = Path(out), progress, val_split
         if cfg.model.family != "unicode" or tc.phases:
-            raise UnicodebookError(f"this recipe trains a UniCode tokenizer in one phase, not a {cfg.model.family} one"
-                                   + (" with train_tokenizer.phases" if tc.phases else ""))
+            raise UnicodebookError(
+                f"this recipe trains a UniCode tokenizer in one phase, not a {cfg.model.family} one"
+                + (" with train_tokenizer.phases" if tc.phases else "")
+            )
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.engine = engine = Engine()
         if engine.shards_parameters:
-            raise UnicodebookError("stage I runs on DDP, not FSDP: the autoencoder is small and the quantizer keeps "
-                                   "whole codebook statistics on every rank (launch it with configs/accelerate/ddp_8gpu.yaml)")
+            raise UnicodebookError(
+                "stage I runs on DDP, not FSDP: the autoencoder is small and the quantizer keeps "
+                "whole codebook statistics on every rank (launch it with configs/accelerate/ddp_8gpu.yaml)"
+            )
         self.main = engine.is_main
         if cfg.loss.gan > 0 and engine.world > 1:
             raise UnicodebookError("loss.gan > 0 (the adaptive GAN weight) runs in one process only")
@@ -156,8 +179,17 @@ class Stage1Recipe:
         """An atomic checkpoint of step ``at``; the run folder is then a tokenizer folder of it."""
         engine, aux = self.engine, self.aux
         states = {"model": engine.state_dict(self.model), **{k: m.state_dict() for k, m in aux.modules().items()}}
-        save_training_checkpoint(engine, self.run_dir, at, states, self.optimizers, {"bad_images": self.bad_total()},
-                                 self.tc.keep_last, "tokenizer", self.model)
+        save_training_checkpoint(
+            engine,
+            self.run_dir,
+            at,
+            states,
+            self.optimizers,
+            {"bad_images": self.bad_total()},
+            self.tc.keep_last,
+            "tokenizer",
+            self.model,
+        )
         if self.main:
             with write_errors(self.run_dir, f"the tokenizer in {self.run_dir}"):
                 save_tokenizer(self.tok, self.run_dir)
@@ -167,8 +199,9 @@ class Stage1Recipe:
         what the step's log row is made of."""
         tc, engine, tok, opt, aux = self.tc, self.engine, self.tok, self.opt, self.aux
         n = images.shape[0]  # this rank's slice of the global batch
-        images = augment_batch(images.to(engine.device), tc.augment, tc.seed, step,
-                               first=engine.rank * n, total=engine.world * n)
+        images = augment_batch(
+            images.to(engine.device), tc.augment, tc.seed, step, first=engine.rank * n, total=engine.world * n
+        )
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -206,14 +239,21 @@ class Stage1Recipe:
         self.usage.reset()
         mean = engine.mean_over_ranks
         row = {
-            "step": step, "loss": mean(s["loss"]), "quant_loss": mean(out.commit_loss),
+            "step": step,
+            "loss": mean(s["loss"]),
+            "quant_loss": mean(out.commit_loss),
             **({"usage_entropy": mean(out.usage_loss)} if out.usage_loss is not None else {}),
             **{k: mean(v) for k, v in s["parts"].items()},
             "psnr": mean(psnr(s["recon"].detach().clamp(0, 1), s["images"]).mean()),
-            "usage": round(sum(st["usage"]) / len(st["usage"]), 4), "usage_per_layer": st["usage"],
-            "perplexity": st["perplexity"], "lr": s["lr"], "bad_images": self.bad_total(),
-            "skipped_steps": self.guard.total, "restarted_codes": self.restarted,
-            "codebook_cosine_llm": tok.codebook.alignment()["cosine"], "elapsed_s": round(time.time() - t0, 2),
+            "usage": round(sum(st["usage"]) / len(st["usage"]), 4),
+            "usage_per_layer": st["usage"],
+            "perplexity": st["perplexity"],
+            "lr": s["lr"],
+            "bad_images": self.bad_total(),
+            "skipped_steps": self.guard.total,
+            "restarted_codes": self.restarted,
+            "codebook_cosine_llm": tok.codebook.alignment()["cosine"],
+            "elapsed_s": round(time.time() - t0, 2),
         }
         if engine.world > 1 and step == self.tc.steps:  # the invariant of a distributed run, checked
             row["codebook_rank_max_diff"] = engine.max_diff_from_main(tok.codebook.embed, tok.codebook.ema_count)
@@ -223,8 +263,9 @@ class Stage1Recipe:
     def run(self) -> Stage1Result:
         tc, main = self.tc, self.main
         t0, last = time.time(), {}
-        bar = tqdm(total=tc.steps, initial=self.start, desc="stage I", disable=not (self.progress and main),
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=tc.steps, initial=self.start, desc="stage I", disable=not (self.progress and main), dynamic_ncols=True
+        )
         step = self.start
         with StopOnSigterm(self.engine) as sigterm:
             for images, n_bad in self.loader:
@@ -238,10 +279,13 @@ class Stage1Recipe:
                 bar.update(1)
                 if step % tc.log_every == 0 or step == tc.steps:
                     last = self._log(step, s, t0)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{last['usage']:.0%}")
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{last['usage']:.0%}"
+                    )
                 if main and tc.grid_every and (step % tc.grid_every == 0 or step == tc.steps):
-                    _write_grid(self.tok, self.fixed, self.run_dir / "samples" / f"recon_{step:07d}.png",
-                                self.log.writer, step)
+                    _write_grid(
+                        self.tok, self.fixed, self.run_dir / "samples" / f"recon_{step:07d}.png", self.log.writer, step
+                    )
                 if step < tc.steps and sigterm.requested():
                     bar.close()
                     self.checkpoint(step)
@@ -266,8 +310,9 @@ class Stage1Recipe:
             if root is not None and split and (root / split).is_dir():
                 from ..eval.tokenizer import evaluate_tokenizer
 
-                val = evaluate_tokenizer(tok, root, split=split, progress=self.progress,
-                                         usage_plot=run / "codebook_usage.png")
+                val = evaluate_tokenizer(
+                    tok, root, split=split, progress=self.progress, usage_plot=run / "codebook_usage.png"
+                )
                 log.write({"step": step, "split": split, **val})
                 for k in ("psnr", "ssim", "usage_mean"):
                     log.writer.add_scalar(f"{split}/{k}", val[k], step)
@@ -292,7 +337,9 @@ class AuxLosses:
         self.lpips = None
         if lc.perceptual > 0:
             if not lc.perceptual_vgg or not lc.perceptual_lin:
-                raise UnicodebookError("loss.perceptual > 0 needs loss.perceptual_vgg and loss.perceptual_lin (local weight files)")
+                raise UnicodebookError(
+                    "loss.perceptual > 0 needs loss.perceptual_vgg and loss.perceptual_lin (local weight files)"
+                )
             try:
                 self.lpips = LPIPS.from_pretrained(lc.perceptual_vgg, lc.perceptual_lin).to(device)
             except ValueError as e:
@@ -308,7 +355,9 @@ class AuxLosses:
     def optimizers(self) -> dict:
         return {"discriminator": self.disc_opt} if self.disc_opt is not None else {}
 
-    def generator_terms(self, rec: torch.Tensor, recon: torch.Tensor, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+    def generator_terms(
+        self, rec: torch.Tensor, recon: torch.Tensor, images: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict]:
         from .losses import adaptive_gan_weight, hinge_g_loss
 
         parts = {}
@@ -348,9 +397,11 @@ def check_enough_vectors(source, tok: UniCodeTokenizer) -> None:
     vectors = n_images * tok.num_latents
     rows = tok.codebook.num_codes // tok.codebook.groups
     if vectors < rows:
-        raise UnicodebookError(f"{n_images} training images give {vectors} latent vectors ({tok.num_latents} each), "
-                               f"fewer than the {rows} codebook rows a code layer has: add images or lower "
-                               f"model.codebook.num_rows")
+        raise UnicodebookError(
+            f"{n_images} training images give {vectors} latent vectors ({tok.num_latents} each), "
+            f"fewer than the {rows} codebook rows a code layer has: add images or lower "
+            f"model.codebook.num_rows"
+        )
 
 
 def _write_grid(tok: UniCodeTokenizer, images: torch.Tensor, path: Path, writer, step: int) -> None:
@@ -365,8 +416,14 @@ def _write_grid(tok: UniCodeTokenizer, images: torch.Tensor, path: Path, writer,
     writer.add_image("reconstructions", np.asarray(grid), step, dataformats="HWC")
 
 
-def train_tokenizer_from_files(config: str | Path, overrides: list[str], data: str | Path, out: str | Path,
-                               resume: bool = False, progress: bool = True) -> Stage1Result:
+def train_tokenizer_from_files(
+    config: str | Path,
+    overrides: list[str],
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> Stage1Result:
     """CLI entry: on ``--resume`` the run's own config.yaml is the base unless one is given."""
     run = Path(out)
     if resume and config is None and (run / "config.yaml").exists():

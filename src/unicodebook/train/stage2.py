@@ -85,7 +85,9 @@ class TaskSchedule:
     the task weights are those of the step's phase."""
 
     def __init__(self, sizes: dict[str, int], phases: Phases, batch_size: int, seed: int):
-        self.names = [t for t in TASKS if sizes.get(t, 0) > 0 and any(getattr(p.tasks, t) > 0 for _, p in phases.phases)]
+        self.names = [
+            t for t in TASKS if sizes.get(t, 0) > 0 and any(getattr(p.tasks, t) > 0 for _, p in phases.phases)
+        ]
         if not self.names:
             raise UnicodebookError("no stage II task has both data and a weight > 0")
         for start, p in phases.phases:
@@ -113,7 +115,7 @@ class TaskSchedule:
         per_epoch = max(1, n // bs)
         epoch, k = divmod(c, per_epoch)
         g = torch.Generator().manual_seed(self.seed * 100_003 + 7919 * TASKS.index(task) + epoch)
-        return task, torch.randperm(n, generator=g)[k * bs:(k + 1) * bs].tolist()
+        return task, torch.randperm(n, generator=g)[k * bs : (k + 1) * bs].tolist()
 
 
 def text_corpus(turns: list[str], captions: list[str]) -> list[str]:
@@ -147,16 +149,23 @@ def load_start(folder: str | Path, tok, image_positions: bool, layout: str = "fl
     except UnicodebookError as e:
         raise UnicodebookError(f"train_lm.init_from: {e}") from None
     if start.tokenizer.family != tok.family:
-        raise UnicodebookError(f"train_lm.init_from: {folder} reads {start.tokenizer.family} codes, this run {tok.family}")
+        raise UnicodebookError(
+            f"train_lm.init_from: {folder} reads {start.tokenizer.family} codes, this run {tok.family}"
+        )
     mine, theirs = tok.state_dict(), start.tokenizer.state_dict()
-    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape or not torch.equal(mine[k].cpu(), theirs[k])
-                                           for k in mine):
+    if mine.keys() != theirs.keys() or any(
+        mine[k].shape != theirs[k].shape or not torch.equal(mine[k].cpu(), theirs[k]) for k in mine
+    ):
         raise UnicodebookError(f"train_lm.init_from: {folder} was trained on another visual tokenizer than this run's")
     if (start.image_pos is not None) != image_positions:
-        raise UnicodebookError(f"train_lm.init_from: {folder} has image_positions={start.image_pos is not None}, "
-                               f"this run {image_positions}")
+        raise UnicodebookError(
+            f"train_lm.init_from: {folder} has image_positions={start.image_pos is not None}, "
+            f"this run {image_positions}"
+        )
     if start.layout != layout:
-        raise UnicodebookError(f"train_lm.init_from: {folder} writes images in the {start.layout} layout, this run {layout}")
+        raise UnicodebookError(
+            f"train_lm.init_from: {folder} writes images in the {start.layout} layout, this run {layout}"
+        )
     return start
 
 
@@ -164,8 +173,13 @@ def wrap_lora(llm, cfg: LMTrainConfig):
     from peft import LoraConfig, get_peft_model
 
     lc = cfg.lora
-    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
-                          task_type="CAUSAL_LM")
+    peft_cfg = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=list(lc.target_modules),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(llm, peft_cfg)
 
 
@@ -180,8 +194,16 @@ class Stage2Recipe:
     writes the run folder.
     """
 
-    def __init__(self, cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
-                 progress: bool = True, asked: Sequence[str] = ()):
+    def __init__(
+        self,
+        cfg: Config,
+        tokenizer_run: str | Path,
+        data: str | Path,
+        out: str | Path,
+        resume: bool = False,
+        progress: bool = True,
+        asked: Sequence[str] = (),
+    ):
         self.lc = lc = cfg.train_lm
         self.asked = tuple(asked)
         self.run_dir, self.tokenizer_run, self.progress = Path(out), str(tokenizer_run), progress
@@ -192,12 +214,17 @@ class Stage2Recipe:
         self.phases = Phases(lc)
         self.main = self.engine.is_main
         if self.engine.shards_parameters and lc.lora.enabled:
-            raise UnicodebookError("LoRA under FSDP is not supported: launch LoRA runs with a DDP config "
-                                   "(configs/accelerate/ddp_8gpu.yaml); a LoRA model's optimizer state is small")
+            raise UnicodebookError(
+                "LoRA under FSDP is not supported: launch LoRA runs with a DDP config "
+                "(configs/accelerate/ddp_8gpu.yaml); a LoRA model's optimizer state is small"
+            )
         self.tok, llm, self.cfg = self._tokenizer_and_llm(cfg)
         ckpts = check_resume(self.run_dir, self.cfg, resume)
-        start = load_start(lc.init_from, self.tok, lc.image_positions, lc.image_layout) \
-            if lc.init_from and not resume else None
+        start = (
+            load_start(lc.init_from, self.tok, lc.image_positions, lc.image_layout)
+            if lc.init_from and not resume
+            else None
+        )
         self.streaming = is_shard_spec(data)
         texts = self._open_records(data)
         self._write_text_tokenizer(llm, texts, resume, start)
@@ -231,8 +258,10 @@ class Stage2Recipe:
         for _, p in self.phases.phases:
             for t in TASKS:
                 if getattr(p.tasks, t) > 0 and t not in tok.tasks:
-                    raise UnicodebookError(f"the {tok.family} tokenizer offers no '{t}' task (it offers "
-                                           f"{', '.join(tok.tasks)}): set train_lm.tasks.{t}=0")
+                    raise UnicodebookError(
+                        f"the {tok.family} tokenizer offers no '{t}' task (it offers "
+                        f"{', '.join(tok.tasks)}): set train_lm.tasks.{t}=0"
+                    )
         llm = tok.bound_llm()
         if tok.config is not None:
             _check_bound(cfg, tok.config, self.tokenizer_run, self.asked)
@@ -246,13 +275,15 @@ class Stage2Recipe:
         texts a word-level text tokenizer is trained on."""
         cfg = self.cfg
         if self.streaming:
-            self.stream = ShardRecords(data, self.tok.image_size, cfg.data.odd_size, self.engine, self.lc.seed,
-                                       cfg.data.num_workers)
+            self.stream = ShardRecords(
+                data, self.tok.image_size, cfg.data.odd_size, self.engine, self.lc.seed, cfg.data.num_workers
+            )
             return lambda: text_corpus(*self.stream.texts())
         self.folder = split_folder(data, "train")
         self.records = records = read_records(self.folder, data=cfg.data)
-        return lambda: text_corpus([t["value"] for c in records.conversations for t in c.turns],
-                                   [c.caption for c in records.captions])
+        return lambda: text_corpus(
+            [t["value"] for c in records.conversations for t in c.turns], [c.caption for c in records.captions]
+        )
 
     def _write_text_tokenizer(self, llm, texts, resume: bool, start) -> None:
         """The run folder and its config; the main process builds and saves the text tokenizer,
@@ -277,22 +308,32 @@ class Stage2Recipe:
             try:
                 llm.load_state_dict(start.llm.state_dict())
             except RuntimeError as e:
-                raise UnicodebookError(f"train_lm.init_from: the LLM in {lc.init_from} does not fit this run's "
-                                       f"({str(e).splitlines()[0]})") from None
+                raise UnicodebookError(
+                    f"train_lm.init_from: the LLM in {lc.init_from} does not fit this run's ({str(e).splitlines()[0]})"
+                ) from None
         if lc.gradient_checkpointing:
             enable_checkpointing(llm)
         if lc.lora.enabled:
             llm = wrap_lora(llm, lc)
-        umodel = UniCodeLM(llm, self.tok, self.text_tok, image_positions=lc.image_positions, layout=lc.image_layout,
-                           image_attention=lc.image_attention, depth_head=dataclasses.asdict(lc.depth_head))
+        umodel = UniCodeLM(
+            llm,
+            self.tok,
+            self.text_tok,
+            image_positions=lc.image_positions,
+            layout=lc.image_layout,
+            image_attention=lc.image_attention,
+            depth_head=dataclasses.asdict(lc.depth_head),
+        )
         if start is not None:
             for mine, theirs in ((umodel.image_pos, start.image_pos), (umodel.depth_head, start.depth_head)):
                 if mine is not None:
                     try:
                         mine.load_state_dict(theirs.state_dict())
                     except RuntimeError as e:
-                        raise UnicodebookError(f"train_lm.init_from: {lc.init_from} does not fit this run's model "
-                                               f"({str(e).splitlines()[0]})") from None
+                        raise UnicodebookError(
+                            f"train_lm.init_from: {lc.init_from} does not fit this run's model "
+                            f"({str(e).splitlines()[0]})"
+                        ) from None
         return umodel
 
     def _cache_codes(self) -> None:
@@ -302,16 +343,23 @@ class Stage2Recipe:
         images = [c.image for c in records.conversations] + [c.image for c in records.captions]
         for turn in (True, False):
             if turn == self.main:
-                self.cache = cached_codes(self.tok, self.folder, images, fallback=self.run_dir / "codes_cache",
-                                          progress=self.progress and self.main, odd_size=self.cfg.data.odd_size,
-                                          limits=image_limits(self.cfg.data))
+                self.cache = cached_codes(
+                    self.tok,
+                    self.folder,
+                    images,
+                    fallback=self.run_dir / "codes_cache",
+                    progress=self.progress and self.main,
+                    odd_size=self.cfg.data.odd_size,
+                    limits=image_limits(self.cfg.data),
+                )
             engine.barrier()
         index = self.cache.index
         self.convs = [c for c in records.conversations if c.image in index]
         self.caps = [c for c in records.captions if c.image in index]
         self.decomp = sorted({c.image for c in self.convs} | {c.image for c in self.caps})
-        self.skipped = records.bad + (len(records.conversations) - len(self.convs)) \
-            + (len(records.captions) - len(self.caps))
+        self.skipped = (
+            records.bad + (len(records.conversations) - len(self.convs)) + (len(records.captions) - len(self.caps))
+        )
         self.bad_images = len(self.cache.bad)
         sizes = {"decompress": len(self.decomp), "instruct": len(self.convs), "t2i": len(self.caps)}
         self.schedule = TaskSchedule(sizes, self.phases, lc.batch_size, lc.seed)
@@ -324,8 +372,12 @@ class Stage2Recipe:
         and restored from the last checkpoint on resume; returns the first step to train."""
         lc, engine, umodel = self.lc, self.engine, self.umodel
         names = [n for n, p in umodel.named_parameters() if p.requires_grad]  # the optimizer's order
-        opt = torch.optim.AdamW([p for p in umodel.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas),
-                                weight_decay=lc.weight_decay)
+        opt = torch.optim.AdamW(
+            [p for p in umodel.parameters() if p.requires_grad],
+            lr=lc.lr,
+            betas=tuple(lc.betas),
+            weight_decay=lc.weight_decay,
+        )
         self.modules = {"llm": umodel.llm}
         if umodel.image_pos is not None:
             self.modules["image_positions"] = umodel.image_pos
@@ -381,8 +433,10 @@ class Stage2Recipe:
             p_drop = self.phases.at(step)[1].caption_dropout
             drop = engine.shard((torch.rand(len(idx), generator=g) < p_drop).tolist())
             items = engine.shard([self.caps[i] for i in idx])
-            samples = [self.sample(task, cache.codes[cache.index[c.image]].long(), caption=None if d else c.caption)
-                       for c, d in zip(items, drop)]
+            samples = [
+                self.sample(task, cache.codes[cache.index[c.image]].long(), caption=None if d else c.caption)
+                for c, d in zip(items, drop)
+            ]
             keys = []
         batch = self._collate(samples, step, g)
         return task, batch, self.umodel.latents(cache.codes[keys].long()) if keys else None
@@ -398,8 +452,9 @@ class Stage2Recipe:
         pc = self.phases.at(step)[1]
         samples, with_image = [], []
         for i, (conv, cap) in enumerate(zip(recs["conversation"], recs["caption"])):
-            allowed = [t for t in self.task_names
-                       if t == "decompress" or (t == "instruct" and conv) or (t == "t2i" and cap)]
+            allowed = [
+                t for t in self.task_names if t == "decompress" or (t == "instruct" and conv) or (t == "t2i" and cap)
+            ]
             if not allowed:
                 continue
             w = torch.tensor([getattr(pc.tasks, t) for t in allowed], dtype=torch.float64)
@@ -426,8 +481,10 @@ class Stage2Recipe:
         """One optimizer step on ``batch``: (its learning rate, why it was skipped or None)."""
         engine, opt, model = self.engine, self.opt, self.model
         if batch.input_ids.shape[1] > self.umodel.max_positions:
-            raise UnicodebookError(f"a {task} sequence has {batch.input_ids.shape[1]} tokens; "
-                                   f"the LLM's context is {self.umodel.max_positions}")
+            raise UnicodebookError(
+                f"a {task} sequence has {batch.input_ids.shape[1]} tokens; "
+                f"the LLM's context is {self.umodel.max_positions}"
+            )
         lr = self.phases.lr(step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -459,10 +516,15 @@ class Stage2Recipe:
     def _log(self, step: int, lr: float, t0: float) -> dict:
         engine = self.engine
         el = time.time() - t0
-        row = {"step": step, "lr": lr, "elapsed_s": round(el, 2),
-               "tokens_per_s": round(engine.sum(self.tokens) / max(el, 1e-9), 1),
-               "bad_records": self.skipped, "bad_images": self.bad_images + int(engine.sum(self.bad_here)),
-               "skipped_steps": self.guard.total}
+        row = {
+            "step": step,
+            "lr": lr,
+            "elapsed_s": round(el, 2),
+            "tokens_per_s": round(engine.sum(self.tokens) / max(el, 1e-9), 1),
+            "bad_records": self.skipped,
+            "bad_images": self.bad_images + int(engine.sum(self.bad_here)),
+            "skipped_steps": self.guard.total,
+        }
         if engine.world > 1 and step == self.lc.steps:  # the invariant of a distributed run, checked
             row["weights_rank_max_diff"] = engine.max_diff_from_main(*self.params)
         for t, (loss_sum, acc_sum, n) in self.sums.items():
@@ -475,11 +537,22 @@ class Stage2Recipe:
         """An atomic checkpoint of step ``at``; returns the gathered weights per module."""
         engine = self.engine
         full = engine.state_dict(self.model)
-        states = {name: {k[len(prefix) + 1:]: v for k, v in full.items() if k.startswith(prefix + ".")}
-                  for name, prefix in (("llm", "llm"), ("image_positions", "image_pos"), ("depth_head", "depth_head"))
-                  if name in self.modules}
-        save_training_checkpoint(engine, self.run_dir, at, states, {"llm": self.opt}, {"skipped_steps": self.guard.total},
-                                 self.lc.keep_last, "lm", self.model)
+        states = {
+            name: {k[len(prefix) + 1 :]: v for k, v in full.items() if k.startswith(prefix + ".")}
+            for name, prefix in (("llm", "llm"), ("image_positions", "image_pos"), ("depth_head", "depth_head"))
+            if name in self.modules
+        }
+        save_training_checkpoint(
+            engine,
+            self.run_dir,
+            at,
+            states,
+            {"llm": self.opt},
+            {"skipped_steps": self.guard.total},
+            self.lc.keep_last,
+            "lm",
+            self.model,
+        )
         return states
 
     def _samples(self, name: str, step: int) -> None:
@@ -494,8 +567,13 @@ class Stage2Recipe:
         t0 = time.time()
         self.sums, self.tokens = {}, 0
         last: dict = {}
-        bar = tqdm(total=lc.steps, initial=self.start, desc="stage II", disable=not (self.progress and main),
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=lc.steps,
+            initial=self.start,
+            desc="stage II",
+            disable=not (self.progress and main),
+            dynamic_ncols=True,
+        )
         step = self.start
         with StopOnSigterm(engine) as sigterm:
             while step < lc.steps:
@@ -505,7 +583,9 @@ class Stage2Recipe:
                 bar.update(1)
                 if step % lc.log_every == 0 or step == lc.steps:
                     last = self._log(step, lr, t0)
-                    bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")})
+                    bar.set_postfix(
+                        {k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")}
+                    )
                 if lc.sample_every and step % lc.sample_every == 0 and step < lc.steps:
                     self._samples(f"t2i_{step:07d}.png", step)
                 if step < lc.steps and sigterm.requested():
@@ -521,8 +601,13 @@ class Stage2Recipe:
         if main:
             # the gathered full weights: under FSDP the modules themselves hold only shards
             with write_errors(self.run_dir, f"the model in {self.run_dir}"):
-                save_model(self.umodel, self.run_dir, self.cfg, self.tokenizer_run,
-                           states=states if engine.shards_parameters else None)
+                save_model(
+                    self.umodel,
+                    self.run_dir,
+                    self.cfg,
+                    self.tokenizer_run,
+                    states=states if engine.shards_parameters else None,
+                )
             self._samples("t2i_final.png", step)
         self.log.close()
         if main:
@@ -535,6 +620,7 @@ def _check_bound(cfg: Config, stage1: Config, run: str, asked: Sequence[str]) ->
     """A tokenizer bound to its LLM fixes ``llm`` and ``model``: an explicit override (``asked``,
     dotted keys) that asks for another value there is an error, not silently replaced. The rest
     of ``cfg.llm`` / ``cfg.model`` (a preset's values) gives way to stage I's quietly."""
+
     def value(c: Config, key: str):
         v = c
         for part in key.split("."):
@@ -545,12 +631,21 @@ def _check_bound(cfg: Config, stage1: Config, run: str, asked: Sequence[str]) ->
     differ = [f"{k}={value(cfg, k)} (stage I: {value(stage1, k)})" for k in keys if value(cfg, k) != value(stage1, k)]
     if differ:
         more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
-        raise UnicodebookError(f"the tokenizer in {run} is bound to its stage I LLM, so llm.* and model.* come from "
-                               f"that run; this run asks for {', '.join(differ[:3])}{more}: set them in stage I")
+        raise UnicodebookError(
+            f"the tokenizer in {run} is bound to its stage I LLM, so llm.* and model.* come from "
+            f"that run; this run asks for {', '.join(differ[:3])}{more}: set them in stage I"
+        )
 
 
-def train_lm(cfg: Config, tokenizer_run: str | Path, data: str | Path, out: str | Path, resume: bool = False,
-             progress: bool = True, asked: Sequence[str] = ()) -> Stage2Result:
+def train_lm(
+    cfg: Config,
+    tokenizer_run: str | Path,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    asked: Sequence[str] = (),
+) -> Stage2Result:
     """Run stage II on ``data`` (a shapes-world root — its ``train`` split — or a folder with
     ``instruct.json`` and/or ``t2i.jsonl``), starting from the stage I run ``tokenizer_run``
     (``Stage2Recipe``)."""
@@ -579,8 +674,15 @@ def _plot(run: Path) -> None:
         plot_curves(run / "metrics.jsonl", run / "curves.png", keys=keys)
 
 
-def train_lm_from_files(config: str | Path | None, overrides: list[str], tokenizer_run: str | Path, data: str | Path,
-                        out: str | Path, resume: bool = False, progress: bool = True) -> Stage2Result:
+def train_lm_from_files(
+    config: str | Path | None,
+    overrides: list[str],
+    tokenizer_run: str | Path,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> Stage2Result:
     """CLI entry: the config defaults to the run's own (on --resume) or the tokenizer run's."""
     run = Path(out)
     if config is None:

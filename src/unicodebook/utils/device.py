@@ -20,7 +20,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise UnicodebookError(f"device '{name}' asked for, but this machine has no CUDA GPU")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UnicodebookError(f"device '{name}' asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+            raise UnicodebookError(
+                f"device '{name}' asked for, but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
     elif dev.type != "cpu":
         raise UnicodebookError(f"device '{name}' is not supported (use auto, cpu, cuda or cuda:N)")
     return dev

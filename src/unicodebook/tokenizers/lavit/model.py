@@ -55,15 +55,17 @@ class SpatialPixelDecoder(nn.Module):
     (image_size / 4 on a side; 6×6 → 9×9 at 36 px in 6-px patches), then UniCode's conv decoder
     (×4). No reader: where a feature sits is where it is drawn (``pixel_reader: spatial``)."""
 
-    def __init__(self, dim: int, patches: int, image_size: int, ch: int, mult: list[int] = (1, 2, 2),
-                 res_blocks: int = 1):
+    def __init__(
+        self, dim: int, patches: int, image_size: int, ch: int, mult: list[int] = (1, 2, 2), res_blocks: int = 1
+    ):
         super().__init__()
         self.grid = round(patches**0.5)
         if self.grid**2 != patches:
             raise ValueError(f"pixel_reader spatial needs a square grid of patches, not {patches}")
         self.side = image_size // DECODER_GRID
-        self.decoder = Decoder(ch=ch, ch_mult=list(mult), num_res_blocks=res_blocks, z_channels=dim,
-                               resolution=image_size)
+        self.decoder = Decoder(
+            ch=ch, ch_mult=list(mult), num_res_blocks=res_blocks, z_channels=dim, resolution=image_size
+        )
 
     def forward(self, features: Tensor) -> Tensor:
         b, n, w = features.shape
@@ -117,11 +119,19 @@ class LavitTokenizer(VisualTokenizer):
             self.pixel_decoder = diffusion_decoder(cfg, w, unet)
             self.sampling = (cfg.diffusion.steps, cfg.diffusion.guidance)
         elif cfg.pixel_reader == "spatial":
-            self.pixel_decoder = SpatialPixelDecoder(w, n, cfg.image_size, cfg.decoder_ch, cfg.decoder_mult,
-                                                     cfg.decoder_res_blocks)
+            self.pixel_decoder = SpatialPixelDecoder(
+                w, n, cfg.image_size, cfg.decoder_ch, cfg.decoder_mult, cfg.decoder_res_blocks
+            )
         else:
-            self.pixel_decoder = PixelDecoder(w, dc.heads, cfg.image_size, cfg.decoder_ch, cfg.decoder_mult,
-                                              cfg.decoder_res_blocks, cfg.decoder_reader_layers)
+            self.pixel_decoder = PixelDecoder(
+                w,
+                dc.heads,
+                cfg.image_size,
+                cfg.decoder_ch,
+                cfg.decoder_mult,
+                cfg.decoder_res_blocks,
+                cfg.decoder_reader_layers,
+            )
 
     @property
     def device(self) -> torch.device:
@@ -166,8 +176,13 @@ class LavitTokenizer(VisualTokenizer):
         """(B, N, W) → the keep decisions of encode (B, N) in {0, 1}: by ``inference_keep``, or sampled
         from ``generator`` (None: the tokenizer's own) with ``sample_at_inference``."""
         sample = self.sample_at_inference
-        return keep_decisions(self.keep_scores(features), self.min_tokens, self.inference_rule, sample,
-                              (generator or self.sampler) if sample else None)
+        return keep_decisions(
+            self.keep_scores(features),
+            self.min_tokens,
+            self.inference_rule,
+            sample,
+            (generator or self.sampler) if sample else None,
+        )
 
     @torch.no_grad()
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -210,8 +225,10 @@ class LavitTokenizer(VisualTokenizer):
         save_tokenizer(self, folder)
 
     def health(self) -> dict:
-        return {"keep_ratio_target": self.keep_ratio, "inference_keep": "sample" if self.sample_at_inference
-                else self.inference_rule}
+        return {
+            "keep_ratio_target": self.keep_ratio,
+            "inference_keep": "sample" if self.sample_at_inference else self.inference_rule,
+        }
 
     # ---------------------------------------------------------------- checks
     def _check_images(self, images: Tensor) -> None:

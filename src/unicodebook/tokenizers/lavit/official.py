@@ -33,13 +33,16 @@ from torch import Tensor
 
 from ..seed.official import fit_mapped, read_converted, split_official
 
-DROPPED = re.compile(r"^vit_proj\.|^tokenizer_decoder\.unet_proj\."
-                     r"|^encoder\.(head\.bias|rel_pos_bias|.*relative_position)")
+DROPPED = re.compile(
+    r"^vit_proj\.|^tokenizer_decoder\.unet_proj\."
+    r"|^encoder\.(head\.bias|rel_pos_bias|.*relative_position)"
+)
 HOW = "tokenizers/lavit/official.py"
 
 
-def map_official(encoder: dict[str, Tensor], decoder: dict[str, Tensor] | None = None,
-                 vit: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], list[str]]:
+def map_official(
+    encoder: dict[str, Tensor], decoder: dict[str, Tensor] | None = None, vit: dict[str, Tensor] | None = None
+) -> tuple[dict[str, Tensor], list[str]]:
     """the official tokenizer-encoder state dict (and those of its decoder and its EVA ViT) → (our
     state dict, the official keys left out, named as ours would be)."""
     state = {k.removeprefix("module."): v for k, v in encoder.items()}
@@ -48,13 +51,19 @@ def map_official(encoder: dict[str, Tensor], decoder: dict[str, Tensor] | None =
     return split_official(state, "encoder", DROPPED)
 
 
-def load_mapped(tok, encoder: dict[str, Tensor], decoder: dict[str, Tensor] | None = None,
-                vit: dict[str, Tensor] | None = None, name: str = "the checkpoint") -> dict:
+def load_mapped(
+    tok,
+    encoder: dict[str, Tensor],
+    decoder: dict[str, Tensor] | None = None,
+    vit: dict[str, Tensor] | None = None,
+    name: str = "the checkpoint",
+) -> dict:
     return fit_mapped(tok, *map_official(encoder, decoder, vit), name)
 
 
-def load_official(tok, encoder_path: str | Path, decoder_path: str | Path | None = None,
-                  vit_path: str | Path | None = None) -> dict:
+def load_official(
+    tok, encoder_path: str | Path, decoder_path: str | Path | None = None, vit_path: str | Path | None = None
+) -> dict:
     """Load the official LaVIT tokenizer files (converted to safetensors) into ``tok`` (a
     :class:`~unicodebook.tokenizers.lavit.LavitTokenizer` built at the official sizes) → a report:
     ``{"loaded": n, "left_out": [...], "missing": [...]}``. Keys on both sides with different

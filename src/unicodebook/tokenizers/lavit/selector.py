@@ -41,15 +41,21 @@ class TokenPredictor(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.in_conv = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
-        self.out_conv = nn.Sequential(nn.Linear(width, width // 2), nn.GELU(), nn.Linear(width // 2, width // 4),
-                                      nn.GELU(), nn.Linear(width // 4, 2), nn.LogSoftmax(dim=-1))
+        self.out_conv = nn.Sequential(
+            nn.Linear(width, width // 2),
+            nn.GELU(),
+            nn.Linear(width // 2, width // 4),
+            nn.GELU(),
+            nn.Linear(width // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
         self.apply(init_weights)
 
     def forward(self, x: Tensor, policy: Tensor) -> Tensor:
         x = self.in_conv(x)
         b, n, w = x.shape
         local = x[..., : w // 2]
-        pooled = (x[..., w // 2:] * policy).sum(1, keepdim=True) / policy.sum(1, keepdim=True)  # (B, 1, W/2)
+        pooled = (x[..., w // 2 :] * policy).sum(1, keepdim=True) / policy.sum(1, keepdim=True)  # (B, 1, W/2)
         return self.out_conv(torch.cat([local, pooled.expand(b, n, w - w // 2)], -1))
 
 
@@ -78,8 +84,13 @@ def expected_keep(log_probs: Tensor) -> Tensor:
     return (rank < p.sum(1).round()[:, None]).to(p)
 
 
-def keep_decisions(log_probs: Tensor, min_tokens: int, rule: str = "threshold", sample: bool = False,
-                   generator: torch.Generator | None = None) -> Tensor:
+def keep_decisions(
+    log_probs: Tensor,
+    min_tokens: int,
+    rule: str = "threshold",
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """(B, N, 2) → keep decisions (B, N) in {0, 1}: Gumbel-sampled (``sample``, as in training) or by
     ``rule`` (threshold: keep probability > ½; expected: the round(Σ p) most probable), and at
     least ``min_tokens`` kept."""

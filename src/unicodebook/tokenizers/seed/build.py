@@ -24,7 +24,7 @@ from ...config import Config, SeedModelConfig, VitConfig, config_from_dict, read
 from ...errors import UnicodebookError
 from ...utils.io import atomic_save_tensors, atomic_write_text, first_state_mismatch
 from ..base import write_family
-from ..vit import ViTConfig, VisionTransformer, load_local_vit
+from ..vit import VisionTransformer, ViTConfig, load_local_vit
 from .model import SeedTokenizer
 
 UNET_CONFIG = Path("pixel_unet") / "config.json"
@@ -33,14 +33,32 @@ UNET_CONFIG = Path("pixel_unet") / "config.json"
 def vit_config(cfg) -> ViTConfig:
     """The ViT of a model section with ``image_size`` and ``vit`` (SEED's, LaVIT's)."""
     v = cfg.vit
-    return ViTConfig(image_size=cfg.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers, heads=v.heads,
-                     mlp_ratio=v.mlp_ratio, embed_dim=v.embed_dim, class_token=v.class_token, mean=list(v.mean),
-                     std=list(v.std))
+    return ViTConfig(
+        image_size=cfg.image_size,
+        patch_size=v.patch_size,
+        width=v.width,
+        layers=v.layers,
+        heads=v.heads,
+        mlp_ratio=v.mlp_ratio,
+        embed_dim=v.embed_dim,
+        class_token=v.class_token,
+        mean=list(v.mean),
+        std=list(v.std),
+    )
 
 
 def _vit_section(vc: ViTConfig) -> VitConfig:
-    return VitConfig(patch_size=vc.patch_size, width=vc.width, layers=vc.layers, heads=vc.heads, mlp_ratio=vc.mlp_ratio,
-                     embed_dim=vc.embed_dim, class_token=vc.class_token, mean=list(vc.mean), std=list(vc.std))
+    return VitConfig(
+        patch_size=vc.patch_size,
+        width=vc.width,
+        layers=vc.layers,
+        heads=vc.heads,
+        mlp_ratio=vc.mlp_ratio,
+        embed_dim=vc.embed_dim,
+        class_token=vc.class_token,
+        mean=list(vc.mean),
+        std=list(vc.std),
+    )
 
 
 def build_tokenizer(cfg: Config, seed: int = 0) -> SeedTokenizer:
@@ -59,8 +77,9 @@ def build_on_vit(cls, cfg: Config, seed: int = 0):
         if mc.vit_path:
             vit = load_local_vit(mc.vit_path)
             if vit.config.image_size != mc.image_size:
-                raise UnicodebookError(f"model.vit_path: {mc.vit_path} takes {vit.config.image_size} px images, "
-                                       f"the model {mc.image_size}")
+                raise UnicodebookError(
+                    f"model.vit_path: {mc.vit_path} takes {vit.config.image_size} px images, the model {mc.image_size}"
+                )
             mc = dataclasses.replace(mc, vit=_vit_section(vit.config))
             cfg = dataclasses.replace(cfg, model=mc)
         else:
@@ -89,7 +108,9 @@ def save_on_vit(tok, folder: str | Path) -> None:
     save_config(tok.config, folder / "config.yaml")
     if tok.pixel_kind == "diffusion":
         atomic_write_text(folder / UNET_CONFIG, tok.pixel_decoder.unet.to_json_string())
-    atomic_save_tensors(tok.state_dict(), folder / "model.safetensors", metadata={"format": f"unicodebook-{tok.family}"})
+    atomic_save_tensors(
+        tok.state_dict(), folder / "model.safetensors", metadata={"format": f"unicodebook-{tok.family}"}
+    )
     write_family(folder, tok.family)
 
 
@@ -107,7 +128,9 @@ def load_on_vit(cls, config_cls: type, title: str, folder: Path, device: str | t
             raise UnicodebookError(f"{folder}: not a {title} tokenizer folder (missing {name})")
     cfg = config_from_dict(read_yaml(folder / "config.yaml"))
     if not isinstance(cfg.model, config_cls):
-        raise UnicodebookError(f"{folder}: tagged {cls.family}, but its config.yaml describes a {cfg.model.family} model")
+        raise UnicodebookError(
+            f"{folder}: tagged {cls.family}, but its config.yaml describes a {cfg.model.family} model"
+        )
     try:
         state = load_file(folder / "model.safetensors")
     except (SafetensorError, OSError) as e:
@@ -126,7 +149,9 @@ def _saved_unet(folder: Path, mc, title: str):
     if mc.pixel_decoder != "diffusion":
         return None
     if not (folder / UNET_CONFIG).is_file():
-        raise UnicodebookError(f"{folder}: not a {title} tokenizer folder (missing {UNET_CONFIG}, its diffusion decoder)")
+        raise UnicodebookError(
+            f"{folder}: not a {title} tokenizer folder (missing {UNET_CONFIG}, its diffusion decoder)"
+        )
     from .diffusion import unet_from_config
 
     return unet_from_config(folder / UNET_CONFIG.parent)

@@ -31,8 +31,9 @@ def _diffusers():
     try:
         import diffusers
     except ImportError:
-        raise UnicodebookError("model.pixel_decoder diffusion needs diffusers: "
-                               "pip install 'unicodebook[diffusion]'") from None
+        raise UnicodebookError(
+            "model.pixel_decoder diffusion needs diffusers: pip install 'unicodebook[diffusion]'"
+        ) from None
     return diffusers
 
 
@@ -41,10 +42,17 @@ def new_unet(dc: DiffusionConfig, image_size: int):
     last halving the image), cross-attention width the last block's."""
     n = len(dc.channels)
     return _diffusers().UNet2DConditionModel(
-        sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=tuple(dc.channels),
-        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
-        layers_per_block=dc.layers_per_block, norm_num_groups=math.gcd(32, *dc.channels),
-        cross_attention_dim=dc.channels[-1], attention_head_dim=dc.heads)  # (diffusers' name for the head count)
+        sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(dc.channels),
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        layers_per_block=dc.layers_per_block,
+        norm_num_groups=math.gcd(32, *dc.channels),
+        cross_attention_dim=dc.channels[-1],
+        attention_head_dim=dc.heads,
+    )  # (diffusers' name for the head count)
 
 
 def local_unet(path: str | Path, image_size: int):
@@ -64,11 +72,14 @@ def local_unet(path: str | Path, image_size: int):
     if (c.in_channels, c.out_channels) != (3, 3) or size not in (image_size, (image_size, image_size)):
         px = f"{size} px" if isinstance(size, int) else f"{'×'.join(map(str, size))} px" if size else "unsized"
         ch = c.in_channels if c.in_channels == c.out_channels else f"{c.in_channels} → {c.out_channels}"
-        raise UnicodebookError(f"{where} is a UNet for {px} images with {ch} channels; the model draws "
-                               f"{image_size} px RGB")
+        raise UnicodebookError(
+            f"{where} is a UNet for {px} images with {ch} channels; the model draws {image_size} px RGB"
+        )
     if c.class_embed_type or c.addition_embed_type:
-        raise UnicodebookError(f"{where} needs {c.class_embed_type or c.addition_embed_type} embeddings as input; "
-                               f"this decoder conditions by cross-attention only")
+        raise UnicodebookError(
+            f"{where} needs {c.class_embed_type or c.addition_embed_type} embeddings as input; "
+            f"this decoder conditions by cross-attention only"
+        )
     return unet
 
 
@@ -124,8 +135,9 @@ class DiffusionDecoder(nn.Module):
         return self.sample(cond, steps, guidance, [torch.Generator().manual_seed(seed) for _ in range(len(cond))])
 
     @torch.no_grad()
-    def sample(self, cond: Tensor, steps: int, guidance: float,
-               generator: torch.Generator | list[torch.Generator]) -> Tensor:
+    def sample(
+        self, cond: Tensor, steps: int, guidance: float, generator: torch.Generator | list[torch.Generator]
+    ) -> Tensor:
         """``steps`` DDIM steps (deterministic, eta 0) from noise drawn from ``generator`` — or one
         generator per image, so an image's pixels do not depend on the batch it is decoded in —
         → images (B, 3, H, W) in [0, 1]."""

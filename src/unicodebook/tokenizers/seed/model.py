@@ -61,15 +61,24 @@ class PixelDecoder(nn.Module):
     tokens (``reader_layers`` layers), then the conv decoder (UniCode's, widths ``ch``·``mult``)
     upsamples ×4."""
 
-    def __init__(self, dim: int, heads: int, image_size: int, ch: int, mult: list[int] = (1, 2, 2),
-                 res_blocks: int = 1, reader_layers: int = 2):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        image_size: int,
+        ch: int,
+        mult: list[int] = (1, 2, 2),
+        res_blocks: int = 1,
+        reader_layers: int = 2,
+    ):
         super().__init__()
         side = image_size // DECODER_GRID
         self.side = side
         self.grid_queries = init_queries(side * side, dim)
         self.reader = QFormer(dim, reader_layers, heads, kv_dim=dim, cross_every=1, causal=False)
-        self.decoder = Decoder(ch=ch, ch_mult=list(mult), num_res_blocks=res_blocks, z_channels=dim,
-                               resolution=image_size)
+        self.decoder = Decoder(
+            ch=ch, ch_mult=list(mult), num_res_blocks=res_blocks, z_channels=dim, resolution=image_size
+        )
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.reader(self.grid_queries.expand(tokens.shape[0], -1, -1), tokens)
@@ -97,8 +106,15 @@ class SeedTokenizer(VisualTokenizer):
         vw, e = visual_encoder.width, visual_encoder.embed_dim
         self.ln_vision = nn.LayerNorm(vw)
         self.query_tokens = init_queries(qc.queries, qc.width)
-        self.Qformer = QFormer(qc.width, qc.layers, qc.heads, kv_dim=vw, cross_every=qc.cross_attention_freq,
-                               mlp_ratio=qc.mlp_ratio, causal=True)
+        self.Qformer = QFormer(
+            qc.width,
+            qc.layers,
+            qc.heads,
+            kv_dim=vw,
+            cross_every=qc.cross_attention_freq,
+            mlp_ratio=qc.mlp_ratio,
+            causal=True,
+        )
         self.vision_proj = nn.Linear(qc.width, cfg.contrastive_dim or e)  # the last query → the contrastive space
         self.encode_task_layer = task_mlp(qc.width, cfg.code_dim, qc.width)
         self.quantize = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.beta, cfg.kmeans_init)
@@ -110,16 +126,24 @@ class SeedTokenizer(VisualTokenizer):
         self.pos_embed_image = nn.Parameter(torch.zeros(1, qc.queries, qc.width))
         self.blocks_image = nn.ModuleList(Block(qc.width, qc.heads, 4.0) for _ in range(cfg.gen_blocks))
         self.reverse_tokens = init_queries(1, qc.width)
-        self.Reverse_Qformer = QFormer(qc.width, cfg.reverse_layers, qc.heads, kv_dim=qc.width,
-                                       cross_every=qc.cross_attention_freq, causal=False)
+        self.Reverse_Qformer = QFormer(
+            qc.width, cfg.reverse_layers, qc.heads, kv_dim=qc.width, cross_every=qc.cross_attention_freq, causal=False
+        )
         self.distill_image_proj = nn.Linear(qc.width, cfg.generation_dim or e)
         self.pixel_kind = cfg.pixel_decoder
         if cfg.pixel_decoder == "diffusion":
             self.pixel_decoder = diffusion_decoder(cfg, self.distill_image_proj.out_features, unet)
             self.sampling = (cfg.diffusion.steps, cfg.diffusion.guidance)
         else:
-            self.pixel_decoder = PixelDecoder(qc.width, qc.heads, cfg.image_size, cfg.decoder_ch, cfg.decoder_mult,
-                                              cfg.decoder_res_blocks, cfg.decoder_reader_layers)
+            self.pixel_decoder = PixelDecoder(
+                qc.width,
+                qc.heads,
+                cfg.image_size,
+                cfg.decoder_ch,
+                cfg.decoder_mult,
+                cfg.decoder_res_blocks,
+                cfg.decoder_reader_layers,
+            )
 
     @property
     def device(self) -> torch.device:

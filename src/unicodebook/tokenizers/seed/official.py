@@ -27,9 +27,11 @@ from torch import Tensor
 
 from ...errors import UnicodebookError
 
-DROPPED = re.compile(r"^(Qformer|Reverse_Qformer)\.(cls\.|bert\.embeddings\.(word|position)_embeddings|"
-                     r"bert\.embeddings\.position_ids|bert\.encoder\.layer\.\d+\.(intermediate|output)\.)"
-                     r"|^(text_proj|itm_head|temp|image_down)\b|^visual_encoder\.(rel_pos_bias|.*relative_position)")
+DROPPED = re.compile(
+    r"^(Qformer|Reverse_Qformer)\.(cls\.|bert\.embeddings\.(word|position)_embeddings|"
+    r"bert\.embeddings\.position_ids|bert\.encoder\.layer\.\d+\.(intermediate|output)\.)"
+    r"|^(text_proj|itm_head|temp|image_down)\b|^visual_encoder\.(rel_pos_bias|.*relative_position)"
+)
 
 
 def eva_qkv_biases(state: dict[str, Tensor], encoder: str) -> tuple[dict[str, Tensor], set[str]]:
@@ -83,8 +85,10 @@ def read_converted(path: str | Path, how: str) -> dict[str, Tensor]:
     try:
         return load_file(Path(path))
     except (SafetensorError, OSError) as e:
-        raise UnicodebookError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); convert the "
-                               f"official .pth first (see {how})") from None
+        raise UnicodebookError(
+            f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); convert the "
+            f"official .pth first (see {how})"
+        ) from None
 
 
 def load_mapped(tok, state: dict[str, Tensor], name: str = "the checkpoint") -> dict:
@@ -100,8 +104,10 @@ def fit_mapped(tok, mapped: dict[str, Tensor], left: list[str], name: str) -> di
         if k not in mine:
             left.append(k)
         elif tuple(v.shape) != tuple(mine[k].shape):
-            raise UnicodebookError(f"{name}: {k} has shape {tuple(v.shape)}, this tokenizer's {tuple(mine[k].shape)} "
-                                   f"(build it at the checkpoint's sizes)")
+            raise UnicodebookError(
+                f"{name}: {k} has shape {tuple(v.shape)}, this tokenizer's {tuple(mine[k].shape)} "
+                f"(build it at the checkpoint's sizes)"
+            )
     fit = {k: v for k, v in mapped.items() if k in mine}
     tok.load_state_dict(fit, strict=False, assign=any(p.is_meta for p in tok.parameters()))
     return {"loaded": len(fit), "left_out": sorted(left), "missing": sorted(set(mine) - set(fit))}

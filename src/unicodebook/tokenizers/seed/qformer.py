@@ -30,8 +30,10 @@ class _Attention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, causal: bool = False) -> Tensor:
         ctx = x if context is None else context
         b, n, d = x.shape
-        q, k, v = (t.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2)
-                   for t in (self.query(x), self.key(ctx), self.value(ctx)))
+        q, k, v = (
+            t.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2)
+            for t in (self.query(x), self.key(ctx), self.value(ctx))
+        )
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return out.transpose(1, 2).reshape(b, n, d)
 
@@ -114,14 +116,23 @@ class QFormer(nn.Module):
     ``causal``: each query sees only the queries before it (SEED), so the i-th output depends on
     the first i queries only — the property that makes SEED's tokens a left-to-right sequence."""
 
-    def __init__(self, dim: int, layers: int, heads: int, kv_dim: int, cross_every: int = 2, mlp_ratio: float = 4.0,
-                 causal: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        layers: int,
+        heads: int,
+        kv_dim: int,
+        cross_every: int = 2,
+        mlp_ratio: float = 4.0,
+        causal: bool = True,
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"{heads} heads do not divide the Q-Former width {dim}")
         self.causal = causal
-        self.bert = _Bert(dim, [QFormerLayer(dim, heads, mlp_ratio, kv_dim if i % cross_every == 0 else None)
-                                for i in range(layers)])
+        self.bert = _Bert(
+            dim, [QFormerLayer(dim, heads, mlp_ratio, kv_dim if i % cross_every == 0 else None) for i in range(layers)]
+        )
 
     def forward(self, queries: Tensor, patches: Tensor | None) -> Tensor:
         x = self.bert.embeddings.LayerNorm(queries)

@@ -71,9 +71,18 @@ class AttnBlock(nn.Module):
 class Encoder(nn.Module):
     """(B, 3, H, W) in [-1, 1] → (B, z, h, w)."""
 
-    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
-                 resolution: int, attn_resolutions: list[int] = (), dropout: float = 0.0, in_channels: int = 3,
-                 padding: str = "zeros"):
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: list[int],
+        num_res_blocks: int,
+        z_channels: int,
+        resolution: int,
+        attn_resolutions: list[int] = (),
+        dropout: float = 0.0,
+        in_channels: int = 3,
+        padding: str = "zeros",
+    ):
         super().__init__()
         self.conv_in = _conv3(in_channels, ch, padding)
         blocks: list[nn.Module] = []
@@ -89,9 +98,11 @@ class Encoder(nn.Module):
                 blocks.append(_conv3(cin, cin, padding, stride=2))
                 res //= 2
         self.down = nn.Sequential(*blocks)
-        self.mid = nn.Sequential(ResBlock(cin, cin, dropout, padding),
-                                 AttnBlock(cin) if res in attn_resolutions else nn.Identity(),
-                                 ResBlock(cin, cin, dropout, padding))
+        self.mid = nn.Sequential(
+            ResBlock(cin, cin, dropout, padding),
+            AttnBlock(cin) if res in attn_resolutions else nn.Identity(),
+            ResBlock(cin, cin, dropout, padding),
+        )
         self.norm_out = _norm(cin)
         self.conv_out = _conv3(cin, z_channels, padding)
 
@@ -115,16 +126,27 @@ class Upsample(nn.Module):
 class Decoder(nn.Module):
     """(B, z, h, w) → (B, 3, H, W) in roughly [-1, 1]."""
 
-    def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
-                 resolution: int, attn_resolutions: list[int] = (), dropout: float = 0.0, out_channels: int = 3,
-                 padding: str = "zeros"):
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: list[int],
+        num_res_blocks: int,
+        z_channels: int,
+        resolution: int,
+        attn_resolutions: list[int] = (),
+        dropout: float = 0.0,
+        out_channels: int = 3,
+        padding: str = "zeros",
+    ):
         super().__init__()
         cin = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = _conv3(z_channels, cin, padding)
-        self.mid = nn.Sequential(ResBlock(cin, cin, dropout, padding),
-                                 AttnBlock(cin) if res in attn_resolutions else nn.Identity(),
-                                 ResBlock(cin, cin, dropout, padding))
+        self.mid = nn.Sequential(
+            ResBlock(cin, cin, dropout, padding),
+            AttnBlock(cin) if res in attn_resolutions else nn.Identity(),
+            ResBlock(cin, cin, dropout, padding),
+        )
         blocks: list[nn.Module] = []
         for i, mult in reversed(list(enumerate(ch_mult))):
             cout = ch * mult

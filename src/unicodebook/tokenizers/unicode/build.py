@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from ...config import CodebookConfig, Config, config_from_dict, read_yaml, save_config
 from ...errors import UnicodebookError
-from ...lm.llm import BUILTIN, quiet_transformers, embedding_fingerprint, input_embedding, load_llm
+from ...lm.llm import BUILTIN, embedding_fingerprint, input_embedding, load_llm, quiet_transformers
 from ...quantize import CodebookRule, UnifiedCodebook
 from ...utils.io import atomic_dir, atomic_save_tensors, atomic_write_text, first_state_mismatch
 from ..base import write_family

@@ -54,13 +54,21 @@ class UniCodeTokenizer(VisualTokenizer):
         if self.kind == "hq" and self.latent_size % 2:
             raise ValueError(f"HQ needs an even latent size; got {self.latent_size}")
         d = codebook.dim
-        common = dict(ch=ae.ch, ch_mult=ae.ch_mult, num_res_blocks=ae.num_res_blocks, z_channels=ae.z_channels,
-                      resolution=cfg.image_size, attn_resolutions=ae.attn_resolutions, dropout=ae.dropout,
-                      padding=ae.padding)
+        common = dict(
+            ch=ae.ch,
+            ch_mult=ae.ch_mult,
+            num_res_blocks=ae.num_res_blocks,
+            z_channels=ae.z_channels,
+            resolution=cfg.image_size,
+            attn_resolutions=ae.attn_resolutions,
+            dropout=ae.dropout,
+            padding=ae.padding,
+        )
         self.encoder = Encoder(**common)
         self.pre_quant = nn.Conv2d(ae.z_channels, d, 1)  # latent → LLM hidden size
-        self.quantizer = build_quantizer(qc.kind, codebook, qc.depth, qc.beta, qc.entropy_weight, qc.entropy_temperature,
-                                         qc.layer_rows)
+        self.quantizer = build_quantizer(
+            qc.kind, codebook, qc.depth, qc.beta, qc.entropy_weight, qc.entropy_temperature, qc.layer_rows
+        )
         self.post_quant = nn.Conv2d(d, ae.z_channels, 1)
         self.decoder = Decoder(**common)
         self.patch = factor if ae.patch_skip else 0
@@ -116,8 +124,9 @@ class UniCodeTokenizer(VisualTokenizer):
         if dim != self.codebook.dim:
             raise UnicodebookError(f"the LLM's hidden size {dim} is not the codebook's {self.codebook.dim}")
         if int(self.codebook.token_ids.max()) >= vocab:
-            raise UnicodebookError(f"codebook token ids reach {int(self.codebook.token_ids.max())} "
-                                   f"but the LLM has {vocab} rows")
+            raise UnicodebookError(
+                f"codebook token ids reach {int(self.codebook.token_ids.max())} but the LLM has {vocab} rows"
+            )
         return self.codebook.token_ids.clone()
 
     def health(self) -> dict:
