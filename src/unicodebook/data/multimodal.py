@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..config import DataConfig
 from ..errors import BadImageError, UnicodebookError
 from ..tokenizers.base import PAD_CODE
+from ..utils.modules import eval_mode
 from .images import load_image
 
 log = logging.getLogger("unicodebook.data")
@@ -212,18 +213,16 @@ def cached_codes(
             ok.extend(p for p, _ in pending)
             pending.clear()
 
-    was = tok.training
-    tok.eval()
-    for p in tqdm(images, desc="encoding images", disable=not progress, leave=False):
-        try:
-            pending.append((p, load_image(folder / p, tok.image_size, odd_size, root=folder, **(limits or {}))))
-        except BadImageError as e:
-            log.warning("skipping bad image %s", e)
-            bad.append(p)
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    tok.train(was)
+    with eval_mode(tok):
+        for p in tqdm(images, desc="encoding images", disable=not progress, leave=False):
+            try:
+                pending.append((p, load_image(folder / p, tok.image_size, odd_size, root=folder, **(limits or {}))))
+            except BadImageError as e:
+                log.warning("skipping bad image %s", e)
+                bad.append(p)
+            if len(pending) >= batch_size:
+                flush()
+        flush()
     if not ok:
         raise UnicodebookError(f"{folder}: none of the {len(images)} images could be read")
     codes = torch.cat(chunks)

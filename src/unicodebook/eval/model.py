@@ -28,6 +28,7 @@ from ..data.multimodal import cached_codes, read_llava, read_pairs, split_folder
 from ..data.shapes import DESCRIBE_TYPE, read_scenes
 from ..errors import UnicodebookError
 from ..lm.sequence import collate
+from ..utils.modules import eval_mode
 
 _ARTICLES = {"a", "an", "the"}
 
@@ -92,33 +93,31 @@ def evaluate_model(
         limits=image_limits(d),
     )
     res["bad_images"] = len(cache.bad)
-    was = model.training
-    model.eval()
-    if convs:
-        qs = questions_of(convs)
-        held_out = {image: sc.held_out for image, sc in read_scenes(folder).items()}
-        res.update(
-            _vqa(
-                model,
-                cache,
-                [q for q in qs if q[3] != DESCRIBE_TYPE][:max_vqa],
-                batch_size,
-                progress,
-                pictures,
-                held_out,
+    with eval_mode(model):
+        if convs:
+            qs = questions_of(convs)
+            held_out = {image: sc.held_out for image, sc in read_scenes(folder).items()}
+            res.update(
+                _vqa(
+                    model,
+                    cache,
+                    [q for q in qs if q[3] != DESCRIBE_TYPE][:max_vqa],
+                    batch_size,
+                    progress,
+                    pictures,
+                    held_out,
+                )
             )
-        )
-        described = [q for q in qs if q[3] == DESCRIBE_TYPE][:max_describe]
-        if described:
-            res.update(_describe(model, cache, described, batch_size))
-        if "decompress" in tok.tasks:
-            images = sorted({c.image for c in convs if c.image in cache.index})[:max_decompress]
-            res["decompression_code_accuracy"] = _decompression(model, cache, images, batch_size)
-    pairs = pairs[:max_t2i]
-    if pairs:
-        res.update(_t2i(model, pairs, batch_size, cfg_scale, temperature, top_k, seed, progress, pictures))
-        res.update(_t2i_reference(model, cache, pairs, batch_size))
-    model.train(was)
+            described = [q for q in qs if q[3] == DESCRIBE_TYPE][:max_describe]
+            if described:
+                res.update(_describe(model, cache, described, batch_size))
+            if "decompress" in tok.tasks:
+                images = sorted({c.image for c in convs if c.image in cache.index})[:max_decompress]
+                res["decompression_code_accuracy"] = _decompression(model, cache, images, batch_size)
+        pairs = pairs[:max_t2i]
+        if pairs:
+            res.update(_t2i(model, pairs, batch_size, cfg_scale, temperature, top_k, seed, progress, pictures))
+            res.update(_t2i_reference(model, cache, pairs, batch_size))
     return res
 
 

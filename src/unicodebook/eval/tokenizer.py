@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import ImageFolder, image_limits, resolve_image_folder
 from ..tokenizers.base import odd_size_of
+from ..utils.modules import eval_mode
 from .metrics import CodeUsage, psnr, ssim
 from .plots import plot_codebook_usage
 
@@ -41,29 +42,27 @@ def evaluate_tokenizer(
         limits=image_limits(tok.config.data if tok.config is not None else None),
     )
     scenes = _shapes_scenes(folder)
-    was = tok.training
-    tok.eval()
-    usage, lengths = None, []
-    psnrs, ssims, judged, n_bad, names = [], [], [], 0, None
-    starts = range(0, len(ds), batch_size)
-    for start in tqdm(starts, desc=f"eval {split or folder.name}", disable=not progress, leave=False):
-        items = [(ds.files[i], ds[i]) for i in range(start, min(start + batch_size, len(ds)))]
-        n_bad += sum(x is None for _, x in items)
-        items = [(f, x) for f, x in items if x is not None]
-        if not items:
-            continue
-        images = torch.stack([x for _, x in items])
-        codes = tok.encode(images).cpu()
-        recon = tok.decode(codes).cpu()
-        psnrs.append(psnr(recon, images).clamp(max=100.0))
-        ssims.append(ssim(recon, images))
-        layers, names = tok.code_layers(codes)
-        usage = usage or CodeUsage(tok.num_codes, len(names))
-        usage.update(layers)
-        lengths.append(tok.layout.lengths(codes).float())
-        if scenes is not None:
-            judged += _judge(recon, [scenes.get(f.name) for f, _ in items])
-    tok.train(was)
+    with eval_mode(tok):
+        usage, lengths = None, []
+        psnrs, ssims, judged, n_bad, names = [], [], [], 0, None
+        starts = range(0, len(ds), batch_size)
+        for start in tqdm(starts, desc=f"eval {split or folder.name}", disable=not progress, leave=False):
+            items = [(ds.files[i], ds[i]) for i in range(start, min(start + batch_size, len(ds)))]
+            n_bad += sum(x is None for _, x in items)
+            items = [(f, x) for f, x in items if x is not None]
+            if not items:
+                continue
+            images = torch.stack([x for _, x in items])
+            codes = tok.encode(images).cpu()
+            recon = tok.decode(codes).cpu()
+            psnrs.append(psnr(recon, images).clamp(max=100.0))
+            ssims.append(ssim(recon, images))
+            layers, names = tok.code_layers(codes)
+            usage = usage or CodeUsage(tok.num_codes, len(names))
+            usage.update(layers)
+            lengths.append(tok.layout.lengths(codes).float())
+            if scenes is not None:
+                judged += _judge(recon, [scenes.get(f.name) for f, _ in items])
     if not psnrs:
         from ..errors import UnicodebookError
 

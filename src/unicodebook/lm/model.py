@@ -40,6 +40,7 @@ from ..config import Config, config_from_dict, read_yaml, save_config
 from ..errors import UnicodebookError
 from ..tokenizers.base import PAD_CODE, load_frozen
 from ..utils.io import atomic_dir, atomic_save_tensors, atomic_write_json
+from ..utils.modules import eval_mode
 from .cache import reserve_cache
 from .cpu_decoder import CPUDecoder
 from .cpu_decoder import unsupported as cpu_decoder_unsupported
@@ -506,20 +507,15 @@ class UniCodeLM(nn.Module):
         batch and samples from u + s·(c − u). Returns code indices (B, *layout.shape), the
         positions after a shorter image's end :data:`~unicodebook.tokenizers.base.PAD_CODE`.
         """
-        was = self.training
-        self.eval()
         b = len(prompts)
         rows = [self.fmt.t2i_prefix(p) for p in prompts]
-        guided = cfg_scale != 1.0
-        if guided:
+        if cfg_scale != 1.0:
             rows += [self.fmt.t2i_prefix(None)] * b
-        if self.layout == "depth":
-            codes = self._generate_depth(rows, b, cfg_scale, temperature, top_k, generator, progress)
-            self.train(was)
-            return codes
-        codes = self._generate_flat(rows, b, cfg_scale, temperature, top_k, generator, progress)
-        self.train(was)
-        return self.fmt.ids_to_codes(codes)
+        with eval_mode(self):
+            if self.layout == "depth":
+                return self._generate_depth(rows, b, cfg_scale, temperature, top_k, generator, progress)
+            ids = self._generate_flat(rows, b, cfg_scale, temperature, top_k, generator, progress)
+        return self.fmt.ids_to_codes(ids)
 
     def _generate_flat(
         self,
@@ -620,32 +616,30 @@ class UniCodeLM(nn.Module):
     @torch.inference_mode()
     def answer(self, codes: Tensor, questions: list[str], max_new_tokens: int = 16) -> list[str]:
         """Greedy answers to one question per image (codes (B, *layout.shape)), text ids only."""
-        was = self.training
-        self.eval()
-        codes = codes.cpu()
-        prompts = [self.fmt.prompt(q, codes=c) for q, c in zip(questions, codes)]
-        latents = self.latents(codes)
-        logits, cache, mask, pos = self._prefill(
-            [p for p, _ in prompts],
-            [a for _, a in prompts],
-            latents,
-            max_new_tokens,
-            image_len=[self.fmt.read_length(c) for c in codes],
-        )
-        eos = self.fmt.eos_id
-        out = [[] for _ in questions]
-        done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
-        with self._decoder(cache, mask, pos, max_new_tokens) as step:
-            for _ in range(max_new_tokens):
-                nxt = logits.masked_fill(~self.text_allowed, float("-inf")).argmax(-1)
-                for i in (~done).nonzero().flatten().tolist():
-                    if int(nxt[i]) != eos:
-                        out[i].append(int(nxt[i]))
-                done |= nxt == eos
-                if bool(done.all()):
-                    break
-                logits = step(input_embedding(self.llm)(nxt[:, None]))
-        self.train(was)
+        with eval_mode(self):
+            codes = codes.cpu()
+            prompts = [self.fmt.prompt(q, codes=c) for q, c in zip(questions, codes)]
+            latents = self.latents(codes)
+            logits, cache, mask, pos = self._prefill(
+                [p for p, _ in prompts],
+                [a for _, a in prompts],
+                latents,
+                max_new_tokens,
+                image_len=[self.fmt.read_length(c) for c in codes],
+            )
+            eos = self.fmt.eos_id
+            out = [[] for _ in questions]
+            done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
+            with self._decoder(cache, mask, pos, max_new_tokens) as step:
+                for _ in range(max_new_tokens):
+                    nxt = logits.masked_fill(~self.text_allowed, float("-inf")).argmax(-1)
+                    for i in (~done).nonzero().flatten().tolist():
+                        if int(nxt[i]) != eos:
+                            out[i].append(int(nxt[i]))
+                    done |= nxt == eos
+                    if bool(done.all()):
+                        break
+                    logits = step(input_embedding(self.llm)(nxt[:, None]))
         return [self.text_tok.decode(o, skip_special_tokens=True).strip() for o in out]
 
     def stream_answer(

@@ -41,6 +41,7 @@ from ..lm.text import train_word_tokenizer
 from ..tokenizers.text_tower import TextTower, contrastive_loss, tokenize_captions
 from ..tokenizers.vit import save_vit
 from ..utils.io import atomic_save_tensors
+from ..utils.modules import eval_mode
 from .checkpoint import check_resume, load_checkpoint
 from .engine import Engine, NonFiniteError, NonFiniteGuard, StopOnSigterm, save_training_checkpoint
 from .runlog import RunLog
@@ -324,8 +325,6 @@ def train_in_phases(
 @torch.no_grad()
 def write_grid(tok, images: torch.Tensor, path: Path) -> None:
     """Inputs above, their reconstructions (decode ∘ encode) below."""
-    was = tok.training
-    tok.eval()
-    recon = tok.decode(tok.encode(images.to(tok.device))).cpu()
-    tok.train(was)
+    with eval_mode(tok):
+        recon = tok.decode(tok.encode(images.to(tok.device))).cpu()
     image_grid([images, recon], labels=["input", "recon"]).save(path)

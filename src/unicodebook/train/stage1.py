@@ -28,6 +28,7 @@ from ..eval.metrics import CodeUsage, psnr
 from ..eval.plots import image_grid, plot_curves
 from ..tokenizers.unicode import UniCodeTokenizer, build_tokenizer, save_tokenizer
 from ..tokenizers.unicode.model import reconstruction_loss
+from ..utils.modules import eval_mode
 from .checkpoint import check_resume, load_checkpoint, run_lock, write_errors
 from .engine import Engine, NonFiniteError, NonFiniteGuard, StopOnSigterm, save_training_checkpoint
 from .runlog import RunLog
@@ -405,10 +406,8 @@ def check_enough_vectors(source, tok: UniCodeTokenizer) -> None:
 
 
 def _write_grid(tok: UniCodeTokenizer, images: torch.Tensor, path: Path, writer, step: int) -> None:
-    was = tok.training
-    tok.eval()
-    recon = tok.decode(tok.encode(images)).cpu()
-    tok.train(was)
+    with eval_mode(tok):
+        recon = tok.decode(tok.encode(images)).cpu()
     grid = image_grid([images, recon], labels=["input", "recon"])
     grid.save(path)
     import numpy as np
