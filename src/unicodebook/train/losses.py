@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..utils.io import first_state_mismatch
+
 __all__ = [
     "VGG16Features",
     "LPIPS",
@@ -212,19 +214,11 @@ def _load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def _load_strict(module: nn.Module, sd: Mapping[str, Tensor], path) -> None:
     """Copy ``sd`` into ``module`` or raise a one-line ``ValueError`` naming the first bad key."""
-    path = os.fspath(path)
-    expected = module.state_dict()
-    for k, v in expected.items():
-        if k not in sd:
-            raise ValueError(f"{path}: missing key '{k}'")
-        if sd[k].shape != v.shape:
-            got, want = tuple(sd[k].shape), tuple(v.shape)
-            raise ValueError(f"{path}: key '{k}' has shape {got}, expected {want}")
-    for k in sd:
-        if k not in expected:
-            raise ValueError(f"{path}: unexpected key '{k}'")
+    bad = first_state_mismatch(module, dict(sd))
+    if bad is not None:
+        raise ValueError(f"{os.fspath(path)}: key {bad}")
     with torch.no_grad():
-        for k, v in expected.items():
+        for k, v in module.state_dict().items():
             v.copy_(sd[k].to(v.dtype))
 
 
