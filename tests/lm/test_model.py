@@ -65,13 +65,22 @@ def test_kv_cache_decoding_matches_full_recomputation(model):
     assert fast[:12].tolist() == slow
 
 
-def test_answers_use_text_tokens_only(model):
+def test_answers_use_text_tokens_only(model, monkeypatch):
+    """On the raw ids the decoder chose (decoding with skip_special_tokens would hide markers)."""
+    decoded: list[list[int]] = []
+    decode = model.text_tok.decode
+
+    def record(ids, **kw):
+        decoded.append(list(ids))
+        return decode(ids, **kw)
+
+    monkeypatch.setattr(model.text_tok, "decode", record)
     codes = torch.randint(0, model.tokenizer.codebook.num_codes, (3, *model.tokenizer.grid_shape))
-    answers = model.answer(codes, ["what colour is the object in the center?"] * 3, max_new_tokens=4)
-    vocab = set(model.text_tok.get_vocab())
-    for a in answers:
-        assert all(w in vocab for w in a.split())
-        assert "<img>" not in a and "<image>" not in a
+    model.answer(codes, ["what colour is the object in the center?"] * 3, max_new_tokens=4)
+    chosen = {i for ids in decoded for i in ids}
+    assert len(decoded) == 3 and chosen
+    markers = set(model.text_tok.convert_tokens_to_ids(["<img>", "</img>", "<image>"]))
+    assert chosen.isdisjoint(model.code_token_ids.tolist()) and chosen.isdisjoint(markers)
 
 
 def test_seeded_generation_is_reproducible(model):

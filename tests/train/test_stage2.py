@@ -73,8 +73,11 @@ def test_malformed_records_are_skipped_and_counted(tokenizer_run, shapes_dir, tm
     train_lm(tiny_config("train_lm.steps=2"), tokenizer_run, data, tmp_path / "run", progress=False)
     last = _metrics(tmp_path / "run")[-1]
     assert last["bad_images"] == 1
-    n_convs_with_0 = 1  # the conversation of image 0 is dropped too
-    assert last["bad_records"] >= 2 + n_convs_with_0
+    # the two malformed lines, and every record of the unreadable image 0 (its conversation too)
+    broken = "images/000000.png"
+    of_0 = sum(json.loads(line)["image"] == broken for i, line in enumerate(lines) if i not in (1, 2))
+    of_0 += sum(c["image"] == broken for c in json.loads((data / "train" / "instruct.json").read_text()))
+    assert last["bad_records"] == 2 + of_0
 
 
 @pytest.mark.slow
