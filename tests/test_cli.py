@@ -181,7 +181,7 @@ def test_tokenize_skips_a_bad_image_reports_it_and_exits_nonzero(trained, capsys
         ),
         (
             ["eval", "tokenizer", "--tokenizer", "{run}", "--data", "{data}", "--split", "nosplit"],
-            "error: '{data}' has no split 'nosplit'",
+            "error: '{data}' has no split 'nosplit' (its splits: train, val, test)",
         ),
         (
             ["train-tokenizer", "--config", "{tmp}/bad.yaml", "--data", "{data}", "--out", "{tmp}/r"],

@@ -15,8 +15,8 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from unicodebook.data.images import ImageFolder, resolve_image_folder
-from unicodebook.data.multimodal import cached_codes, read_records, split_folder
+from unicodebook.data.images import ImageFolder, resolve_image_folder, split_folder
+from unicodebook.data.multimodal import cached_codes, read_records
 from unicodebook.errors import UnicodebookError
 from unicodebook.lm.llm import build_builtin_llm
 from unicodebook.lm.model import load_model

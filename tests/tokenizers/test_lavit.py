@@ -185,7 +185,8 @@ def _confident(run, folder) -> LavitTokenizer:
 
 
 def test_a_ragged_batch_round_trips_through_the_folder_and_the_code_cache(lavit_run, shapes_dir, tmp_path):
-    from unicodebook.data.multimodal import cached_codes, read_records, split_folder
+    from unicodebook.data.images import split_folder
+    from unicodebook.data.multimodal import cached_codes, read_records
 
     tok = _confident(lavit_run, tmp_path / "copy")
     assert isinstance(tok, LavitTokenizer) and not tok.layout.fixed and tok.reads == "codes"

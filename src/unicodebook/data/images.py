@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import DataConfig
 from ..errors import BadImageError, UnicodebookError
+from .shapes import SPLITS
 
 log = logging.getLogger("unicodebook.data")
 
@@ -152,28 +153,33 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-SPLITS = ("train", "val", "test")
-
-
 def is_split_root(data: Path) -> bool:
     """A dataset root with split folders (``DIR/train``, ``DIR/val``, ``DIR/test``)."""
     return (data / "meta.json").exists() or any((data / s).is_dir() for s in SPLITS)
 
 
-def resolve_image_folder(data: str | Path, split: str | None = None) -> Path:
-    """The image folder to read: ``DIR/<split>/images`` of a dataset root, or a plain folder.
+def split_folder(data: str | Path, split: str | None) -> Path:
+    """A dataset root + split → ``DIR/<split>``; a folder without splits stands for itself.
 
-    A root with splits must name an existing split; a plain image folder ignores ``split``.
-    """
+    A root with splits must name one it has: one error line lists those it has."""
     data = Path(data)
-    if split is not None and is_split_root(data):
-        for cand in (data / split / "images", data / split):
-            if cand.is_dir():
-                return cand
-        raise UnicodebookError(f"'{data}' has no split '{split}' (looked for {data / split / 'images'})")
-    if (data / "images").is_dir():
-        return data / "images"
+    if not data.is_dir():
+        raise UnicodebookError(f"data folder '{data}' does not exist")
+    if split and (data / split).is_dir():
+        return data / split
+    if split and is_split_root(data):
+        found = ", ".join(s for s in SPLITS if (data / s).is_dir()) or "none"
+        raise UnicodebookError(f"'{data}' has no split '{split}' (its splits: {found})")
     return data
+
+
+def resolve_image_folder(data: str | Path, split: str | None = None) -> Path:
+    """The image folder to read: ``DIR/<split>/images`` of a dataset root, ``DIR/images``, or a
+    plain folder (see :func:`split_folder`)."""
+    if not Path(data).is_dir():
+        return Path(data)  # the image folder's reader says it does not exist
+    folder = split_folder(data, split)
+    return folder / "images" if (folder / "images").is_dir() else folder
 
 
 class ImageFolder(torch.utils.data.Dataset):

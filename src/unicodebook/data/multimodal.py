@@ -48,18 +48,6 @@ class Records:
     bad: int = 0  # malformed records skipped
 
 
-def split_folder(data: str | Path, split: str | None) -> Path:
-    """A shapes-world root + split → the split folder; a plain folder stands for itself."""
-    data = Path(data)
-    if not data.is_dir():
-        raise UnicodebookError(f"data folder '{data}' does not exist")
-    if split and (data / split).is_dir():
-        return data / split
-    if split and any((data / s).is_dir() for s in ("train", "val", "test")):
-        raise UnicodebookError(f"{data} has no '{split}' split")
-    return data
-
-
 MAX_CAPTION_CHARS = (
     DataConfig.max_caption_chars
 )  # the defaults of data.max_caption_chars and data.max_conversation_chars

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UnicodebookError
+from .shapes import SPLITS
 
-SPLITS = ("train", "val", "test")
 SCALES = (1, 2, 4)  # a photo is downsampled by one of these before a crop is cut
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import image_limits
-from ..data.multimodal import cached_codes, read_llava, read_pairs, split_folder
+from ..data.images import image_limits, split_folder
+from ..data.multimodal import cached_codes, read_llava, read_pairs
 from ..data.shapes import DESCRIBE_TYPE, read_scenes
 from ..errors import UnicodebookError
 from ..lm.sequence import collate

@@ -33,8 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Config, save_config
-from ..data.images import load_image
-from ..data.multimodal import read_records, split_folder
+from ..data.images import load_image, split_folder
+from ..data.multimodal import read_records
 from ..errors import BadImageError, UnicodebookError
 from ..eval.plots import image_grid, plot_curves
 from ..lm.text import train_word_tokenizer

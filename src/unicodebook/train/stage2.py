@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, LMTrainConfig, load_config, save_config
-from ..data.images import image_limits
-from ..data.multimodal import cached_codes, read_records, split_folder
+from ..data.images import image_limits, split_folder
+from ..data.multimodal import cached_codes, read_records
 from ..data.sources import ShardRecords, is_shard_spec
 from ..errors import UnicodebookError
 from ..lm.llm import BUILTIN, enable_checkpointing, load_llm
