@@ -48,7 +48,7 @@ def depth_twin(flat: UniCodeLM, layers: int, width: int) -> UniCodeLM:
 def train_step_s(model: UniCodeLM, batch: int, repeat: int) -> float:
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, model.tokenizer.codebook.num_codes, (batch, *model.tokenizer.grid_shape), generator=g)
-    b = collate([model.fmt.text_to_image(PROMPT, c) for c in codes], model.fmt.pad_id or 0)
+    b = collate([model.fmt.text_to_image(PROMPT, c) for c in codes], model.fmt.pad_id)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 

@@ -25,7 +25,7 @@ def _batch(model, questions):
         model.fmt.conversation([{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": "red"}])
         for q in questions
     ]
-    return collate(samples, model.fmt.pad_id or 0)
+    return collate(samples, model.fmt.pad_id)
 
 
 def test_a_one_slot_block_is_the_causal_mask(model):

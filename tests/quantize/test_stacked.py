@@ -40,11 +40,23 @@ def test_hq_groups_one_top_and_four_bottom_codes_per_top_position():
     q = HierarchicalQuantizer(_codebook(), depth=1).eval()
     out = q(torch.randn(3, 16, 16, 16))
     assert out.codes.shape == (3, 8, 8, 5)  # 8×8 top + 16×16 bottom = 320 codes
-    top, bottom = out.layer_codes
+    top, bottom = q.ungroup_codes(out.codes)
     assert top.shape == (3, 8, 8, 1) and bottom.shape == (3, 16, 16, 1)
-    t, b = q.ungroup_codes(out.codes)
-    assert torch.equal(t, top) and torch.equal(b, bottom)
+    assert torch.equal(q.group_codes(top, bottom), out.codes)
+    # a top cell's bottom codes are the 2×2 latent block under it, row by row
     assert torch.equal(out.codes[0, 2, 3, 1:], bottom[0, 4:6, 6:8, 0].flatten())
+
+
+def test_hq_code_layers_count_each_level_as_it_occurs():
+    q = HierarchicalQuantizer(_codebook(), depth=2).eval()
+    codes = q(torch.randn(2, 8, 8, 16)).codes
+    top, bottom = q.ungroup_codes(codes)
+    cols = q.code_layers(codes)
+    assert q.layer_names == ["top 0", "top 1", "bottom 0", "bottom 1"] and cols.shape == (2 * 8 * 8, 4)
+    count = lambda c: torch.bincount(c.flatten(), minlength=128)  # noqa: E731
+    for layer in range(2):  # a top code covers 4 latent cells: its counts are scaled, not changed in shape
+        assert torch.equal(count(cols[:, layer]), 4 * count(top[..., layer]))
+        assert torch.equal(count(cols[:, 2 + layer]), count(bottom[..., layer]))
 
 
 @pytest.mark.parametrize("kind", ["rq", "hq"])

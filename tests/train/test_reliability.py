@@ -502,7 +502,7 @@ def _lm_batch(model: UniCodeLM, shapes_dir):
     codes = model.tokenizer.encode(images)
     fmt = model.fmt
     samples = [fmt.decompression(codes[0]), fmt.decompression(codes[1]), fmt.text_to_image("a red circle", codes[2])]
-    return collate(samples, fmt.pad_id if fmt.pad_id is not None else 0), model.latents(codes[:2])
+    return collate(samples, fmt.pad_id), model.latents(codes[:2])
 
 
 def test_stage2_gradient_checkpointing_gives_the_same_gradients(model_run, shapes_dir):

@@ -190,7 +190,7 @@ def _decompression(model, cache, images: list[str], batch_size: int) -> float:
     right = total = 0.0
     for s in range(0, len(images), batch_size):
         codes = cache.codes[[cache.index[i] for i in images[s : s + batch_size]]].long()
-        batch = collate([fmt.decompression(c) for c in codes], fmt.pad_id if fmt.pad_id is not None else 0)
+        batch = collate([fmt.decompression(c) for c in codes], fmt.pad_id)
         out = model(batch, model.latents(codes))
         n = codes.shape[0] * model.codes_per_image
         right += float(out.code_accuracy) * n

@@ -431,8 +431,7 @@ class UniCodeLM(nn.Module):
         dev = self.device
         n = max(len(r) for r in rows)
         self._check_length(n + extra, "this input")
-        pad = self.fmt.pad_id if self.fmt.pad_id is not None else 0
-        ids = torch.full((len(rows), n), pad, dtype=torch.long, device=dev)
+        ids = torch.full((len(rows), n), self.fmt.pad_id, dtype=torch.long, device=dev)
         mask = torch.zeros((len(rows), n), dtype=torch.long, device=dev)
         at = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
         for i, r in enumerate(rows):

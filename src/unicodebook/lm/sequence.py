@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..tokenizers.base import PAD_CODE, CodeLayout
-from .text import IMAGE_TOKEN, IMG_END, IMG_START, marker_ids, text_ids
+from .text import IMAGE_TOKEN, IMG_END, IMG_START, marker_ids, pad_id_of, text_ids
 
 IGNORE = -100
 USER, ASSISTANT = "USER:", "ASSISTANT:"
@@ -77,7 +77,7 @@ class SequenceFormat:
         self.image_id, self.start_id, self.end_id = ids[IMAGE_TOKEN], ids[IMG_START], ids[IMG_END]
         self.bos_id = text_tok.bos_token_id
         self.eos_id = text_tok.eos_token_id
-        self.pad_id = text_tok.pad_token_id
+        self.pad_id = pad_id_of(text_tok)
         self.code_token_ids = code_token_ids.cpu()
         self.num_latents = num_latents
         self.reads_codes = num_latents is None

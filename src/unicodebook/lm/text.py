@@ -87,6 +87,12 @@ def text_ids(text_tok, text: str) -> list[int]:
     return list(text_tok(text, add_special_tokens=False)["input_ids"])
 
 
+def pad_id_of(text_tok) -> int:
+    """The id padded positions hold: the text tokenizer's pad token, else 0. Padding is kept out
+    of attention and of the loss, so the id only has to be a row the LLM has."""
+    return text_tok.pad_token_id if text_tok.pad_token_id is not None else 0
+
+
 def allowed_text_ids(text_tok, vocab_size: int) -> torch.Tensor:
     """Boolean mask over the LLM vocabulary of the ids a text answer may use: the text
     tokenizer's ids, minus the image markers and padding."""

@@ -7,7 +7,6 @@ from .stacked import (
     QuantOutput,
     ResidualQuantizer,
     build_quantizer,
-    code_grid_shape,
     position_embeddings,
 )
 
@@ -19,6 +18,5 @@ __all__ = [
     "ResidualQuantizer",
     "QuantOutput",
     "build_quantizer",
-    "code_grid_shape",
     "position_embeddings",
 ]

@@ -25,36 +25,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..utils.distributed import all_reduce_, broadcast_, gather_rows
 from .search import SEARCH_MODES, SearchIndex, nearest_code, nearest_code_certified, prefer_bf16
 
 MODES = ("frozen", "dual", "iterative")
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_(*tensors: Tensor) -> None:
-    if _dist_on():
-        for t in tensors:
-            dist.all_reduce(t)
-
-
-def _broadcast_(t: Tensor) -> None:
-    if _dist_on():
-        dist.broadcast(t, src=0)
-
-
-def gather_rows(t: Tensor) -> Tensor:
-    """Concatenate ``t`` (N, ...) of every rank along dim 0, rank 0 first (ranks' N must agree)."""
-    if not _dist_on() or dist.get_world_size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 @dataclass
@@ -263,7 +239,7 @@ class UnifiedCodebook(nn.Module):
         # EMA of counts and sums of assigned features (all ranks see the global batch stats)
         counts = torch.bincount(codes, minlength=self.num_codes).float()
         sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, features)
-        _all_reduce_(counts, sums)
+        all_reduce_(counts, sums)
         decay = rule.ema_decay
         self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
@@ -308,7 +284,7 @@ class UnifiedCodebook(nn.Module):
             pick = torch.randint(0, pool.shape[0], (rows.numel(),), generator=generator, device="cpu")
             new = pool[pick.to(pool.device)].clone()
             new += 0.01 * new.std() * torch.randn(new.shape, generator=generator, device="cpu").to(new.device)
-            _broadcast_(new)  # rank 0's choice for all ranks
+            broadcast_(new)  # rank 0's choice for all ranks
             self.embed[rows] = new
             self.ema_count[rows] = 1.0
             self.ema_sum[rows] = new
@@ -343,7 +319,7 @@ class UnifiedCodebook(nn.Module):
             sums = torch.zeros_like(cent).index_add_(0, idx, x)
             filled = counts > 0
             cent[filled] = sums[filled] / counts[filled, None]
-        _broadcast_(cent)
+        broadcast_(cent)
         if self.rule.mode == "iterative" and self.rule.rescale_to_token_norm and self.is_bound:
             lang = self.language_codebook()[lo:hi].to(cent.device)
             cent *= (lang.norm(dim=1) / cent.norm(dim=1).clamp_min(1e-12))[:, None]

@@ -175,8 +175,3 @@ class _fp32_accumulation:
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = self.flag
-
-
-def brute_force_nearest(z: Tensor, codebook: Tensor) -> Tensor:
-    """Reference: materialises (N, V) exact distances via cdist. For tests only."""
-    return torch.cdist(z.double(), codebook.double()).argmin(dim=1)

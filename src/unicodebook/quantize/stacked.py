@@ -20,15 +20,14 @@ LLM consumes (SPEC §1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..utils.distributed import mean_with_grad, world_size
 from .codebook import UnifiedCodebook
 
 LAYER_ROWS = ("shared", "split")
@@ -39,7 +38,6 @@ class QuantOutput:
     quantized: Tensor  # (B, h, w, d) aggregated, straight-through
     codes: Tensor  # (B, gh, gw, G) long code indices (rows of the codebook)
     loss: Tensor  # scalar: β·commitment + entropy_weight·usage entropy (what training adds)
-    layer_codes: list[Tensor] = field(default_factory=list)  # per level, (B, h', w', D)
     usage_loss: Tensor | None = None  # the unweighted usage-entropy term, when it is on
 
 
@@ -118,7 +116,7 @@ class ResidualQuantizer(nn.Module):
         if self.training:
             self._pending.append((inputs, codes.reshape(-1)))
         quantized = z + (q - z).detach() if self.training else q  # straight-through in training
-        return QuantOutput(quantized, codes, loss, [codes], usage)
+        return QuantOutput(quantized, codes, loss, usage)
 
     def usage_entropy_loss(self, z: Tensor, codes: Tensor) -> Tensor:
         """Mean over layers of H(p(code | r)) − H(E[p(code | r)]), normalised by log V.
@@ -134,7 +132,7 @@ class ResidualQuantizer(nn.Module):
         cb = self.codebook.embed
         flat = z.reshape(-1, z.shape[-1]).float()
         flat_codes = codes.reshape(-1, self.depth)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = world_size()
         samples = max(1, self.entropy_samples // world)  # each rank's share of the global subset
         if flat.shape[0] > samples:  # a random subset estimates the batch marginal
             keep = torch.randperm(flat.shape[0], device=flat.device)[:samples]
@@ -152,12 +150,24 @@ class ResidualQuantizer(nn.Module):
             p = logp.exp()
             per_sample = -(p * logp).sum(1).mean()
             avg = p.mean(0)
-            if world > 1:  # the marginal of the global batch (differentiable all-reduce)
-                avg = dist_nn.all_reduce(avg) / world
+            avg = mean_with_grad(avg)  # the marginal of the global batch
             marginal = -(avg * avg.clamp_min(1e-12).log()).sum()
             total = total + (per_sample - marginal)
             prev = prev + self.codebook.lookup(flat_codes[:, layer])
         return total / (self.depth * math.log(self.codebook.num_codes // self.codebook.groups))
+
+    def grid_shape(self, latent_hw: int) -> tuple[int, int, int]:
+        """(gh, gw, G) of the code grid for a square latent of side ``latent_hw``: D codes a position."""
+        return latent_hw, latent_hw, self.depth
+
+    @property
+    def layer_names(self) -> list[str]:
+        """One name per code layer (the columns of :meth:`code_layers`)."""
+        return [f"layer {i}" for i in range(self.depth)]
+
+    def code_layers(self, codes: Tensor) -> Tensor:
+        """codes (B, gh, gw, D) → (N, D): one column per code layer."""
+        return codes.reshape(-1, self.depth)
 
     def codes_to_embeddings(self, codes: Tensor) -> Tensor:
         """codes (..., D) → Σ_l e(codes_l) (..., d), summed layer by layer in order."""
@@ -212,7 +222,7 @@ class HierarchicalQuantizer(nn.Module):
         out = self.fuse(torch.cat([top_up, bottom.quantized], -1))
         codes = self.group_codes(top.codes, bottom.codes)
         usage = None if top.usage_loss is None else (top.usage_loss + bottom.usage_loss) / 2
-        return QuantOutput(out, codes, top.loss + bottom.loss, [top.codes, bottom.codes], usage)
+        return QuantOutput(out, codes, top.loss + bottom.loss, usage)
 
     def group_codes(self, top: Tensor, bottom: Tensor) -> Tensor:
         """top (B,h/2,w/2,D), bottom (B,h,w,D) → grid (B,h/2,w/2,5D): D top then 2×2×D bottom."""
@@ -221,6 +231,22 @@ class HierarchicalQuantizer(nn.Module):
     def ungroup_codes(self, codes: Tensor) -> tuple[Tensor, Tensor]:
         top, bot = codes[..., : self.depth], codes[..., self.depth :]
         return top, rearrange(bot, "b h w (p q D) -> b (h p) (w q) D", p=2, q=2)
+
+    def grid_shape(self, latent_hw: int) -> tuple[int, int, int]:
+        """(gh, gw, G): one cell a top position, holding its D top and 2×2×D bottom codes."""
+        if latent_hw % 2:
+            raise ValueError(f"HQ needs an even latent size; got {latent_hw}")
+        return latent_hw // 2, latent_hw // 2, 5 * self.depth
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [f"top {i}" for i in range(self.depth)] + [f"bottom {i}" for i in range(self.depth)]
+
+    def code_layers(self, codes: Tensor) -> Tensor:
+        """codes (B, gh, gw, 5D) → (N, 2D): the top layers, then the bottom layers. The 4× fewer
+        top rows are repeated 4 times, which leaves their usage and perplexity unchanged."""
+        top, bottom = self.ungroup_codes(codes)
+        return torch.cat([top.reshape(-1, self.depth).repeat(4, 1), bottom.reshape(-1, self.depth)], 1)
 
     def codes_to_embeddings(self, codes: Tensor) -> Tensor:
         top, bottom = self.ungroup_codes(codes)
@@ -250,13 +276,6 @@ def build_quantizer(
             raise ValueError("layer_rows=split needs the rq quantizer (HQ's two levels share the rows)")
         return HierarchicalQuantizer(codebook, depth, beta, entropy_weight, entropy_temperature)
     raise ValueError(f"unknown quantizer kind {kind!r} (rq or hq)")
-
-
-def code_grid_shape(kind: str, latent_hw: int, depth: int) -> tuple[int, int, int]:
-    """(gh, gw, G) of the code grid for a square latent of side ``latent_hw``."""
-    if kind == "rq":
-        return latent_hw, latent_hw, depth
-    return latent_hw // 2, latent_hw // 2, 5 * depth
 
 
 def position_embeddings(quantizer, codes: Tensor) -> Tensor:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..lm.text import pad_id_of
+
 
 class TextTower(nn.Module):
     """token ids (B, T) and mask (B, T) → caption embeddings (B, e), not normalised."""
@@ -46,7 +48,7 @@ def tokenize_captions(text_tok, captions: list[str], max_length: int) -> tuple[T
         text_tok(c, add_special_tokens=False)["input_ids"][:max_length] or [text_tok.unk_token_id] for c in captions
     ]
     n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), text_tok.pad_token_id or 0, dtype=torch.long)
+    ids = torch.full((len(rows), n), pad_id_of(text_tok), dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)

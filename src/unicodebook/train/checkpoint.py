@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import UnicodebookError
+from ..utils.distributed import launched_as_main
 from ..utils.io import atomic_dir, atomic_save_tensors, first_state_mismatch
 
 STATE_VERSION = 1
@@ -163,7 +164,7 @@ def run_lock(run: Path) -> Iterator[None]:
     its folder, so a second process is refused rather than interleaved. The system releases the
     lock when its holder exits, however it ends: a lock file left by a dead process is taken
     over. The other ranks of a distributed run (``RANK`` > 0) share the main process's lock."""
-    if os.environ.get("RANK", "0") != "0":
+    if not launched_as_main():
         yield
         return
     run = Path(run)

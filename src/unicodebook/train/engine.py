@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import TrainingStopped, UnicodebookError
-from ..quantize.codebook import gather_rows
 from ..utils.device import native_bf16
+from ..utils.distributed import gather_rows
 
 log = logging.getLogger("unicodebook.train")
 

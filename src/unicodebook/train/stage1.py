@@ -152,7 +152,7 @@ class Stage1Recipe:
             (self.run_dir / "samples").mkdir(exist_ok=True)
         self.bad_here = 0  # bad images this process met since the start (summed over ranks when reported)
         self.restarted = 0
-        self.usage = CodeUsage(tok.codebook.num_codes, tok.depth if tok.kind == "rq" else 2 * tok.depth)
+        self.usage = CodeUsage(tok.codebook.num_codes, len(tok.quantizer.layer_names))
 
     def _optimizers(self, ckpts, resume: bool) -> int:
         """AdamW for the tokenizer (and the discriminator's, with the optional losses), prepared

@@ -409,8 +409,7 @@ class Stage2Recipe:
         return self.fmt.text_to_image(caption, codes)
 
     def _collate(self, samples: list, step: int, g: torch.Generator):
-        pad = self.fmt.pad_id if self.fmt.pad_id is not None else 0
-        return corrupt_codes(collate(samples, pad), self.code_ids, self.phases.at(step)[1].code_noise, g)
+        return corrupt_codes(collate(samples, self.fmt.pad_id), self.code_ids, self.phases.at(step)[1].code_noise, g)
 
     def batch(self, step: int):
         """(task, batch, latents of the images the LLM reads) of ``step``, for this rank."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ...config import ModelConfig
 from ...errors import UnicodebookError
-from ...quantize import UnifiedCodebook, build_quantizer, code_grid_shape, position_embeddings
+from ...quantize import UnifiedCodebook, build_quantizer, position_embeddings
 from ..base import CodeLayout, VisualTokenizer
 from .autoencoder import Decoder, Encoder
 
@@ -50,9 +50,6 @@ class UniCodeTokenizer(VisualTokenizer):
             raise ValueError(f"image_size {cfg.image_size} is not divisible by the down-sampling factor {factor}")
         self.image_size = cfg.image_size
         self.latent_size = cfg.image_size // factor
-        self.kind, self.depth = qc.kind, qc.depth
-        if self.kind == "hq" and self.latent_size % 2:
-            raise ValueError(f"HQ needs an even latent size; got {self.latent_size}")
         d = codebook.dim
         common = dict(
             ch=ae.ch,
@@ -69,6 +66,7 @@ class UniCodeTokenizer(VisualTokenizer):
         self.quantizer = build_quantizer(
             qc.kind, codebook, qc.depth, qc.beta, qc.entropy_weight, qc.entropy_temperature, qc.layer_rows
         )
+        self.quantizer.grid_shape(self.latent_size)  # refuses a latent the quantizer cannot tile
         self.post_quant = nn.Conv2d(d, ae.z_channels, 1)
         self.decoder = Decoder(**common)
         self.patch = factor if ae.patch_skip else 0
@@ -91,7 +89,7 @@ class UniCodeTokenizer(VisualTokenizer):
     @property
     def grid_shape(self) -> tuple[int, int, int]:
         """(gh, gw, G): the code grid of one image."""
-        return code_grid_shape(self.kind, self.latent_size, self.depth)
+        return self.quantizer.grid_shape(self.latent_size)
 
     @property
     def codes_per_image(self) -> int:
@@ -184,19 +182,9 @@ class UniCodeTokenizer(VisualTokenizer):
         return self._decode_latent(z).clamp(0, 1)
 
     def code_layers(self, codes: Tensor) -> tuple[Tensor, list[str]]:
-        """codes (B, gh, gw, G) → (N, L) one column per code layer, and the layers' names.
-
-        RQ: L = D layers. HQ: L = 2·D (top layers, then bottom layers).
-        """
-        if self.kind == "rq":
-            return codes.reshape(-1, self.depth), [f"layer {i}" for i in range(self.depth)]
-        top, bottom = self.quantizer.ungroup_codes(codes)
-        cols = [top.reshape(-1, self.depth), bottom.reshape(-1, self.depth)]
-        n = max(c.shape[0] for c in cols)
-        # pad the (4× fewer) top rows with repeats of themselves: usage/perplexity are unchanged
-        top_rep = cols[0].repeat(n // cols[0].shape[0], 1)
-        names = [f"top {i}" for i in range(self.depth)] + [f"bottom {i}" for i in range(self.depth)]
-        return torch.cat([top_rep, cols[1]], 1), names
+        """codes (B, gh, gw, G) → (N, L) one column per code layer, and the layers' names
+        (the quantizer's: RQ D layers, HQ 2·D, top then bottom)."""
+        return self.quantizer.code_layers(codes), self.quantizer.layer_names
 
     def token_ids(self, codes: Tensor) -> Tensor:
         """codes → the LLM token ids they stand for (same shape)."""
