@@ -83,6 +83,30 @@ def tiny_config(*extra: str):
     return load_config("tiny", TINY_OVERRIDES + list(extra))
 
 
+def assert_report_counts(report: dict) -> None:
+    """What an ``eval model`` report must satisfy whatever the model: each accuracy is a whole
+    number of right answers out of its n, its seen and held-out parts add up to the whole, and the
+    examples it shows agree with the count of right answers."""
+    from unicodebook.eval.model import normalise_answer
+
+    for task in ("vqa", "description", "t2i"):
+        if f"{task}_accuracy" not in report:
+            continue
+        n = report[f"{task}_n"]
+        right = report[f"{task}_accuracy"] * n
+        assert abs(right - round(right)) < 1e-6, f"{task}: {right} right answers"
+        parts = [
+            (report[f"{task}_accuracy_{p}"], report[f"{task}_n_{p}"])
+            for p in ("seen", "held_out")
+            if f"{task}_n_{p}" in report
+        ]
+        if sum(k for _, k in parts) == n:  # VQA's parts cover only the scenes the split marks
+            assert abs(sum(a * k for a, k in parts) - right) < 1e-6, f"{task}: the parts do not add up"
+        shown = report.get(f"{task}_examples", [])
+        shown_right = sum(normalise_answer(e["answer"]) == normalise_answer(e["truth"]) for e in shown)
+        assert shown_right <= round(right) <= n - (len(shown) - shown_right), f"{task}: the examples disagree"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -30,6 +30,7 @@ from unicodebook.data.shapes import (
     Scene,
     caption,
     judge,
+    judgeable,
     matches_prompt,
     object_extent,
     parse_objects,
@@ -172,6 +173,7 @@ def test_text_closed_vocabulary_and_parse() -> None:
         assert t2i_prompt(sc).startswith("draw ")
         assert parse_objects(cap) == [o.to_dict() for o in sc.objects]
         assert parse_objects(t2i_prompt(sc)) == [o.to_dict() for o in sc.objects]
+        assert judgeable(t2i_prompt(sc))
         for qa in qa_pairs(sc, rng):
             assert set(_words(qa["question"])) <= vocab
             assert set(_words(qa["answer"])) <= vocab
@@ -302,6 +304,13 @@ def test_judge_same_colour_neighbours_after_blur() -> None:
     for size in (32, 36, 43, 64):
         blurred = np.round(_box_blur3(render_array(sc, size))).astype(np.uint8)
         assert judge(blurred) == [o.to_dict() for o in sc.objects], size
+
+
+def test_a_caption_of_another_world_is_not_judged() -> None:
+    # it parses to one object without attributes, which any drawn object would match
+    assert parse_objects("a teal bar running across") == [{}]
+    assert not judgeable("a teal bar running across") and not judgeable("draw something")
+    assert judgeable("draw a red circle") and not judgeable("draw a red circle and a blue one")
 
 
 def test_score_and_matches_prompt() -> None:

@@ -141,19 +141,37 @@ def test_ema_statistics_and_restarts_are_synchronised_across_ranks():
     assert torch.equal(r0["count"], r1["count"])
 
 
-def test_ema_update_on_two_ranks_equals_one_process_on_the_global_batch():
-    """The all-reduced statistics are those of the concatenated batch."""
-    a, _ = _codebook("dual", restart_every=0, dual_sync_every=1000)
+def _halves():
     g = torch.Generator().manual_seed(5)
-    f0, f1 = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
-    both = torch.cat([f0, f1])
-    a.update(both, a.search(both)[0], progress=0.5, step=1)
-    # simulate the all-reduce by hand on a second codebook
-    b, _ = _codebook("dual", restart_every=0, dual_sync_every=1000)
-    c0, c1 = b.search(f0)[0], b.search(f1)[0]
-    counts = torch.bincount(torch.cat([c0, c1]), minlength=32).float()
-    sums = torch.zeros(32, 16).index_add_(0, torch.cat([c0, c1]), both)
-    b.ema_count.mul_(0.99).add_(counts, alpha=0.01)
-    b.ema_sum.mul_(0.99).add_(sums, alpha=0.01)
-    torch.testing.assert_close(a.ema_count, b.ema_count)
-    torch.testing.assert_close(a.ema_sum, b.ema_sum)
+    return torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g) * 2
+
+
+def _half_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cb, _ = _codebook("dual", restart_every=0, dual_sync_every=1000)
+    for step in (1, 2):
+        feats = _halves()[rank]  # each rank sees only its half of the global batch
+        cb.update(feats, cb.search(feats)[0], progress=0.5, step=step)
+    torch.save(
+        {k: getattr(cb, k).clone() for k in ("ema_count", "ema_sum", "embed")}, os.path.join(out_dir, f"{rank}.pt")
+    )
+    dist.destroy_process_group()
+
+
+def test_ema_update_on_two_ranks_equals_one_process_on_the_global_batch():
+    """The all-reduced statistics are those of the concatenated batch: two gloo ranks with a
+    half each end where one process with both halves ends."""
+    one, _ = _codebook("dual", restart_every=0, dual_sync_every=1000)
+    for step in (1, 2):
+        both = torch.cat(_halves())
+        one.update(both, one.search(both)[0], progress=0.5, step=step)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_half_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in (0, 1)]
+    alone, _ = _codebook("dual", restart_every=0, dual_sync_every=1000)  # rank 0's half, no all-reduce
+    for step in (1, 2):
+        alone.update(_halves()[0], alone.search(_halves()[0])[0], progress=0.5, step=step)
+    for r in ranks:
+        for k in ("ema_count", "ema_sum", "embed"):
+            torch.testing.assert_close(r[k], getattr(one, k))
+    assert not torch.allclose(alone.ema_count, one.ema_count)  # the halves do differ

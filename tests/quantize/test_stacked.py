@@ -12,16 +12,35 @@ def _codebook(v=128, d=16, mode="dual"):
     return UnifiedCodebook(torch.arange(v), d, CodebookRule(mode=mode, restart_every=0)).bind(emb)
 
 
-@pytest.mark.parametrize("kind", ["rq", "hq"])
-def test_codes_to_embeddings_equals_quantized_output_in_eval(kind):
-    cb = _codebook()
-    q = (ResidualQuantizer(cb, 3) if kind == "rq" else HierarchicalQuantizer(cb, 2)).train()
-    q(torch.randn(4, 8, 8, 16))  # k-means init + one training pass
+def _trained(q):
+    q.train()(torch.randn(4, 8, 8, 16))  # k-means start + one training pass
     q.pop_updates()
-    q.eval()
+    return q.eval()
+
+
+def test_rq_codes_are_the_greedy_nearest_rows_of_each_residual():
+    """Against an independent reference: layer l's code is the float64 nearest row to what
+    layers < l left, and Ẑ is the sum of the chosen rows."""
+    cb = _codebook()
+    q = _trained(ResidualQuantizer(cb, 3))
     z = torch.randn(2, 8, 8, 16)
     out = q(z)
+    rows = cb.embed.detach().double()
+    residual, total = z.reshape(-1, 16).double(), 0
+    for layer in range(3):
+        want = torch.cdist(residual, rows).argmin(1)
+        assert torch.equal(out.codes[..., layer].reshape(-1), want)
+        residual, total = residual - rows[want], total + rows[want]
+    torch.testing.assert_close(out.quantized.reshape(-1, 16).double(), total, rtol=1e-5, atol=1e-5)
+
+
+def test_hq_codes_to_embeddings_regroups_what_the_forward_pass_fused():
+    q = _trained(HierarchicalQuantizer(_codebook(), 2))
+    out = q(torch.randn(2, 8, 8, 16))
     assert torch.equal(q.codes_to_embeddings(out.codes), out.quantized)
+    swapped = out.codes.clone()
+    swapped[..., 2:] = swapped[..., 2:].flip(-1)  # the same codes, the bottom block in another order
+    assert not torch.allclose(q.codes_to_embeddings(swapped), out.quantized)
 
 
 def test_rq_code_grid_and_residual_refinement():
@@ -59,14 +78,22 @@ def test_hq_code_layers_count_each_level_as_it_occurs():
         assert torch.equal(count(cols[:, 2 + layer]), count(bottom[..., layer]))
 
 
-@pytest.mark.parametrize("kind", ["rq", "hq"])
-def test_straight_through_gradient_reaches_the_encoder_output(kind):
-    cb = _codebook()
-    q = (ResidualQuantizer(cb, 2) if kind == "rq" else HierarchicalQuantizer(cb, 1)).train()
+def test_rq_straight_through_passes_the_gradient_unchanged_to_the_encoder_output():
+    q = ResidualQuantizer(_codebook(), 2).train()
     z = torch.randn(2, 4, 4, 16, requires_grad=True)
-    out = q(z)
-    (out.quantized.sum() + out.loss).backward()
-    assert z.grad is not None and z.grad.abs().sum() > 0
+    weights = torch.randn(2, 4, 4, 16)
+    (q(z).quantized * weights).sum().backward()
+    assert torch.equal(z.grad, weights)  # d Ẑ / d z = identity in training
+    z.grad = None
+    q(z).loss.backward()  # the commitment term pulls z towards its codes
+    assert z.grad.abs().sum() > 0
+
+
+def test_hq_gradient_reaches_the_encoder_output_through_both_levels():
+    q = HierarchicalQuantizer(_codebook(), 1).train()
+    z = torch.randn(2, 4, 4, 16, requires_grad=True)
+    q(z).quantized.sum().backward()
+    assert z.grad.abs().sum() > 0 and q.down.weight.grad.abs().sum() > 0  # bottom path and top path
 
 
 def test_hq_rejects_odd_latent():

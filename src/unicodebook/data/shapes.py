@@ -108,6 +108,7 @@ __all__ = [
     "t2i_prompt",
     "qa_pairs",
     "parse_objects",
+    "judgeable",
     "vocab_words",
     "write_dataset",
     "judge",
@@ -791,6 +792,15 @@ def score(image: Image.Image | np.ndarray, scene: Scene) -> dict[str, Any]:
     res["all_correct"] = pred == true
     res["n_pred"] = len(pred)
     return res
+
+
+def judgeable(text: str) -> bool:
+    """Whether :func:`matches_prompt` can judge a drawing of ``text``: it names at least one
+    object, and a shape for each (every prompt this world writes does). A caption of another
+    world ("a teal bar running across") parses to objects without attributes, which any picture
+    with an object would match, so it is not judged."""
+    objs = parse_objects(text)
+    return bool(objs) and all("shape" in o for o in objs)
 
 
 def matches_prompt(image: Image.Image | np.ndarray, objects: Iterable[Obj | Mapping[str, str]] | Scene | str) -> bool:

@@ -209,9 +209,9 @@ def _judge(images: torch.Tensor, captions: list[str]) -> list[bool]:
 def _t2i_reference(model, cache, pairs, batch_size: int) -> dict:
     """The ceiling the frozen tokenizer sets: the judge on the reconstructions of the pairs' own
     images, i.e. what a stage II model that emitted exactly the reference codes would score."""
-    from ..data.shapes import parse_objects
+    from ..data.shapes import judgeable
 
-    if not all(parse_objects(p.caption) for p in pairs):  # judged only where _t2i judges too
+    if not all(judgeable(p.caption) for p in pairs):  # judged only where _t2i judges too
         return {}
     pairs = [p for p in pairs if p.image in cache.index]
     ok: dict[bool, list[bool]] = {False: [], True: []}
@@ -239,9 +239,9 @@ def _t2i(
     progress: bool,
     pictures: Path | None,
 ) -> dict:
-    from ..data.shapes import parse_objects
+    from ..data.shapes import judgeable
 
-    judged = all(parse_objects(p.caption) for p in pairs)
+    judged = all(judgeable(p.caption) for p in pairs)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     ok: dict[bool, list[bool]] = {False: [], True: []}
     shown: dict[bool, list[tuple[torch.Tensor, str]]] = {False: [], True: []}  # the first 8 of each kind
