@@ -40,13 +40,13 @@ def build_model(
 ) -> UniCodeLM:
     cfg = load_config("tiny", PRESETS[preset])
     llm = load_llm(cfg.llm, seed=0)
-    tok = build_tokenizer(cfg, llm, seed=0)
+    visual_tok = build_tokenizer(cfg, llm, seed=0)
     words = [
         f"a {c} {s} on the left of a {c2} {s2}" for c in COLOURS for s in SHAPES for c2 in COLOURS for s2 in SHAPES
     ]
     text_tok = train_word_tokenizer(words, max_vocab=cfg.llm.vocab_size // 2)
     ensure_markers(text_tok, llm)
-    model = UniCodeLM(llm, tok, text_tok, image_positions=image_positions, layout=layout).eval()
+    model = UniCodeLM(llm, visual_tok, text_tok, image_positions=image_positions, layout=layout).eval()
     model.to(device=device, dtype=dtype)
     model.tokenizer.to(device)
     return model

@@ -144,10 +144,10 @@ def tokenizer_row(
     t0 = time.time()
     res = train_tokenizer(cfg, root, run, progress=False)
     seconds = time.time() - t0
-    tok = load_tokenizer(run)
-    ev = evaluate_tokenizer(tok, root, split="test", progress=False)
+    visual_tok = load_tokenizer(run)
+    ev = evaluate_tokenizer(visual_tok, root, split="test", progress=False)
     with torch.no_grad():
-        recon = tok.eval().decode(tok.encode(shown.to(tok.device))).clamp(0, 1).cpu()
+        recon = visual_tok.eval().decode(visual_tok.encode(shown.to(visual_tok.device))).clamp(0, 1).cpu()
     return {
         "psnr": ev["psnr"],
         "ssim": ev["ssim"],

@@ -56,7 +56,7 @@ class Scenes:
 
 def scenes_by_codes(tokenizer_run: str, data: Path) -> Scenes:
     """The codes of every train and test image → its scene and caption."""
-    tok = load_tokenizer(tokenizer_run)
+    visual_tok = load_tokenizer(tokenizer_run)
     codes_seen: list[torch.Tensor] = []
     items: list[dict] = []
     for split in ("train", "test"):
@@ -64,9 +64,9 @@ def scenes_by_codes(tokenizer_run: str, data: Path) -> Scenes:
         rows = [json.loads(x) for x in open(data / split / "scenes.jsonl")]
         for i in range(0, len(rows), 64):
             part = rows[i : i + 64]
-            images = torch.stack([load_image(data / split / r["image"], tok.image_size) for r in part])
+            images = torch.stack([load_image(data / split / r["image"], visual_tok.image_size) for r in part])
             with torch.no_grad():
-                codes = tok.encode(images)
+                codes = visual_tok.encode(images)
             for r, c in zip(part, codes):
                 codes_seen.append(c.long().cpu())
                 items.append({"scene": r["scene"], "caption": caps[r["image"]]})

@@ -47,24 +47,24 @@ def main() -> None:
     args = p.parse_args()
     rows, raw = [], {}
     for name, (cfg, batch) in configs(args.width).items():
-        tok = build_tokenizer(cfg, seed=0).eval().to(args.device)
+        visual_tok = build_tokenizer(cfg, seed=0).eval().to(args.device)
         images = torch.rand(
             batch, 3, cfg.model.image_size, cfg.model.image_size, generator=torch.Generator().manual_seed(0)
         ).to(args.device)
         with torch.inference_mode():
-            codes = tok.encode(images)
-            t_enc = timeit(lambda: tok.encode(images), args.device, repeat=args.repeat)
-            t_dec = timeit(lambda: tok.decode(codes), args.device, repeat=args.repeat)
-        search = "bf16 certified" if tok.codebook.search_index().lowp is not None else "fp32"
-        ae = sum(p.numel() for n, p in tok.named_parameters() if not n.startswith("codebook"))
+            codes = visual_tok.encode(images)
+            t_enc = timeit(lambda: visual_tok.encode(images), args.device, repeat=args.repeat)
+            t_dec = timeit(lambda: visual_tok.decode(codes), args.device, repeat=args.repeat)
+        search = "bf16 certified" if visual_tok.codebook.search_index().lowp is not None else "fp32"
+        ae = sum(p.numel() for n, p in visual_tok.named_parameters() if not n.startswith("codebook"))
         raw[name] = {"batch": batch, "encode_s": t_enc, "decode_s": t_dec}
         rows.append(
             [
                 name,
-                f"{tok.codebook.num_codes}×{tok.codebook.dim}",
+                f"{visual_tok.codebook.num_codes}×{visual_tok.codebook.dim}",
                 search,
                 f"{ae / 1e6:.1f}M",
-                tok.codes_per_image,
+                visual_tok.codes_per_image,
                 batch,
                 f"{batch / t_enc:.1f}",
                 f"{batch / t_dec:.1f}",

@@ -137,13 +137,13 @@ def test_tokenize_prints_the_codes_the_python_api_gives(trained, capsys):
     _, a, _ = run_cli(capsys, "tokenize", "--tokenizer", run, img)
     _, b, _ = run_cli(capsys, "tokenize", "--tokenizer", run, img)
     assert a == b
-    tok = load_tokenizer(run)
-    codes = tok.encode(load_image(img)[None])[0]
+    visual_tok = load_tokenizer(run)
+    codes = visual_tok.encode(load_image(img)[None])[0]
     printed = json.loads(a)
     assert printed["codes"] == codes.tolist()
-    assert printed["token_ids"] == tok.token_ids(codes).flatten().tolist()
+    assert printed["token_ids"] == visual_tok.token_ids(codes).flatten().tolist()
     # and decoding the printed codes gives the reconstruction the CLI writes
-    assert torch.equal(tok.decode(torch.tensor(printed["codes"])[None]), tok.decode(codes[None]))
+    assert torch.equal(visual_tok.decode(torch.tensor(printed["codes"])[None]), visual_tok.decode(codes[None]))
 
 
 def test_tokenize_skips_a_bad_image_reports_it_and_exits_nonzero(trained, capsys, tmp_path):

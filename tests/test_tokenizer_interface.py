@@ -79,22 +79,22 @@ def test_layouts_say_what_a_code_tensor_holds():
 
 
 def test_ragged_codes_round_trip_through_the_cache_and_the_sequences(fake_run, shapes_dir, tmp_path):
-    tok = load_tokenizer(fake_run)
+    visual_tok = load_tokenizer(fake_run)
     images = _train_images(shapes_dir)
-    codes = tok.encode(images)
-    lengths = tok.layout.lengths(codes)
+    codes = visual_tok.encode(images)
+    lengths = visual_tok.layout.lengths(codes)
     assert len(set(lengths.tolist())) >= 3 and int(lengths.min()) >= 2  # really ragged, never below the minimum
-    assert torch.equal(tok.encode(tok.decode(codes)), codes)  # exact on its own output
+    assert torch.equal(visual_tok.encode(visual_tok.decode(codes)), codes)  # exact on its own output
 
     folder = split_folder(shapes_dir, "train")
     recs = read_records(folder)
     paths = sorted({c.image for c in recs.captions})[:24]
-    cache = cached_codes(tok, folder, paths, fallback=tmp_path, progress=False)
-    again = cached_codes(tok, folder, paths, fallback=tmp_path, progress=False)  # read back from disk
+    cache = cached_codes(visual_tok, folder, paths, fallback=tmp_path, progress=False)
+    again = cached_codes(visual_tok, folder, paths, fallback=tmp_path, progress=False)  # read back from disk
     assert torch.equal(cache.codes, again.codes) and torch.equal(cache.lengths, again.lengths)
     assert len(set(cache.lengths.tolist())) >= 2
 
-    model = load_model_like(tok)
+    model = load_model_like(visual_tok)
     fmt = model.fmt
     samples, want = [], []
     for p in paths[:8]:
@@ -117,35 +117,35 @@ def test_ragged_codes_round_trip_through_the_cache_and_the_sequences(fake_run, s
     assert batch.n_codes.tolist() == want and batch.input_ids.shape[1] == max(len(s.input_ids) for s in samples)
 
 
-def load_model_like(tok):
+def load_model_like(visual_tok):
     """A model on a fresh tiny LLM, for the sequence checks (no training)."""
     from unicodebook.lm.model import UniCodeLM
 
     llm = build_builtin_llm(tiny_config().llm)
     text = train_word_tokenizer(["USER: what is there ? ASSISTANT: red", "draw a small red circle at the top"], 200)
     ensure_markers(text, llm)
-    return UniCodeLM(llm, tok, text)
+    return UniCodeLM(llm, visual_tok, text)
 
 
 def test_attaching_appends_code_rows_and_leaves_the_text_rows_untouched(fake_run):
-    tok = load_tokenizer(fake_run)
+    visual_tok = load_tokenizer(fake_run)
     llm = build_builtin_llm(tiny_config().llm)
     text = train_word_tokenizer(["USER: what is there ? ASSISTANT: red"], 200)
     ensure_markers(text, llm)
     vocab = dict(text.get_vocab())
     before = llm.get_input_embeddings().weight.detach().clone()
-    ids = tok.attach(llm, text)
+    ids = visual_tok.attach(llm, text)
     assert ids.tolist() == list(range(len(vocab), len(vocab) + 8))  # new tokens after the text's own
     assert text.convert_ids_to_tokens(ids.tolist())[:2] == ["<cell_00000>", "<cell_00001>"]
     assert all(text.convert_tokens_to_ids(t) == i for t, i in vocab.items())  # text ids unchanged
     assert torch.equal(llm.get_input_embeddings().weight, before)  # the LLM had spare rows: nothing moved
-    assert torch.equal(tok.attach(llm, text), ids) and len(text) == len(vocab) + 8  # idempotent
+    assert torch.equal(visual_tok.attach(llm, text), ids) and len(text) == len(vocab) + 8  # idempotent
 
     text = train_word_tokenizer(["USER: what is there ? ASSISTANT: red"], 200)
     small = build_builtin_llm(tiny_config(f"llm.vocab_size={len(text)}").llm)  # no spare rows: the LLM grows by 8
     ensure_markers(text, small)
     before = small.get_input_embeddings().weight.detach().clone()
-    ids = tok.attach(small, text)
+    ids = visual_tok.attach(small, text)
     after = small.get_input_embeddings().weight
     assert after.shape[0] == len(text) == len(before) + 8 and ids.tolist() == list(range(len(before), len(before) + 8))
     assert torch.equal(after[: len(before)], before) and small.get_output_embeddings().weight.shape[0] == len(after)
@@ -234,13 +234,13 @@ def test_a_trained_model_ends_each_drawing_where_its_images_end(fake_run, shapes
     """Text-to-image only, on eight captioned images of different lengths: the loss falls and greedy
     generation ends every drawing at </img> after as many codes as the image it learnt has."""
     src = split_folder(shapes_dir, "train")
-    tok = load_tokenizer(fake_run)
+    visual_tok = load_tokenizer(fake_run)
     pairs, seen = [], set()
     from unicodebook.data.images import load_image
     from unicodebook.data.multimodal import read_pairs
 
     for p in read_pairs(src / "t2i.jsonl")[0]:
-        n = int(tok.layout.lengths(tok.encode(load_image(src / p.image, 32)[None]))[0])
+        n = int(visual_tok.layout.lengths(visual_tok.encode(load_image(src / p.image, 32)[None]))[0])
         if n not in seen and p.caption not in {q.caption for q in pairs}:
             seen.add(n)
             pairs.append(p)
@@ -269,6 +269,6 @@ def test_a_trained_model_ends_each_drawing_where_its_images_end(fake_run, shapes
     assert losses[-1] < 0.2 * losses[0]
     model = load_model(tmp_path / "run")
     codes = model.generate_codes([p.caption for p in pairs], cfg_scale=1.0, temperature=0.0)
-    want = torch.cat([tok.encode(load_image(data / p.image, 32)[None]) for p in pairs])
-    assert model.tokenizer.layout.lengths(codes).tolist() == tok.layout.lengths(want).tolist()
-    assert len(set(tok.layout.lengths(want).tolist())) == len(pairs) >= 4
+    want = torch.cat([visual_tok.encode(load_image(data / p.image, 32)[None]) for p in pairs])
+    assert model.tokenizer.layout.lengths(codes).tolist() == visual_tok.layout.lengths(want).tolist()
+    assert len(set(visual_tok.layout.lengths(want).tolist())) == len(pairs) >= 4

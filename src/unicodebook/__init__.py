@@ -3,10 +3,10 @@
 Python API (mirrors the CLI)::
 
     from unicodebook import load_tokenizer
-    tok = load_tokenizer("runs/tok")          # a stage-I run folder, of any tokenizer family
-    codes = tok.encode(images)                # (B, 3, H, W) in [0, 1] → (B, gh, gw, G)
-    recon = tok.decode(codes)                 # → (B, 3, H, W)
-    z_hat = tok.embed(codes)                  # → (B, h·w, d), what the LLM reads
+    visual_tok = load_tokenizer("runs/tok")   # a stage-I run folder, of any tokenizer family
+    codes = visual_tok.encode(images)         # (B, 3, H, W) in [0, 1] → (B, gh, gw, G)
+    recon = visual_tok.decode(codes)          # → (B, 3, H, W)
+    z_hat = visual_tok.embed(codes)           # → (B, h·w, d), what the LLM reads
 """
 
 from .config import Config, load_config

@@ -82,21 +82,21 @@ def cmd_tokenize(tokenizer: Path, images: list[Path], device: str = "auto") -> i
     from .errors import BadImageError
     from .tokenizers.base import PAD_CODE, limits_of, load_tokenizer, odd_size_of
 
-    tok = load_tokenizer(tokenizer, device=_device(device))
+    visual_tok = load_tokenizer(tokenizer, device=_device(device))
     bad = 0
     for path in images:
         try:
-            x = load_image(path, tok.image_size, odd_size_of(tok), **limits_of(tok))
+            x = load_image(path, visual_tok.image_size, odd_size_of(visual_tok), **limits_of(visual_tok))
         except BadImageError as e:
             print(f"error: {e}", file=sys.stderr)
             bad += 1
             continue
         with torch.no_grad():
-            codes = tok.encode(x[None])[0].cpu()
-        codes = codes[codes != PAD_CODE] if not tok.layout.fixed else codes  # a variable layout: its own length
+            codes = visual_tok.encode(x[None])[0].cpu()
+        codes = codes[codes != PAD_CODE] if not visual_tok.layout.fixed else codes  # a variable layout: its own length
         line = {"image": str(path), "shape": list(codes.shape), "codes": codes.tolist()}
-        if hasattr(tok, "token_ids"):  # codes that are LLM token ids (UniCode)
-            line["token_ids"] = tok.token_ids(codes).flatten().tolist()
+        if hasattr(visual_tok, "token_ids"):  # codes that are LLM token ids (UniCode)
+            line["token_ids"] = visual_tok.token_ids(codes).flatten().tolist()
         print(json.dumps(line))
     return EXIT_PARTIAL if bad else 0
 
@@ -108,10 +108,10 @@ def cmd_reconstruct(tokenizer: Path, image: Path, out: Path, device: str = "auto
     from .eval.metrics import psnr
     from .tokenizers.base import limits_of, load_tokenizer, odd_size_of
 
-    tok = load_tokenizer(tokenizer, device=_device(device))
-    x = load_image(image, tok.image_size, odd_size_of(tok), **limits_of(tok))
+    visual_tok = load_tokenizer(tokenizer, device=_device(device))
+    x = load_image(image, visual_tok.image_size, odd_size_of(visual_tok), **limits_of(visual_tok))
     with torch.no_grad():
-        recon = tok.decode(tok.encode(x[None])).cpu()
+        recon = visual_tok.decode(visual_tok.encode(x[None])).cpu()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensor_to_pil(recon[0]).save(out)
@@ -121,7 +121,7 @@ def cmd_reconstruct(tokenizer: Path, image: Path, out: Path, device: str = "auto
                 "image": str(image),
                 "out": str(out),
                 "psnr": round(float(psnr(recon, x[None])[0]), 3),
-                "codes_per_image": tok.layout.length,
+                "codes_per_image": visual_tok.layout.length,
             }
         )
     )
@@ -132,8 +132,8 @@ def cmd_eval_tokenizer(tokenizer: Path, data: Path, split: str, device: str = "a
     from .eval.tokenizer import evaluate_tokenizer
     from .tokenizers.base import load_tokenizer
 
-    tok = load_tokenizer(tokenizer, device=_device(device))
-    res = evaluate_tokenizer(tok, data, split=split)
+    visual_tok = load_tokenizer(tokenizer, device=_device(device))
+    res = evaluate_tokenizer(visual_tok, data, split=split)
     print(json.dumps(res))
     return EXIT_PARTIAL if res["n_bad"] else 0
 
@@ -240,16 +240,16 @@ def cmd_generate(
     if n < 1:
         raise UnicodebookError(f"--n must be >= 1, got {n}")
     model = load_model(model_dir, device=_device(device))
-    g = model.config.generate
+    gen_cfg = model.config.generate
     # generate_image's steps, with a progress bar over the code steps on stderr (stdout stays JSON);
     # the codes are kept: a variable-length image cut at the maximum is reported
     gen = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         codes = model.generate_codes(
             [prompt] * n,
-            g.cfg_scale if cfg is None else cfg,
-            g.temperature if temperature is None else temperature,
-            g.top_k if top_k is None else top_k,
+            gen_cfg.cfg_scale if cfg is None else cfg,
+            gen_cfg.temperature if temperature is None else temperature,
+            gen_cfg.top_k if top_k is None else top_k,
             gen,
             progress=sys.stderr.isatty(),
         )

@@ -51,14 +51,14 @@ def run_demo(
     resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
     result = train_tokenizer(cfg, data, run, resume=resume)
     t_train = result.seconds
-    tok = load_tokenizer(run)
+    visual_tok = load_tokenizer(run)
     print("[demo] evaluating on the test split")
-    test = evaluate_tokenizer(tok, data, split="test", usage_plot=out / "codebook_usage_test.png")
+    test = evaluate_tokenizer(visual_tok, data, split="test", usage_plot=out / "codebook_usage_test.png")
     (out / "eval_tokenizer_test.json").write_text(json.dumps(test, indent=2))
 
-    ds = ImageFolder(resolve_image_folder(data, "test"), tok.image_size, preload=False)
+    ds = ImageFolder(resolve_image_folder(data, "test"), visual_tok.image_size, preload=False)
     images = torch.stack([ds[i] for i in range(12)])
-    recon = tok.decode(tok.encode(images)).cpu()
+    recon = visual_tok.decode(visual_tok.encode(images)).cpu()
     image_grid([images, recon], labels=["test", "recon"]).save(out / "reconstructions_test.png")
 
     model_run = out / "model"
@@ -75,7 +75,7 @@ def run_demo(
 
     report = out / "report.md"
     report.write_text(
-        _report(cfg, test, t_train, time.time() - t0, tok, preset) + _report_lm(cfg, lm_test, t_lm, model)
+        _report(cfg, test, t_train, time.time() - t0, visual_tok, preset) + _report_lm(cfg, lm_test, t_lm, model)
     )
     return report
 
@@ -86,19 +86,19 @@ def _finished(run: Path, steps: int) -> bool:
 
 
 def _report_lm(cfg, r: dict, t_lm: float, model) -> str:
-    lc = cfg.train_lm
+    tc = cfg.train_lm
     by_type = ", ".join(f"{t} {v:.0%}" for t, v in r.get("vqa_by_type", {}).items())
 
     def mix(p) -> str:
         return ", ".join(f"{t} {getattr(p.tasks, t):g}" for t in ("decompress", "instruct", "t2i"))
 
-    if lc.phases:
+    if tc.phases:
         plan = "the phases " + "; ".join(
             f"{p.name or i + 1}: {q.steps} steps of {mix(q)} at lr {q.lr:g}"
-            for i, (p, (_, q)) in enumerate(zip(lc.phases, lc.phase_list()))
+            for i, (p, (_, q)) in enumerate(zip(tc.phases, tc.phase_list()))
         )
     else:
-        plan = f"the task mix ({mix(lc)})"
+        plan = f"the task mix ({mix(tc)})"
     if model.layout == "depth":
         gh, gw, g = model.fmt.grid_shape
         out = (
@@ -125,7 +125,7 @@ def _report_lm(cfg, r: dict, t_lm: float, model) -> str:
     return f"""
 ## Stage II — the LLM reads and writes images through the codebook (test split)
 
-The tiny LLM ({sum(p.numel() for p in model.llm.parameters()) / 1e6:.1f} M parameters) trained {lc.steps} steps on
+The tiny LLM ({sum(p.numel() for p in model.llm.parameters()) / 1e6:.1f} M parameters) trained {tc.steps} steps on
 {plan}; images enter as {inp} and leave as {out}, decoded by the frozen tokenizer.
 
 | metric | value |
@@ -155,22 +155,29 @@ Stage II training curves:
 """
 
 
-def _describe(cfg, tok) -> str:
+def _describe(cfg, visual_tok) -> str:
     """One sentence on the tokenizer: its family, code layout and codebook."""
-    lay = tok.layout
+    lay = visual_tok.layout
     shape = f"{'×'.join(map(str, lay.shape))} = {lay.length}" if lay.grid else str(lay.length)
     if not lay.fixed:
         shape = f"{lay.shortest} to {lay.length}"
     if cfg.model.family == "unicode":
         return (
             f"a {cfg.model.quantizer.kind.upper()} UniCode tokenizer ({shape} codes per image) whose codebook is "
-            f"{tok.num_codes} rows of the tiny LLM's embedding table (mode `{cfg.model.codebook.mode}`)"
+            f"{visual_tok.num_codes} rows of the tiny LLM's embedding table (mode `{cfg.model.codebook.mode}`)"
         )
-    rows = "rows of the LLM's own vocabulary" if tok.shares_text_rows else "new rows appended to the LLM's vocabulary"
-    return f"a {tok.family} tokenizer ({shape} codes per image) over {tok.num_codes} codes, read and written as {rows}"
+    rows = (
+        "rows of the LLM's own vocabulary"
+        if visual_tok.shares_text_rows
+        else "new rows appended to the LLM's vocabulary"
+    )
+    return (
+        f"a {visual_tok.family} tokenizer ({shape} codes per image) over {visual_tok.num_codes} codes, "
+        f"read and written as {rows}"
+    )
 
 
-def _report(cfg, test: dict, t_train: float, t_total: float, tok, preset: str = "tiny") -> str:
+def _report(cfg, test: dict, t_train: float, t_total: float, visual_tok, preset: str = "tiny") -> str:
     layers = "; ".join(f"{n}: {u:.0%} / {p:.0f}" for n, u, p in zip(test["layers"], test["usage"], test["perplexity"]))
     cosine = (
         f"| mean cosine(visual codebook, LLM rows) | {test['codebook_cosine_llm']:.4f} |\n"
@@ -183,7 +190,7 @@ def _report(cfg, test: dict, t_train: float, t_total: float, tok, preset: str = 
 
     return f"""# unicodebook demo report
 
-Shapes world at {tok.image_size} px, `{preset}` preset: {_describe(cfg, tok)}.
+Shapes world at {visual_tok.image_size} px, `{preset}` preset: {_describe(cfg, visual_tok)}.
 
 ## Stage I — visual tokenizer (test split: {test["n_images"]} images never seen in training)
 

@@ -121,14 +121,14 @@ def test_stage_two_on_photographs_trains_chats_and_draws(tmp_path, capsys):
     root = tmp_path / "photos"
     _captioned(root, "train", 24, seed=0)
     _captioned(root, "test", 4, seed=1)
-    tok, lm = tmp_path / "tok", tmp_path / "lm"
-    assert main(["train-tokenizer", "--data", str(root), "--out", str(tok), *TINY_OVERRIDES]) == 0
+    visual_tok, lm = tmp_path / "tok", tmp_path / "lm"
+    assert main(["train-tokenizer", "--data", str(root), "--out", str(visual_tok), *TINY_OVERRIDES]) == 0
     assert (
         main(
             [
                 "train-lm",
                 "--tokenizer",
-                str(tok),
+                str(visual_tok),
                 "--data",
                 str(root),
                 "--out",
@@ -179,14 +179,14 @@ def test_the_patch_path_starts_a_photo_tokenizer_where_residual_vq_ends(patch_sk
     from unicodebook.tokenizers.unicode.build import build_tokenizer
 
     over = [] if patch_skip else ["model.autoencoder.patch_skip=false", "model.quantizer.layer_rows=shared"]
-    tok = build_tokenizer(load_config("photos", over)).train()
+    visual_tok = build_tokenizer(load_config("photos", over)).train()
     with torch.no_grad():
-        tok(_photo_batch(64, 36, seed=0))  # the k-means start
-        tok.quantizer.pop_updates()
-        tok.eval()
+        visual_tok(_photo_batch(64, 36, seed=0))  # the k-means start
+        visual_tok.quantizer.pop_updates()
+        visual_tok.eval()
         test = _photo_batch(32, 36, seed=1)
-        pixels = tok._decode_latent(tok._latent(test))  # no quantization: the autoencoder alone
-        coded = tok.decode(tok.encode(test))
+        pixels = visual_tok._decode_latent(visual_tok._latent(test))  # no quantization: the autoencoder alone
+        coded = visual_tok.decode(visual_tok.encode(test))
     if patch_skip:
         assert torch.allclose(pixels, test, atol=1e-5)  # the patch path is an exact round trip
         assert psnr(coded, test).mean() > 30  # 4 layers of 512 rows, 9 bits a code (measured: 33.7 dB)

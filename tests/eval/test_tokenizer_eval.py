@@ -24,8 +24,8 @@ def test_judge_reads_ground_truth_images_as_their_scenes(shapes_dir):
 
 
 def test_eval_reports_per_layer_health_and_judge_accuracy(shapes_dir):
-    tok = build_tokenizer(tiny_config())
-    res = evaluate_tokenizer(tok, shapes_dir, split="test", progress=False)
+    visual_tok = build_tokenizer(tiny_config())
+    res = evaluate_tokenizer(visual_tok, shapes_dir, split="test", progress=False)
     assert res["n_images"] == 24 and res["n_bad"] == 0
     assert len(res["usage"]) == len(res["perplexity"]) == len(res["layers"]) == 4
     assert res["judge_accuracy"] == 0.0 and "judge_accuracy_seen" in res  # an untrained decoder draws no scene

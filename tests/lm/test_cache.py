@@ -44,10 +44,14 @@ def test_reserved_cache_decodes_as_the_default_cache(extra):
                 assert all(type(layer) is not DynamicLayer for layer in cache.layers)
             pos = m.sum(-1)
             got = []
-            for tok in steps:
+            for visual_tok in steps:
                 m = torch.cat([m, m.new_ones(2, 1)], 1)
                 out = llm(
-                    input_ids=tok[:, None], attention_mask=m, position_ids=pos[:, None], use_cache=True, **{name: cache}
+                    input_ids=visual_tok[:, None],
+                    attention_mask=m,
+                    position_ids=pos[:, None],
+                    use_cache=True,
+                    **{name: cache},
                 )
                 cache, pos = kv_cache(out), pos + 1
                 got.append(out.logits[:, -1])

@@ -85,20 +85,20 @@ def test_each_step_gives_transformers_logits(family, over):
     ours = CPUDecoder(model, cache, mask, pos, steps)
     g = torch.Generator().manual_seed(2)
     for _ in range(steps):
-        tok = torch.randint(3, 100, (mask.shape[0], 1), generator=g)
-        mask = torch.cat([mask, torch.ones_like(tok)], 1)
+        visual_tok = torch.randint(3, 100, (mask.shape[0], 1), generator=g)
+        mask = torch.cat([mask, torch.ones_like(visual_tok)], 1)
         out = model(
-            input_ids=tok,
+            input_ids=visual_tok,
             attention_mask=mask,
             position_ids=pos[:, None],
             use_cache=True,
             **{cache_argument(model): cache},
         )
         cache, pos = kv_cache(out), pos + 1
-        got = ours.step(model.get_input_embeddings()(tok))
+        got = ours.step(model.get_input_embeddings()(visual_tok))
         torch.testing.assert_close(got, out.logits[:, -1], atol=2e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="made for 16 positions"):
-        ours.step(model.get_input_embeddings()(tok))
+        ours.step(model.get_input_embeddings()(visual_tok))
 
 
 @needs_kernel
@@ -118,11 +118,11 @@ def test_decodes_in_the_buffers_reserve_cache_made():
         k, v = layer.reserved()
         assert ours.k[i].data_ptr() == k.data_ptr() and ours.v[i].data_ptr() == v.data_ptr()
     _, cache, mask, pos = prefill(model)  # transformers' own, separate
-    for tok in torch.tensor([[7, 8, 9], [10, 11, 12], [3, 4, 5], [60, 61, 62]]):
-        tok = tok[:, None]
-        mask = torch.cat([mask, torch.ones_like(tok)], 1)
+    for visual_tok in torch.tensor([[7, 8, 9], [10, 11, 12], [3, 4, 5], [60, 61, 62]]):
+        visual_tok = visual_tok[:, None]
+        mask = torch.cat([mask, torch.ones_like(visual_tok)], 1)
         out = model(
-            input_ids=tok,
+            input_ids=visual_tok,
             attention_mask=mask,
             position_ids=pos[:, None],
             use_cache=True,
@@ -130,7 +130,7 @@ def test_decodes_in_the_buffers_reserve_cache_made():
         )
         cache, pos = kv_cache(out), pos + 1
         torch.testing.assert_close(
-            ours.step(model.get_input_embeddings()(tok)), out.logits[:, -1], atol=2e-5, rtol=1e-4
+            ours.step(model.get_input_embeddings()(visual_tok)), out.logits[:, -1], atol=2e-5, rtol=1e-4
         )
 
 

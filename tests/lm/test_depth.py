@@ -19,12 +19,12 @@ def model(depth_model_run):
 def test_reading_and_writing_share_one_representation(model):
     """What the LLM reads for a position of an encoded image is that position's aggregate, which
     is also what it is fed back after writing the position: for RQ exactly Ẑ."""
-    tok = model.tokenizer
-    codes = torch.randint(0, tok.codebook.num_codes, (2, *tok.grid_shape))
-    torch.testing.assert_close(model.latents(codes), tok.embed(codes))
-    one = tok.position_latents(codes.flatten(1, 2)[:, 5:6])
-    torch.testing.assert_close(one[:, 0], tok.embed(codes)[:, 5])
-    gh, gw, g = tok.grid_shape
+    visual_tok = model.tokenizer
+    codes = torch.randint(0, visual_tok.codebook.num_codes, (2, *visual_tok.grid_shape))
+    torch.testing.assert_close(model.latents(codes), visual_tok.embed(codes))
+    one = visual_tok.position_latents(codes.flatten(1, 2)[:, 5:6])
+    torch.testing.assert_close(one[:, 0], visual_tok.embed(codes)[:, 5])
+    gh, gw, g = visual_tok.grid_shape
     assert model.steps_per_image == gh * gw and model.codes_per_image == gh * gw * g
 
 
@@ -54,7 +54,7 @@ def _slow_greedy(model, prompt: str) -> torch.Tensor:
             emb = table(torch.tensor([ids + [model.fmt.image_id] * t]))
             if t:
                 lat = model.tokenizer.position_latents(torch.stack(written, 1))
-                emb[0, len(ids) :] = lat[0] + model.image_pos.latents()[:t]
+                emb[0, len(ids) :] = lat[0] + model.image_positions.latents()[:t]
             h = model._hidden(emb, torch.ones(emb.shape[:2], dtype=torch.long)).last_hidden_state[:, -1]
             codes = rows.new_zeros(1, 0, dtype=torch.long)
             for _ in range(model.tokenizer.grid_shape[2]):  # the training forward, rerun for each code

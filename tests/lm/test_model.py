@@ -16,7 +16,7 @@ def model(model_run):
 
 
 def test_latents_replace_exactly_the_image_slots(model):
-    assert model.image_pos is not None  # on by default; the Ẑ content itself is never transformed
+    assert model.image_positions is not None  # on by default; the Ẑ content itself is never transformed
     codes = torch.randint(0, model.tokenizer.codebook.num_codes, (2, *model.tokenizer.grid_shape))
     ids, at = model.fmt.prompt("what colour is the object in the center?")
     input_ids = torch.tensor([ids, ids])
@@ -25,7 +25,7 @@ def test_latents_replace_exactly_the_image_slots(model):
     emb = model.embed_inputs(input_ids, image_at, z)
     plain = model.llm.get_input_embeddings()(input_ids)
     n = model.tokenizer.num_latents
-    assert torch.allclose(emb[0, at : at + n], z[0] + model.image_pos.latents())  # Ẑ plus where each slot sits
+    assert torch.allclose(emb[0, at : at + n], z[0] + model.image_positions.latents())  # Ẑ plus where each slot sits
     assert torch.equal(emb[0, :at], plain[0, :at]) and torch.equal(emb[0, at + n :], plain[0, at + n :])
     assert torch.equal(emb[1], plain[1])
 

@@ -14,14 +14,14 @@ TEXTS = [
 
 
 def make_format(grid=(2, 2, 3), offset=100):
-    tok = train_word_tokenizer(TEXTS, max_vocab=100)
+    text_tok = train_word_tokenizer(TEXTS, max_vocab=100)
     n = grid[0] * grid[1]
     token_ids = torch.arange(offset, offset + 16)
-    return SequenceFormat(tok, token_ids, CodeLayout(grid[0] * grid[1] * grid[2], grid), n), tok
+    return SequenceFormat(text_tok, token_ids, CodeLayout(grid[0] * grid[1] * grid[2], grid), n), text_tok
 
 
 def test_conversation_labels_only_the_assistant_turns_and_places_the_image_slots():
-    fmt, tok = make_format()
+    fmt, text_tok = make_format()
     turns = [
         {"from": "human", "value": "<image>\nwhat colour is the object at the top left?"},
         {"from": "gpt", "value": "red"},
@@ -32,7 +32,7 @@ def test_conversation_labels_only_the_assistant_turns_and_places_the_image_slots
     assert s.input_ids[s.image_at : s.image_at + fmt.num_latents] == [fmt.image_id] * fmt.num_latents
     assert s.input_ids.count(fmt.image_id) == fmt.num_latents
     labelled = [i for i, lab in zip(s.input_ids, s.labels) if lab != IGNORE]
-    assert tok.decode(labelled) == "red </s> red </s>"
+    assert text_tok.decode(labelled) == "red </s> red </s>"
     assert all(lab in (IGNORE, i) for i, lab in zip(s.input_ids, s.labels))
 
 
@@ -60,14 +60,14 @@ def test_decompression_segments_cover_every_code_once():
 
 
 def test_text_to_image_labels_the_image_and_dropout_leaves_no_caption():
-    fmt, tok = make_format()
+    fmt, text_tok = make_format()
     codes = torch.randint(0, 16, (2, 2, 3))
     s = fmt.text_to_image("draw a small red circle at the top left", codes)
     start = s.input_ids.index(fmt.start_id)
-    assert tok.decode(s.input_ids[1:start]) == "draw a small red circle at the top left"
+    assert text_tok.decode(s.input_ids[1:start]) == "draw a small red circle at the top left"
     assert s.labels[:start] == [IGNORE] * start and s.labels[start:] == s.input_ids[start:]
     u = fmt.text_to_image(None, codes)
-    assert u.input_ids[:2] == [tok.bos_token_id, fmt.start_id]
+    assert u.input_ids[:2] == [text_tok.bos_token_id, fmt.start_id]
     b = collate([s, u], pad_id=0)
     assert b.attention_mask.sum(1).tolist() == [len(s.input_ids), len(u.input_ids)]
     assert (b.labels[1, len(u.input_ids) :] == IGNORE).all()

@@ -148,22 +148,22 @@ def test_the_same_image_gives_the_same_codes_and_sampling_varies_but_a_seed_repr
     from unicodebook.tokenizers.seed.build import vit_config
     from unicodebook.tokenizers.vit import VisionTransformer
 
-    tok = load_tokenizer(lavit_run)
+    visual_tok = load_tokenizer(lavit_run)
     images = _images(shapes_dir)
-    codes = tok.encode(images)
-    assert torch.equal(tok.encode(images), codes)  # deterministic at inference
-    lengths = tok.layout.lengths(codes)
-    assert tok.layout.length == 16 and int(lengths.min()) >= 1
-    mc = dataclasses.replace(tok.config.model, sample_at_inference=True, sample_seed=3)
+    codes = visual_tok.encode(images)
+    assert torch.equal(visual_tok.encode(images), codes)  # deterministic at inference
+    lengths = visual_tok.layout.lengths(codes)
+    assert visual_tok.layout.length == 16 and int(lengths.min()) >= 1
+    mc = dataclasses.replace(visual_tok.config.model, sample_at_inference=True, sample_seed=3)
 
     def sampling() -> LavitTokenizer:
         t = LavitTokenizer(mc, VisionTransformer(vit_config(mc)))
-        t.load_state_dict(tok.state_dict())
+        t.load_state_dict(visual_tok.state_dict())
         return t.eval()
 
     sampled = sampling()
     a, b = sampled.encode(images), sampled.encode(images)
-    assert not torch.equal(tok.layout.lengths(a), tok.layout.lengths(b))  # the count varies call to call
+    assert not torch.equal(visual_tok.layout.lengths(a), visual_tok.layout.lengths(b))  # the count varies call to call
     assert torch.equal(sampling().encode(images), a)  # the same seed from the start: the same draws
     g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     assert torch.equal(sampled.encode(images, generator=g()), sampled.encode(images, generator=g()))
@@ -173,30 +173,30 @@ def _confident(run, folder) -> LavitTokenizer:
     """The run's tokenizer with a confident selector, saved in ``folder``: a 30-step selector keeps
     as many patches of every image (each p near ½, from weights of std 0.02); with random weights
     of std 1/√fan-in (the last layer's ×20) its decisions, and so the counts, depend on the image."""
-    tok = load_tokenizer(run)
+    visual_tok = load_tokenizer(run)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for m in tok.token_predictor.modules():
+        for m in visual_tok.token_predictor.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
-        tok.token_predictor.out_conv[4].weight.mul_(20)
-    tok.save_frozen(folder)
-    return tok
+        visual_tok.token_predictor.out_conv[4].weight.mul_(20)
+    visual_tok.save_frozen(folder)
+    return visual_tok
 
 
 def test_a_ragged_batch_round_trips_through_the_folder_and_the_code_cache(lavit_run, shapes_dir, tmp_path):
     from unicodebook.data.images import split_folder
     from unicodebook.data.multimodal import cached_codes, read_records
 
-    tok = _confident(lavit_run, tmp_path / "copy")
-    assert isinstance(tok, LavitTokenizer) and not tok.layout.fixed and tok.reads == "codes"
+    visual_tok = _confident(lavit_run, tmp_path / "copy")
+    assert isinstance(visual_tok, LavitTokenizer) and not visual_tok.layout.fixed and visual_tok.reads == "codes"
     images = _images(shapes_dir)
-    codes = tok.encode(images)
-    lengths = tok.layout.lengths(codes)
+    codes = visual_tok.encode(images)
+    lengths = visual_tok.layout.lengths(codes)
     assert len(set(lengths.tolist())) >= 3, lengths  # ragged
     for row, n in zip(codes, lengths):  # codes first, then padding only
         assert bool((row[:n] >= 0).all() and (row[:n] < 64).all()) and bool((row[n:] == PAD_CODE).all())
-    out = tok.decode(codes)
+    out = visual_tok.decode(codes)
     assert out.shape == (24, 3, 32, 32) and float(out.min()) >= 0 and float(out.max()) <= 1
     again = load_tokenizer(tmp_path / "copy")
     assert torch.equal(again.encode(images), codes) and torch.equal(again.decode(codes), out)
@@ -205,8 +205,8 @@ def test_a_ragged_batch_round_trips_through_the_folder_and_the_code_cache(lavit_
     paths = sorted({c.image for c in read_records(folder).captions})[:24]
     from unicodebook.data.images import load_image
 
-    want = tok.layout.lengths(tok.encode(torch.stack([load_image(folder / p, 32) for p in paths])))
-    cache = cached_codes(tok, folder, paths, fallback=tmp_path, progress=False)
+    want = visual_tok.layout.lengths(visual_tok.encode(torch.stack([load_image(folder / p, 32) for p in paths])))
+    cache = cached_codes(visual_tok, folder, paths, fallback=tmp_path, progress=False)
     back = cached_codes(again, folder, paths, fallback=tmp_path, progress=False)  # read back from disk
     assert torch.equal(cache.codes, back.codes) and torch.equal(cache.lengths, want)
     assert len(set(cache.lengths.tolist())) >= 2
@@ -478,9 +478,9 @@ def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
     from unicodebook.tokenizers.lavit.official import load_mapped
 
     with torch.device("meta"):
-        tok = build_tokenizer(load_config("lavit-tiny", OFFICIAL))
+        visual_tok = build_tokenizer(load_config("lavit-tiny", OFFICIAL))
     enc, dec, vit = _official_state()
-    report = load_mapped(tok, enc, dec, vit)
+    report = load_mapped(visual_tok, enc, dec, vit)
     assert report["left_out"] == [
         "encoder.head.bias",
         "encoder.head.weight",
@@ -498,7 +498,7 @@ def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
         match=r"quantize.embedding.weight has shape \(8192, 32\), this tokenizer's "
         r"\(16384, 32\)",
     ):
-        load_mapped(tok, enc, dec, vit)
+        load_mapped(visual_tok, enc, dec, vit)
 
 
 def test_the_diffusion_pixel_decoder_decodes_the_same_pixels_after_a_folder_round_trip(tmp_path):
@@ -512,16 +512,16 @@ def test_the_diffusion_pixel_decoder_decodes_the_same_pixels_after_a_folder_roun
         "model.diffusion.channels=[8,16]",
         "model.diffusion.steps=2",
     )
-    tok = build_tokenizer(cfg).eval()
+    visual_tok = build_tokenizer(cfg).eval()
     codes = torch.randint(0, 64, (3, 36), generator=torch.Generator().manual_seed(0))
     codes[0, 5:], codes[1, 12:] = PAD_CODE, PAD_CODE  # ragged
-    out = tok.decode(codes)
+    out = visual_tok.decode(codes)
     assert out.shape == (3, 3, 36, 36) and float(out.min()) >= 0 and float(out.max()) <= 1
-    assert torch.equal(tok.decode(codes), out)
-    save_tokenizer(tok, tmp_path / "tok")
+    assert torch.equal(visual_tok.decode(codes), out)
+    save_tokenizer(visual_tok, tmp_path / "tok")
     assert torch.equal(load_tokenizer(tmp_path / "tok").decode(codes), out)
     with pytest.raises(ValueError, match="PAD_CODE only after its last one"):
-        tok.decode(torch.cat([codes[:, :1], torch.full((3, 1), PAD_CODE), codes[:, 2:]], 1))
+        visual_tok.decode(torch.cat([codes[:, :1], torch.full((3, 1), PAD_CODE), codes[:, 2:]], 1))
 
 
 def test_the_spatial_pixel_decoder_draws_each_feature_where_its_patch_is_and_round_trips_the_folder(tmp_path):
@@ -532,37 +532,37 @@ def test_the_spatial_pixel_decoder_draws_each_feature_where_its_patch_is_and_rou
     cfg = lavit_config(
         "model.image_size=36", "model.vit.patch_size=6", "model.pixel_reader=spatial", "model.token_pos_embed=1.0"
     )
-    tok = build_tokenizer(cfg).eval()
-    assert isinstance(tok.pixel_decoder, SpatialPixelDecoder) and tok.token_pos_embed.shape == (1, 36, 32)
+    visual_tok = build_tokenizer(cfg).eval()
+    assert isinstance(visual_tok.pixel_decoder, SpatialPixelDecoder) and visual_tok.token_pos_embed.shape == (1, 36, 32)
     feats = torch.randn(2, 36, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = tok.pixel_decoder(feats)
+        out = visual_tok.pixel_decoder(feats)
         moved = feats.clone()
         moved[:, 0] += 3.0  # the top-left patch's feature only
-        diff = (tok.pixel_decoder(moved) - out).abs().mean((0, 1))  # (36, 36)
+        diff = (visual_tok.pixel_decoder(moved) - out).abs().mean((0, 1))  # (36, 36)
     assert out.shape == (2, 3, 36, 36) and not torch.allclose(out[0], out[1])  # depends on its input
     # ... most where the patch is (the group norms carry a little everywhere): 8× at this seed
     assert float(diff[:12, :12].mean()) > 4 * float(diff[24:, 24:].mean())
 
     images = torch.rand(3, 3, 36, 36, generator=torch.Generator().manual_seed(1))
-    codes = tok.encode(images)
-    pixels = tok.decode(codes)
-    save_tokenizer(tok, tmp_path / "tok")
+    codes = visual_tok.encode(images)
+    pixels = visual_tok.decode(codes)
+    save_tokenizer(visual_tok, tmp_path / "tok")
     back = load_tokenizer(tmp_path / "tok")
     assert torch.equal(back.encode(images), codes) and torch.equal(back.decode(codes), pixels)
 
 
 def test_the_position_table_gives_an_images_tokens_their_patches_positions():
     cfg = lavit_config("model.token_pos_embed=1.0")
-    tok = build_tokenizer(cfg).eval()
+    visual_tok = build_tokenizer(cfg).eval()
     features = torch.zeros(1, 16, 32)  # every patch the same: without positions every merged token is too
     keep = torch.zeros(1, 16)
     keep[0, [0, 5, 10]] = 1.0
     with torch.no_grad():
-        tok.token_pos_embed.normal_()
-        tokens, mask = tok.merge(features, keep)
-        tok.token_pos_embed.zero_()
-        same, _ = tok.merge(features, keep)
+        visual_tok.token_pos_embed.normal_()
+        tokens, mask = visual_tok.merge(features, keep)
+        visual_tok.token_pos_embed.zero_()
+        same, _ = visual_tok.merge(features, keep)
     assert mask.all() and tokens.shape == (1, 3, 32)
     assert torch.allclose(same[0, 0], same[0, 1], atol=1e-5)  # the collapse: identical tokens
     assert not torch.allclose(tokens[0, 0], tokens[0, 1], atol=1e-3)
@@ -575,10 +575,10 @@ def test_a_folder_written_before_the_new_options_loads_with_the_query_reader_and
     from unicodebook.tokenizers.seed.model import PixelDecoder
 
     cfg = lavit_config("model.pixel_reader=queries", "model.token_pos_embed=0")
-    tok = build_tokenizer(cfg).eval()
+    visual_tok = build_tokenizer(cfg).eval()
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    codes = tok.encode(images)
-    save_tokenizer(tok, tmp_path / "tok")
+    codes = visual_tok.encode(images)
+    save_tokenizer(visual_tok, tmp_path / "tok")
     config = tmp_path / "tok" / "config.yaml"
     lines = config.read_text().splitlines(keepends=True)
     old = [line for line in lines if not line.strip().startswith(("pixel_reader:", "token_pos_embed:"))]
@@ -586,4 +586,4 @@ def test_a_folder_written_before_the_new_options_loads_with_the_query_reader_and
     config.write_text("".join(old))  # as the folders written before these options
     back = load_tokenizer(tmp_path / "tok")
     assert isinstance(back.pixel_decoder, PixelDecoder) and back.token_pos_embed is None
-    assert torch.equal(back.encode(images), codes) and torch.equal(back.decode(codes), tok.decode(codes))
+    assert torch.equal(back.encode(images), codes) and torch.equal(back.decode(codes), visual_tok.decode(codes))

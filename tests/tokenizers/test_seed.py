@@ -48,15 +48,15 @@ def test_the_qformer_is_causal_among_its_queries():
 
 
 def test_codes_round_trip_through_the_folder(seed_run, shapes_dir):
-    tok = load_tokenizer(seed_run)
-    assert isinstance(tok, SeedTokenizer) and tok.layout.length == 8 and tok.layout.fixed
+    visual_tok = load_tokenizer(seed_run)
+    assert isinstance(visual_tok, SeedTokenizer) and visual_tok.layout.length == 8 and visual_tok.layout.fixed
     from unicodebook.data.images import ImageFolder, resolve_image_folder
 
     ds = ImageFolder(resolve_image_folder(shapes_dir, "test"), 32, preload=False)
     images = torch.stack([ds[i] for i in range(6)])
-    codes = tok.encode(images)
+    codes = visual_tok.encode(images)
     assert codes.shape == (6, 8) and int(codes.min()) >= 0 and int(codes.max()) < 64
-    out = tok.decode(codes)
+    out = visual_tok.decode(codes)
     assert out.shape == (6, 3, 32, 32) and float(out.min()) >= 0 and float(out.max()) <= 1
     again = load_tokenizer(seed_run)
     assert torch.equal(again.encode(images), codes) and torch.equal(again.decode(codes), out)
@@ -150,10 +150,10 @@ def test_a_fresh_tokenizer_from_a_local_vit_takes_its_sizes(tmp_path):
 
     vit = VisionTransformer(ViTConfig(image_size=32, patch_size=4, width=24, layers=1, heads=2, embed_dim=12))
     save_vit(vit, tmp_path / "vit")
-    tok = build_tokenizer(seed_config(f"model.vit_path={tmp_path / 'vit'}"))
-    assert tok.config.model.vit.width == 24 and tok.config.model.vit.patch_size == 4
+    visual_tok = build_tokenizer(seed_config(f"model.vit_path={tmp_path / 'vit'}"))
+    assert visual_tok.config.model.vit.width == 24 and visual_tok.config.model.vit.patch_size == 4
     x = torch.rand(2, 3, 32, 32)
-    assert torch.equal(tok.visual_encoder.patch_features(x), vit.patch_features(x))
+    assert torch.equal(visual_tok.visual_encoder.patch_features(x), vit.patch_features(x))
     with pytest.raises(UnicodebookError, match="takes 32 px images, the model 64"):
         build_tokenizer(seed_config(f"model.vit_path={tmp_path / 'vit'}", "model.image_size=64"))
 
@@ -282,8 +282,8 @@ def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
     from unicodebook.tokenizers.seed.official import load_mapped
 
     with torch.device("meta"):
-        tok = build_tokenizer(load_config("seed-tiny", OFFICIAL))
-    report = load_mapped(tok, _official_state())
+        visual_tok = build_tokenizer(load_config("seed-tiny", OFFICIAL))
+    report = load_mapped(visual_tok, _official_state())
     assert report["left_out"] == [
         "Qformer.bert.embeddings.position_ids",
         "Qformer.cls.predictions.bias",
@@ -304,7 +304,7 @@ def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
         match=r"quantize.embedding.weight has shape \(16384, 32\), this tokenizer's "
         r"\(8192, 32\)",
     ):
-        load_mapped(tok, bad)
+        load_mapped(visual_tok, bad)
 
 
 @pytest.mark.slow

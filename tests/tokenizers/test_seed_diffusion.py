@@ -107,8 +107,8 @@ def test_a_local_unet_loads_and_one_of_the_wrong_size_is_one_error_line(tmp_path
     mine.save_pretrained(tmp_path / "ok")
     loaded = local_unet(tmp_path / "ok", 36)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in mine.state_dict().items())
-    tok = build_tokenizer(diffusion_config(f"model.diffusion.unet_path={tmp_path / 'ok'}"))
-    assert all(torch.equal(v, tok.pixel_decoder.unet.state_dict()[k]) for k, v in mine.state_dict().items())
+    visual_tok = build_tokenizer(diffusion_config(f"model.diffusion.unet_path={tmp_path / 'ok'}"))
+    assert all(torch.equal(v, visual_tok.pixel_decoder.unet.state_dict()[k]) for k, v in mine.state_dict().items())
 
     UNet2DConditionModel(
         sample_size=64,
@@ -142,15 +142,15 @@ def test_without_diffusers_the_decoder_asks_for_the_extra(monkeypatch):
 
 
 def test_a_diffusion_seed_tokenizer_decodes_the_same_pixels_after_its_folder_round_trip(tmp_path):
-    tok = build_tokenizer(diffusion_config()).eval()
+    visual_tok = build_tokenizer(diffusion_config()).eval()
     codes = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(0))
-    out = tok.decode(codes)
+    out = visual_tok.decode(codes)
     assert out.shape == (3, 3, 36, 36) and float(out.min()) >= 0 and float(out.max()) <= 1
-    assert torch.equal(tok.decode(codes), out)  # decode samples from a fixed seed ...
+    assert torch.equal(visual_tok.decode(codes), out)  # decode samples from a fixed seed ...
     assert (
-        tok.decode(codes[1:2]) - out[1:2]
+        visual_tok.decode(codes[1:2]) - out[1:2]
     ).abs().max() < 1e-2  # ... each image's: alone as in a batch (batched float sums drift; other noise differs by ~1)
-    save_tokenizer(tok, tmp_path / "tok")
+    save_tokenizer(visual_tok, tmp_path / "tok")
     assert (tmp_path / "tok" / "pixel_unet" / "config.json").is_file()
     assert [p.name for p in (tmp_path / "tok").rglob("*.safetensors")] == ["model.safetensors"]  # the UNet's inside
     assert any(k.startswith("pixel_decoder.unet.") for k in load_file(tmp_path / "tok" / "model.safetensors"))

@@ -430,21 +430,23 @@ def _val_images(shapes_dir, size):
 
 
 def test_bf16_encode_gives_the_fp32_codes_and_the_quantizer_sees_fp32(tokenizer_run, shapes_dir, monkeypatch):
-    tok = load_tokenizer(tokenizer_run).eval()
-    images = _val_images(shapes_dir, tok.image_size)
-    fp32 = tok.encode(images)
+    visual_tok = load_tokenizer(tokenizer_run).eval()
+    images = _val_images(shapes_dir, visual_tok.image_size)
+    fp32 = visual_tok.encode(images)
 
     seen, latent = [], []
-    real_search = tok.codebook.search
-    monkeypatch.setattr(tok.codebook, "search", lambda z, group=None: (seen.append(z.dtype), real_search(z, group))[1])
-    tok.pre_quant.register_forward_hook(lambda m, i, o: latent.append(o.dtype))
+    real_search = visual_tok.codebook.search
+    monkeypatch.setattr(
+        visual_tok.codebook, "search", lambda z, group=None: (seen.append(z.dtype), real_search(z, group))[1]
+    )
+    visual_tok.pre_quant.register_forward_hook(lambda m, i, o: latent.append(o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = tok.encode(images)
+        bf16 = visual_tok.encode(images)
     assert latent == [torch.bfloat16]  # the conv encoder really ran in bf16 ...
     assert seen and set(seen) == {torch.float32}  # ... and the distance maths did not
     agree = (fp32 == bf16).float()
     per_layer = agree.reshape(-1, agree.shape[-1]).mean(0)
-    psnr32, psnr16 = (float(psnr(tok.decode(c), images).mean()) for c in (fp32, bf16))
+    psnr32, psnr16 = (float(psnr(visual_tok.decode(c), images).mean()) for c in (fp32, bf16))
     print(
         f"\nbf16 vs fp32 codes ({fp32.numel()} codes of {images.shape[0]} images): {agree.mean():.2%} agree; "
         f"per layer {', '.join(f'{v:.2%}' for v in per_layer)}; "
@@ -472,20 +474,24 @@ def _count_forward(module):
 
 
 def test_stage1_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer_run, shapes_dir):
-    tok = load_tokenizer(tokenizer_run).train()
-    images = _val_images(shapes_dir, tok.image_size)[:8]
-    cfg = tok.config.loss
-    calls = _count_forward(tok.encoder.mid[0])
+    visual_tok = load_tokenizer(tokenizer_run).train()
+    images = _val_images(shapes_dir, visual_tok.image_size)[:8]
+    cfg = visual_tok.config.loss
+    calls = _count_forward(visual_tok.encoder.mid[0])
 
     def loss_and_grads(on):
-        tok.set_gradient_checkpointing(on)
-        tok.zero_grad(set_to_none=True)
+        visual_tok.set_gradient_checkpointing(on)
+        visual_tok.zero_grad(set_to_none=True)
         calls.clear()
-        out = tok(images)
+        out = visual_tok(images)
         loss = reconstruction_loss(out.recon.float(), images, cfg.l1, cfg.l2)[0] + out.commit_loss
         loss.backward()
-        tok.quantizer.pop_updates()
-        return loss.detach(), {n: p.grad.clone() for n, p in tok.named_parameters() if p.grad is not None}, len(calls)
+        visual_tok.quantizer.pop_updates()
+        return (
+            loss.detach(),
+            {n: p.grad.clone() for n, p in visual_tok.named_parameters() if p.grad is not None},
+            len(calls),
+        )
 
     loss0, g0, n0 = loss_and_grads(False)
     loss1, g1, n1 = loss_and_grads(True)
@@ -526,7 +532,7 @@ def test_stage2_gradient_checkpointing_gives_the_same_gradients(model_run, shape
     loss1, g1, n1 = grads()
     assert (n0, n1) == (1, 2)
     assert torch.equal(loss0, loss1)
-    assert g0.keys() == g1.keys() and any(k.startswith("image_pos.") for k in g0)
+    assert g0.keys() == g1.keys() and any(k.startswith("image_positions.") for k in g0)
     assert all(torch.allclose(g0[k], g1[k], rtol=1e-5, atol=1e-7) for k in g0)
 
 

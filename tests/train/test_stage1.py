@@ -43,9 +43,9 @@ def test_loss_falls_and_the_run_folder_describes_itself(shapes_dir, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000020", "step_0000030"]  # keep_last=2
     assert res.val["n_images"] == 24 and len(res.val["usage"]) == 4 and len(res.val["perplexity"]) == 4
     # the run folder is a tokenizer folder
-    tok = load_tokenizer(run)
-    assert tok.codes_per_image == 256
-    assert torch.equal(load_file(run / "model.safetensors")["quantizer.codebook.embed"], tok.codebook.embed)
+    visual_tok = load_tokenizer(run)
+    assert visual_tok.codes_per_image == 256
+    assert torch.equal(load_file(run / "model.safetensors")["quantizer.codebook.embed"], visual_tok.codebook.embed)
 
 
 def _cli(*args):

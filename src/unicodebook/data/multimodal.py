@@ -143,9 +143,9 @@ def read_records(folder: Path, instruct: str = "instruct.json", pairs: str = "t2
     return rec
 
 
-def tokenizer_hash(tok) -> str:
+def tokenizer_hash(visual_tok) -> str:
     h = hashlib.sha256()
-    for k, v in sorted(tok.state_dict().items()):
+    for k, v in sorted(visual_tok.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -164,7 +164,7 @@ class CodeCache:
 
 
 def cached_codes(
-    tok,
+    visual_tok,
     folder: Path,
     images: list[str],
     fallback: Path | None = None,
@@ -174,14 +174,14 @@ def cached_codes(
     limits: dict | None = None,
 ) -> CodeCache:
     """Codes of ``images`` (paths relative to ``folder``, which they must not leave), encoded once
-    by the visual tokenizer ``tok`` and cached on disk; ``odd_size``: what to do with images not
+    by the visual tokenizer ``visual_tok`` and cached on disk; ``odd_size``: what to do with images not
     at its size; ``limits``: :func:`~unicodebook.data.images.image_limits`."""
     from safetensors.torch import load_file
 
     from ..utils.io import atomic_save_tensors
 
     images = sorted(set(images))
-    key = tokenizer_hash(tok) + "-" + hashlib.sha256("\n".join(images).encode()).hexdigest()[:12]
+    key = tokenizer_hash(visual_tok) + "-" + hashlib.sha256("\n".join(images).encode()).hexdigest()[:12]
     path = folder / ".codes" / f"{key}.safetensors"
     for candidate in (path, (fallback / f"{key}.safetensors") if fallback else None):
         if candidate is not None and candidate.exists():
@@ -197,14 +197,16 @@ def cached_codes(
     def flush():
         if pending:
             x = torch.stack([t for _, t in pending])
-            chunks.append(tok.encode(x).to(torch.int32).cpu())
+            chunks.append(visual_tok.encode(x).to(torch.int32).cpu())
             ok.extend(p for p, _ in pending)
             pending.clear()
 
-    with eval_mode(tok):
+    with eval_mode(visual_tok):
         for p in tqdm(images, desc="encoding images", disable=not progress, leave=False):
             try:
-                pending.append((p, load_image(folder / p, tok.image_size, odd_size, root=folder, **(limits or {}))))
+                pending.append(
+                    (p, load_image(folder / p, visual_tok.image_size, odd_size, root=folder, **(limits or {})))
+                )
             except BadImageError as e:
                 log.warning("skipping bad image %s", e)
                 bad.append(p)

@@ -83,9 +83,9 @@ def evaluate_model(
     if not convs and not pairs:
         raise UnicodebookError(f"{folder}: nothing to evaluate (no instruct.json or t2i.jsonl records)")
     res["bad_records"] = bad + bad2
-    tok = model.tokenizer
+    visual_tok = model.tokenizer
     cache = cached_codes(
-        tok,
+        visual_tok,
         folder,
         [c.image for c in convs] + [p.image for p in pairs],
         progress=progress,
@@ -111,7 +111,7 @@ def evaluate_model(
             described = [q for q in qs if q[3] == DESCRIBE_TYPE][:max_describe]
             if described:
                 res.update(_describe(model, cache, described, batch_size))
-            if "decompress" in tok.tasks:
+            if "decompress" in visual_tok.tasks:
                 images = sorted({c.image for c in convs if c.image in cache.index})[:max_decompress]
                 res["decompression_code_accuracy"] = _decompression(model, cache, images, batch_size)
         pairs = pairs[:max_t2i]

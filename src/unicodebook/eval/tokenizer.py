@@ -20,7 +20,7 @@ from .plots import plot_codebook_usage
 
 @torch.no_grad()
 def evaluate_tokenizer(
-    tok,
+    visual_tok,
     data: str | Path,
     split: str | None = "test",
     batch_size: int = 100,
@@ -36,13 +36,13 @@ def evaluate_tokenizer(
     folder = resolve_image_folder(data, split)
     ds = ImageFolder(
         folder,
-        tok.image_size,
-        odd_size or odd_size_of(tok),
+        visual_tok.image_size,
+        odd_size or odd_size_of(visual_tok),
         preload=False,
-        limits=image_limits(tok.config.data if tok.config is not None else None),
+        limits=image_limits(visual_tok.config.data if visual_tok.config is not None else None),
     )
     scenes = _shapes_scenes(folder)
-    with eval_mode(tok):
+    with eval_mode(visual_tok):
         usage, lengths = None, []
         psnrs, ssims, judged, n_bad, names = [], [], [], 0, None
         starts = range(0, len(ds), batch_size)
@@ -53,14 +53,14 @@ def evaluate_tokenizer(
             if not items:
                 continue
             images = torch.stack([x for _, x in items])
-            codes = tok.encode(images).cpu()
-            recon = tok.decode(codes).cpu()
+            codes = visual_tok.encode(images).cpu()
+            recon = visual_tok.decode(codes).cpu()
             psnrs.append(psnr(recon, images).clamp(max=100.0))
             ssims.append(ssim(recon, images))
-            layers, names = tok.code_layers(codes)
-            usage = usage or CodeUsage(tok.num_codes, len(names))
+            layers, names = visual_tok.code_layers(codes)
+            usage = usage or CodeUsage(visual_tok.num_codes, len(names))
             usage.update(layers)
-            lengths.append(tok.layout.lengths(codes).float())
+            lengths.append(visual_tok.layout.lengths(codes).float())
             if scenes is not None:
                 judged += _judge(recon, [scenes.get(f.name) for f, _ in items])
     if not psnrs:
@@ -81,10 +81,10 @@ def evaluate_tokenizer(
         "usage_mean": float(sum(st["usage"]) / len(st["usage"])),
         "usage_all": st["usage_all"],
         "perplexity": [round(p, 2) for p in st["perplexity"]],
-        "num_codes": tok.num_codes,
-        "codes_per_image": tok.layout.length,
+        "num_codes": visual_tok.num_codes,
+        "codes_per_image": visual_tok.layout.length,
         "codes_per_image_mean": round(float(lengths.mean()), 2),
-        **tok.health(),
+        **visual_tok.health(),
         **_judge_summary(judged),
     }
 

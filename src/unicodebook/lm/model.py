@@ -131,7 +131,7 @@ class ImagePositions(nn.Module):
             r = torch.arange(latent_size) * gh // latent_size
             c = torch.arange(latent_size) * gw // latent_size
             self.register_buffer("latent_cell", (r[:, None] * gw + c[None, :]).flatten(), persistent=False)
-        self.g = g
+        self.codes_per_cell = g
 
     # F.embedding rather than advanced indexing: its CPU backward sums repeated rows in a fixed
     # order, so a seeded run is bit-for-bit repeatable (and resumable)
@@ -141,7 +141,9 @@ class ImagePositions(nn.Module):
 
     def codes(self, index: Tensor) -> Tensor:
         """index (...) of codes in sequence order → (..., d)."""
-        return F.embedding(index // self.g, self.cell) + F.embedding(index % self.g, self.depth)
+        return F.embedding(index // self.codes_per_cell, self.cell) + F.embedding(
+            index % self.codes_per_cell, self.depth
+        )
 
 
 LAYOUTS = ("flat", "depth")
@@ -230,7 +232,7 @@ class UniCodeLM(nn.Module):
         side = None if slots is None else math.isqrt(slots)
         if side is not None and side * side != slots:
             raise UnicodebookError(f"the {tokenizer.family} tokenizer's {slots} latent slots are not a square map")
-        self.image_pos = ImagePositions(grid, side, dim, std) if image_positions else None
+        self.image_positions = ImagePositions(grid, side, dim, std) if image_positions else None
         self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False)
         self.text_tok = text_tok
         code_ids = tokenizer.attach(llm, text_tok)  # may append rows: read the vocabulary after it
@@ -291,20 +293,20 @@ class UniCodeLM(nn.Module):
         if latents is None or latents.shape[0] != rows.numel():
             raise ValueError("one Ẑ per row with an image is needed")
         latents = latents.to(emb.device, emb.dtype)
-        if self.image_pos is not None:
-            latents = latents + self.image_pos.latents().to(emb.dtype)
+        if self.image_positions is not None:
+            latents = latents + self.image_positions.latents().to(emb.dtype)
         pos = at[rows, None] + torch.arange(latents.shape[1], device=emb.device)
         return emb.index_put((rows[:, None], pos), latents)
 
     def _code_positions(self, emb: Tensor, at: Tensor, n: Tensor) -> Tensor:
         """``emb`` plus the image-position embeddings of the ``n`` code tokens from ``at`` (rows ≥ 0)."""
-        if self.image_pos is None:
+        if self.image_positions is None:
             return emb
         offs = torch.arange(emb.shape[1], device=emb.device) - at[:, None]
         inside = (at[:, None] >= 0) & (offs >= 0) & (offs < n.to(emb.device)[:, None])
         if bool(inside.any()):
             emb = emb.index_put(
-                inside.nonzero(as_tuple=True), emb[inside] + self.image_pos.codes(offs[inside]).to(emb.dtype)
+                inside.nonzero(as_tuple=True), emb[inside] + self.image_positions.codes(offs[inside]).to(emb.dtype)
             )
         return emb
 
@@ -346,8 +348,8 @@ class UniCodeLM(nn.Module):
     def code_embedding(self, token_ids: Tensor, index: int) -> Tensor:
         """Input embedding (B, 1, d) of the code tokens at sequence index ``index`` of an image."""
         emb = input_embedding(self.llm)(token_ids[:, None])
-        if self.image_pos is not None:
-            emb = emb + self.image_pos.codes(torch.tensor([index], device=emb.device)).to(emb.dtype)
+        if self.image_positions is not None:
+            emb = emb + self.image_positions.codes(torch.tensor([index], device=emb.device)).to(emb.dtype)
         return emb
 
     def forward(self, batch: Batch, latents: Tensor | None) -> LMOutput:
@@ -577,7 +579,7 @@ class UniCodeLM(nn.Module):
         h, cache, mask, pos = self._prefill(rows, [-1] * len(rows), None, extra, hidden=True)
         table = input_embedding(self.llm)
         code_rows = table.weight[self.code_token_ids]
-        cells = self.image_pos.latents() if self.image_pos is not None else None
+        cells = self.image_positions.latents() if self.image_positions is not None else None
         codes = torch.empty((b, n, self.fmt.grid_shape[2]), dtype=torch.long, device=self.device)
 
         def pick(logits: Tensor) -> Tensor:
@@ -717,9 +719,9 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, 
     save_config(cfg, folder / "config.yaml")
     model.tokenizer.save_frozen(folder / "visual_tokenizer")
     states = states or {}
-    if model.image_pos is not None:
+    if model.image_positions is not None:
         atomic_save_tensors(
-            states.get("image_positions") or model.image_pos.state_dict(), folder / "image_positions.safetensors"
+            states.get("image_positions") or model.image_positions.state_dict(), folder / "image_positions.safetensors"
         )
     if model.depth_head is not None:
         atomic_save_tensors(
@@ -736,22 +738,22 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, 
         llm.save_pretrained(tmp, safe_serialization=True, state_dict=states.get("llm"))
     with atomic_dir(folder / "text_tokenizer") as tmp:
         model.text_tok.save_pretrained(str(tmp))
-    tok = model.tokenizer
-    codes = tok.layout
+    visual_tok = model.tokenizer
+    codes = visual_tok.layout
     atomic_write_json(
         folder / "model.json",
         {
             "format": MODEL_FORMAT,
             "version": MODEL_VERSION,
             "tokenizer_run": str(tokenizer_run),
-            "family": tok.family,
-            "image_size": tok.image_size,
+            "family": visual_tok.family,
+            "image_size": visual_tok.image_size,
             "code_shape": list(codes.shape),
             "codes_per_image": codes.length,
             "min_codes_per_image": codes.shortest,
-            "reads": tok.reads,
-            "num_codes": tok.num_codes,
-            "image_positions": model.image_pos is not None,
+            "reads": visual_tok.reads,
+            "num_codes": visual_tok.num_codes,
+            "image_positions": model.image_positions is not None,
             "layout": model.layout,
             "image_attention": model.image_attention,
             **({"depth_head": model.depth_head_args} if model.depth_head is not None else {}),
@@ -789,7 +791,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
         if not (folder / name).exists():
             raise UnicodebookError(f"{folder}: no bound {what} (missing {name})")
     cfg = config_from_dict(read_yaml(folder / "config.yaml"))
-    tok = load_frozen(folder / "visual_tokenizer")
+    visual_tok = load_frozen(folder / "visual_tokenizer")
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
@@ -800,14 +802,14 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
     text_tok = load_text_tokenizer(folder / "text_tokenizer")
     model = UniCodeLM(
         llm,
-        tok,
+        visual_tok,
         text_tok,
         image_positions=bool(meta.get("image_positions")),
         layout=meta.get("layout", "flat"),
         depth_head=meta.get("depth_head"),
         image_attention=meta.get("image_attention", "causal"),
     ).eval()
-    for part, name in ((model.image_pos, "image_positions"), (model.depth_head, "depth_head")):
+    for part, name in ((model.image_positions, "image_positions"), (model.depth_head, "depth_head")):
         if part is None:
             continue
         try:

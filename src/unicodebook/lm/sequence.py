@@ -1,4 +1,5 @@
-"""Stage II sequences: how text, Ẑ and image codes share one token stream.
+"""Stage II sequences: how text, Ẑ and image codes share one token stream (docs/design.md,
+"Sequences").
 
 Layouts (``[Ẑ]`` = h·w positions whose input embeddings are replaced by Ẑ, the aggregated code
 embeddings of the frozen tokenizer; ``codes`` = the h·w·D code token ids; labels are -100
@@ -72,7 +73,7 @@ class SequenceFormat:
         num_latents: int | None,
         layout: str = "flat",
     ):
-        self.tok = text_tok
+        self.text_tok = text_tok
         ids = marker_ids(text_tok)
         self.image_id, self.start_id, self.end_id = ids[IMAGE_TOKEN], ids[IMG_START], ids[IMG_END]
         self.bos_id = text_tok.bos_token_id
@@ -92,7 +93,7 @@ class SequenceFormat:
         return [self.bos_id] if self.bos_id is not None else []
 
     def text(self, s: str) -> list[int]:
-        return text_ids(self.tok, s)
+        return text_ids(self.text_tok, s)
 
     def read_length(self, codes: torch.Tensor | None) -> int:
         """Input slots of an image the LLM reads: h·w Ẑ slots, or as many as its codes."""

@@ -38,8 +38,10 @@ def train_word_tokenizer(texts: Iterable[str], max_vocab: int):
     model.train_from_iterator(texts, trainer=trainer)
     if model.get_vocab_size() > max_vocab:  # pragma: no cover - the trainer caps it
         raise UnicodebookError(f"text vocabulary ({model.get_vocab_size()}) exceeds {max_vocab}")
-    tok = PreTrainedTokenizerFast(tokenizer_object=model, **BUILTIN_SPECIALS, additional_special_tokens=list(MARKERS))
-    return tok
+    text_tok = PreTrainedTokenizerFast(
+        tokenizer_object=model, **BUILTIN_SPECIALS, additional_special_tokens=list(MARKERS)
+    )
+    return text_tok
 
 
 def load_text_tokenizer(folder: Path):

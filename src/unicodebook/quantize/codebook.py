@@ -2,7 +2,8 @@
 
 Dimensions: V codebook rows (the exposed LLM rows), d LLM hidden size, N feature vectors.
 
-Code index ``k`` stands for LLM token id ``token_ids[k]``. Three learning paradigms (SPEC §2):
+Code index ``k`` stands for LLM token id ``token_ids[k]``. Three learning paradigms
+(docs/design.md, "The unified codebook"):
 
 * ``frozen``    — the codebook *is* the LLM rows and never changes; encoder/decoder adapt.
 * ``dual``      — the visual codebook learns freely (EMA of assigned features, dead-code

@@ -14,7 +14,7 @@ is the aggregated ``Ẑ = F(e(M_1..M_D))`` with a straight-through gradient to `
   F = concatenation of the up-projected top and the bottom, fused by a 1×1 projection.
 
 ``codes_to_embeddings(codes)`` gives back ``quantized`` exactly (in eval), which is what the
-LLM consumes (SPEC §1).
+LLM consumes (docs/design.md, "Data flow").
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The visual-tokenizer interface that stage II (``lm/``, ``train/``) depends on, and the
-registry of tokenizer families.
+registry of tokenizer families (docs/design.md, "The tokenizer interface"; field by field in
+docs/tokenizers.md).
 
 A *family* is one way of turning images into discrete codes (UniCode's codebook of LLM rows,
 SEED's causal Q-Former, LaVIT's selected and merged patches, …). Stage II knows a tokenizer only
@@ -147,16 +148,16 @@ class VisualTokenizer(nn.Module):
         return {}
 
 
-def odd_size_of(tok: VisualTokenizer) -> str:
+def odd_size_of(visual_tok: VisualTokenizer) -> str:
     """What to do with an image not at the tokenizer's size: its stage I run's ``data.odd_size``."""
-    return tok.config.data.odd_size if tok.config is not None else "resize"
+    return visual_tok.config.data.odd_size if visual_tok.config is not None else "resize"
 
 
-def limits_of(tok: VisualTokenizer) -> dict:
+def limits_of(visual_tok: VisualTokenizer) -> dict:
     """``load_image``'s limits from the tokenizer's stage I run (``data.max_image_*``)."""
     from ..data.images import image_limits
 
-    return image_limits(tok.config.data if tok.config is not None else None)
+    return image_limits(visual_tok.config.data if visual_tok.config is not None else None)
 
 
 # ---------------------------------------------------------------------------------- registry

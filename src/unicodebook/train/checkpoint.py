@@ -79,8 +79,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) -
     torch.set_rng_state(row(tensors["torch_rng"]))
     if "cuda_rng" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(row(tensors["cuda_rng"]))
-    v, s, g = meta["python_rng"]
-    random.setstate((v, tuple(s), g))
+    version, state, gauss = meta["python_rng"]
+    random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy_rng"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 

@@ -201,10 +201,10 @@ class Engine:
 def by_index(state: dict) -> dict:
     """An optimizer state keyed by parameter name (torch.distributed.checkpoint's layout) →
     keyed by position in the optimizer's parameter order (``Optimizer.state_dict()``'s)."""
-    ids = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
+    ids = {name: i for i, name in enumerate(n for group in state["param_groups"] for n in group["params"])}
     return {
         "state": {ids[name]: st for name, st in state["state"].items()},
-        "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in state["param_groups"]],
+        "param_groups": [{**group, "params": [ids[n] for n in group["params"]]} for group in state["param_groups"]],
     }
 
 
@@ -212,7 +212,7 @@ def by_name(state: dict, names: list[str]) -> dict:
     """The inverse of :func:`by_index`; ``names[i]`` is the name of parameter ``i``."""
     return {
         "state": {names[i]: st for i, st in state["state"].items()},
-        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
     }
 
 

@@ -43,13 +43,18 @@ from .stage1 import Stage1Result
 PHASES = ("vit", "tokenizer", "decoder")
 
 
-def _trainable(name: str, tok: LavitTokenizer, tower: TextTower, scales: Scales) -> list[nn.Parameter]:
+def _trainable(name: str, visual_tok: LavitTokenizer, tower: TextTower, scales: Scales) -> list[nn.Parameter]:
     """The parameters a phase after ``vit`` trains (the codebook is EMA-updated, never trained)."""
     if name == "tokenizer":
-        mods = (tok.token_predictor, tok.causal_encoder, tok.encode_task_layer, tok.tokenizer_decoder)
-        extra = [tok.token_pos_embed] if tok.token_pos_embed is not None else []
+        mods = (
+            visual_tok.token_predictor,
+            visual_tok.causal_encoder,
+            visual_tok.encode_task_layer,
+            visual_tok.tokenizer_decoder,
+        )
+        extra = [visual_tok.token_pos_embed] if visual_tok.token_pos_embed is not None else []
         return [p for m in mods for p in m.parameters()] + extra
-    return list(tok.pixel_decoder.parameters())
+    return list(visual_tok.pixel_decoder.parameters())
 
 
 def _noise(cfg: Config, step: int, salt: int) -> torch.Generator:
@@ -59,7 +64,7 @@ def _noise(cfg: Config, step: int, salt: int) -> torch.Generator:
 def _phase_loss(
     name: str,
     cfg: Config,
-    tok: LavitTokenizer,
+    visual_tok: LavitTokenizer,
     tower: TextTower,
     scales: Scales,
     text_tok,
@@ -67,52 +72,54 @@ def _phase_loss(
     captions: list[str],
     step: int,
 ) -> tuple[torch.Tensor, dict]:
-    lc = cfg.loss
+    loss_cfg = cfg.loss
     if name == "tokenizer":
-        out = tok(images, step, _noise(cfg, step, 1))
+        out = visual_tok(images, step, _noise(cfg, step, 1))
         rec = feature_loss(out.recon, out.features)
         kept = out.keep.mean(1)  # (B,) the fraction of each image's patches kept
         if cfg.model.keep_ratio_over == "batch":  # busier images may keep more, as long as the mean is ρ
-            ratio = (kept.mean() - tok.keep_ratio) ** 2
+            ratio = (kept.mean() - visual_tok.keep_ratio) ** 2
         else:
-            ratio = ((kept - tok.keep_ratio) ** 2).mean()
+            ratio = ((kept - visual_tok.keep_ratio) ** 2).mean()
         real = out.codes != PAD_CODE
         parts = {
             "feature_recon": float(rec.detach()),
             "vq": float(out.vq_loss.detach()),
             "ratio": float(ratio.detach()),
             "keep_fraction": float(kept.detach().mean()),
-            "keep_fraction_inference": float(keep_decisions(out.log_probs.detach(), 1, tok.inference_rule).mean()),
+            "keep_fraction_inference": float(
+                keep_decisions(out.log_probs.detach(), 1, visual_tok.inference_rule).mean()
+            ),
             "tokens_per_image": float(real.sum(1).float().mean()),
-            "batch_usage": out.codes[real].unique().numel() / tok.num_codes,
+            "batch_usage": out.codes[real].unique().numel() / visual_tok.num_codes,
         }
-        return lc.feature_recon * rec + lc.vq * out.vq_loss + lc.ratio * ratio, parts
+        return loss_cfg.feature_recon * rec + loss_cfg.vq * out.vq_loss + loss_cfg.ratio * ratio, parts
     with torch.no_grad():  # the codes as encode gives them (sampled from a (seed, step) generator, if asked)
-        recon = tok.reconstruct_features(tok.encode(images, generator=_noise(cfg, step, 2)))
-    if tok.pixel_kind == "diffusion":
-        d = tok.pixel_decoder.loss(images, tok.condition(recon), _noise(cfg, step, 3))
+        recon = visual_tok.reconstruct_features(visual_tok.encode(images, generator=_noise(cfg, step, 2)))
+    if visual_tok.pixel_kind == "diffusion":
+        d = visual_tok.pixel_decoder.loss(images, visual_tok.condition(recon), _noise(cfg, step, 3))
         return d, {"diffusion": float(d.detach())}
-    pixels = tok.pixel_decoder(recon)
+    pixels = visual_tok.pixel_decoder(recon)
     a, b = F.l1_loss(pixels, images), F.mse_loss(pixels, images)
-    return lc.l1 * a + lc.l2 * b, {
+    return loss_cfg.l1 * a + loss_cfg.l2 * b, {
         "l1": float(a.detach()),
         "l2": float(b.detach()),
         "psnr": float(psnr(pixels.detach().clamp(0, 1), images).mean()),
     }
 
 
-def _after_step(name: str, cfg: Config, tok: LavitTokenizer, images: torch.Tensor, step: int) -> int:
+def _after_step(name: str, cfg: Config, visual_tok: LavitTokenizer, images: torch.Tensor, step: int) -> int:
     """Dead-code restarts in phase tokenizer, every ``model.restart_dead`` steps, onto the batch's
     normalised features (of the deterministic selection) → the codes restarted."""
     every = cfg.model.restart_dead
     if name != "tokenizer" or not every or (step + 1) % every:
         return 0
     with torch.no_grad():
-        features = tok.patch_features(images)
-        keep = keep_decisions(tok.keep_scores(features), tok.min_tokens, tok.inference_rule)
-        tokens, mask = tok.merge(features, keep)
-        z = F.normalize(tok.encode_task_layer(tokens[mask]), dim=-1)
-    return tok.quantize.restart_dead(z, step, every, _noise(cfg, step, 4))
+        features = visual_tok.patch_features(images)
+        keep = keep_decisions(visual_tok.keep_scores(features), visual_tok.min_tokens, visual_tok.inference_rule)
+        tokens, mask = visual_tok.merge(features, keep)
+        z = F.normalize(visual_tok.encode_task_layer(tokens[mask]), dim=-1)
+    return visual_tok.quantize.restart_dead(z, step, every, _noise(cfg, step, 4))
 
 
 LAVIT = PhasedFamily(
@@ -121,7 +128,7 @@ LAVIT = PhasedFamily(
     temperatures=("vit",),
     build=build_tokenizer,
     save=save_tokenizer,
-    vit=lambda tok: tok.encoder,
+    vit=lambda visual_tok: visual_tok.encoder,
     trainable=_trainable,
     loss=_phase_loss,
     after_step=_after_step,

@@ -50,21 +50,21 @@ from .stage1 import Stage1Result, lr_at
 
 @dataclass(frozen=True)
 class PhasedFamily:
-    """What :func:`train_in_phases` asks of a family. ``loss(name, cfg, tok, tower, scales, text_tok,
+    """What :func:`train_in_phases` asks of a family. ``loss(name, cfg, visual_tok, tower, scales, text_tok,
     images, captions, step)`` → (loss, logged figures) for each phase but ``vit``;
-    ``trainable(name, tok, tower, scales)`` → its parameters (but ``vit``'s); ``after_step(name, cfg,
-    tok, images, step)`` → codes restarted; ``check(cfg, tok)`` refuses sizes that do not fit."""
+    ``trainable(name, visual_tok, tower, scales)`` → its parameters (but ``vit``'s); ``after_step(name, cfg,
+    visual_tok, images, step)`` → codes restarted; ``check(cfg, visual_tok)`` refuses sizes that do not fit."""
 
     title: str  # the family in messages ("SEED")
     phases: tuple[str, ...]  # in order, "vit" first
     temperatures: tuple[str, ...]  # the learnable contrastive temperatures (``Scales``), "vit" first
-    build: Callable  # (cfg, seed) → tokenizer, its config (with a local ViT's sizes) as ``tok.config``
-    save: Callable  # (tok, folder)
-    vit: Callable  # tok → its ViT
+    build: Callable  # (cfg, seed) → tokenizer, its config (with a local ViT's sizes) as ``visual_tok.config``
+    save: Callable  # (visual_tok, folder)
+    vit: Callable  # visual_tok → its ViT
     trainable: Callable
     loss: Callable
     after_step: Callable
-    check: Callable = lambda cfg, tok: None
+    check: Callable = lambda cfg, visual_tok: None
 
 
 def phase_plan(family: PhasedFamily, cfg: Config) -> list[tuple[int, str, object]]:
@@ -149,17 +149,17 @@ def vit_loss(
     return loss, contrastive_figures(acc, scale)
 
 
-def _trainable(family: PhasedFamily, name: str, tok, tower: TextTower, scales: Scales) -> list[nn.Parameter]:
+def _trainable(family: PhasedFamily, name: str, visual_tok, tower: TextTower, scales: Scales) -> list[nn.Parameter]:
     if name == "vit":
-        return [*family.vit(tok).parameters(), *tower.parameters(), scales.vit]
-    return family.trainable(name, tok, tower, scales)
+        return [*family.vit(visual_tok).parameters(), *tower.parameters(), scales.vit]
+    return family.trainable(name, visual_tok, tower, scales)
 
 
 def _phase_loss(
     family: PhasedFamily,
     name: str,
     cfg: Config,
-    tok,
+    visual_tok,
     tower: TextTower,
     scales: Scales,
     text_tok,
@@ -168,8 +168,8 @@ def _phase_loss(
     step: int,
 ) -> tuple[torch.Tensor, dict]:
     if name == "vit":
-        return vit_loss(family.vit(tok), tower, scales.vit, text_tok, images, captions)
-    return family.loss(name, cfg, tok, tower, scales, text_tok, images, captions, step)
+        return vit_loss(family.vit(visual_tok), tower, scales.vit, text_tok, images, captions)
+    return family.loss(name, cfg, visual_tok, tower, scales, text_tok, images, captions, step)
 
 
 def train_in_phases(
@@ -211,18 +211,18 @@ def train_in_phases(
     else:
         text_tok = train_word_tokenizer(pairs.captions, max_vocab=4096)
         text_tok.save_pretrained(str(text_folder))
-    tok = family.build(cfg, tc.seed)
-    cfg = tok.config  # with a local ViT's sizes written in
-    family.check(cfg, tok)
-    t, vit = mc.text, family.vit(tok)
+    visual_tok = family.build(cfg, tc.seed)
+    cfg = visual_tok.config  # with a local ViT's sizes written in
+    family.check(cfg, visual_tok)
+    t, vit = mc.text, family.vit(visual_tok)
     tower = TextTower(len(text_tok), t.width, t.layers, t.heads, t.max_length, vit.embed_dim)
     scales = Scales(cfg.loss.temperature, family.temperatures)
-    tok.train(), tower.train()
-    params = [*tok.parameters(), *tower.parameters(), *scales.parameters()]
+    visual_tok.train(), tower.train()
+    params = [*visual_tok.parameters(), *tower.parameters(), *scales.parameters()]
     for p in params:
         p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    modules = {"model": tok, "text_tower": tower, "scales": scales}
+    modules = {"model": visual_tok, "text_tower": tower, "scales": scales}
     start = 0
     if resume:
         start = load_checkpoint(ckpts[-1], modules, {"model": opt}, kind="tokenizer")["step"]
@@ -244,10 +244,10 @@ def train_in_phases(
             tc.keep_last,
             "tokenizer",
         )
-        family.save(tok, run)
+        family.save(visual_tok, run)
         atomic_save_tensors(tower.state_dict(), run / "text_tower.safetensors")
         if any(name == "vit" for _, name, _ in plan) and at >= plan[0][2].steps:  # stage 0 done: a ViT folder
-            save_vit(family.vit(tok), run / "vit")  # of its own, for model.vit_path (SEED, LaVIT)
+            save_vit(family.vit(visual_tok), run / "vit")  # of its own, for model.vit_path (SEED, LaVIT)
 
     t0, last, restarted, current = time.time(), {}, 0, None
     bar = tqdm(total=tc.steps, initial=start, desc=f"{family.title} stage I", disable=not progress, dynamic_ncols=True)
@@ -257,23 +257,25 @@ def train_in_phases(
             if name != current:  # only this phase's modules train
                 for p in params:
                     p.requires_grad_(False)
-                trainable = _trainable(family, name, tok, tower, scales)
+                trainable = _trainable(family, name, visual_tok, tower, scales)
                 for p in trainable:
                     p.requires_grad_(True)
                 current = name
             images, captions = pairs.batch(step, min(tc.batch_size, len(pairs.captions)), tc.seed)
             images = images.to(engine.device)
             lr = lr_at(step - first, pc)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            for group in opt.param_groups:
+                group["lr"] = lr
             with engine.autocast(tc.precision):
-                loss, parts = _phase_loss(family, name, cfg, tok, tower, scales, text_tok, images, captions, step)
+                loss, parts = _phase_loss(
+                    family, name, cfg, visual_tok, tower, scales, text_tok, images, captions, step
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             skipped = engine.clip_and_check(loss, trainable, tc.grad_clip)
             if skipped is None:
                 opt.step()
-                restarted += family.after_step(name, cfg, tok, images, step)
+                restarted += family.after_step(name, cfg, visual_tok, images, step)
             else:
                 opt.zero_grad(set_to_none=True)
                 log.write({"step": step + 1, "skipped": skipped, "phase": name})
@@ -298,7 +300,7 @@ def train_in_phases(
                 log.write(last, scalars=True)
                 bar.set_postfix(phase=name, loss=f"{float(loss.detach()):.4f}")
             if tc.grid_every and name == "decoder" and (done % tc.grid_every == 0 or done == tc.steps):
-                write_grid(tok, fixed, run / "samples" / f"recon_{done:07d}.png")
+                write_grid(visual_tok, fixed, run / "samples" / f"recon_{done:07d}.png")
             if done < tc.steps and sigterm.requested():
                 bar.close()
                 checkpoint(done)
@@ -308,14 +310,16 @@ def train_in_phases(
                 checkpoint(done)
     bar.close()
     checkpoint(tc.steps)
-    tok.eval()
-    write_grid(tok, fixed, run / "reconstructions.png")
+    visual_tok.eval()
+    write_grid(visual_tok, fixed, run / "reconstructions.png")
     val = None
     root = Path(data)
     if val_split and (root / val_split).is_dir():
         from ..eval.tokenizer import evaluate_tokenizer
 
-        val = evaluate_tokenizer(tok, root, split=val_split, progress=progress, usage_plot=run / "codebook_usage.png")
+        val = evaluate_tokenizer(
+            visual_tok, root, split=val_split, progress=progress, usage_plot=run / "codebook_usage.png"
+        )
         log.write({"step": tc.steps, "split": val_split, **val})
     log.close()
     plot_curves(run / "metrics.jsonl", run / "curves.png", keys=tuple(f"loss_{n}" for _, n, _ in plan))
@@ -323,8 +327,8 @@ def train_in_phases(
 
 
 @torch.no_grad()
-def write_grid(tok, images: torch.Tensor, path: Path) -> None:
+def write_grid(visual_tok, images: torch.Tensor, path: Path) -> None:
     """Inputs above, their reconstructions (decode ∘ encode) below."""
-    with eval_mode(tok):
-        recon = tok.decode(tok.encode(images.to(tok.device))).cpu()
+    with eval_mode(visual_tok):
+        recon = visual_tok.decode(visual_tok.encode(images.to(visual_tok.device))).cpu()
     image_grid([images, recon], labels=["input", "recon"]).save(path)

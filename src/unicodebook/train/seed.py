@@ -34,34 +34,38 @@ from .stage1 import Stage1Result
 PHASES = ("vit", "qformer", "vq", "decoder")
 
 
-def _trainable(name: str, tok: SeedTokenizer, tower: TextTower, scales: Scales) -> list[nn.Parameter]:
+def _trainable(name: str, visual_tok: SeedTokenizer, tower: TextTower, scales: Scales) -> list[nn.Parameter]:
     """The parameters a phase after ``vit`` trains (the others get no gradient in it)."""
     if name == "qformer":
         return [
-            tok.query_tokens,
-            *tok.ln_vision.parameters(),
-            *tok.Qformer.parameters(),
-            *tok.vision_proj.parameters(),
+            visual_tok.query_tokens,
+            *visual_tok.ln_vision.parameters(),
+            *visual_tok.Qformer.parameters(),
+            *visual_tok.vision_proj.parameters(),
             scales.qformer,
         ]
     if name == "vq":
         mods = (
-            tok.encode_task_layer,
-            tok.quantize,
-            tok.decode_task_layer,
-            tok.blocks,
-            tok.blocks_image,
-            tok.Reverse_Qformer,
-            tok.distill_image_proj,
+            visual_tok.encode_task_layer,
+            visual_tok.quantize,
+            visual_tok.decode_task_layer,
+            visual_tok.blocks,
+            visual_tok.blocks_image,
+            visual_tok.Reverse_Qformer,
+            visual_tok.distill_image_proj,
         )
-        return [p for m in mods for p in m.parameters()] + [tok.pos_embed, tok.pos_embed_image, tok.reverse_tokens]
-    return list(tok.pixel_decoder.parameters())
+        return [p for m in mods for p in m.parameters()] + [
+            visual_tok.pos_embed,
+            visual_tok.pos_embed_image,
+            visual_tok.reverse_tokens,
+        ]
+    return list(visual_tok.pixel_decoder.parameters())
 
 
 def _phase_loss(
     name: str,
     cfg: Config,
-    tok: SeedTokenizer,
+    visual_tok: SeedTokenizer,
     tower: TextTower,
     scales: Scales,
     text_tok,
@@ -69,55 +73,57 @@ def _phase_loss(
     captions: list[str],
     step: int,
 ) -> tuple[torch.Tensor, dict]:
-    lc = cfg.loss
+    loss_cfg = cfg.loss
     if name == "qformer":
         ids, mask = caption_batch(text_tok, captions, tower, images.device)
         with torch.no_grad():
             text = tower(ids, mask)
-        loss, acc = contrastive_loss(tok.contrastive_embedding(tok.causal_embeddings(images)), text, scales.qformer)
+        loss, acc = contrastive_loss(
+            visual_tok.contrastive_embedding(visual_tok.causal_embeddings(images)), text, scales.qformer
+        )
         return loss, contrastive_figures(acc, scales.qformer)
     if name == "vq":
         with torch.no_grad():
-            causal = tok.causal_embeddings(images)
-            target = tok.visual_encoder.embedding(images)
-        zq, codes, vq = tok.quantize(tok.encode_task_layer(causal), step)
-        recon, gen = tok.detokenize(zq)
-        rec, g = feature_loss(recon, causal), F.mse_loss(gen.float(), target.float())
+            causal = visual_tok.causal_embeddings(images)
+            target = visual_tok.visual_encoder.embedding(images)
+        zq, codes, vq = visual_tok.quantize(visual_tok.encode_task_layer(causal), step)
+        recon, gen = visual_tok.detokenize(zq)
+        rec, gen_loss = feature_loss(recon, causal), F.mse_loss(gen.float(), target.float())
         parts = {
             "vq": float(vq.detach()),
             "feature_recon": float(rec.detach()),
-            "generation": float(g.detach()),
-            "batch_usage": codes.unique().numel() / tok.num_codes,
+            "generation": float(gen_loss.detach()),
+            "batch_usage": codes.unique().numel() / visual_tok.num_codes,
         }
-        return lc.vq * vq + lc.feature_recon * rec + lc.generation * g, parts
+        return loss_cfg.vq * vq + loss_cfg.feature_recon * rec + loss_cfg.generation * gen_loss, parts
     with torch.no_grad():
-        recon, gen = tok.detokenize(tok.quantize.embedding(tok.encode(images)))
-    if tok.pixel_kind == "diffusion":
+        recon, gen = visual_tok.detokenize(visual_tok.quantize.embedding(visual_tok.encode(images)))
+    if visual_tok.pixel_kind == "diffusion":
         noise = torch.Generator().manual_seed(cfg.train_tokenizer.seed * 1_000_003 + step)
-        d = tok.pixel_decoder.loss(images, gen, noise)
+        d = visual_tok.pixel_decoder.loss(images, gen, noise)
         return d, {"diffusion": float(d.detach())}
-    out = tok.pixel_decoder(recon)
+    out = visual_tok.pixel_decoder(recon)
     a, b = F.l1_loss(out, images), F.mse_loss(out, images)
-    return lc.l1 * a + lc.l2 * b, {
+    return loss_cfg.l1 * a + loss_cfg.l2 * b, {
         "l1": float(a.detach()),
         "l2": float(b.detach()),
         "psnr": float(psnr(out.detach().clamp(0, 1), images).mean()),
     }
 
 
-def _after_step(name: str, cfg: Config, tok: SeedTokenizer, images: torch.Tensor, step: int) -> int:
+def _after_step(name: str, cfg: Config, visual_tok: SeedTokenizer, images: torch.Tensor, step: int) -> int:
     """Dead-code restarts in phase vq, every ``model.restart_dead`` steps → the codes restarted."""
     every = cfg.model.restart_dead
     if name != "vq" or not every or (step + 1) % every:
         return 0
     with torch.no_grad():
-        z = tok.encode_task_layer(tok.causal_embeddings(images))
+        z = visual_tok.encode_task_layer(visual_tok.causal_embeddings(images))
     generator = torch.Generator().manual_seed(cfg.train_tokenizer.seed * 7_919 + step)
-    return tok.quantize.restart_dead(z, step, every, generator)
+    return visual_tok.quantize.restart_dead(z, step, every, generator)
 
 
-def _check(cfg: Config, tok: SeedTokenizer) -> None:
-    mc, e = cfg.model, tok.visual_encoder.embed_dim
+def _check(cfg: Config, visual_tok: SeedTokenizer) -> None:
+    mc, e = cfg.model, visual_tok.visual_encoder.embed_dim
     if mc.generation_dim not in (0, e):
         raise UnicodebookError(
             f"model.generation_dim {mc.generation_dim}: the generation branch regresses the ViT's "
@@ -136,7 +142,7 @@ SEED = PhasedFamily(
     temperatures=("vit", "qformer"),
     build=build_tokenizer,
     save=save_tokenizer,
-    vit=lambda tok: tok.visual_encoder,
+    vit=lambda visual_tok: visual_tok.visual_encoder,
     trainable=_trainable,
     loss=_phase_loss,
     after_step=_after_step,

@@ -139,10 +139,10 @@ class Stage1Recipe:
             save_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(tc.seed)
         self.source = image_source(data, cfg, engine, progress=progress and self.main)
-        self.tok = tok = build_tokenizer(cfg, seed=tc.seed)
-        check_enough_vectors(self.source, tok)
-        tok.set_gradient_checkpointing(tc.gradient_checkpointing)
-        tok.train()
+        self.visual_tok = visual_tok = build_tokenizer(cfg, seed=tc.seed)
+        check_enough_vectors(self.source, visual_tok)
+        visual_tok.set_gradient_checkpointing(tc.gradient_checkpointing)
+        visual_tok.train()
         self.start = self._optimizers(ckpts, resume)
         self.loader = self.source.batches(self.start, tc.steps)
         self.guard = NonFiniteGuard(tc.max_nonfinite, "stage I", self.run_dir)
@@ -152,15 +152,15 @@ class Stage1Recipe:
             (self.run_dir / "samples").mkdir(exist_ok=True)
         self.bad_here = 0  # bad images this process met since the start (summed over ranks when reported)
         self.restarted = 0
-        self.usage = CodeUsage(tok.codebook.num_codes, len(tok.quantizer.layer_names))
+        self.usage = CodeUsage(visual_tok.codebook.num_codes, len(visual_tok.quantizer.layer_names))
 
     def _optimizers(self, ckpts, resume: bool) -> int:
         """AdamW for the tokenizer (and the discriminator's, with the optional losses), prepared
         for the engine and restored on resume; returns the first step to train."""
-        tc, engine, tok = self.tc, self.engine, self.tok
-        opt = torch.optim.AdamW(tok.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-        self.aux = AuxLosses(self.cfg, tok, engine.device)
-        self.modules = {"model": tok, **self.aux.modules()}
+        tc, engine, visual_tok = self.tc, self.engine, self.visual_tok
+        opt = torch.optim.AdamW(visual_tok.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.aux = AuxLosses(self.cfg, visual_tok, engine.device)
+        self.modules = {"model": visual_tok, **self.aux.modules()}
         self.optimizers = {"model": opt, **self.aux.optimizers()}
         start = 0
         self.bad_images = self.source.bad_at_start
@@ -168,8 +168,8 @@ class Stage1Recipe:
             state = load_checkpoint(ckpts[-1], self.modules, self.optimizers, kind="tokenizer", rank=engine.rank)
             start, self.bad_images = state["step"], state.get("bad_images", self.bad_images)
             if self.cfg.model.codebook.mode == "dual":
-                tok.codebook.write_to_llm()  # the LLM rows as they were at that step
-        self.model, self.opt = engine.prepare(tok, opt)
+                visual_tok.codebook.write_to_llm()  # the LLM rows as they were at that step
+        self.model, self.opt = engine.prepare(visual_tok, opt)
         self.optimizers["model"] = self.opt
         return start
 
@@ -193,19 +193,19 @@ class Stage1Recipe:
         )
         if self.main:
             with write_errors(self.run_dir, f"the tokenizer in {self.run_dir}"):
-                save_tokenizer(self.tok, self.run_dir)
+                save_tokenizer(self.visual_tok, self.run_dir)
 
     def train_step(self, step: int, images: torch.Tensor) -> dict:
         """One optimizer step on ``images`` (codebook updates and restarts included); returns
         what the step's log row is made of."""
-        tc, engine, tok, opt, aux = self.tc, self.engine, self.tok, self.opt, self.aux
+        tc, engine, visual_tok, opt, aux = self.tc, self.engine, self.visual_tok, self.opt, self.aux
         n = images.shape[0]  # this rank's slice of the global batch
         images = augment_batch(
             images.to(engine.device), tc.augment, tc.seed, step, first=engine.rank * n, total=engine.world * n
         )
         lr = lr_at(step, tc)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        for group in opt.param_groups:
+            group["lr"] = lr
         with engine.autocast(tc.precision):
             out = self.model(images)
         recon = out.recon.float()
@@ -214,15 +214,17 @@ class Stage1Recipe:
         loss = rec + out.commit_loss
         opt.zero_grad(set_to_none=True)
         engine.backward(loss)
-        skipped = engine.clip_and_check(loss, list(tok.parameters()), tc.grad_clip)
-        update = tok.quantizer.pop_updates()
+        skipped = engine.clip_and_check(loss, list(visual_tok.parameters()), tc.grad_clip)
+        update = visual_tok.quantizer.pop_updates()
         if skipped is None:
             opt.step()
             parts.update(aux_parts, **aux.discriminator_step(recon.detach(), images, step, lr))
             if update is not None:
                 gen = torch.Generator().manual_seed(tc.seed * 7_919 + step)
-                self.restarted += tok.codebook.update(*update, progress=(step + 1) / tc.steps, step=step, generator=gen)
-            layers, _ = tok.code_layers(out.codes)
+                self.restarted += visual_tok.codebook.update(
+                    *update, progress=(step + 1) / tc.steps, step=step, generator=gen
+                )
+            layers, _ = visual_tok.code_layers(out.codes)
             self.usage.update(engine.gather(layers).flatten(0, 1))  # the global batch's codes
         else:
             opt.zero_grad(set_to_none=True)
@@ -235,7 +237,7 @@ class Stage1Recipe:
         return {"loss": loss, "out": out, "parts": parts, "recon": recon, "images": images, "lr": lr}
 
     def _log(self, step: int, s: dict, t0: float) -> dict:
-        engine, tok, out = self.engine, self.tok, s["out"]
+        engine, visual_tok, out = self.engine, self.visual_tok, s["out"]
         st = self.usage.stats()
         self.usage.reset()
         mean = engine.mean_over_ranks
@@ -253,11 +255,13 @@ class Stage1Recipe:
             "bad_images": self.bad_total(),
             "skipped_steps": self.guard.total,
             "restarted_codes": self.restarted,
-            "codebook_cosine_llm": tok.codebook.alignment()["cosine"],
+            "codebook_cosine_llm": visual_tok.codebook.alignment()["cosine"],
             "elapsed_s": round(time.time() - t0, 2),
         }
         if engine.world > 1 and step == self.tc.steps:  # the invariant of a distributed run, checked
-            row["codebook_rank_max_diff"] = engine.max_diff_from_main(tok.codebook.embed, tok.codebook.ema_count)
+            row["codebook_rank_max_diff"] = engine.max_diff_from_main(
+                visual_tok.codebook.embed, visual_tok.codebook.ema_count
+            )
         self.log.write(row, scalars=True)
         return row
 
@@ -285,7 +289,11 @@ class Stage1Recipe:
                     )
                 if main and tc.grid_every and (step % tc.grid_every == 0 or step == tc.steps):
                     _write_grid(
-                        self.tok, self.fixed, self.run_dir / "samples" / f"recon_{step:07d}.png", self.log.writer, step
+                        self.visual_tok,
+                        self.fixed,
+                        self.run_dir / "samples" / f"recon_{step:07d}.png",
+                        self.log.writer,
+                        step,
                     )
                 if step < tc.steps and sigterm.requested():
                     bar.close()
@@ -302,17 +310,17 @@ class Stage1Recipe:
 
     def _finish(self, step: int) -> dict | None:
         """The final grid, the validation split's evaluation and the curves (main process)."""
-        tok, run, log = self.tok, self.run_dir, self.log
-        tok.eval()
+        visual_tok, run, log = self.visual_tok, self.run_dir, self.log
+        visual_tok.eval()
         val = None
         if self.main:
-            _write_grid(tok, self.fixed, run / "reconstructions.png", log.writer, step)
+            _write_grid(visual_tok, self.fixed, run / "reconstructions.png", log.writer, step)
             root, split = self.source.val_root, self.val_split
             if root is not None and split and (root / split).is_dir():
                 from ..eval.tokenizer import evaluate_tokenizer
 
                 val = evaluate_tokenizer(
-                    tok, root, split=split, progress=self.progress, usage_plot=run / "codebook_usage.png"
+                    visual_tok, root, split=split, progress=self.progress, usage_plot=run / "codebook_usage.png"
                 )
                 log.write({"step": step, "split": split, **val})
                 for k in ("psnr", "ssim", "usage_mean"):
@@ -330,23 +338,23 @@ class AuxLosses:
     files; the discriminator starts at ``loss.gan_start`` with taming's adaptive weight.
     """
 
-    def __init__(self, cfg: Config, tok: UniCodeTokenizer, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: Config, visual_tok: UniCodeTokenizer, device: torch.device | str = "cpu"):
         from .losses import LPIPS, PatchDiscriminator, disc_layers_for_size
 
-        lc, tc = cfg.loss, cfg.train_tokenizer
-        self.cfg, self.tok = lc, tok
+        loss_cfg, tc = cfg.loss, cfg.train_tokenizer
+        self.cfg, self.visual_tok = loss_cfg, visual_tok
         self.lpips = None
-        if lc.perceptual > 0:
-            if not lc.perceptual_vgg or not lc.perceptual_lin:
+        if loss_cfg.perceptual > 0:
+            if not loss_cfg.perceptual_vgg or not loss_cfg.perceptual_lin:
                 raise UnicodebookError(
                     "loss.perceptual > 0 needs loss.perceptual_vgg and loss.perceptual_lin (local weight files)"
                 )
             try:
-                self.lpips = LPIPS.from_pretrained(lc.perceptual_vgg, lc.perceptual_lin).to(device)
+                self.lpips = LPIPS.from_pretrained(loss_cfg.perceptual_vgg, loss_cfg.perceptual_lin).to(device)
             except ValueError as e:
                 raise UnicodebookError(str(e)) from None
         self.disc = self.disc_opt = None
-        if lc.gan > 0:
+        if loss_cfg.gan > 0:
             self.disc = PatchDiscriminator(n_layers=disc_layers_for_size(cfg.model.image_size)).to(device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=tc.lr, betas=(0.5, 0.9), weight_decay=0.0)
 
@@ -367,10 +375,10 @@ class AuxLosses:
             rec = rec + self.cfg.perceptual * p
             parts["lpips"] = float(p.detach())
         if self.disc is not None and step >= self.cfg.gan_start:
-            g = hinge_g_loss(self.disc(recon))
-            w = adaptive_gan_weight(rec, g, self.tok.decoder.last_layer)
-            rec = rec + self.cfg.gan * w * g
-            parts["gan_g"] = float(g.detach())
+            gan_loss = hinge_g_loss(self.disc(recon))
+            w = adaptive_gan_weight(rec, gan_loss, self.visual_tok.decoder.last_layer)
+            rec = rec + self.cfg.gan * w * gan_loss
+            parts["gan_g"] = float(gan_loss.detach())
         return rec, parts
 
     def discriminator_step(self, fake: torch.Tensor, real: torch.Tensor, step: int, lr: float) -> dict:
@@ -378,8 +386,8 @@ class AuxLosses:
 
         if self.disc is None or step < self.cfg.gan_start:
             return {}
-        for g in self.disc_opt.param_groups:
-            g["lr"] = lr
+        for group in self.disc_opt.param_groups:
+            group["lr"] = lr
         d = hinge_d_loss(self.disc(real), self.disc(fake))
         self.disc_opt.zero_grad(set_to_none=True)
         d.backward()
@@ -388,26 +396,26 @@ class AuxLosses:
 
 
 @torch.no_grad()
-def check_enough_vectors(source, tok: UniCodeTokenizer) -> None:
+def check_enough_vectors(source, visual_tok: UniCodeTokenizer) -> None:
     """A folder whose images hold fewer latent vectors than a code layer has rows can never use
     the codebook (k-means would start most rows on copies of one another): one error line."""
     dataset = getattr(source, "dataset", None)  # a folder; shards are streamed, their size unknown
-    if dataset is None or tok.codebook.mode == "frozen":
+    if dataset is None or visual_tok.codebook.mode == "frozen":
         return
     n_images = len(dataset)  # the readable ones when preloaded
-    vectors = n_images * tok.num_latents
-    rows = tok.codebook.num_codes // tok.codebook.groups
+    vectors = n_images * visual_tok.num_latents
+    rows = visual_tok.codebook.num_codes // visual_tok.codebook.groups
     if vectors < rows:
         raise UnicodebookError(
-            f"{n_images} training images give {vectors} latent vectors ({tok.num_latents} each), "
+            f"{n_images} training images give {vectors} latent vectors ({visual_tok.num_latents} each), "
             f"fewer than the {rows} codebook rows a code layer has: add images or lower "
             f"model.codebook.num_rows"
         )
 
 
-def _write_grid(tok: UniCodeTokenizer, images: torch.Tensor, path: Path, writer, step: int) -> None:
-    with eval_mode(tok):
-        recon = tok.decode(tok.encode(images)).cpu()
+def _write_grid(visual_tok: UniCodeTokenizer, images: torch.Tensor, path: Path, writer, step: int) -> None:
+    with eval_mode(visual_tok):
+        recon = visual_tok.decode(visual_tok.encode(images)).cpu()
     grid = image_grid([images, recon], labels=["input", "recon"])
     grid.save(path)
     import numpy as np

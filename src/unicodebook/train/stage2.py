@@ -62,8 +62,8 @@ class Stage2Result:
 class Phases:
     """The phase settings of each step of a run (``train_lm.phases``, or the run as one phase)."""
 
-    def __init__(self, lc: LMTrainConfig):
-        self.phases = lc.phase_list()
+    def __init__(self, tc: LMTrainConfig):
+        self.phases = tc.phase_list()
 
     def at(self, step: int) -> tuple[int, LMTrainConfig]:
         """(the phase's first step, its settings) for a global step."""
@@ -141,23 +141,23 @@ def build_text_tokenizer(cfg: Config, llm, texts, run: Path, resume: bool, start
     return text_tok
 
 
-def load_start(folder: str | Path, tok, image_positions: bool, layout: str = "flat") -> UniCodeLM:
+def load_start(folder: str | Path, visual_tok, image_positions: bool, layout: str = "flat") -> UniCodeLM:
     """The stage II model a run starts from (``train_lm.init_from``), checked to fit this run:
     the same frozen visual tokenizer (bit for bit), the same image-position switch and layout."""
     try:
         start = load_model(folder)
     except UnicodebookError as e:
         raise UnicodebookError(f"train_lm.init_from: {e}") from None
-    if start.tokenizer.family != tok.family:
+    if start.tokenizer.family != visual_tok.family:
         raise UnicodebookError(
-            f"train_lm.init_from: {folder} reads {start.tokenizer.family} codes, this run {tok.family}"
+            f"train_lm.init_from: {folder} reads {start.tokenizer.family} codes, this run {visual_tok.family}"
         )
-    mine, theirs = tok.state_dict(), start.tokenizer.state_dict()
+    mine, theirs = visual_tok.state_dict(), start.tokenizer.state_dict()
     if mine.keys() != theirs.keys() or any(
         mine[k].shape != theirs[k].shape or not torch.equal(mine[k].cpu(), theirs[k]) for k in mine
     ):
         raise UnicodebookError(f"train_lm.init_from: {folder} was trained on another visual tokenizer than this run's")
-    if (start.image_pos is not None) != image_positions:
+    if (start.image_positions is not None) != image_positions:
         raise UnicodebookError(
             f"train_lm.init_from: {folder} has image_positions={start.image_pos is not None}, "
             f"this run {image_positions}"
@@ -172,12 +172,12 @@ def load_start(folder: str | Path, tok, image_positions: bool, layout: str = "fl
 def wrap_lora(llm, cfg: LMTrainConfig):
     from peft import LoraConfig, get_peft_model
 
-    lc = cfg.lora
+    lora = cfg.lora
     peft_cfg = LoraConfig(
-        r=lc.r,
-        lora_alpha=lc.alpha,
-        lora_dropout=lc.dropout,
-        target_modules=list(lc.target_modules),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(llm, peft_cfg)
@@ -204,31 +204,31 @@ class Stage2Recipe:
         progress: bool = True,
         asked: Sequence[str] = (),
     ):
-        self.lc = lc = cfg.train_lm
+        self.tc = tc = cfg.train_lm
         self.asked = tuple(asked)
         self.run_dir, self.tokenizer_run, self.progress = Path(out), str(tokenizer_run), progress
-        if lc.threads:
-            torch.set_num_threads(lc.threads)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
         # a task may leave the depth table or the depth head unused
-        self.engine = Engine(find_unused_parameters=lc.image_positions or lc.image_layout == "depth")
-        self.phases = Phases(lc)
+        self.engine = Engine(find_unused_parameters=tc.image_positions or tc.image_layout == "depth")
+        self.phases = Phases(tc)
         self.main = self.engine.is_main
-        if self.engine.shards_parameters and lc.lora.enabled:
+        if self.engine.shards_parameters and tc.lora.enabled:
             raise UnicodebookError(
                 "LoRA under FSDP is not supported: launch LoRA runs with a DDP config "
                 "(configs/accelerate/ddp_8gpu.yaml); a LoRA model's optimizer state is small"
             )
-        self.tok, llm, self.cfg = self._tokenizer_and_llm(cfg)
+        self.visual_tok, llm, self.cfg = self._tokenizer_and_llm(cfg)
         ckpts = check_resume(self.run_dir, self.cfg, resume)
         start = (
-            load_start(lc.init_from, self.tok, lc.image_positions, lc.image_layout)
-            if lc.init_from and not resume
+            load_start(tc.init_from, self.visual_tok, tc.image_positions, tc.image_layout)
+            if tc.init_from and not resume
             else None
         )
         self.streaming = is_shard_spec(data)
         texts = self._open_records(data)
         self._write_text_tokenizer(llm, texts, resume, start)
-        torch.manual_seed(lc.seed)
+        torch.manual_seed(tc.seed)
         self.umodel = self._build_model(llm, start)
         del start
         self.umodel.train()
@@ -244,7 +244,7 @@ class Stage2Recipe:
         else:
             self._cache_codes()
         self.start = self._optimizer(ckpts, resume)
-        self.guard = NonFiniteGuard(lc.max_nonfinite, "stage II", self.run_dir)
+        self.guard = NonFiniteGuard(tc.max_nonfinite, "stage II", self.run_dir)
         self.log = RunLog(self.run_dir, self.start, resume, enabled=self.main)
         if self.main:
             (self.run_dir / "samples").mkdir(exist_ok=True)
@@ -254,21 +254,21 @@ class Stage2Recipe:
         """The frozen visual tokenizer (it encodes and embeds where the LLM trains), the LLM and
         the run's config: a tokenizer bound to an LLM (UniCode) brings its own, and its run then
         defines the model and the LLM while stage II's settings come from ``cfg``."""
-        tok = load_tokenizer(self.tokenizer_run, device=self.engine.device)
+        visual_tok = load_tokenizer(self.tokenizer_run, device=self.engine.device)
         for _, p in self.phases.phases:
             for t in TASKS:
-                if getattr(p.tasks, t) > 0 and t not in tok.tasks:
+                if getattr(p.tasks, t) > 0 and t not in visual_tok.tasks:
                     raise UnicodebookError(
-                        f"the {tok.family} tokenizer offers no '{t}' task (it offers "
-                        f"{', '.join(tok.tasks)}): set train_lm.tasks.{t}=0"
+                        f"the {visual_tok.family} tokenizer offers no '{t}' task (it offers "
+                        f"{', '.join(visual_tok.tasks)}): set train_lm.tasks.{t}=0"
                     )
-        llm = tok.bound_llm()
-        if tok.config is not None:
-            _check_bound(cfg, tok.config, self.tokenizer_run, self.asked)
-            cfg = dataclasses.replace(cfg, llm=tok.config.llm, model=tok.config.model)
+        llm = visual_tok.bound_llm()
+        if visual_tok.config is not None:
+            _check_bound(cfg, visual_tok.config, self.tokenizer_run, self.asked)
+            cfg = dataclasses.replace(cfg, llm=visual_tok.config.llm, model=visual_tok.config.model)
         if llm is None:
-            llm = load_llm(cfg.llm, seed=self.lc.seed)
-        return tok, llm, cfg
+            llm = load_llm(cfg.llm, seed=self.tc.seed)
+        return visual_tok, llm, cfg
 
     def _open_records(self, data: str | Path):
         """The training records (a folder's, or a shard stream) and a function returning the
@@ -276,7 +276,7 @@ class Stage2Recipe:
         cfg = self.cfg
         if self.streaming:
             self.stream = ShardRecords(
-                data, self.tok.image_size, cfg.data.odd_size, self.engine, self.lc.seed, cfg.data.num_workers
+                data, self.visual_tok.image_size, cfg.data.odd_size, self.engine, self.tc.seed, cfg.data.num_workers
             )
             return lambda: text_corpus(*self.stream.texts())
         self.folder = split_folder(data, "train")
@@ -303,35 +303,38 @@ class Stage2Recipe:
     def _build_model(self, llm, start: UniCodeLM | None) -> UniCodeLM:
         """The trained model: the LLM (``init_from``'s weights, checkpointing, LoRA) with the
         tokenizer attached, the image-position table and the depth head."""
-        lc = self.lc
+        tc = self.tc
         if start is not None:
             try:
                 llm.load_state_dict(start.llm.state_dict())
             except RuntimeError as e:
                 raise UnicodebookError(
-                    f"train_lm.init_from: the LLM in {lc.init_from} does not fit this run's ({str(e).splitlines()[0]})"
+                    f"train_lm.init_from: the LLM in {tc.init_from} does not fit this run's ({str(e).splitlines()[0]})"
                 ) from None
-        if lc.gradient_checkpointing:
+        if tc.gradient_checkpointing:
             enable_checkpointing(llm)
-        if lc.lora.enabled:
-            llm = wrap_lora(llm, lc)
+        if tc.lora.enabled:
+            llm = wrap_lora(llm, tc)
         umodel = UniCodeLM(
             llm,
-            self.tok,
+            self.visual_tok,
             self.text_tok,
-            image_positions=lc.image_positions,
-            layout=lc.image_layout,
-            image_attention=lc.image_attention,
-            depth_head=dataclasses.asdict(lc.depth_head),
+            image_positions=tc.image_positions,
+            layout=tc.image_layout,
+            image_attention=tc.image_attention,
+            depth_head=dataclasses.asdict(tc.depth_head),
         )
         if start is not None:
-            for mine, theirs in ((umodel.image_pos, start.image_pos), (umodel.depth_head, start.depth_head)):
+            for mine, theirs in (
+                (umodel.image_positions, start.image_positions),
+                (umodel.depth_head, start.depth_head),
+            ):
                 if mine is not None:
                     try:
                         mine.load_state_dict(theirs.state_dict())
                     except RuntimeError as e:
                         raise UnicodebookError(
-                            f"train_lm.init_from: {lc.init_from} does not fit this run's model "
+                            f"train_lm.init_from: {tc.init_from} does not fit this run's model "
                             f"({str(e).splitlines()[0]})"
                         ) from None
         return umodel
@@ -339,12 +342,12 @@ class Stage2Recipe:
     def _cache_codes(self) -> None:
         """A folder's images encoded once (the main process writes the cache, the others read
         it); the records whose image could not be encoded are counted and left out."""
-        engine, records, lc = self.engine, self.records, self.lc
+        engine, records, tc = self.engine, self.records, self.tc
         images = [c.image for c in records.conversations] + [c.image for c in records.captions]
         for turn in (True, False):
             if turn == self.main:
                 self.cache = cached_codes(
-                    self.tok,
+                    self.visual_tok,
                     self.folder,
                     images,
                     fallback=self.run_dir / "codes_cache",
@@ -362,7 +365,7 @@ class Stage2Recipe:
         )
         self.bad_images = len(self.cache.bad)
         sizes = {"decompress": len(self.decomp), "instruct": len(self.convs), "t2i": len(self.caps)}
-        self.schedule = TaskSchedule(sizes, self.phases, lc.batch_size, lc.seed)
+        self.schedule = TaskSchedule(sizes, self.phases, tc.batch_size, tc.seed)
         for bs in self.schedule.bs.values():
             engine.local_batch_size(bs)  # fail early on an uneven split
         self.preview = [c.caption for c in self.caps[:8]]
@@ -370,17 +373,17 @@ class Stage2Recipe:
     def _optimizer(self, ckpts, resume: bool) -> int:
         """AdamW over the trainable parameters, the model and optimizer prepared for the engine
         and restored from the last checkpoint on resume; returns the first step to train."""
-        lc, engine, umodel = self.lc, self.engine, self.umodel
+        tc, engine, umodel = self.tc, self.engine, self.umodel
         names = [n for n, p in umodel.named_parameters() if p.requires_grad]  # the optimizer's order
         opt = torch.optim.AdamW(
             [p for p in umodel.parameters() if p.requires_grad],
-            lr=lc.lr,
-            betas=tuple(lc.betas),
-            weight_decay=lc.weight_decay,
+            lr=tc.lr,
+            betas=tuple(tc.betas),
+            weight_decay=tc.weight_decay,
         )
         self.modules = {"llm": umodel.llm}
-        if umodel.image_pos is not None:
-            self.modules["image_positions"] = umodel.image_pos
+        if umodel.image_positions is not None:
+            self.modules["image_positions"] = umodel.image_positions
         if umodel.depth_head is not None:
             self.modules["depth_head"] = umodel.depth_head
         start, opt_state = 0, None
@@ -388,7 +391,7 @@ class Stage2Recipe:
             state = load_checkpoint(ckpts[-1], self.modules, {"llm": None}, kind="lm", rank=engine.rank)
             start, opt_state = state["step"], state["optimizer_states"]["llm"]
         if self.streaming:
-            self.records_iter = self.stream.batches(lc.batch_size, start)
+            self.records_iter = self.stream.batches(tc.batch_size, start)
         else:
             self.schedule.skip_to(start)
         self.model, self.opt = engine.prepare(umodel, opt)
@@ -405,7 +408,7 @@ class Stage2Recipe:
         if task == "instruct":
             return self.fmt.conversation(turns, codes)
         if task == "decompress":
-            return self.fmt.decompression(codes, self.lc.decompress_segments, segment)
+            return self.fmt.decompression(codes, self.tc.decompress_segments, segment)
         return self.fmt.text_to_image(caption, codes)
 
     def _collate(self, samples: list, step: int, g: torch.Generator):
@@ -419,13 +422,13 @@ class Stage2Recipe:
         """This rank's share of the step's global batch (random choices drawn for all of it)."""
         task, idx = self.schedule.next(step)
         engine, cache = self.engine, self.cache
-        g = torch.Generator().manual_seed(self.lc.seed * 48_271 + step)
+        g = torch.Generator().manual_seed(self.tc.seed * 48_271 + step)
         if task == "instruct":
             items = engine.shard([self.convs[i] for i in idx])
             keys = [cache.index[c.image] for c in items]
             samples = [self.sample(task, cache.codes[k].long(), turns=c.turns) for c, k in zip(items, keys)]
         elif task == "decompress":
-            segs = engine.shard(torch.randint(self.lc.decompress_segments, (len(idx),), generator=g).tolist())
+            segs = engine.shard(torch.randint(self.tc.decompress_segments, (len(idx),), generator=g).tolist())
             keys = [cache.index[self.decomp[i]] for i in engine.shard(idx)]
             samples = [self.sample(task, cache.codes[k].long(), segment=s) for k, s in zip(keys, segs)]
         else:
@@ -447,7 +450,7 @@ class Stage2Recipe:
         recs, n_bad = next(self.records_iter)
         self.bad_here += int(n_bad)
         codes = self.umodel.tokenizer.encode(recs["image"]) if len(recs["key"]) else None
-        g = torch.Generator().manual_seed((self.lc.seed * 48_271 + step) * 1_000 + self.engine.rank)
+        g = torch.Generator().manual_seed((self.tc.seed * 48_271 + step) * 1_000 + self.engine.rank)
         pc = self.phases.at(step)[1]
         samples, with_image = [], []
         for i, (conv, cap) in enumerate(zip(recs["conversation"], recs["caption"])):
@@ -463,7 +466,7 @@ class Stage2Recipe:
             if task == "instruct":
                 samples.append(self.sample(task, codes[i], turns=conv))
             elif task == "decompress":
-                seg = int(torch.randint(self.lc.decompress_segments, (1,), generator=g))
+                seg = int(torch.randint(self.tc.decompress_segments, (1,), generator=g))
                 samples.append(self.sample(task, codes[i], segment=seg))
             else:
                 drop = bool(torch.rand(1, generator=g) < pc.caption_dropout)
@@ -485,16 +488,16 @@ class Stage2Recipe:
                 f"the LLM's context is {self.umodel.max_positions}"
             )
         lr = self.phases.lr(step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with engine.autocast(self.lc.precision):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with engine.autocast(self.tc.precision):
             out = model(batch, latents)
         # the mean over the global batch's target tokens: weight this rank's mean by its share
         global_tokens = engine.sum(out.n_tokens)
         loss = out.loss * (out.n_tokens * engine.world / max(global_tokens, 1.0))
         opt.zero_grad(set_to_none=True)
         engine.backward(loss)
-        why = engine.clip_and_check(out.loss, self.params, self.lc.grad_clip)
+        why = engine.clip_and_check(out.loss, self.params, self.tc.grad_clip)
         if why is None:
             opt.step()
             s = self.sums.setdefault(task, [0.0, 0.0, 0])
@@ -524,7 +527,7 @@ class Stage2Recipe:
             "bad_images": self.bad_images + int(engine.sum(self.bad_here)),
             "skipped_steps": self.guard.total,
         }
-        if engine.world > 1 and step == self.lc.steps:  # the invariant of a distributed run, checked
+        if engine.world > 1 and step == self.tc.steps:  # the invariant of a distributed run, checked
             row["weights_rank_max_diff"] = engine.max_diff_from_main(*self.params)
         for t, (loss_sum, acc_sum, n) in self.sums.items():
             row[f"loss_{t}"], row[f"acc_{t}"] = engine.mean_over_ranks(loss_sum / n), acc_sum / n
@@ -537,8 +540,8 @@ class Stage2Recipe:
         engine = self.engine
         full = engine.state_dict(self.model)
         states = {
-            name: {k[len(prefix) + 1 :]: v for k, v in full.items() if k.startswith(prefix + ".")}
-            for name, prefix in (("llm", "llm"), ("image_positions", "image_pos"), ("depth_head", "depth_head"))
+            name: {k[len(name) + 1 :]: v for k, v in full.items() if k.startswith(name + ".")}
+            for name in ("llm", "image_positions", "depth_head")
             if name in self.modules
         }
         save_training_checkpoint(
@@ -548,7 +551,7 @@ class Stage2Recipe:
             states,
             {"llm": self.opt},
             {"skipped_steps": self.guard.total},
-            self.lc.keep_last,
+            self.tc.keep_last,
             "lm",
             self.model,
         )
@@ -562,12 +565,12 @@ class Stage2Recipe:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Stage2Result:
-        lc, engine, main = self.lc, self.engine, self.main
+        tc, engine, main = self.tc, self.engine, self.main
         t0 = time.time()
         self.sums, self.tokens = {}, 0
         last: dict = {}
         bar = tqdm(
-            total=lc.steps,
+            total=tc.steps,
             initial=self.start,
             desc="stage II",
             disable=not (self.progress and main),
@@ -575,24 +578,24 @@ class Stage2Recipe:
         )
         step = self.start
         with StopOnSigterm(engine) as sigterm:
-            while step < lc.steps:
+            while step < tc.steps:
                 task, batch, latents = self.batch(step)
                 lr, _ = self.train_step(step, task, batch, latents)
                 step += 1
                 bar.update(1)
-                if step % lc.log_every == 0 or step == lc.steps:
+                if step % tc.log_every == 0 or step == tc.steps:
                     last = self._log(step, lr, t0)
                     bar.set_postfix(
                         {k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items() if k.startswith("loss_")}
                     )
-                if lc.sample_every and step % lc.sample_every == 0 and step < lc.steps:
+                if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
                     self._samples(f"t2i_{step:07d}.png", step)
-                if step < lc.steps and sigterm.requested():
+                if step < tc.steps and sigterm.requested():
                     bar.close()
                     self.checkpoint(step)
                     self.log.close()
-                    raise sigterm.stop("stage II", step, lc.steps, self.run_dir)
-                if lc.save_every and step % lc.save_every == 0 and step < lc.steps:
+                    raise sigterm.stop("stage II", step, tc.steps, self.run_dir)
+                if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
                     self.checkpoint(step)
         bar.close()
 
@@ -657,8 +660,10 @@ def _write_samples(model: UniCodeLM, prompts: list[str], path: Path, cfg: Config
 
     from ..eval.plots import captioned_grid
 
-    g = cfg.generate
-    images = model.generate_image(prompts, cfg_scale=g.cfg_scale, temperature=g.temperature, top_k=g.top_k, seed=0)
+    gen_cfg = cfg.generate
+    images = model.generate_image(
+        prompts, cfg_scale=gen_cfg.cfg_scale, temperature=gen_cfg.temperature, top_k=gen_cfg.top_k, seed=0
+    )
     grid = captioned_grid(images, prompts)
     grid.save(path)
     writer.add_image("t2i", np.asarray(grid), step, dataformats="HWC")

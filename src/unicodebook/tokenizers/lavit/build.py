@@ -25,8 +25,8 @@ def build_tokenizer(cfg: Config, seed: int = 0) -> LavitTokenizer:
     return build_on_vit(LavitTokenizer, cfg, seed)
 
 
-def save_tokenizer(tok: LavitTokenizer, folder: str | Path) -> None:
-    save_on_vit(tok, folder)
+def save_tokenizer(visual_tok: LavitTokenizer, folder: str | Path) -> None:
+    save_on_vit(visual_tok, folder)
 
 
 def load(folder: Path, device: str | torch.device = "cpu") -> LavitTokenizer:

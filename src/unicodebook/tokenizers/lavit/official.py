@@ -52,21 +52,21 @@ def map_official(
 
 
 def load_mapped(
-    tok,
+    visual_tok,
     encoder: dict[str, Tensor],
     decoder: dict[str, Tensor] | None = None,
     vit: dict[str, Tensor] | None = None,
     name: str = "the checkpoint",
 ) -> dict:
-    return fit_mapped(tok, *map_official(encoder, decoder, vit), name)
+    return fit_mapped(visual_tok, *map_official(encoder, decoder, vit), name)
 
 
 def load_official(
-    tok, encoder_path: str | Path, decoder_path: str | Path | None = None, vit_path: str | Path | None = None
+    visual_tok, encoder_path: str | Path, decoder_path: str | Path | None = None, vit_path: str | Path | None = None
 ) -> dict:
-    """Load the official LaVIT tokenizer files (converted to safetensors) into ``tok`` (a
+    """Load the official LaVIT tokenizer files (converted to safetensors) into ``visual_tok`` (a
     :class:`~unicodebook.tokenizers.lavit.LavitTokenizer` built at the official sizes) → a report:
     ``{"loaded": n, "left_out": [...], "missing": [...]}``. Keys on both sides with different
     shapes are one error line."""
     decoder, vit = (read_converted(p, HOW) if p is not None else None for p in (decoder_path, vit_path))
-    return load_mapped(tok, read_converted(encoder_path, HOW), decoder, vit, str(encoder_path))
+    return load_mapped(visual_tok, read_converted(encoder_path, HOW), decoder, vit, str(encoder_path))

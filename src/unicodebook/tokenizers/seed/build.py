@@ -84,9 +84,9 @@ def build_on_vit(cls, cfg: Config, seed: int = 0):
             cfg = dataclasses.replace(cfg, model=mc)
         else:
             vit = VisionTransformer(vit_config(mc))
-        tok = cls(mc, vit, _local_unet(mc))
-    tok.__dict__["config"] = cfg
-    return tok
+        visual_tok = cls(mc, vit, _local_unet(mc))
+    visual_tok.__dict__["config"] = cfg
+    return visual_tok
 
 
 def _local_unet(mc):
@@ -97,21 +97,21 @@ def _local_unet(mc):
     return local_unet(mc.diffusion.unet_path, mc.image_size)
 
 
-def save_tokenizer(tok: SeedTokenizer, folder: str | Path) -> None:
-    save_on_vit(tok, folder)
+def save_tokenizer(visual_tok: SeedTokenizer, folder: str | Path) -> None:
+    save_on_vit(visual_tok, folder)
 
 
-def save_on_vit(tok, folder: str | Path) -> None:
+def save_on_vit(visual_tok, folder: str | Path) -> None:
     """config.yaml, the UNet's config (diffusion), model.safetensors, then the family tag."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_config(tok.config, folder / "config.yaml")
-    if tok.pixel_kind == "diffusion":
-        atomic_write_text(folder / UNET_CONFIG, tok.pixel_decoder.unet.to_json_string())
+    save_config(visual_tok.config, folder / "config.yaml")
+    if visual_tok.pixel_kind == "diffusion":
+        atomic_write_text(folder / UNET_CONFIG, visual_tok.pixel_decoder.unet.to_json_string())
     atomic_save_tensors(
-        tok.state_dict(), folder / "model.safetensors", metadata={"format": f"unicodebook-{tok.family}"}
+        visual_tok.state_dict(), folder / "model.safetensors", metadata={"format": f"unicodebook-{visual_tok.family}"}
     )
-    write_family(folder, tok.family)
+    write_family(folder, visual_tok.family)
 
 
 def load(folder: Path, device: str | torch.device = "cpu") -> SeedTokenizer:
@@ -136,13 +136,13 @@ def load_on_vit(cls, config_cls: type, title: str, folder: Path, device: str | t
     except (SafetensorError, OSError) as e:
         raise UnicodebookError(f"{folder}/model.safetensors is corrupt or truncated ({e})") from None
     # the ViT's weights (and the UNet's) are in the folder
-    tok = cls(cfg.model, VisionTransformer(vit_config(cfg.model)), _saved_unet(folder, cfg.model, title))
-    bad = first_state_mismatch(tok, state)
+    visual_tok = cls(cfg.model, VisionTransformer(vit_config(cfg.model)), _saved_unet(folder, cfg.model, title))
+    bad = first_state_mismatch(visual_tok, state)
     if bad:
         raise UnicodebookError(f"{folder}/model.safetensors does not match its config (first bad key: {bad})")
-    tok.load_state_dict(state)
-    tok.__dict__["config"] = cfg
-    return tok.to(device).eval()
+    visual_tok.load_state_dict(state)
+    visual_tok.__dict__["config"] = cfg
+    return visual_tok.to(device).eval()
 
 
 def _saved_unet(folder: Path, mc, title: str):

@@ -68,12 +68,12 @@ def split_official(state: dict[str, Tensor], encoder: str, dropped: re.Pattern) 
     return out, sorted(left)
 
 
-def load_official(tok, path: str | Path, strict_shapes: bool = True) -> dict:
-    """Load an official SEED checkpoint (a safetensors file) into ``tok`` (a
+def load_official(visual_tok, path: str | Path, strict_shapes: bool = True) -> dict:
+    """Load an official SEED checkpoint (a safetensors file) into ``visual_tok`` (a
     :class:`~unicodebook.tokenizers.seed.SeedTokenizer` built at the official sizes) → a report:
     ``{"loaded": n, "left_out": [...], "missing": [...]}``. Keys that exist on both sides with
     different shapes are one error line."""
-    return load_mapped(tok, read_converted(path, "tokenizers/seed/official.py"), str(path))
+    return load_mapped(visual_tok, read_converted(path, "tokenizers/seed/official.py"), str(path))
 
 
 def read_converted(path: str | Path, how: str) -> dict[str, Tensor]:
@@ -91,15 +91,15 @@ def read_converted(path: str | Path, how: str) -> dict[str, Tensor]:
         ) from None
 
 
-def load_mapped(tok, state: dict[str, Tensor], name: str = "the checkpoint") -> dict:
-    return fit_mapped(tok, *map_official(state), name)
+def load_mapped(visual_tok, state: dict[str, Tensor], name: str = "the checkpoint") -> dict:
+    return fit_mapped(visual_tok, *map_official(state), name)
 
 
-def fit_mapped(tok, mapped: dict[str, Tensor], left: list[str], name: str) -> dict:
-    """Load ``mapped`` (official weights under our names) into ``tok`` → the report of
+def fit_mapped(visual_tok, mapped: dict[str, Tensor], left: list[str], name: str) -> dict:
+    """Load ``mapped`` (official weights under our names) into ``visual_tok`` → the report of
     :func:`load_official`; ``left``: the official keys already left out."""
     left = list(left)
-    mine = tok.state_dict()
+    mine = visual_tok.state_dict()
     for k, v in mapped.items():
         if k not in mine:
             left.append(k)
@@ -109,5 +109,5 @@ def fit_mapped(tok, mapped: dict[str, Tensor], left: list[str], name: str) -> di
                 f"(build it at the checkpoint's sizes)"
             )
     fit = {k: v for k, v in mapped.items() if k in mine}
-    tok.load_state_dict(fit, strict=False, assign=any(p.is_meta for p in tok.parameters()))
+    visual_tok.load_state_dict(fit, strict=False, assign=any(p.is_meta for p in visual_tok.parameters()))
     return {"loaded": len(fit), "left_out": sorted(left), "missing": sorted(set(mine) - set(fit))}

@@ -58,28 +58,30 @@ def build_tokenizer(cfg: Config, llm=None, seed: int = 0) -> UniCodeTokenizer:
     codebook = UnifiedCodebook(rows, dim, _rule(cfg.model.codebook)).bind(emb, copy=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tok = UniCodeTokenizer(cfg.model, codebook)
-    tok.__dict__["llm"] = llm  # held by reference, never a submodule of the tokenizer
-    tok.__dict__["config"] = cfg
-    return tok
+        visual_tok = UniCodeTokenizer(cfg.model, codebook)
+    visual_tok.__dict__["llm"] = llm  # held by reference, never a submodule of the tokenizer
+    visual_tok.__dict__["config"] = cfg
+    return visual_tok
 
 
-def save_tokenizer(tok: UniCodeTokenizer, folder: Path) -> None:
+def save_tokenizer(visual_tok: UniCodeTokenizer, folder: Path) -> None:
     """Write (or refresh) the tokenizer files in ``folder``; a run folder is a tokenizer folder.
 
     Each file is written to a temporary name and renamed; ``binding.json`` and the family tag go
     last, so a crash mid-save leaves a folder whose fingerprint check refuses the mismatch.
     """
-    cfg: Config = tok.config
-    cb = tok.codebook
+    cfg: Config = visual_tok.config
+    cb = visual_tok.codebook
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
-    atomic_save_tensors(tok.state_dict(), folder / "model.safetensors", metadata={"format": "unicodebook-tokenizer"})
+    atomic_save_tensors(
+        visual_tok.state_dict(), folder / "model.safetensors", metadata={"format": "unicodebook-tokenizer"}
+    )
     if cfg.llm.name == BUILTIN:
         if cb.mode == "dual" or not (folder / "llm" / "config.json").exists():
             with atomic_dir(folder / "llm") as tmp:
-                tok.llm.save_pretrained(tmp, safe_serialization=True)
+                visual_tok.llm.save_pretrained(tmp, safe_serialization=True)
     elif cb.mode == "dual":
         atomic_save_tensors({"rows": cb.language_codebook()}, folder / "llm_rows.safetensors")
     binding = {
@@ -95,13 +97,15 @@ def save_tokenizer(tok: UniCodeTokenizer, folder: Path) -> None:
     write_family(folder, UniCodeTokenizer.family)
 
 
-def save_frozen(tok: UniCodeTokenizer, folder: Path) -> None:
+def save_frozen(visual_tok: UniCodeTokenizer, folder: Path) -> None:
     """The copy a stage II model folder keeps: config and weights (its visual codebook included),
     no LLM — the model folder holds the trained one."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_config(tok.config, folder / "config.yaml")
-    atomic_save_tensors(tok.state_dict(), folder / "model.safetensors", metadata={"format": "unicodebook-tokenizer"})
+    save_config(visual_tok.config, folder / "config.yaml")
+    atomic_save_tensors(
+        visual_tok.state_dict(), folder / "model.safetensors", metadata={"format": "unicodebook-tokenizer"}
+    )
     write_family(folder, UniCodeTokenizer.family)
 
 
@@ -134,13 +138,13 @@ def tokenizer_from_file(path: Path, cfg: Config) -> UniCodeTokenizer:
     rows, embed = state.get("quantizer.codebook.token_ids"), state.get("quantizer.codebook.embed")
     if rows is None or embed is None:
         raise UnicodebookError(f"{path} is not a UniCode tokenizer checkpoint")
-    tok = UniCodeTokenizer(cfg.model, UnifiedCodebook(rows, embed.shape[1], _rule(cfg.model.codebook)))
-    bad = first_state_mismatch(tok, state)
+    visual_tok = UniCodeTokenizer(cfg.model, UnifiedCodebook(rows, embed.shape[1], _rule(cfg.model.codebook)))
+    bad = first_state_mismatch(visual_tok, state)
     if bad:
         raise UnicodebookError(f"{path} does not match its config (first bad key: {bad})")
-    tok.load_state_dict(state)
-    tok.__dict__["config"] = cfg
-    return tok
+    visual_tok.load_state_dict(state)
+    visual_tok.__dict__["config"] = cfg
+    return visual_tok
 
 
 def load(folder: Path, device: str | torch.device = "cpu") -> UniCodeTokenizer:
@@ -173,8 +177,8 @@ def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu", llm=N
             f"{folder}: bound to an LLM with embedding {binding['vocab_size']}×{binding['hidden_size']}, "
             f"got {tuple(emb.weight.shape)[0]}×{tuple(emb.weight.shape)[1]}"
         )
-    tok = tokenizer_from_file(folder / "model.safetensors", cfg)
-    codebook, rows = tok.codebook, tok.codebook.token_ids
+    visual_tok = tokenizer_from_file(folder / "model.safetensors", cfg)
+    codebook, rows = visual_tok.codebook, visual_tok.codebook.token_ids
     if binding["mode"] == "dual" and (folder / "llm_rows.safetensors").exists():
         with torch.no_grad():
             emb.weight[rows] = load_file(folder / "llm_rows.safetensors")["rows"].to(emb.weight.dtype)
@@ -185,6 +189,6 @@ def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu", llm=N
             f"(fingerprint {fp} != {binding['fingerprint']})"
         )
     codebook.bind(emb, copy=False)
-    tok.__dict__["llm"] = llm
-    tok.__dict__["config"] = cfg
-    return tok.to(device).eval()
+    visual_tok.__dict__["llm"] = llm
+    visual_tok.__dict__["config"] = cfg
+    return visual_tok.to(device).eval()
