@@ -64,14 +64,14 @@ def test_a_dataset_of_another_kind_goes_from_data_to_chat_and_generate(tmp_path,
     root = tmp_path / "bars"
     _bars(root / "train", 48, seed=0)
     _bars(root / "test", 8, seed=1)
-    visual_tok, lm = tmp_path / "tok", tmp_path / "lm"
-    assert main(["train-tokenizer", "--data", str(root), "--out", str(visual_tok), *TINY_OVERRIDES]) == 0
+    tok_dir, lm = tmp_path / "tok", tmp_path / "lm"
+    assert main(["train-tokenizer", "--data", str(root), "--out", str(tok_dir), *TINY_OVERRIDES]) == 0
     assert (
         main(
             [
                 "train-lm",
                 "--tokenizer",
-                str(visual_tok),
+                str(tok_dir),
                 "--data",
                 str(root),
                 "--out",

@@ -121,14 +121,14 @@ def test_stage_two_on_photographs_trains_chats_and_draws(tmp_path, capsys):
     root = tmp_path / "photos"
     _captioned(root, "train", 24, seed=0)
     _captioned(root, "test", 4, seed=1)
-    visual_tok, lm = tmp_path / "tok", tmp_path / "lm"
-    assert main(["train-tokenizer", "--data", str(root), "--out", str(visual_tok), *TINY_OVERRIDES]) == 0
+    tok_dir, lm = tmp_path / "tok", tmp_path / "lm"
+    assert main(["train-tokenizer", "--data", str(root), "--out", str(tok_dir), *TINY_OVERRIDES]) == 0
     assert (
         main(
             [
                 "train-lm",
                 "--tokenizer",
-                str(visual_tok),
+                str(tok_dir),
                 "--data",
                 str(root),
                 "--out",
