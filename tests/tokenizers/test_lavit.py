@@ -211,6 +211,16 @@ def test_a_ragged_batch_round_trips_through_the_folder_and_the_code_cache(lavit_
     assert torch.equal(cache.codes, back.codes) and torch.equal(cache.lengths, want)
     assert len(set(cache.lengths.tolist())) >= 2
 
+    # the same weights set to sample: its own cache, never the deterministic codes read back
+    again.sample_at_inference = True
+    sampled = cached_codes(again, folder, paths, fallback=tmp_path, progress=False)
+    assert not torch.equal(sampled.codes, cache.codes)
+    again.inference_rule = "threshold" if visual_tok.inference_rule == "expected" else "expected"
+    again.sample_at_inference = False
+    other_rule = cached_codes(again, folder, paths, fallback=tmp_path, progress=False)
+    fresh = again.encode(torch.stack([load_image(folder / p, 32) for p in paths]))
+    assert torch.equal(other_rule.codes.long(), fresh)
+
 
 def test_every_phase_trains_only_its_own_modules_and_the_cli_reads_the_folder(lavit_run, shapes_dir, tmp_path, capsys):
     from unicodebook.cli import main

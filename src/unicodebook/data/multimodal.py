@@ -148,6 +148,9 @@ def tokenizer_hash(visual_tok) -> str:
     for k, v in sorted(visual_tok.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    settings = visual_tok.encode_settings()
+    if settings:  # how it encodes, where that is not in the weights (LaVIT's keep rule)
+        h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 

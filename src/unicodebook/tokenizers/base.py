@@ -143,6 +143,11 @@ class VisualTokenizer(nn.Module):
         flat = codes.reshape(-1)
         return flat[flat != PAD_CODE][:, None], ["codes"]
 
+    def encode_settings(self) -> dict:
+        """What decides ``encode``'s codes besides the weights (JSON values): the code cache is keyed
+        by it too, so a tokenizer set to encode otherwise never reads another's cached codes."""
+        return {}
+
     def health(self) -> dict:
         """Figures of the family's own (``eval tokenizer`` adds them to PSNR, SSIM and usage)."""
         return {}

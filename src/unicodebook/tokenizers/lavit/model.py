@@ -32,6 +32,7 @@ Images enter and leave as (B, 3, H, W) in [0, 1].
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +224,12 @@ class LavitTokenizer(VisualTokenizer):
         from .build import save_tokenizer
 
         save_tokenizer(self, folder)
+
+    def encode_settings(self) -> dict:
+        rule = {"inference_keep": self.inference_rule, "min_tokens": self.min_tokens}
+        if self.sample_at_inference:  # the cache then holds one draw an image, from the tokenizer's own generator
+            rule |= {"sample": True, "sampler_state": hashlib.sha256(self.sampler.get_state().numpy()).hexdigest()[:16]}
+        return rule
 
     def health(self) -> dict:
         return {
