@@ -176,16 +176,14 @@ def _chat_loop(model, image, max_new_tokens: int) -> int:
     stderr); ``/image PATH`` reads another image, ``/quit`` (or end of input) ends."""
     import time
 
-    import torch
-
     from .data.images import image_limits, load_image
     from .errors import BadImageError
 
-    def encode(x):
-        with torch.no_grad():
-            return model.tokenizer.encode(x[None])[0]
+    def encode(x):  # the image's codes, and its features where the model reads them
+        codes, features = model.encode(x[None])
+        return codes[0], None if features is None else features[0]
 
-    codes = encode(image)
+    codes, features = encode(image)
     print("ask about the image; /image PATH reads another, /quit ends", file=sys.stderr)
     for line in sys.stdin:
         line = line.strip()
@@ -195,7 +193,7 @@ def _chat_loop(model, image, max_new_tokens: int) -> int:
             break
         if line.startswith("/image"):
             try:
-                codes = encode(
+                codes, features = encode(
                     load_image(
                         line[len("/image") :].strip(),
                         model.tokenizer.image_size,
@@ -208,7 +206,7 @@ def _chat_loop(model, image, max_new_tokens: int) -> int:
                 print(f"error: {e}", file=sys.stderr)  # the loop goes on with the image it had
             continue
         t0 = time.perf_counter()
-        answer = model.stream_answer(codes, line, max_new_tokens)
+        answer = model.stream_answer(codes, line, max_new_tokens, features=features)
         while True:
             try:
                 print(next(answer), end="", flush=True)

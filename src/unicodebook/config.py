@@ -494,6 +494,10 @@ class LMTrainConfig(TrainLoopConfig):
     # slots before it) or bidirectional (they all see each other, a prefix-LM over the image;
     # the text after it and every image the LLM writes stay causal)
     image_attention: Literal["causal", "bidirectional"] = "causal"
+    # what the LLM reads for an image of a tokenizer read through its codes (LaVIT, SEED): its code
+    # tokens, or (LaVIT's official way) each code's continuous feature before quantisation, through
+    # a linear projector trained here; an image the model writes is its codes either way
+    understanding_input: Literal["codes", "features"] = "codes"
     # a curriculum in one run: consecutive phases whose steps add up to ``steps`` (empty: one phase)
     phases: list[PhaseConfig] = field(default_factory=list)
     sample_every: int = 500  # image samples written to RUN/samples (0: only at the end)

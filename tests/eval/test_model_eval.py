@@ -49,7 +49,7 @@ def test_descriptions_are_scored_whole_and_apart_from_the_questions(model, shape
     for suffix, expected in (("", 1.0), (" too", 0.0)):
         queue = questions + [d + suffix for d in descriptions]  # asked in this order: questions, then descriptions
 
-        def answer(codes, asked, max_new_tokens=16, queue=queue):
+        def answer(codes, asked, max_new_tokens=16, features=None, queue=queue):
             return [queue.pop(0) for _ in asked]
 
         monkeypatch.setattr(model, "answer", answer)
@@ -115,7 +115,9 @@ def test_vqa_is_also_scored_apart_for_images_holding_a_held_out_pair(model, shap
     qs = [q for q in questions_of(convs) if q[3] != DESCRIBE_TYPE]
     queue = ["nothing" if held[img] else a for img, _, a, _ in qs]  # "nothing": never a shapes-world answer
     assert any(held[q[0]] for q in qs) and not all(held[q[0]] for q in qs)
-    monkeypatch.setattr(model, "answer", lambda codes, asked, max_new_tokens=16: [queue.pop(0) for _ in asked])
+    monkeypatch.setattr(
+        model, "answer", lambda codes, asked, max_new_tokens=16, features=None: [queue.pop(0) for _ in asked]
+    )
     res = evaluate_model(
         model, shapes_dir, "test", batch_size=6, max_decompress=0, max_t2i=0, max_describe=0, progress=False
     )

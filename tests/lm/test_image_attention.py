@@ -117,3 +117,11 @@ def test_the_setting_is_saved_with_the_model_and_checked(tmp_path, tokenizer_run
         "the LLM's 'flash_attention_2' attention does not take",
     ):
         UniCodeLM(m.llm, m.tokenizer, m.text_tok, image_attention="bidirectional")
+    with pytest.raises(UnicodebookError, match="^understanding_input 'pixels' is not one of codes, features$"):
+        UniCodeLM(m.llm, m.tokenizer, m.text_tok, understanding_input="pixels")
+    with pytest.raises(
+        UnicodebookError,
+        match="^understanding_input 'features' is for a tokenizer read through its codes; "
+        "the unicode tokenizer is read as latents already$",
+    ):
+        UniCodeLM(m.llm, m.tokenizer, m.text_tok, understanding_input="features")

@@ -485,7 +485,7 @@ def _official_state() -> tuple[dict, dict, dict]:
 
 
 def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
-    from unicodebook.tokenizers.lavit.official import load_mapped
+    from unicodebook.tokenizers.lavit.official import load_mapped, understanding_projector
 
     with torch.device("meta"):
         visual_tok = build_tokenizer(load_config("lavit-tiny", OFFICIAL))
@@ -502,6 +502,13 @@ def test_an_official_checkpoint_maps_onto_ours_by_name_on_the_meta_device():
     assert {k.split(".")[0] for k in report["missing"]} == {"pixel_decoder", "quantize"}
     assert [k for k in report["missing"] if k.startswith("quantize.")] == ["quantize.initialised", "quantize.last_used"]
     assert report["loaded"] == len(enc) + len(dec) + len(vit) - 6 - 40  # q_bias and v_bias: one qkv.bias per block
+    # vit_proj is the stage II model's: a features reader at LLaMA-7B's width takes it as it is
+    with torch.device("meta"):
+        proj = torch.nn.Linear(visual_tok.feature_dim, 4096)
+    proj.load_state_dict(understanding_projector(enc), assign=True)
+    assert proj.weight.shape == (4096, 1408)
+    with pytest.raises(UnicodebookError, match="^the checkpoint has no vit_proj.weight and vit_proj.bias"):
+        understanding_projector({k: v for k, v in enc.items() if not k.startswith("vit_proj.")})
     enc["quantize.embedding.weight"] = torch.empty(8192, 32, device="meta")
     with pytest.raises(
         UnicodebookError,
@@ -597,3 +604,67 @@ def test_a_folder_written_before_the_new_options_loads_with_the_query_reader_and
     back = load_tokenizer(tmp_path / "tok")
     assert isinstance(back.pixel_decoder, PixelDecoder) and back.token_pos_embed is None
     assert torch.equal(back.encode(images), codes) and torch.equal(back.decode(codes), visual_tok.decode(codes))
+
+
+def test_stage2_can_read_the_continuous_merger_features_in_the_codes_places(lavit_run, shapes_dir, tmp_path):
+    """``understanding_input: features`` (the official way): the merged tokens of exactly the kept
+    patches the codes stand for, cached beside them, sit through ``vit_proj`` at the image's code
+    slots (the text around them untouched); the projector is trained, saved and read back; chat,
+    the batched answer and the evaluation read them; asking without them is one clear error."""
+    from unicodebook.data.images import load_image, split_folder
+    from unicodebook.data.multimodal import cached_codes, read_records
+    from unicodebook.eval.model import evaluate_model
+    from unicodebook.lm.model import load_model
+    from unicodebook.train.stage2 import train_lm
+
+    visual_tok = load_tokenizer(lavit_run)
+    images = _images(shapes_dir, n=8)
+    codes, features = visual_tok.encode_features(images)
+    assert torch.equal(codes, visual_tok.encode(images)) and features.shape == (8, 16, visual_tok.feature_dim)
+    n = visual_tok.layout.lengths(codes)
+    for f, k in zip(features, n):  # a feature for each code, zeros after the image's end
+        assert bool((f[:k].abs().sum(-1) > 0).all()) and bool((f[k:] == 0).all())
+
+    folder = split_folder(shapes_dir, "train")
+    paths = sorted({c.image for c in read_records(folder).captions})[:8]
+    cache = cached_codes(visual_tok, folder, paths, fallback=tmp_path, progress=False, features=True)
+    plain = cached_codes(visual_tok, folder, paths, fallback=tmp_path, progress=False)
+    want = visual_tok.encode_features(torch.stack([load_image(folder / p, 32) for p in paths]))[1]
+    assert torch.equal(cache.codes, plain.codes) and plain.features is None
+    torch.testing.assert_close(cache.features.float(), want, atol=2e-3, rtol=1e-3)  # float16 on disk
+
+    cfg = lavit_config("train_lm.tasks.t2i=1", "train_lm.steps=12")  # the preset reads the features
+    train_lm(cfg, lavit_run, shapes_dir, tmp_path / "lm", progress=False)
+    rows = _rows(tmp_path / "lm")
+    first = next(r["loss_instruct"] for r in rows if "loss_instruct" in r)
+    assert rows[-1]["loss_instruct"] < first  # reading the features, the answers' loss falls
+    assert json.loads((tmp_path / "lm" / "model.json").read_text())["understanding_input"] == "features"
+    model = load_model(tmp_path / "lm")
+    assert model.reads_features and model.reads_codes
+    saved = load_file(tmp_path / "lm" / "vit_proj.safetensors")
+    assert torch.equal(model.vit_proj.weight, saved["weight"]) and float(saved["weight"].std()) > 0
+
+    codes, features = model.encode(images)
+    ids, at = model.fmt.prompt("what colour is the object at the top?", codes=codes[0])
+    k = int(n[0])
+    assert ids[at - 1] == model.fmt.start_id and ids[at + k] == model.fmt.end_id
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        emb = model.embed_inputs(x, torch.tensor([at]), features[:1], image_len=torch.tensor([k]))
+        tokens = model.llm.get_input_embeddings()(x)
+        slots = model.vit_proj(features[0, :k]) + model.image_positions.codes(torch.arange(k))
+    torch.testing.assert_close(emb[0, at : at + k], slots)
+    assert torch.equal(emb[0, :at], tokens[0, :at]) and torch.equal(emb[0, at + k :], tokens[0, at + k :])
+
+    question = "what colour is the object at the top?"
+    batched = model.answer(codes[:3], [question] * 3, max_new_tokens=4, features=features[:3])
+    assert [model.chat(images[i], question, max_new_tokens=4) for i in range(3)] == batched
+    assert "".join(model.stream_answer(codes[0], question, 4, features=features[0])) == batched[0]
+    with pytest.raises(UnicodebookError) as e:
+        model.answer(codes[:1], [question], max_new_tokens=4)
+    assert str(e.value) == (
+        "this model reads the tokenizer's continuous features (understanding_input: features): "
+        "pass them beside the codes (model.encode(images) gives both)"
+    )
+    r = evaluate_model(model, shapes_dir, max_t2i=2, max_vqa=8, max_describe=2, progress=False)
+    assert r["vqa_n"] == 8 and 0 <= r["vqa_accuracy"] <= 1

@@ -6,6 +6,8 @@ error. Images are encoded once by the frozen tokenizer and the codes cached besi
 (``SPLIT/.codes/<tokenizer hash>-<image list hash>.safetensors``), so the LLM stage never
 re-encodes an image. The cache holds each image's codes in its tokenizer's layout; a
 variable-length tokenizer's shorter images are padded with ``PAD_CODE`` (``CodeCache.lengths``).
+Where the LLM reads a tokenizer's continuous features (``understanding_input: features``) the
+cache holds them beside the codes, from the same encoding (``…-features.safetensors``, float16).
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ class CodeCache:
     codes: torch.Tensor  # (N, *layout.shape) int32 code indices, PAD_CODE after a shorter image's end
     index: dict[str, int]  # image path → row
     bad: list[str]  # images that could not be read
+    features: torch.Tensor | None = None  # (N, length, feature_dim) float16, with ``features=True``
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -175,16 +178,19 @@ def cached_codes(
     progress: bool = True,
     odd_size: str = "resize",
     limits: dict | None = None,
+    features: bool = False,
 ) -> CodeCache:
     """Codes of ``images`` (paths relative to ``folder``, which they must not leave), encoded once
     by the visual tokenizer ``visual_tok`` and cached on disk; ``odd_size``: what to do with images not
-    at its size; ``limits``: :func:`~unicodebook.data.images.image_limits`."""
+    at its size; ``limits``: :func:`~unicodebook.data.images.image_limits`; ``features``: each code's
+    continuous feature too (``visual_tok.encode_features``)."""
     from safetensors.torch import load_file
 
     from ..utils.io import atomic_save_tensors
 
     images = sorted(set(images))
     key = tokenizer_hash(visual_tok) + "-" + hashlib.sha256("\n".join(images).encode()).hexdigest()[:12]
+    key += "-features" if features else ""
     path = folder / ".codes" / f"{key}.safetensors"
     for candidate in (path, (fallback / f"{key}.safetensors") if fallback else None):
         if candidate is not None and candidate.exists():
@@ -192,15 +198,22 @@ def cached_codes(
 
             with safe_open(candidate, "pt") as f:
                 meta = f.metadata()
-            codes = load_file(candidate)["codes"]
+            tensors = load_file(candidate)
             ok = json.loads(meta["images"])
-            return CodeCache(codes, {p: i for i, p in enumerate(ok)}, json.loads(meta["bad"]))
-    ok, bad, chunks, pending = [], [], [], []
+            return CodeCache(
+                tensors["codes"], {p: i for i, p in enumerate(ok)}, json.loads(meta["bad"]), tensors.get("features")
+            )
+    ok, bad, chunks, feature_chunks, pending = [], [], [], [], []
 
     def flush():
         if pending:
             x = torch.stack([t for _, t in pending])
-            chunks.append(visual_tok.encode(x).to(torch.int32).cpu())
+            if features:
+                codes, feats = visual_tok.encode_features(x)
+                feature_chunks.append(feats.to(torch.float16).cpu())
+            else:
+                codes = visual_tok.encode(x)
+            chunks.append(codes.to(torch.int32).cpu())
             ok.extend(p for p, _ in pending)
             pending.clear()
 
@@ -218,12 +231,12 @@ def cached_codes(
         flush()
     if not ok:
         raise UnicodebookError(f"{folder}: none of the {len(images)} images could be read")
-    codes = torch.cat(chunks)
+    tensors = {"codes": torch.cat(chunks)} | ({"features": torch.cat(feature_chunks)} if features else {})
     meta = {"images": json.dumps(ok), "bad": json.dumps(bad)}
     try:
-        atomic_save_tensors({"codes": codes}, path, metadata=meta)
+        atomic_save_tensors(tensors, path, metadata=meta)
     except OSError:
         if fallback is None:
             raise
-        atomic_save_tensors({"codes": codes}, fallback / f"{key}.safetensors", metadata=meta)
-    return CodeCache(codes, {p: i for i, p in enumerate(ok)}, bad)
+        atomic_save_tensors(tensors, fallback / f"{key}.safetensors", metadata=meta)
+    return CodeCache(tensors["codes"], {p: i for i, p in enumerate(ok)}, bad, tensors.get("features"))

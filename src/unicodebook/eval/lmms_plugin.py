@@ -77,19 +77,21 @@ def answer_requests(model, requests: Sequence[Request], batch_size: int = 8) -> 
             by_budget.setdefault(int(requests[i].gen_kwargs.get("max_new_tokens", default_budget)), []).append(i)
         for budget, idx in by_budget.items():
             with torch.inference_mode():
-                codes = model.tokenizer.encode(torch.stack([read(requests[i]) for i in idx]).to(model.device))
-            for i, text in zip(idx, model.answer(codes, [requests[i].question for i in idx], budget)):
+                codes, features = model.encode(torch.stack([read(requests[i]) for i in idx]))
+            texts = model.answer(codes, [requests[i].question for i in idx], budget, features=features)
+            for i, text in zip(idx, texts):
                 answers[i] = _cut(text, until(requests[i]))
     for i, r in enumerate(requests):
         if answers[i] is None:
             with torch.inference_mode():
-                codes = model.tokenizer.encode(read(r)[None].to(model.device))[0]
+                codes, features = model.encode(read(r)[None])
             pieces = model.stream_answer(
-                codes,
+                codes[0],
                 r.question,
                 int(r.gen_kwargs.get("max_new_tokens", default_budget)),
                 temperature=float(r.gen_kwargs["temperature"]),
                 seed=r.gen_kwargs.get("seed"),
+                features=None if features is None else features[0],
             )
             answers[i] = _cut("".join(pieces), until(r))
     return answers  # type: ignore[return-value]

@@ -3,7 +3,10 @@
 It knows the tokenizer only through :class:`~unicodebook.tokenizers.base.VisualTokenizer`.
 Reading: a tokenizer that is read as latents (UniCode) has its h·w rows of Ẑ = F(e(M)) replace
 the input embeddings at the ``<image>`` slots (no projector: Ẑ already lives in the LLM's
-embedding space); one read through its codes has ``<img> codes </img>`` there. The code token
+embedding space); one read through its codes has ``<img> codes </img>`` there — or, with
+``understanding_input: features`` (LaVIT's official way), the same slots hold each code's
+continuous feature before quantisation through a linear projector (``vit_proj``), while an image
+the model writes stays its code tokens. The code token
 ids come from ``tokenizer.attach`` (UniCode: rows the LLM already has; other families append
 theirs). Writing, in one of two layouts:
 ``flat`` (the paper's) — between ``<img>`` and ``</img>`` the model emits the code token ids
@@ -18,7 +21,9 @@ A model folder (the stage II run folder) holds::
 
     config.yaml                  the run config
     model.json                   format, geometry, layout and where the tokenizer came from
+    image_positions.safetensors  the image-position table (``image_positions: true``)
     depth_head.safetensors       the depth head (depth layout only)
+    vit_proj.safetensors         the features' projector (``understanding_input: features`` only)
     visual_tokenizer/            the frozen stage I tokenizer (``save_frozen``; tagged with its family)
     llm/                         the trained LLM (``save_pretrained``; LoRA merged)
     text_tokenizer/              the text tokenizer with the image markers
@@ -54,6 +59,7 @@ MODEL_FORMAT = "unicodebook-model"
 MODEL_VERSION = 2  # 2: the visual tokenizer in its own tagged folder
 
 
+UNDERSTANDING_INPUTS = ("codes", "features")
 SMALL_ROWS = 64  # decoding batches up to this many rows take the small-batch path on CPU
 
 
@@ -193,6 +199,7 @@ class UniCodeLM(nn.Module):
         layout: str = "flat",
         depth_head: dict | None = None,
         image_attention: str = "causal",
+        understanding_input: str = "codes",
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -225,6 +232,8 @@ class UniCodeLM(nn.Module):
             )
         if tokenizer.reads not in ("latents", "codes"):
             raise UnicodebookError(f"a tokenizer is read as 'latents' or 'codes', not '{tokenizer.reads}'")
+        self.vit_proj = self._feature_projector(tokenizer, understanding_input, dim, std)
+        self.understanding_input = understanding_input
         grid = codes.grid or (1, codes.length, 1)
         self.depth_head_args = dict(depth_head or {})
         self.depth_head = DepthHead(dim, grid[2], std=std, **self.depth_head_args) if depth else None
@@ -249,7 +258,39 @@ class UniCodeLM(nn.Module):
         self.register_buffer("code_token_ids", code_ids.clone(), persistent=False)
         self.register_buffer("text_allowed", allowed, persistent=False)
 
+    @staticmethod
+    def _feature_projector(tokenizer, understanding_input: str, dim: int, std: float) -> nn.Linear | None:
+        """``vit_proj``: the tokenizer's continuous features → the LLM's width, where the model
+        reads them (``understanding_input: features``); None where it reads the codes."""
+        if understanding_input not in UNDERSTANDING_INPUTS:
+            raise UnicodebookError(
+                f"understanding_input '{understanding_input}' is not one of {', '.join(UNDERSTANDING_INPUTS)}"
+            )
+        if understanding_input == "codes":
+            return None
+        if tokenizer.reads != "codes":
+            raise UnicodebookError(
+                f"understanding_input 'features' is for a tokenizer read through its codes; the "
+                f"{tokenizer.family} tokenizer is read as latents already"
+            )
+        if tokenizer.feature_dim <= 0:
+            raise UnicodebookError(f"the {tokenizer.family} tokenizer has no continuous features to read")
+        proj = nn.Linear(tokenizer.feature_dim, dim)
+        nn.init.normal_(proj.weight, std=std)
+        nn.init.zeros_(proj.bias)
+        return proj
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The trained modules besides the LLM, by the name they are saved and checkpointed under."""
+        named = {"image_positions": self.image_positions, "depth_head": self.depth_head, "vit_proj": self.vit_proj}
+        return {k: m for k, m in named.items() if m is not None}
+
     # ---------------------------------------------------------------- shapes
+    @property
+    def reads_features(self) -> bool:
+        """The LLM reads an image as its codes' continuous features (``understanding_input: features``)."""
+        return self.vit_proj is not None
+
     @property
     def codes_per_image(self) -> int:
         return self.fmt.codes_per_image
@@ -273,10 +314,27 @@ class UniCodeLM(nn.Module):
         return int(getattr(self.llm.config, "max_position_embeddings", 1 << 30))
 
     # ---------------------------------------------------------------- inputs
-    def latents(self, codes: Tensor) -> Tensor | None:
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """images (B, 3, H, W) → (codes, features or None): what :meth:`answer` reads, by the frozen
+        tokenizer; the features only where the model reads them."""
+        images = images.to(self.device)  # the tokenizer sits where the model does (load_model)
+        if self.reads_features:
+            return self.tokenizer.encode_features(images)
+        return self.tokenizer.encode(images), None
+
+    def latents(self, codes: Tensor, features: Tensor | None = None) -> Tensor | None:
         """codes (B, gh, gw, G) → what the LLM reads for the images, from the frozen visual
         codebook: Ẑ (B, h·w, d) (flat layout) or each code position's aggregate (B, gh·gw, d);
-        None for a tokenizer read through its codes (they are in the sequence itself)."""
+        for a tokenizer read through its codes None (they are in the sequence itself), or the
+        codes' ``features`` (B, length, F) where the model reads those."""
+        if self.reads_features:
+            if features is None:
+                raise UnicodebookError(
+                    "this model reads the tokenizer's continuous features (understanding_input: features): "
+                    "pass them beside the codes (model.encode(images) gives both)"
+                )
+            return features
         if self.reads_codes:
             return None
         with torch.no_grad():
@@ -297,6 +355,20 @@ class UniCodeLM(nn.Module):
             latents = latents + self.image_positions.latents().to(emb.dtype)
         pos = at[rows, None] + torch.arange(latents.shape[1], device=emb.device)
         return emb.index_put((rows[:, None], pos), latents)
+
+    def _put_features(self, emb: Tensor, at: Tensor, n: Tensor, features: Tensor | None) -> Tensor:
+        """``vit_proj(features)`` (R, length, F) over the ``n`` code slots from ``at`` in the R
+        rows where ``at`` ≥ 0 (each row's first ``n`` features)."""
+        rows = (at >= 0).nonzero().flatten()
+        if not rows.numel():
+            return emb
+        if features is None or features.shape[0] != rows.numel():
+            raise ValueError("one feature sequence per row with an image is needed")
+        proj = self.vit_proj(features.to(emb.device, self.vit_proj.weight.dtype)).to(emb.dtype)
+        offs = torch.arange(proj.shape[1], device=emb.device)
+        inside = offs[None] < n.to(emb.device)[rows, None]
+        pos = at[rows, None] + offs
+        return emb.index_put((rows[:, None].expand_as(pos)[inside], pos[inside]), proj[inside])
 
     def _code_positions(self, emb: Tensor, at: Tensor, n: Tensor) -> Tensor:
         """``emb`` plus the image-position embeddings of the ``n`` code tokens from ``at`` (rows ≥ 0)."""
@@ -329,6 +401,8 @@ class UniCodeLM(nn.Module):
         if self.reads_codes:
             if image_len is None:
                 raise ValueError("the image's length is needed where the LLM reads its codes")
+            if self.reads_features:  # the features over the code slots, then their positions as for codes
+                emb = self._put_features(emb, image_at, image_len, latents)
             emb = self._code_positions(emb, image_at, image_len)
         else:
             emb = self._put_image(emb, image_at, latents)
@@ -615,12 +689,15 @@ class UniCodeLM(nn.Module):
         return self.tokenizer.decode(codes)
 
     @torch.inference_mode()
-    def answer(self, codes: Tensor, questions: list[str], max_new_tokens: int = 16) -> list[str]:
-        """Greedy answers to one question per image (codes (B, *layout.shape)), text ids only."""
+    def answer(
+        self, codes: Tensor, questions: list[str], max_new_tokens: int = 16, features: Tensor | None = None
+    ) -> list[str]:
+        """Greedy answers to one question per image (codes (B, *layout.shape)), text ids only;
+        ``features``: the codes' (:meth:`encode`), where the model reads them."""
         with eval_mode(self):
             codes = codes.cpu()
             prompts = [self.fmt.prompt(q, codes=c) for q, c in zip(questions, codes)]
-            latents = self.latents(codes)
+            latents = self.latents(codes, features)
             logits, cache, mask, pos = self._prefill(
                 [p for p, _ in prompts],
                 [a for _, a in prompts],
@@ -644,11 +721,18 @@ class UniCodeLM(nn.Module):
         return [self.text_tok.decode(o, skip_special_tokens=True).strip() for o in out]
 
     def stream_answer(
-        self, codes: Tensor, question: str, max_new_tokens: int = 16, temperature: float = 0.0, seed: int | None = None
+        self,
+        codes: Tensor,
+        question: str,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        features: Tensor | None = None,
     ):
-        """The answer to one question about one image (codes (*layout.shape)), yielded as text
-        pieces while it is decoded; the pieces join to what :meth:`answer` returns when
-        ``temperature`` is 0 (greedy), else tokens are sampled (``seed`` fixes them).
+        """The answer to one question about one image (codes (*layout.shape); ``features``
+        (length, F) where the model reads them), yielded as text pieces while it is decoded; the
+        pieces join to what :meth:`answer` returns when ``temperature`` is 0 (greedy), else
+        tokens are sampled (``seed`` fixes them).
 
         A generator: closing it stops the decoding (a server's client went away); once exhausted
         its return value (``StopIteration.value``) is the number of tokens decoded."""
@@ -657,7 +741,7 @@ class UniCodeLM(nn.Module):
             self.eval()
             codes = codes.cpu()
             ids, at = self.fmt.prompt(question, codes=codes)
-            latents = self.latents(codes[None])
+            latents = self.latents(codes[None], None if features is None else features[None])
             logits, cache, mask, pos = self._prefill(
                 [ids], [at], latents, max_new_tokens, image_len=[self.fmt.read_length(codes)]
             )
@@ -695,8 +779,8 @@ class UniCodeLM(nn.Module):
         """image (3, H, W) or (1, 3, H, W) in [0, 1] → the answer to ``question``."""
         if image.ndim == 3:
             image = image[None]
-        codes = self.tokenizer.encode(image)
-        return self.answer(codes, [question], max_new_tokens)[0]
+        codes, features = self.encode(image)
+        return self.answer(codes, [question], max_new_tokens, features=features)[0]
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
@@ -712,21 +796,15 @@ def _sample(logits: Tensor, temperature: float, top_k: int, generator: torch.Gen
 # -------------------------------------------------------------------------------- save / load
 def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, states: dict | None = None) -> None:
     """Write the model folder (each part atomically; ``model.json`` last). ``states``: the
-    full ``llm`` / ``image_positions`` / ``depth_head`` state dicts to write instead of the modules' own (a
-    sharded FSDP run gathers them)."""
+    full ``llm`` state dict and those of the :meth:`~UniCodeLM.parts` to write instead of the
+    modules' own (a sharded FSDP run gathers them)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     model.tokenizer.save_frozen(folder / "visual_tokenizer")
     states = states or {}
-    if model.image_positions is not None:
-        atomic_save_tensors(
-            states.get("image_positions") or model.image_positions.state_dict(), folder / "image_positions.safetensors"
-        )
-    if model.depth_head is not None:
-        atomic_save_tensors(
-            states.get("depth_head") or model.depth_head.state_dict(), folder / "depth_head.safetensors"
-        )
+    for name, part in model.parts().items():
+        atomic_save_tensors(states.get(name) or part.state_dict(), folder / f"{name}.safetensors")
     llm = model.llm
     if (
         hasattr(llm, "merge_and_unload") and "llm" not in states
@@ -756,6 +834,7 @@ def save_model(model: UniCodeLM, folder: Path, cfg: Config, tokenizer_run: str, 
             "image_positions": model.image_positions is not None,
             "layout": model.layout,
             "image_attention": model.image_attention,
+            "understanding_input": model.understanding_input,
             **({"depth_head": model.depth_head_args} if model.depth_head is not None else {}),
         },
     )
@@ -808,10 +887,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> UniCod
         layout=meta.get("layout", "flat"),
         depth_head=meta.get("depth_head"),
         image_attention=meta.get("image_attention", "causal"),
+        understanding_input=meta.get("understanding_input", "codes"),
     ).eval()
-    for part, name in ((model.image_positions, "image_positions"), (model.depth_head, "depth_head")):
-        if part is None:
-            continue
+    for name, part in model.parts().items():
         try:
             part.load_state_dict(load_file(folder / f"{name}.safetensors"))
         except (SafetensorError, OSError, RuntimeError) as e:

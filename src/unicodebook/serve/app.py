@@ -137,9 +137,11 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
         _check_model(name, model_id)
         return models()["data"][0]
 
-    def encode(image: torch.Tensor) -> torch.Tensor:
+    def encode(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image's codes, and its features where the model reads them."""
         with torch.inference_mode():
-            return model.tokenizer.encode(image[None])[0].cpu()
+            codes, features = model.encode(image[None])
+        return codes[0].cpu(), None if features is None else features[0].cpu()
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -162,7 +164,7 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
         image = decode_image(
             data_url_bytes(url, f"{param}.url"), size, odd_size, limits.max_image_pixels, f"{param}.url"
         )
-        codes = await worker.run(encode, image)
+        codes, features = await worker.run(encode, image)
         ids, _ = model.fmt.prompt(question, codes=codes)
         prompt_tokens = len(ids)  # the image's slots included
         if prompt_tokens + max_tokens > model.max_positions:
@@ -175,7 +177,7 @@ def create_app(model, model_id: str, limits: Limits | None = None) -> FastAPI:
             )
         temperature = req.temperature or 0.0
         seed = req.seed if req.seed is not None else (secrets.randbits(31) if temperature > 0 else None)
-        gen = model.stream_answer(codes, question, max_tokens, temperature=temperature, seed=seed)
+        gen = model.stream_answer(codes, question, max_tokens, temperature=temperature, seed=seed, features=features)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
         counted: list[int] = []
 

@@ -11,7 +11,9 @@ through :class:`VisualTokenizer`:
   image is padded with :data:`PAD_CODE`);
 * what the LLM **reads** for an image: ``"latents"`` — continuous input embeddings spliced in at
   ``num_latents`` ``<image>`` slots (UniCode: Ẑ) — or ``"codes"`` — the image's own code tokens
-  ``<img> c₁ … cₙ </img>``;
+  ``<img> c₁ … cₙ </img>``; a family read through its codes may also offer each code's continuous
+  feature before quantisation (``feature_dim`` > 0, ``encode_features``: LaVIT's merged tokens),
+  which a model built with ``understanding_input: features`` reads in the codes' places;
 * how it **attaches** to an LLM: which token ids stand for its K codes. UniCode binds to rows the
   LLM already has; a family with its own vocabulary appends K rows and tokens and leaves the text
   rows untouched;
@@ -111,6 +113,7 @@ class VisualTokenizer(nn.Module):
     num_codes: int
     reads: str = "codes"  # "latents" | "codes"
     num_latents: int = 0  # input slots per image when reading latents
+    feature_dim: int = 0  # > 0: ``encode_features`` gives each code's continuous feature of this size
     tasks: tuple[str, ...] = ("instruct", "t2i")  # the stage II tasks it offers (also "decompress")
     shares_text_rows: bool = False  # its code ids are rows text also uses (UniCode): answers may use them
     config = None  # the stage I run config (a ``Config``) when the family has one
@@ -123,6 +126,12 @@ class VisualTokenizer(nn.Module):
 
     def embed(self, codes: Tensor) -> Tensor:
         raise NotImplementedError(f"the {self.family} tokenizer is read through its codes, not as latents")
+
+    def encode_features(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images → (codes as ``encode`` gives them, features (B, layout.length, feature_dim)):
+        each code's continuous feature before quantisation, from the same decisions, zeros after
+        a shorter image's end. Only where ``feature_dim`` > 0."""
+        raise NotImplementedError(f"the {self.family} tokenizer has no continuous features to read")
 
     def attach(self, llm, text_tok) -> Tensor:
         """Make ``llm`` and ``text_tok`` able to carry the codes (idempotent) → (K,) token ids.

@@ -159,7 +159,7 @@ def load_start(folder: str | Path, visual_tok, image_positions: bool, layout: st
         raise UnicodebookError(f"train_lm.init_from: {folder} was trained on another visual tokenizer than this run's")
     if (start.image_positions is not None) != image_positions:
         raise UnicodebookError(
-            f"train_lm.init_from: {folder} has image_positions={start.image_pos is not None}, "
+            f"train_lm.init_from: {folder} has image_positions={start.image_positions is not None}, "
             f"this run {image_positions}"
         )
     if start.layout != layout:
@@ -209,8 +209,9 @@ class Stage2Recipe:
         self.run_dir, self.tokenizer_run, self.progress = Path(out), str(tokenizer_run), progress
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        # a task may leave the depth table or the depth head unused
-        self.engine = Engine(find_unused_parameters=tc.image_positions or tc.image_layout == "depth")
+        # a task may leave the depth table, the depth head or the features' projector unused
+        unused = tc.image_positions or tc.image_layout == "depth" or tc.understanding_input == "features"
+        self.engine = Engine(find_unused_parameters=unused)
         self.phases = Phases(tc)
         self.main = self.engine.is_main
         if self.engine.shards_parameters and tc.lora.enabled:
@@ -323,13 +324,13 @@ class Stage2Recipe:
             layout=tc.image_layout,
             image_attention=tc.image_attention,
             depth_head=dataclasses.asdict(tc.depth_head),
+            understanding_input=tc.understanding_input,
         )
-        if start is not None:
-            for mine, theirs in (
-                (umodel.image_positions, start.image_positions),
-                (umodel.depth_head, start.depth_head),
-            ):
-                if mine is not None:
+        if start is not None:  # a part the start has no weights for (vit_proj of a codes reader) starts fresh
+            theirs_all = start.parts()
+            for name, mine in umodel.parts().items():
+                theirs = theirs_all.get(name)
+                if theirs is not None:
                     try:
                         mine.load_state_dict(theirs.state_dict())
                     except RuntimeError as e:
@@ -354,6 +355,7 @@ class Stage2Recipe:
                     progress=self.progress and self.main,
                     odd_size=self.cfg.data.odd_size,
                     limits=image_limits(self.cfg.data),
+                    features=self.umodel.reads_features,
                 )
             engine.barrier()
         index = self.cache.index
@@ -381,11 +383,7 @@ class Stage2Recipe:
             betas=tuple(tc.betas),
             weight_decay=tc.weight_decay,
         )
-        self.modules = {"llm": umodel.llm}
-        if umodel.image_positions is not None:
-            self.modules["image_positions"] = umodel.image_positions
-        if umodel.depth_head is not None:
-            self.modules["depth_head"] = umodel.depth_head
+        self.modules = {"llm": umodel.llm} | umodel.parts()
         start, opt_state = 0, None
         if resume:  # weights now (prepare shards them); the optimizer once it is wrapped
             state = load_checkpoint(ckpts[-1], self.modules, {"llm": None}, kind="lm", rank=engine.rank)
@@ -441,7 +439,10 @@ class Stage2Recipe:
             ]
             keys = []
         batch = self._collate(samples, step, g)
-        return task, batch, self.umodel.latents(cache.codes[keys].long()) if keys else None
+        if not keys:
+            return task, batch, None
+        features = cache.features[keys] if cache.features is not None else None
+        return task, batch, self.umodel.latents(cache.codes[keys].long(), features)
 
     def _stream_batch(self, step: int):
         """This rank's next streamed batch, each sample given one of the tasks it allows
@@ -449,7 +450,7 @@ class Stage2Recipe:
         task weights; images encoded by the frozen tokenizer on the fly."""
         recs, n_bad = next(self.records_iter)
         self.bad_here += int(n_bad)
-        codes = self.umodel.tokenizer.encode(recs["image"]) if len(recs["key"]) else None
+        codes, features = self.umodel.encode(recs["image"]) if len(recs["key"]) else (None, None)
         g = torch.Generator().manual_seed((self.tc.seed * 48_271 + step) * 1_000 + self.engine.rank)
         pc = self.phases.at(step)[1]
         samples, with_image = [], []
@@ -476,7 +477,10 @@ class Stage2Recipe:
         if not samples:
             raise UnicodebookError(f"step {step}: no usable sample in this rank's batch (all bad, or no task applies)")
         batch = self._collate(samples, step, g)
-        return "mixed", batch, self.umodel.latents(codes[with_image]) if with_image else None
+        if not with_image:
+            return "mixed", batch, None
+        read = None if features is None else features[with_image]
+        return "mixed", batch, self.umodel.latents(codes[with_image], read)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int, task: str, batch, latents) -> tuple[float, str | None]:
@@ -540,9 +544,7 @@ class Stage2Recipe:
         engine = self.engine
         full = engine.state_dict(self.model)
         states = {
-            name: {k[len(name) + 1 :]: v for k, v in full.items() if k.startswith(name + ".")}
-            for name in ("llm", "image_positions", "depth_head")
-            if name in self.modules
+            name: {k[len(name) + 1 :]: v for k, v in full.items() if k.startswith(name + ".")} for name in self.modules
         }
         save_training_checkpoint(
             engine,

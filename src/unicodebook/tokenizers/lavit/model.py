@@ -100,6 +100,7 @@ class LavitTokenizer(VisualTokenizer):
             raise ValueError(f"image_size {cfg.image_size} is not divisible by {DECODER_GRID}")
         n, w = encoder.num_patches, encoder.width
         self.image_size, self.num_codes = cfg.image_size, cfg.num_codes
+        self.feature_dim = w  # the merged tokens (the official understanding input, before ``vit_proj``)
         self.keep_ratio, self.min_tokens = cfg.keep_ratio, cfg.min_tokens
         self.layout = CodeLayout(n, min_length=cfg.min_tokens)
         self.encoder = encoder.requires_grad_(False)
@@ -189,11 +190,18 @@ class LavitTokenizer(VisualTokenizer):
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """images (B, 3, H, W) in [0, 1] → codes (B, N): the kept patches' codes in raster order,
         :data:`PAD_CODE` after. ``generator``: the sampling's, with ``sample_at_inference``."""
+        return self.encode_features(images, generator)[0]
+
+    @torch.no_grad()
+    def encode_features(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """images → (codes (B, N) as :meth:`encode`, the merged kept tokens they quantise (B, N, W),
+        zeros after each image's end): what the official model reads for understanding (there
+        through ``vit_proj`` to the LLM's width; here the stage II model's own ``vit_proj``)."""
         features = self.patch_features(images)
         tokens, mask = self.merge(features, self.inference_decisions(features, generator), self.layout.length)
         codes = torch.full(mask.shape, PAD_CODE, dtype=torch.long, device=tokens.device)
         codes[mask] = self.quantize.lookup(self.encode_task_layer(tokens[mask]))
-        return codes
+        return codes, tokens
 
     def reconstruct_features(self, codes: Tensor) -> Tensor:
         """codes (B, ≤N) with PAD_CODE after each end → the de-tokenizer's patch features (B, N, W)."""

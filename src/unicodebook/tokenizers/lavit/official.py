@@ -11,8 +11,10 @@ modules correspond, so the map is short:
 * EVA's attention keeps a query and a value bias apart (``attn.q_bias``, ``attn.v_bias``): they
   become our ``attn.qkv.bias`` (query, zeros, value), as for SEED;
 * keys of parts we do not have are left out and listed: ``vit_proj`` (the understanding
-  projection to LLaMA's 4096), the decoder's ``unet_proj`` (Stable Diffusion's condition), EVA's
-  ``head`` bias (and its head, when ours is built without one) and relative position biases;
+  projection to LLaMA's 4096: here it belongs to the stage II model, ``UniCodeLM.vit_proj`` with
+  ``understanding_input: features``, and :func:`understanding_projector` gives its weights), the
+  decoder's ``unet_proj`` (Stable Diffusion's condition), EVA's ``head`` bias (and its head, when
+  ours is built without one) and relative position biases;
 * our parts the official files have no weights for are listed as missing: the pixel decoder (the
   original decodes with Stable Diffusion) and the codebook's bookkeeping (``quantize.initialised``,
   ``quantize.last_used``).
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from ...errors import UnicodebookError
 from ..seed.official import fit_mapped, read_converted, split_official
 
 DROPPED = re.compile(
@@ -70,3 +73,13 @@ def load_official(
     shapes are one error line."""
     decoder, vit = (read_converted(p, HOW) if p is not None else None for p in (decoder_path, vit_path))
     return load_mapped(visual_tok, read_converted(encoder_path, HOW), decoder, vit, str(encoder_path))
+
+
+def understanding_projector(encoder: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The official tokenizer-encoder state dict → the state dict of its ``vit_proj`` (the merged
+    tokens → LLaMA's width), for the ``vit_proj`` of a stage II model that reads the features."""
+    state = {k.removeprefix("module."): v for k, v in encoder.items()}
+    proj = {k.removeprefix("vit_proj."): v for k, v in state.items() if k.startswith("vit_proj.")}
+    if set(proj) != {"weight", "bias"}:
+        raise UnicodebookError("the checkpoint has no vit_proj.weight and vit_proj.bias (the understanding projection)")
+    return proj
