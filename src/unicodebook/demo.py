@@ -106,8 +106,12 @@ def _report_lm(cfg, r: dict, t_lm: float, model) -> str:
             f"codes ({model.codes_per_image} in all)"
         )
     else:
-        out = f"`<img>` + {model.codes_per_image} code ids + `</img>`"
-    inp = "their code tokens" if model.reads_codes else "Ẑ at the `<image>` slots"
+        up_to = "" if model.tokenizer.layout.fixed else "up to "
+        out = f"`<img>` + {up_to}{model.codes_per_image} code ids + `</img>`"
+    if model.reads_features:
+        inp = "their codes' continuous features (one slot per code, through a learned projector)"
+    else:
+        inp = "their code tokens" if model.reads_codes else "Ẑ at the `<image>` slots"
     decomp = (
         f"| decompression code accuracy (teacher-forced) | {r['decompression_code_accuracy']:.1%} |\n"
         if "decompression_code_accuracy" in r
