@@ -340,6 +340,10 @@ class LossConfig:
     generation: float = 0.5
     temperature: float = 0.07  # contrastive (stage 0 and the Q-Former), learnable from this start
     ratio: float = 2.0  # LaVIT: λ of the keep-ratio loss λ·(ρ − kept fraction)² (DynamicViT's 2.0; LaVIT's unpublished)
+    # LaVIT: 1 − cos between the reconstruction and the ViT's patch features, each centred on its
+    # image's mean patch: what differs between an image's patches, which the plain cosine barely
+    # sees (an image's patch features share a cosine of ~0.9)
+    feature_detail: float = 0.0
     gan_start: int = 0  # step at which the discriminator starts
 
 

@@ -6,7 +6,8 @@ run by the phased loop it shares with SEED (``train/phased.py``: data, resume, t
   folder is one).
 * ``tokenizer`` — the ViT frozen: selector, merger, ``token_pos_embed`` (if any),
   ``encode_task_layer`` and the de-tokenizer, ``loss.feature_recon``·(1 − cos of the reconstructed
-  to the ViT's patch features) + ``loss.vq``·commitment + ``loss.ratio``·(ρ − kept fraction)² (the
+  to the ViT's patch features) + ``loss.feature_detail``·(the same with both less their image's mean
+  patch: what tells the patches apart) + ``loss.vq``·commitment + ``loss.ratio``·(ρ − kept fraction)² (the
   fraction per image, the square averaged over the batch, DynamicViT's; with
   ``model.keep_ratio_over: batch`` the batch's mean fraction, so busier images may keep more); the keep decisions
   Gumbel-sampled, their noise a function of (seed, step); the codebook follows by EMA, with its
@@ -57,6 +58,11 @@ def _trainable(name: str, visual_tok: LavitTokenizer, tower: TextTower, scales: 
     return list(visual_tok.pixel_decoder.parameters())
 
 
+def _centred(features: torch.Tensor) -> torch.Tensor:
+    """(B, N, W) patch features less their image's mean patch: what tells an image's patches apart."""
+    return features - features.mean(1, keepdim=True)
+
+
 def _noise(cfg: Config, step: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.train_tokenizer.seed * 1_000_003 + salt * 7_919 + step)
 
@@ -76,6 +82,7 @@ def _phase_loss(
     if name == "tokenizer":
         out = visual_tok(images, step, _noise(cfg, step, 1))
         rec = feature_loss(out.recon, out.features)
+        detail = feature_loss(_centred(out.recon), _centred(out.features))
         kept = out.keep.mean(1)  # (B,) the fraction of each image's patches kept
         if cfg.model.keep_ratio_over == "batch":  # busier images may keep more, as long as the mean is ρ
             ratio = (kept.mean() - visual_tok.keep_ratio) ** 2
@@ -84,6 +91,7 @@ def _phase_loss(
         real = out.codes != PAD_CODE
         parts = {
             "feature_recon": float(rec.detach()),
+            "feature_detail": float(detail.detach()),
             "vq": float(out.vq_loss.detach()),
             "ratio": float(ratio.detach()),
             "keep_fraction": float(kept.detach().mean()),
@@ -93,7 +101,8 @@ def _phase_loss(
             "tokens_per_image": float(real.sum(1).float().mean()),
             "batch_usage": out.codes[real].unique().numel() / visual_tok.num_codes,
         }
-        return loss_cfg.feature_recon * rec + loss_cfg.vq * out.vq_loss + loss_cfg.ratio * ratio, parts
+        recon_terms = loss_cfg.feature_recon * rec + loss_cfg.feature_detail * detail
+        return recon_terms + loss_cfg.vq * out.vq_loss + loss_cfg.ratio * ratio, parts
     with torch.no_grad():  # the codes as encode gives them (sampled from a (seed, step) generator, if asked)
         recon = visual_tok.reconstruct_features(visual_tok.encode(images, generator=_noise(cfg, step, 2)))
     if visual_tok.pixel_kind == "diffusion":
