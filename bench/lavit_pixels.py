@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, table, write_json
 
 from unicodebook.data.images import load_image, split_folder
-from unicodebook.data.shapes import read_scenes, score
+from unicodebook.data.shapes import read_scenes
 from unicodebook.eval.metrics import psnr
+from unicodebook.eval.tokenizer import _judge
 from unicodebook.tokenizers.base import load_tokenizer
 from unicodebook.tokenizers.lavit.model import SpatialPixelDecoder
 
@@ -57,11 +58,9 @@ def features_of(visual_tok, images: torch.Tensor, source: str) -> torch.Tensor:
 
 
 def judged(images: torch.Tensor, scenes: list) -> float | None:
-    if not any(sc is not None for sc in scenes):
-        return None
-    arr = (images.clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).numpy()
-    ok = [bool(score(a, sc)["all_correct"]) for a, sc in zip(arr, scenes) if sc is not None]
-    return sum(ok) / len(ok)
+    """The fraction of decoded images the judge reads as their scene (None: no scenes)."""
+    ok = [right for right, _ in _judge(images, scenes)]
+    return sum(ok) / len(ok) if ok else None
 
 
 def train_decoder(visual_tok, ftr, xtr, fte, xte, scenes, steps: int, every: int, seed: int) -> list[dict]:

@@ -7,8 +7,10 @@ resumes exactly, stage II on it, and the official checkpoint's names."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -631,11 +633,14 @@ def test_a_folder_written_before_the_new_options_loads_with_the_query_reader_and
     assert torch.equal(back.encode(images), codes) and torch.equal(back.decode(codes), visual_tok.decode(codes))
 
 
-def test_stage2_can_read_the_continuous_merger_features_in_the_codes_places(lavit_run, shapes_dir, tmp_path):
+def test_stage2_can_read_the_continuous_merger_features_in_the_codes_places(
+    lavit_run, shapes_dir, tmp_path, capsys, monkeypatch
+):
     """``understanding_input: features`` (the official way): the merged tokens of exactly the kept
     patches the codes stand for, cached beside them, sit through ``vit_proj`` at the image's code
     slots (the text around them untouched); the projector is trained, saved and read back; chat,
-    the batched answer and the evaluation read them; asking without them is one clear error."""
+    the batched and streamed answers, the CLI's chat loop, the server, the lmms-eval plugin and the
+    evaluation all read them; asking without them is one clear error."""
     from unicodebook.data.images import load_image, split_folder
     from unicodebook.data.multimodal import cached_codes, read_records
     from unicodebook.eval.model import evaluate_model
@@ -664,9 +669,13 @@ def test_stage2_can_read_the_continuous_merger_features_in_the_codes_places(lavi
     first = next(r["loss_instruct"] for r in rows if "loss_instruct" in r)
     assert rows[-1]["loss_instruct"] < first  # reading the features, the answers' loss falls
     assert json.loads((tmp_path / "lm" / "model.json").read_text())["understanding_input"] == "features"
-    model = load_model(tmp_path / "lm")
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "serve"))
+    from _serving import chat_body, data_url, talking_copy
+
+    talk = talking_copy(tmp_path / "lm", tmp_path / "talk")  # answers of several tokens, not ''
+    model = load_model(talk)
     assert model.reads_features and model.reads_codes
-    saved = load_file(tmp_path / "lm" / "vit_proj.safetensors")
+    saved = load_file(talk / "vit_proj.safetensors")
     assert torch.equal(model.vit_proj.weight, saved["weight"]) and float(saved["weight"].std()) > 0
 
     codes, features = model.encode(images)
@@ -684,7 +693,30 @@ def test_stage2_can_read_the_continuous_merger_features_in_the_codes_places(lavi
     question = "what colour is the object at the top?"
     batched = model.answer(codes[:3], [question] * 3, max_new_tokens=4, features=features[:3])
     assert [model.chat(images[i], question, max_new_tokens=4) for i in range(3)] == batched
+    assert all(batched)  # the comparisons are not '' == ''
     assert "".join(model.stream_answer(codes[0], question, 4, features=features[0])) == batched[0]
+
+    # every entry point that encodes an image reads its features too: the same answers
+    from fastapi.testclient import TestClient
+
+    from unicodebook.cli import main
+    from unicodebook.eval.lmms_plugin import Request, answer_requests
+    from unicodebook.serve import create_app
+
+    paths = [shapes_dir / "test" / "images" / f"{i:06d}.png" for i in range(2)]
+    n_new = model.config.generate.max_new_tokens
+    want = [model.chat(load_image(p, 32), question, max_new_tokens=n_new) for p in paths]
+    assert all(want)
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{question}\n/image {paths[1]}\n{question}\n"))
+    assert main(["chat", "--model", str(talk), "--image", str(paths[0])]) == 0
+    assert capsys.readouterr().out.splitlines() == want
+    with TestClient(create_app(model, "model")) as client:
+        res = client.post("/v1/chat/completions", json=chat_body(data_url(paths[1]), question, max_tokens=n_new))
+    assert res.json()["choices"][0]["message"]["content"] == want[1]
+    requests = [Request(question, [Image.open(p).convert("RGB")], {"max_new_tokens": n_new}) for p in paths]
+    assert answer_requests(model, requests, batch_size=2) == want
+
     with pytest.raises(UnicodebookError) as e:
         model.answer(codes[:1], [question], max_new_tokens=4)
     assert str(e.value) == (

@@ -163,6 +163,10 @@ class CodeCache:
     bad: list[str]  # images that could not be read
     features: torch.Tensor | None = None  # (N, length, feature_dim) float16, with ``features=True``
 
+    def take(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The codes (long) of ``rows``, and their features where the cache holds them."""
+        return self.codes[rows].long(), None if self.features is None else self.features[rows]
+
     @property
     def lengths(self) -> torch.Tensor:
         """(N,) the number of codes of each image."""

@@ -127,11 +127,8 @@ def _answered(model, cache, qs, batch_size: int, max_new_tokens: int = 16, desc:
     qs = [q for q in qs if q[0] in cache.index]
     for s in tqdm(range(0, len(qs), batch_size), desc=desc, disable=desc is None, leave=False):
         chunk = qs[s : s + batch_size]
-        rows = [cache.index[q[0]] for q in chunk]
-        features = cache.features[rows] if cache.features is not None else None
-        answers = model.answer(
-            cache.codes[rows].long(), [q[1] for q in chunk], max_new_tokens=max_new_tokens, features=features
-        )
+        codes, features = cache.take([cache.index[q[0]] for q in chunk])
+        answers = model.answer(codes, [q[1] for q in chunk], max_new_tokens=max_new_tokens, features=features)
         yield from ((*q, pred) for q, pred in zip(chunk, answers))
 
 

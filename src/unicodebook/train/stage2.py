@@ -439,10 +439,7 @@ class Stage2Recipe:
             ]
             keys = []
         batch = self._collate(samples, step, g)
-        if not keys:
-            return task, batch, None
-        features = cache.features[keys] if cache.features is not None else None
-        return task, batch, self.umodel.latents(cache.codes[keys].long(), features)
+        return task, batch, self.umodel.latents(*cache.take(keys)) if keys else None
 
     def _stream_batch(self, step: int):
         """This rank's next streamed batch, each sample given one of the tasks it allows
