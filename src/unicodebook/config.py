@@ -480,6 +480,8 @@ class LMTrainConfig(TrainLoopConfig):
     """Stage II: the LLM learns to read and write images through the unified codebook."""
 
     tasks: TaskMix = field(default_factory=TaskMix)
+    # adamw, or muon: Muon for the hidden layers' matrices, AdamW for the rest (train/optim.py)
+    optimizer: Literal["adamw", "muon"] = "adamw"
     decompress_segments: int = 1  # >1: each sample predicts one segment, the earlier ones as context
     caption_dropout: float = 0.1  # t2i captions dropped (→ unconditional) for classifier-free guidance
     # noisy teacher forcing: this fraction of the code tokens *fed in* (t2i, decompression) is

@@ -188,10 +188,11 @@ def _timed(args):
 
 
 # the flat layout as one phase; the depth layout as a two-phase curriculum (killed in the middle of
-# the first phase, the resumed run crosses into the second)
+# the first phase, the resumed run crosses into the second), trained with Muon
 CURRICULUM = [
     "train_lm.image_layout=depth",
     "train_lm.depth_head.heads=2",
+    "train_lm.optimizer=muon",
     "train_lm.phases=[{steps: 10, name: draw, tasks: {decompress: 0, instruct: 0, t2i: 1}, code_noise: 0.5}, "
     "{steps: 14, name: mix, lr: 1e-3, warmup_steps: 3, caption_dropout: 0.3}]",
 ]

@@ -44,6 +44,7 @@ from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_wo
 from ..tokenizers.base import load_tokenizer
 from .checkpoint import check_resume, load_checkpoint, run_lock, write_errors
 from .engine import Engine, NonFiniteError, NonFiniteGuard, StopOnSigterm, save_training_checkpoint
+from .optim import build_optimizer
 from .runlog import RunLog
 from .stage1 import lr_at
 
@@ -219,6 +220,10 @@ class Stage2Recipe:
                 "LoRA under FSDP is not supported: launch LoRA runs with a DDP config "
                 "(configs/accelerate/ddp_8gpu.yaml); a LoRA model's optimizer state is small"
             )
+        if self.engine.shards_parameters and tc.optimizer == "muon":
+            raise UnicodebookError(
+                "train_lm.optimizer=muon needs whole weight matrices, and FSDP shards them: use adamw under FSDP"
+            )
         self.visual_tok, llm, self.cfg = self._tokenizer_and_llm(cfg)
         ckpts = check_resume(self.run_dir, self.cfg, resume)
         start = (
@@ -373,16 +378,11 @@ class Stage2Recipe:
         self.preview = [c.caption for c in self.caps[:8]]
 
     def _optimizer(self, ckpts, resume: bool) -> int:
-        """AdamW over the trainable parameters, the model and optimizer prepared for the engine
+        """The optimizer over the trainable parameters, the model and optimizer prepared for the engine
         and restored from the last checkpoint on resume; returns the first step to train."""
         tc, engine, umodel = self.tc, self.engine, self.umodel
         names = [n for n, p in umodel.named_parameters() if p.requires_grad]  # the optimizer's order
-        opt = torch.optim.AdamW(
-            [p for p in umodel.parameters() if p.requires_grad],
-            lr=tc.lr,
-            betas=tuple(tc.betas),
-            weight_decay=tc.weight_decay,
-        )
+        opt = build_optimizer(umodel, tc.optimizer, tc.lr, tc.betas, tc.weight_decay)
         self.modules = {"llm": umodel.llm} | umodel.parts()
         start, opt_state = 0, None
         if resume:  # weights now (prepare shards them); the optimizer once it is wrapped
