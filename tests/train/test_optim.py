@@ -1,8 +1,8 @@
 """The optimizers of stage II: Muon takes the hidden layers' matrices and AdamW the tables, the
-combined optimizer resumes exactly from its state dict, and it trains the tiny model."""
+combined optimizer resumes exactly from its state dict, and it is refused where it cannot work.
+(The tiny preset trains with Muon, so every stage II test of the suite trains with it too.)"""
 
 import copy
-import json
 
 import pytest
 import torch
@@ -88,18 +88,16 @@ def test_muon_resumes_exactly_from_its_state_dict_and_its_loss_falls():
         assert torch.equal(a, b), f"{n} differs after resume"
 
 
-def test_stage2_trains_with_muon(tokenizer_run, shapes_dir, tmp_path):
-    cfg = tiny_config(
-        "train_lm.steps=30",
-        "train_lm.lr=3e-3",
-        "train_lm.optimizer=muon",
-        "train_lm.tasks.decompress=0",
-        "train_lm.tasks.t2i=0",
-        "train_lm.save_every=0",
-    )
-    train_lm(cfg, tokenizer_run, shapes_dir, tmp_path / "run", progress=False)
-    m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert m[-1]["loss_instruct"] < 0.7 * m[0]["loss_instruct"]
+def test_one_sided_parameter_lists_build_and_step():
+    m = _Model()
+    only = [m.llm.model.layers[0].mlp.up_proj.weight]
+    for matrices, others in ((only, []), ([], [m.pos])):
+        opt = MuonWithAdamW(matrices, others, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+        p = (matrices or others)[0]
+        before = p.detach().clone()
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert not torch.equal(before, p.detach())
 
 
 def test_an_unknown_optimizer_is_refused_by_the_config():
@@ -107,7 +105,7 @@ def test_an_unknown_optimizer_is_refused_by_the_config():
         load_config("tiny", ["train_lm.optimizer=sgd"])
 
 
-def test_muon_under_fsdp_is_one_error_line_before_training(tokenizer_run, shapes_dir, tmp_path, monkeypatch):
+def test_muon_under_fsdp_is_refused_before_training(tokenizer_run, shapes_dir, tmp_path, monkeypatch):
     from unicodebook.errors import UnicodebookError
     from unicodebook.train.engine import Engine
 
@@ -115,4 +113,4 @@ def test_muon_under_fsdp_is_one_error_line_before_training(tokenizer_run, shapes
     cfg = tiny_config("train_lm.steps=2", "train_lm.optimizer=muon", "train_lm.save_every=0")
     with pytest.raises(UnicodebookError, match="optimizer=muon needs whole weight matrices, and FSDP shards them"):
         train_lm(cfg, tokenizer_run, shapes_dir, tmp_path / "run", progress=False)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -9,7 +9,8 @@
 
 Both are one :class:`torch.optim.Optimizer` to the loop: one ``param_groups`` list (the schedule
 sets every group's lr), one ``state`` and the standard ``state_dict`` / ``load_state_dict``, so
-checkpoints, exact resume and the accelerate / FSDP wrappers are the same for both.
+checkpoints, exact resume and the accelerate (DDP) wrapper are the same for both. Under FSDP,
+whose shards are not whole matrices, stage II refuses ``muon``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 
 
 def build_optimizer(model: nn.Module, kind: str, lr: float, betas, weight_decay: float) -> torch.optim.Optimizer:
-    """The optimizer ``kind`` over ``model``'s trainable parameters, in ``named_parameters`` order."""
+    """The optimizer ``kind`` over ``model``'s trainable parameters (``adamw``: in
+    ``named_parameters`` order; ``muon``: the hidden matrices first)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
@@ -58,7 +60,7 @@ def hidden_matrices(model: nn.Module) -> set[int]:
 
 class MuonWithAdamW(torch.optim.Optimizer):
     """Muon over ``matrices``, AdamW over ``others``: one optimizer whose first groups are
-    Muon's. The two inner optimizers share this one's group dicts and state, so the schedule,
+    Muon's. The inner optimizers share this one's group dicts and state, so the schedule,
     ``state_dict`` and ``load_state_dict`` see a single optimizer."""
 
     def __init__(
@@ -71,19 +73,24 @@ class MuonWithAdamW(torch.optim.Optimizer):
         momentum: float = 0.95,
     ):
         matrices, others = list(matrices), list(others)
-        self.muon = torch.optim.Muon(
-            matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw"
-        )
-        self.adamw = torch.optim.AdamW(others, lr=lr, betas=betas, weight_decay=weight_decay)
-        self.n_muon = len(self.muon.param_groups) if matrices else 0
-        groups = (self.muon.param_groups if matrices else []) + (self.adamw.param_groups if others else [])
-        super().__init__(groups, {})
+        self.inner: list[torch.optim.Optimizer] = []  # an empty side gets none (torch refuses it)
+        if matrices:
+            self.inner.append(
+                torch.optim.Muon(
+                    matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw"
+                )
+            )
+        if others:
+            self.inner.append(torch.optim.AdamW(others, lr=lr, betas=betas, weight_decay=weight_decay))
+        super().__init__([g for opt in self.inner for g in opt.param_groups], {})
         self._share()
 
     def _share(self) -> None:
-        self.muon.param_groups = self.param_groups[: self.n_muon]
-        self.adamw.param_groups = self.param_groups[self.n_muon :]
-        self.muon.state = self.adamw.state = self.state  # disjoint parameters: one dict serves both
+        at = 0
+        for opt in self.inner:
+            n = len(opt.param_groups)
+            opt.param_groups, at = self.param_groups[at : at + n], at + n
+            opt.state = self.state  # disjoint parameters: one dict serves both
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # replaces the group dicts and the state
@@ -95,8 +102,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.muon.param_groups:
-            self.muon.step()
-        if self.adamw.param_groups:
-            self.adamw.step()
+        for opt in self.inner:
+            opt.step()
         return loss
