@@ -381,8 +381,9 @@ class Stage2Recipe:
         """The optimizer over the trainable parameters, the model and optimizer prepared for the engine
         and restored from the last checkpoint on resume; returns the first step to train."""
         tc, engine, umodel = self.tc, self.engine, self.umodel
-        names = [n for n, p in umodel.named_parameters() if p.requires_grad]  # the optimizer's order
         opt = build_optimizer(umodel, tc.optimizer, tc.lr, tc.betas, tc.weight_decay)
+        name_of = {id(p): n for n, p in umodel.named_parameters()}
+        names = [name_of[id(p)] for g in opt.param_groups for p in g["params"]]  # the optimizer's order
         self.modules = {"llm": umodel.llm} | umodel.parts()
         start, opt_state = 0, None
         if resume:  # weights now (prepare shards them); the optimizer once it is wrapped
