@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from unicodebook.config import load_config
 from unicodebook.errors import ConfigError
+from unicodebook.train.engine import by_index, by_name, param_names
 from unicodebook.train.optim import MuonWithAdamW, build_optimizer, hidden_matrices
 from unicodebook.train.stage2 import train_lm
 
@@ -49,6 +50,25 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_tables_norms_and_head():
     in_groups = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(in_groups) == sorted(id(p) for p in m.parameters())  # every parameter once
     assert {id(p) for p in opt.param_groups[0]["params"]} == hidden_matrices(m)
+
+
+def test_a_muon_state_keyed_by_name_goes_back_to_the_right_parameters():
+    """The by-name layout an FSDP resume loads: each state entry must land on the parameter it
+    was saved for, although Muon orders its parameters matrices first, not as named_parameters."""
+    m = _Model()
+    opt = build_optimizer(m, "muon", 1e-3, [0.9, 0.95], 0.0)
+    m.loss(torch.randint(0, 64, (2, 4))).backward()
+    opt.step()
+    names = param_names(m, opt)
+    assert names != [n for n, _ in m.named_parameters()]  # the case the old order got wrong
+    state = opt.state_dict()
+    keyed = by_name(state, names)
+    params = dict(m.named_parameters())
+    for name, st in keyed["state"].items():
+        assert st["momentum_buffer" if "momentum_buffer" in st else "exp_avg"].shape == params[name].shape
+    back = by_index(keyed)
+    assert back["param_groups"] == state["param_groups"]
+    assert back["state"].keys() == state["state"].keys()
 
 
 def _steps(model, opt, batches):

@@ -208,6 +208,13 @@ def by_index(state: dict) -> dict:
     }
 
 
+def param_names(model: torch.nn.Module, optimizer) -> list[str]:
+    """The names of ``optimizer``'s parameters in its own order (its groups', which need not be
+    ``named_parameters()``'s: Muon puts the matrices first): the ``names`` :func:`by_name` takes."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
 def by_name(state: dict, names: list[str]) -> dict:
     """The inverse of :func:`by_index`; ``names[i]`` is the name of parameter ``i``."""
     return {

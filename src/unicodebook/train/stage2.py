@@ -43,7 +43,7 @@ from ..lm.sequence import ASSISTANT, USER, collate, corrupt_codes
 from ..lm.text import IMAGE_TOKEN, ensure_markers, load_text_tokenizer, train_word_tokenizer
 from ..tokenizers.base import load_tokenizer
 from .checkpoint import check_resume, load_checkpoint, run_lock, write_errors
-from .engine import Engine, NonFiniteError, NonFiniteGuard, StopOnSigterm, save_training_checkpoint
+from .engine import Engine, NonFiniteError, NonFiniteGuard, StopOnSigterm, param_names, save_training_checkpoint
 from .optim import build_optimizer
 from .runlog import RunLog
 from .stage1 import lr_at
@@ -382,8 +382,7 @@ class Stage2Recipe:
         and restored from the last checkpoint on resume; returns the first step to train."""
         tc, engine, umodel = self.tc, self.engine, self.umodel
         opt = build_optimizer(umodel, tc.optimizer, tc.lr, tc.betas, tc.weight_decay)
-        name_of = {id(p): n for n, p in umodel.named_parameters()}
-        names = [name_of[id(p)] for g in opt.param_groups for p in g["params"]]  # the optimizer's order
+        names = param_names(umodel, opt)
         self.modules = {"llm": umodel.llm} | umodel.parts()
         start, opt_state = 0, None
         if resume:  # weights now (prepare shards them); the optimizer once it is wrapped
