@@ -190,3 +190,31 @@ def test_init_from_a_model_of_the_other_layout_is_refused(depth_model_run, token
             tmp_path / "r",
             progress=False,
         )
+
+
+def test_under_code_noise_the_depth_head_reads_the_true_codes_before_each_code(model):
+    """Noisy teacher forcing corrupts what the LLM reads back of each written position, not the
+    depth head's prefix within a position: the head learns the conditional it samples from."""
+    from unicodebook.lm.sequence import collate, corrupt_codes
+
+    codes = torch.randint(0, model.tokenizer.codebook.num_codes, (2, *model.tokenizer.grid_shape))
+    prompts = ["draw a small red circle at the top left", "draw a large blue square in the center"]
+    clean = collate([model.fmt.text_to_image(p, c) for p, c in zip(prompts, codes)], model.fmt.pad_id)
+    noisy = corrupt_codes(clean, model.code_token_ids, 1.0, torch.Generator().manual_seed(0))
+    assert not torch.equal(noisy.codes_in, noisy.codes)
+    seen = []
+    hook = model.depth_head.register_forward_pre_hook(lambda mod, args: seen.append([a.detach() for a in args]))
+    try:
+        with torch.no_grad():
+            model(clean, None), model(noisy, None)
+    finally:
+        hook.remove()
+    table, g = model.llm.get_input_embeddings(), model.tokenizer.grid_shape[2]
+    true_prefix = table(model.code_token_ids[clean.codes[..., : g - 1]]).flatten(0, 1)
+    (clean_h, clean_prefix, _), (noisy_h, noisy_prefix, _) = seen
+    torch.testing.assert_close(clean_prefix, true_prefix)
+    torch.testing.assert_close(noisy_prefix, true_prefix)
+    n = model.tokenizer.grid_shape[0] * model.tokenizer.grid_shape[1]
+    first = torch.arange(0, 2 * n, n)  # the first position of each image is read before any code
+    torch.testing.assert_close(noisy_h[first], clean_h[first])
+    assert (noisy_h - clean_h).abs().amax(-1).gt(1e-4).float().mean() > 0.9  # the LLM read the noisy ones

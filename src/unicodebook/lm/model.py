@@ -457,7 +457,11 @@ class UniCodeLM(nn.Module):
 
     def _forward_depth(self, batch: Batch, latents: Tensor | None) -> LMOutput:
         """Text targets through the LM head; each written position's codes through the depth
-        head from the hidden state one slot earlier; the loss is the mean over both."""
+        head from the hidden state one slot earlier; the loss is the mean over both.
+
+        Under code noise the LLM reads the noisy positions (``codes_in``) but the depth head's
+        prefix within a position stays the true codes: it learns p(c_k | h, c_<k), the
+        conditional it samples from, while the LLM learns to draw on from its own slips."""
         dev = self.device
         ids, labels, mask = batch.input_ids.to(dev), batch.labels.to(dev), batch.attention_mask.to(dev)
         codes_at = batch.codes_at.to(dev)
@@ -479,7 +483,7 @@ class UniCodeLM(nn.Module):
             at = codes_at[rows, None] - 1 + torch.arange(n, device=dev)  # <img> and every slot but the last
             h = hidden[rows[:, None], at].flatten(0, 1)
             table = input_embedding(self.llm)
-            code_emb = table(self.code_token_ids[codes_in[..., : g - 1]]).flatten(0, 1)
+            code_emb = table(self.code_token_ids[codes[..., : g - 1]]).flatten(0, 1)
             d_loss, d_right = depth_loss(
                 self.depth_head(h, code_emb, table.weight[self.code_token_ids]), codes.flatten(0, 1)
             )

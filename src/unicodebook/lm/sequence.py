@@ -252,7 +252,8 @@ def corrupt_codes(batch: Batch, code_token_ids: torch.Tensor, rate: float, gener
     """Noisy teacher forcing: each code token fed in (the ``n_codes`` after ``codes_at``) is
     replaced by a uniformly random code id with probability ``rate``; the labels keep the true
     codes, so every target is still the clean sequence (``<img>`` and the text stay clean).
-    Depth layout: the written codes (``batch.codes``) are corrupted the same way into ``codes_in``."""
+    Depth layout: the written codes (``batch.codes``) are corrupted the same way into ``codes_in``,
+    what the LLM reads back; the depth head's prefix within a position stays ``batch.codes``."""
     if rate <= 0:
         return batch
     if batch.codes is not None:
